@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks (DESIGN.md "GPU checks"): build offline, GPU tests, sanitizer runs, benchmarks,
+# report. Everything lands in OUTDIR (default bench/out). Each step runs under its own time limit
+# and a failing step is recorded and the rest still run; the summary table is printed last.
+#   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
+set -u
+cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-bench/out}" && cd "${1:-bench/out}" && pwd)
+LOG="$OUT/device_check.log"
+STEPS="$OUT/steps.tsv"
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+: >"$LOG"
+printf 'step\tstatus\tseconds\n' >"$STEPS"
+
+# step NAME LIMIT_SECONDS COMMAND...: runs COMMAND with its output appended to the log.
+step() {
+  local name=$1 limit=$2 start rc status
+  shift 2
+  echo "=== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$LOG"
+  start=$(date +%s)
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  case $rc in 0) status=ok ;; 124) status="timeout (${limit}s)" ;; *) status="FAILED (exit $rc)" ;; esac
+  printf '%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - start))" >>"$STEPS"
+  echo "--- $name: $status" | tee -a "$LOG"
+}
+
+step environment 60 "$PYTHON" bench/environment.py "$OUT/env.json"
+
+step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
+
+step gpu-tests 300 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck initcheck; do
+  # Only our kernels are checked for races and uninitialized reads; memcheck watches every kernel.
+  filter=()
+  [ "$tool" != memcheck ] && filter=(--kernel-name kns=global_avg_pool)
+  step "sanitizer-$tool" 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+    --error-exitcode 1 "${filter[@]}" "$PYTHON" bench/sanitizer_cases.py
+done
+
+step benchmarks 300 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/benchmarks.json"
+
+step report 300 bash -c "\"$PYTHON\" -m cnnfast.cli report --out \"$OUT/report\" && tar -czf \"$OUT/report.tar.gz\" -C \"$OUT\" report && rm -r \"$OUT/report\""
+
+"$PYTHON" bench/summarize_device_check.py "$OUT" | tee -a "$LOG"

@@ -1,0 +1,63 @@
+"""Summarizes a device_check.sh output folder into summary.md and prints it.
+
+    python bench/summarize_device_check.py OUTDIR
+"""
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def steps_table(out: Path) -> list[str]:
+    rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
+    return ["| step | status | seconds |", "| --- | --- | ---: |"] + [f"| {n} | {s} | {t} |" for n, s, t in rows]
+
+
+def tests_line(out: Path) -> str:
+    path = out / "gpu_tests.xml"
+    if not path.is_file():
+        return "GPU tests: no result file"
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+    return f"GPU tests: {total - failures - errors - skipped} passed, {failures + errors} failed, {skipped} skipped"
+
+
+def benchmark_table(out: Path) -> list[str]:
+    data = read_json(out / "benchmarks.json")
+    if not data:
+        return ["benchmarks: no result file"]
+    lines = [
+        "| benchmark | backend | dtype | shape | ms | GB/s | % copy BW | x torch |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "ms" not in info:
+            continue
+        lines.append(
+            f"| {bench['name'].split('[')[0]} | {info['backend']} | {info['dtype']} | {'x'.join(map(str, info['shape']))} "
+            f"| {info['ms']:.4f} | {info['gbps']:.0f} | {100 * info['fraction_of_copy_bandwidth']:.0f} "
+            f"| {info['speedup_vs_torch']:.2f} |"
+        )
+    return lines
+
+
+def main(out: Path) -> str:
+    env = read_json(out / "env.json") or {}
+    header = (
+        f"# device_check {env.get('date', '?')}\n\n"
+        f"GPU {env.get('gpu')} ({env.get('nvidia_smi')}), torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, commit {env.get('commit')}\n"
+    )
+    text = "\n".join([header, *steps_table(out), "", tests_line(out), "", *benchmark_table(out), ""])
+    (out / "summary.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    print(main(Path(sys.argv[1])))

@@ -1,0 +1,45 @@
+"""Which backend runs an op: "torch" (PyTorch's own ops; cuDNN on a GPU), "cuda" (cnnfast._C).
+
+A backend the caller names either runs or raises; `None` picks the default for the tensor's device.
+"""
+import torch
+
+BACKENDS = ("torch", "cuda")
+
+try:
+    from cnnfast import _C as _cuda_extension
+
+    _CUDA_IMPORT_ERROR = None
+except ImportError as error:  # built with CNNFAST_BUILD_CUDA=0, or no nvcc at install time
+    _cuda_extension = None
+    _CUDA_IMPORT_ERROR = error
+
+
+def cuda_extension():
+    """The compiled module cnnfast._C, or a RuntimeError that says why it is missing."""
+    if _cuda_extension is None:
+        raise RuntimeError(
+            "backend 'cuda' is not available: cnnfast._C failed to import "
+            f"({_CUDA_IMPORT_ERROR}); reinstall with nvcc on the PATH or CUDA_HOME set"
+        )
+    return _cuda_extension
+
+
+def cuda_ops():
+    """Names of the ops the compiled extension provides (empty when it is not built)."""
+    return tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
+
+
+def resolve_backend(op: str, x: torch.Tensor, backend):
+    """Checks an explicit backend against the op and the tensor, or picks the default."""
+    if backend is None:
+        # No tuning table has been measured yet, so PyTorch's own op is the default everywhere.
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend == "cuda":
+        if op not in cuda_extension().build_info()["ops"]:
+            raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
+        if x.device.type != "cuda":
+            raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
+    return backend

@@ -1,0 +1,84 @@
+// cnnfast._C: the one pybind11 module of the CUDA backend.
+//
+// Tensors cross this boundary as plain integers (device pointers, sizes and strides in elements,
+// the cudaStream_t of torch.cuda.current_stream()), so the module needs pybind11 and the CUDA
+// runtime but not libtorch, and one build serves every torch version. The Python launchers in
+// cnnfast/ops.py do the user-facing checks; the macros below are the last line of defence
+// against a launcher bug, and raise Python exceptions instead of crashing the process.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "dtype.h"
+#include "global_avg_pool.h"
+
+namespace py = pybind11;
+
+#define CNNFAST_CHECK(cond, msg)                                              \
+  do {                                                                        \
+    if (!(cond)) {                                                            \
+      std::ostringstream os_;                                                 \
+      os_ << msg;                                                             \
+      throw std::invalid_argument(os_.str());                                 \
+    }                                                                         \
+  } while (0)
+#define CHECK_NONNEGATIVE(x) CNNFAST_CHECK((x) >= 0, #x " must be >= 0, got " << (x))
+#define CHECK_POINTER(p, what) CNNFAST_CHECK((p) != 0 || (what) == 0, #p " is a null pointer")
+
+namespace {
+
+// Raises RuntimeError (not a crash, not a CUDA error later) when there is no usable GPU.
+void require_cuda_device() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the sticky error so later calls start clean
+    throw std::runtime_error(std::string("cnnfast._C: no CUDA device is available (") +
+                             (err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0") + ")");
+  }
+}
+
+cnnfast::DType to_dtype(int code) {
+  CNNFAST_CHECK(code >= 0 && code <= 2, "unknown dtype code " << code << " (0=float32, 1=float16, 2=bfloat16)");
+  return static_cast<cnnfast::DType>(code);
+}
+
+void global_avg_pool(uintptr_t x, uintptr_t out, int dtype, int64_t N, int64_t C, int64_t H, int64_t W,
+                     int64_t stride_n, int64_t stride_c, int64_t stride_h, int64_t stride_w,
+                     int64_t out_stride_n, int64_t out_stride_c, uintptr_t stream) {
+  CHECK_NONNEGATIVE(N);
+  CHECK_NONNEGATIVE(C);
+  CNNFAST_CHECK(H > 0 && W > 0, "global_avg_pool needs a non-empty H x W, got " << H << " x " << W);
+  CHECK_POINTER(x, N * C);
+  CHECK_POINTER(out, N * C);
+  const cnnfast::DType element_type = to_dtype(dtype);
+  require_cuda_device();
+  const cnnfast::GlobalAvgPoolArgs args{element_type, x, out, N, C, H, W,
+                                        stride_n, stride_c, stride_h, stride_w, out_stride_n, out_stride_c};
+  cnnfast::global_avg_pool_nhwc(args, reinterpret_cast<cudaStream_t>(stream));
+}
+
+py::dict build_info() {
+  py::dict info;
+  const int v = CUDART_VERSION;
+  info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  info["architectures"] = std::string(CNNFAST_CUDA_ARCHITECTURES);
+  info["ops"] = py::make_tuple("global_avg_pool");
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cnnfast CUDA kernels (raw pointers and strides in, current stream as an integer)";
+  m.def("global_avg_pool", &global_avg_pool,
+        "Global average pooling of an (N, C, H, W) tensor with any strides into an (N, C) output.",
+        py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+        py::arg("stride_n"), py::arg("stride_c"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("out_stride_n"), py::arg("out_stride_c"), py::arg("stream"));
+  m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
+}

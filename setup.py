@@ -1,0 +1,74 @@
+"""Builds cnnfast, and its CUDA extension cnnfast._C with CMake when nvcc is available.
+
+CNNFAST_BUILD_CUDA=auto (default) builds the extension when nvcc is found and says so when it
+is not; =1 fails when it cannot build; =0 installs the pure-Python package.
+CMAKE_CUDA_ARCHITECTURES (default 90a) and CMAKE_BUILD_PARALLEL_LEVEL pass through to CMake.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    candidate = Path(cuda_home) / "bin" / "nvcc"
+    if candidate.is_file():
+        return candidate
+    found = shutil.which("nvcc")
+    return Path(found) if found else None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+
+        nvcc = find_nvcc()
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+        ]
+        if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+
+
+def cuda_extensions():
+    mode = os.environ.get("CNNFAST_BUILD_CUDA", "auto").lower()
+    if mode not in ("auto", "1", "0"):
+        raise SystemExit(f"CNNFAST_BUILD_CUDA must be auto, 1 or 0, got {mode!r}")
+    if mode == "0":
+        print("cnnfast: CNNFAST_BUILD_CUDA=0, installing without the CUDA extension", file=sys.stderr)
+        return []
+    missing = [tool for tool, path in (("nvcc", find_nvcc()), ("cmake", shutil.which("cmake"))) if path is None]
+    if missing:
+        message = f"cnnfast: cannot build the CUDA extension, not found: {', '.join(missing)} (set CUDA_HOME)"
+        if mode == "1":
+            raise SystemExit(message)
+        print(message + "; installing without it", file=sys.stderr)
+        return []
+    return [CMakeExtension("cnnfast._C")]
+
+
+setup(ext_modules=cuda_extensions(), cmdclass={"build_ext": CMakeBuild})
