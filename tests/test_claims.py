@@ -1,0 +1,88 @@
+import dataclasses
+import json
+
+import pytest
+
+from cnnfast.analysis import Claim, compute_claims
+
+# Closed forms taken from the lecture's rounded figures rather than from an exact formula.
+ROUNDED_FIGURES = {"resnet34_vs_resnet18_macs": 0.02}
+
+
+@pytest.fixture(scope="module")
+def claims():
+    return {claim.key: claim for claim in compute_claims()}
+
+
+def test_expected_claims_present(claims):
+    assert set(claims) >= {
+        "vgg_3x3_vs_5x5_params", "vgg_3x3_vs_5x5_macs",
+        "vgg_pool_double_memory", "vgg_pool_double_params", "vgg_pool_double_macs",
+        "googlenet_stem_vs_vgg16_macs", "googlenet_stem_vs_vgg16_params", "googlenet_stem_vs_vgg16_activation_bytes",
+        "gap_head_vs_fc_head_params", "gap_head_vs_fc_head_macs",
+        "alexnet_conv_memory_fraction", "alexnet_fc_params_fraction", "alexnet_conv_macs_fraction",
+        "alexnet_pool_ops_vs_conv_macs", "resnet34_vs_resnet18_macs",
+        "bottleneck_vs_basic_macs", "bottleneck_vs_basic_params",
+    }
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("vgg_3x3_vs_5x5_params", 25 / 18),
+        ("vgg_3x3_vs_5x5_macs", 25 / 18),
+        ("vgg_pool_double_memory", 1 / 2),
+        ("vgg_pool_double_params", 4),
+        ("vgg_pool_double_macs", 1),
+        ("bottleneck_vs_basic_macs", 17 / 288),
+        ("bottleneck_vs_basic_params", 17 / 288),
+    ],
+)
+def test_exact_closed_forms(claims, key, value):
+    assert claims[key].closed_form == value
+    assert claims[key].predicted == pytest.approx(value, rel=1e-9, abs=0)
+
+
+def test_every_closed_form_holds(claims):
+    for key, claim in claims.items():
+        if claim.closed_form is not None:
+            tolerance = ROUNDED_FIGURES.get(key, 1e-9)
+            assert claim.predicted == pytest.approx(claim.closed_form, rel=tolerance, abs=0), key
+            assert claim.closed_form_text
+
+
+def test_resnet_depth_uses_the_lecture_figures(claims):
+    claim = claims["resnet34_vs_resnet18_macs"]
+    assert claim.details["lecture_gflop"] == {"resnet18": 1.8, "resnet34": 3.6}
+    assert claim.details["resnet18_gmac"] == pytest.approx(1.8, rel=0.02)
+    assert claim.details["resnet34_gmac"] == pytest.approx(3.6, rel=0.02)
+
+
+def test_qualitative_claims_hold(claims):
+    assert claims["alexnet_conv_memory_fraction"].predicted > 0.5
+    assert claims["alexnet_fc_params_fraction"].predicted > 0.5
+    assert claims["alexnet_conv_macs_fraction"].predicted > 0.5
+    assert claims["alexnet_pool_ops_vs_conv_macs"].predicted < 0.01
+    for quantity in ("macs", "params", "activation_bytes"):
+        assert claims[f"googlenet_stem_vs_vgg16_{quantity}"].predicted > 5
+    assert claims["gap_head_vs_fc_head_params"].predicted > 100
+    assert claims["gap_head_vs_fc_head_macs"].predicted > 100
+
+
+def test_details_hold_the_raw_numbers(claims):
+    small_kernels = claims["vgg_3x3_vs_5x5_params"].details
+    assert small_kernels["one_5x5"]["params"] == 25 * 256**2
+    assert small_kernels["two_3x3"]["params"] == 18 * 256**2
+    stem = claims["googlenet_stem_vs_vgg16_macs"].details
+    assert stem["googlenet_stem"]["layers"][-1] == "maxpool2"
+    assert stem["vgg16_to_28x28"]["layers"][-1] == "features.16"
+    assert round(stem["vgg16_through_conv3_2_mmac"]) == stem["lecture_slide_mflop"]["vgg16"]
+    assert claims["alexnet_fc_params_fraction"].details["fc6"]["params"] == 37_752_832
+
+
+def test_claims_serialise_to_json(claims):
+    fields = {field.name for field in dataclasses.fields(Claim)}
+    for claim in claims.values():
+        data = json.loads(json.dumps(claim.to_dict()))
+        assert set(data) == fields
+        assert isinstance(data["predicted"], float)
