@@ -1,4 +1,4 @@
-"""Test setup: without a GPU, Triton runs under its interpreter (the variable must be set before
+"""Test and benchmark setup: without a GPU, Triton runs under its interpreter (the variable must be set before
 triton is first imported), and tests marked `gpu` are skipped."""
 import os
 

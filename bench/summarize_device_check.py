@@ -27,22 +27,28 @@ def tests_line(out: Path) -> str:
     return f"GPU tests: {total - failures - errors - skipped} passed, {failures + errors} failed, {skipped} skipped"
 
 
+def fmt(value, spec):
+    return format(value, spec) if value is not None else ""
+
+
 def benchmark_table(out: Path) -> list[str]:
+    """One row per GPU benchmark case; blank cells where a figure does not apply."""
     data = read_json(out / "benchmarks.json")
     if not data:
         return ["benchmarks: no result file"]
     lines = [
-        "| benchmark | backend | dtype | shape | ms | GB/s | % copy BW | x torch |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| case | ms | TFLOP/s | GB/s | % copy BW | speedup | over |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        if "ms" not in info:
+        if "ms" not in info:  # CPU smoke cases
             continue
+        fraction = info.get("fraction_of_copy_bandwidth")
+        over = "cudnn" if "speedup_vs_cudnn" in info else "torch"
         lines.append(
-            f"| {bench['name'].split('[')[0]} | {info['backend']} | {info['dtype']} | {'x'.join(map(str, info['shape']))} "
-            f"| {info['ms']:.4f} | {info['gbps']:.0f} | {100 * info['fraction_of_copy_bandwidth']:.0f} "
-            f"| {info['speedup_vs_torch']:.2f} |"
+            f"| {bench['name']} | {info['ms']:.4f} | {fmt(info.get('tflops'), '.1f')} | {fmt(info.get('gbps'), '.0f')} "
+            f"| {fmt(fraction and 100 * fraction, '.0f')} | {fmt(info.get('speedup_vs_' + over), '.2f')} | {over} |"
         )
     return lines
 

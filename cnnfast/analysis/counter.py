@@ -240,6 +240,30 @@ def analyze(
     return ModelAnalysis(arch=arch, input_size=height, batch=batch, layers=rows, totals=totals)
 
 
+@dataclass(frozen=True)
+class ConvProblem:
+    """The shape of one conv layer's problem, per image: input C x H x W, K filters of R x S."""
+
+    C: int
+    H: int
+    W: int
+    K: int
+    R: int
+    S: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+def conv_problems(analysis: ModelAnalysis) -> dict[ConvProblem, list[str]]:
+    """The distinct conv problems of an analysis, in order of first use, with the layers using each."""
+    problems: dict[ConvProblem, list[str]] = {}
+    for layer in analysis.of_type("conv"):
+        c, h, w = layer.input_shape
+        key = ConvProblem(c, h, w, layer.output_shape[0], *layer.kernel_size, tuple(layer.stride), tuple(layer.padding))
+        problems.setdefault(key, []).append(layer.name)
+    return problems
+
+
 def analyze_arch(name: str, input_size: int | tuple[int, int] | None = None, batch: int = 1) -> ModelAnalysis:
     """Build ``name`` on the meta device and analyse it (default: its lecture input size)."""
     from cnnfast.models import DEFAULT_INPUT_SIZE, get_model

@@ -1,0 +1,442 @@
+"""The cnnfast report: every architecture's counts, the lecture's claims and charts.
+
+The report is a list of sections. Each section function takes the ReportData and returns a
+Section holding its HTML, its Markdown and the chart files it wrote; a new section is one
+more function in SECTIONS. Everything is counted on the meta device: no forward pass runs.
+"""
+
+import datetime
+import html
+import math
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import cnnfast
+from cnnfast.analysis import MEMORY_TYPES, analyze_arch
+from cnnfast.analysis.claims import compute_claims
+from cnnfast.models import ARCHITECTURES
+
+KIB = 1024
+MIB = 1024**2
+LAYER_CHART_ARCHS = ("alexnet", "vgg16", "resnet50")
+CHART_DPI = 120
+
+CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafafa; }
+details { margin: 0.4em 0; }
+summary { cursor: pointer; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+"""
+
+
+@dataclass
+class ReportData:
+    out_dir: Path
+    analyses: dict  # architecture name -> ModelAnalysis at the architecture's default input size
+    claims: list
+
+
+@dataclass
+class Section:
+    title: str
+    html: str
+    markdown: str
+    files: list = field(default_factory=list)  # chart files the section wrote
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def agreement_text(claim):
+    """How close the counted ratio is to the lecture's closed form."""
+    if claim.closed_form is None:
+        return "no closed form"
+    if math.isclose(claim.predicted, claim.closed_form, rel_tol=1e-9):
+        return "exact"
+    relative = abs(claim.predicted - claim.closed_form) / abs(claim.closed_form)
+    return f"{relative:.2%} apart"
+
+
+def closed_form_value(claim):
+    return "-" if claim.closed_form is None else f"{claim.closed_form:.4g}"
+
+
+def format_shape(shape):
+    return "x".join(str(size) for size in shape)
+
+
+def format_window(value):
+    """Kernel size, stride or padding ([h, w] or None): '3' for 3x3, '1x7' otherwise, '' when absent."""
+    if value is None:
+        return ""
+    if len(set(value)) == 1:
+        return str(value[0])
+    return "x".join(str(v) for v in value)
+
+
+def html_table(headers, rows, align):
+    """align holds one letter a column: 'l' for text, 'r' for numbers."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{html.escape(cell)}</td>' if a == "r" else f"<td>{html.escape(cell)}</td>"
+            for cell, a in zip(row, align)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
+
+
+def markdown_escape(text):
+    """Backslash what Markdown would read as emphasis, code or a table border (H*W*C, a|b).
+
+    Underscores stay: inside a word (vgg16_bn) they are literal.
+    """
+    return re.sub(r"([\\`*|])", r"\\\1", text)
+
+
+def markdown_table(headers, rows, align):
+    def line(cells):
+        return "| " + " | ".join(markdown_escape(cell) for cell in cells) + " |"
+
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    return "\n".join([line(headers), rule] + [line(row) for row in rows])
+
+
+def html_figure(path, caption):
+    return (
+        f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def markdown_figure(path, caption):
+    return f"![{caption}]({path.name})\n\n*{caption}*"
+
+
+def slug(title):
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+# ---------------------------------------------------------------- charts
+
+
+def new_figure(**kwargs):
+    # matplotlib is an optional dependency: only the charts need it, not the rest of the CLI.
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def save_figure(figure, path):
+    figure.savefig(path, dpi=CHART_DPI)
+    return path
+
+
+def crowded_on_the_right(xy, others):
+    """Whether another point sits just right of xy on the log-log chart, where its label would go."""
+    x, y = xy
+    return any(0 < math.log10(ox / x) < 0.15 and abs(math.log10(oy / y)) < 0.1 for ox, oy in others)
+
+
+def macs_vs_params_chart(analyses, path):
+    """Every architecture as one point; architectures that land on the same spot share a label."""
+    largest_memory = max(a.totals["activation_bytes"] for a in analyses.values())
+
+    def marker_area(activation_bytes):
+        return 30 + 1200 * activation_bytes / largest_memory
+
+    figure = new_figure(figsize=(9, 6))
+    axes = figure.add_subplot()
+    points = {}  # rounded (params, macs) -> names, so vgg16 and vgg16_bn get one label
+    for name, analysis in analyses.items():
+        xy = (analysis.totals["params"] / 1e6, analysis.totals["macs"] / 1e9)
+        axes.scatter(*xy, s=marker_area(analysis.totals["activation_bytes"]), alpha=0.45, color="tab:blue",
+                     edgecolors="navy")
+        key = (round(xy[0]), round(xy[1], 1))
+        points.setdefault(key, {"xy": xy, "names": []})["names"].append(name)
+    others = [point["xy"] for point in points.values()]
+    for point in points.values():
+        on_the_left = crowded_on_the_right(point["xy"], others)
+        axes.annotate(
+            ", ".join(point["names"]), point["xy"], xytext=(-8 if on_the_left else 8, 6),
+            textcoords="offset points", ha="right" if on_the_left else "left", fontsize=9,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.7},
+        )
+    for megabytes in (25, 100):  # empty scatters: legend entries for the marker sizes
+        axes.scatter([], [], s=marker_area(megabytes * MIB), alpha=0.45, color="tab:blue", edgecolors="navy",
+                     label=f"{megabytes} MB activations")
+    axes.legend(loc="upper left", labelspacing=2.2, borderpad=1.2, handletextpad=1.5)
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlabel("Parameters (M, log scale)")
+    axes.set_ylabel("GMACs per image (log scale)")
+    axes.set_title("Compute vs parameters at each architecture's default input size")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.margins(0.15)
+    return save_figure(figure, path)
+
+
+def layer_chart(analysis, path):
+    """Memory, parameters and MACs of each conv and linear layer, one panel each."""
+    layers = [layer for layer in analysis.layers if layer.type in ("conv", "linear")]
+    panels = (
+        ("Memory (KB)", [layer.activation_bytes / KIB for layer in layers], "tab:green"),
+        ("Params (k)", [layer.params / 1e3 for layer in layers], "tab:orange"),
+        ("MACs (M)", [layer.macs / 1e6 for layer in layers], "tab:blue"),
+    )
+    few_layers = len(layers) <= 24
+    figure = new_figure(figsize=(max(8, 0.25 * len(layers) + 2), 9))
+    axes_list = figure.subplots(3, 1, sharex=True)
+    positions = range(len(layers))
+    for axes, (label, values, color) in zip(axes_list, panels):
+        bars = axes.bar(positions, values, color=color)
+        axes.set_ylabel(label)
+        axes.yaxis.set_major_formatter("{x:,.0f}")
+        axes.grid(True, axis="y", alpha=0.3)
+        if few_layers:  # value labels as in the lecture's AlexNet figure; too crowded beyond that
+            axes.bar_label(bars, fmt="{:,.0f}", fontsize=7, padding=1)
+            axes.margins(y=0.15)
+    axes_list[-1].set_xticks(
+        positions,
+        [layer.name for layer in layers],
+        rotation=45 if few_layers else 90,
+        ha="right" if few_layers else "center",
+        fontsize=8 if few_layers else 7,
+    )
+    size = analysis.input_size
+    figure.suptitle(
+        f"{analysis.arch}, 3x{size}x{size}, batch {analysis.batch}: "
+        "memory, parameters and MACs of each conv and linear layer"
+    )
+    return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- sections
+
+
+def summary_section(data):
+    headers = ("Architecture", "Input", "Params (M)", "GMACs", "GFLOPs", "Activations (MB)", "Pool ops (M)",
+               "Pool ops / MACs")
+    rows = []
+    for name, analysis in data.analyses.items():
+        totals = analysis.totals
+        rows.append((
+            name,
+            f"3x{analysis.input_size}x{analysis.input_size}",
+            f"{totals['params'] / 1e6:.2f}",
+            f"{totals['macs'] / 1e9:.3f}",
+            f"{totals['flops'] / 1e9:.3f}",
+            f"{totals['activation_bytes'] / MIB:.1f}",
+            f"{analysis.pool_ops / 1e6:.2f}",
+            f"{analysis.pool_ops / totals['macs']:.3%}",
+        ))
+    align = "llrrrrrr"
+    chart = macs_vs_params_chart(data.analyses, data.out_dir / "macs_vs_params.png")
+    caption = "GMACs vs parameters; marker area grows with activation memory."
+    intro = "Counted per image (batch 1) at each architecture's default input size."
+    return Section(
+        "Summary",
+        f"<p>{intro}</p>\n{html_table(headers, rows, align)}\n{html_figure(chart, caption)}",
+        f"{intro}\n\n{markdown_table(headers, rows, align)}\n\n{markdown_figure(chart, caption)}",
+        [chart],
+    )
+
+
+def claims_section(data):
+    headers = ("Claim", "Quantity", "Counted ratio", "Closed form", "Formula", "Agreement")
+    rows = [
+        (
+            claim.title,
+            claim.quantity,
+            f"{claim.predicted:.4g}",
+            closed_form_value(claim),
+            claim.closed_form_text or "",
+            agreement_text(claim),
+        )
+        for claim in data.claims
+    ]
+    align = "llrrll"
+    intro = (
+        "Each ratio is counted on real layer shapes and set against the lecture's closed form where it gives one."
+    )
+    statements = list(dict.fromkeys(claim.statement for claim in data.claims))  # several claims share one
+    outro = "What the lecture says, in the order of the table:"
+    html_statements = "\n".join(f"<li>{html.escape(statement)}</li>" for statement in statements)
+    markdown_statements = "\n".join(f"- {markdown_escape(statement)}" for statement in statements)
+    return Section(
+        "The lecture's claims",
+        f"<p>{intro}</p>\n{html_table(headers, rows, align)}\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
+        f"{intro}\n\n{markdown_table(headers, rows, align)}\n\n{outro}\n\n{markdown_statements}",
+    )
+
+
+def layer_charts_section(data):
+    html_parts, markdown_parts, files = [], [], []
+    for name in LAYER_CHART_ARCHS:
+        chart = layer_chart(data.analyses[name], data.out_dir / f"layers_{name}.png")
+        caption = f"{name}: memory (KB), parameters (k) and MACs (M) of each conv and linear layer."
+        html_parts.append(html_figure(chart, caption))
+        markdown_parts.append(markdown_figure(chart, caption))
+        files.append(chart)
+    return Section("Per-layer charts", "\n".join(html_parts), "\n\n".join(markdown_parts), files)
+
+
+def layer_rows(analysis):
+    return [
+        (
+            layer.name,
+            layer.type,
+            format_shape(layer.input_shape),
+            format_shape(layer.output_shape),
+            format_window(layer.kernel_size),
+            format_window(layer.stride),
+            format_window(layer.padding),
+            f"{layer.activation_bytes / KIB:,.1f}" if layer.type in MEMORY_TYPES else "-",
+            f"{layer.params:,}",
+            f"{layer.macs:,}",
+            f"{layer.pool_ops:,}",
+        )
+        for layer in analysis.layers
+    ]
+
+
+def layer_tables_section(data):
+    headers = ("Layer", "Type", "Input", "Output", "Kernel", "Stride", "Pad", "Memory (KB)", "Params", "MACs",
+               "Pool ops")
+    align = "lllllllrrrr"
+    html_parts, markdown_parts = [], []
+    for name, analysis in data.analyses.items():
+        rows = layer_rows(analysis)
+        totals = analysis.totals
+        summary = html.escape(
+            f"{name}: {len(rows)} rows, {totals['params'] / 1e6:.2f} M params, {totals['macs'] / 1e9:.3f} GMACs"
+        )
+        html_parts.append(f"<details><summary>{summary}</summary>\n{html_table(headers, rows, align)}\n</details>")
+        # Markdown tables inside <details> need blank lines around them to render.
+        markdown_parts.append(
+            f"<details><summary>{summary}</summary>\n\n{markdown_table(headers, rows, align)}\n\n</details>"
+        )
+    intro = "Shapes are C x H x W of one image; memory is shown for the rows the memory total sums."
+    return Section(
+        "Layers of each architecture",
+        f"<p>{intro}</p>\n" + "\n".join(html_parts),
+        f"{intro}\n\n" + "\n\n".join(markdown_parts),
+    )
+
+
+CONVENTIONS = (
+    "MAC: one multiply-add. The lecture's \"FLOP\" is a MAC.",
+    "FLOPs = 2 x MACs.",
+    "Params: weights and biases, and BatchNorm's gamma and beta where a BatchNorm exists.",
+    "Memory: the output activation of a layer, 4 bytes an element; KB = 1024 bytes, MB = 1024 KB. "
+    "As in the lecture's tables, the totals sum the conv, linear and pooling outputs only "
+    "(BatchNorm and ReLU outputs are not counted).",
+    "Pooling does no MACs: its operations (output elements x window) are counted apart, as pool ops.",
+)
+
+
+def conventions_section(data):
+    html_items = "\n".join(f"<li>{html.escape(item)}</li>" for item in CONVENTIONS)
+    return Section(
+        "Counting conventions",
+        f"<ul>\n{html_items}\n</ul>",
+        "\n".join(f"- {item}" for item in CONVENTIONS),
+    )
+
+
+def git_commit():
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+    return result.stdout.strip() if result.returncode == 0 else "unavailable"
+
+
+def environment_section(data):
+    rows = [
+        ("cnnfast", cnnfast.__version__),
+        ("torch", torch.__version__),
+        ("python", sys.version.split()[0]),
+        ("platform", platform.platform()),
+        ("git commit", git_commit()),
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+    headers = ("Item", "Value")
+    return Section("Environment", html_table(headers, rows, "ll"), markdown_table(headers, rows, "ll"))
+
+
+SECTIONS = (
+    summary_section,
+    claims_section,
+    layer_charts_section,
+    layer_tables_section,
+    conventions_section,
+    environment_section,
+)
+
+TITLE = "cnnfast: the classic CNNs counted"
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def render_html(sections):
+    contents = "\n".join(
+        f'<li><a href="#{slug(section.title)}">{html.escape(section.title)}</a></li>' for section in sections
+    )
+    bodies = "\n".join(
+        f'<section id="{slug(section.title)}">\n<h2>{html.escape(section.title)}</h2>\n{section.html}\n</section>'
+        for section in sections
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html.escape(TITLE)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{html.escape(TITLE)}</h1>\n<nav><ul>\n{contents}\n</ul></nav>\n{bodies}\n</body>\n</html>\n"
+    )
+
+
+def render_markdown(sections):
+    bodies = "\n\n".join(f"## {section.title}\n\n{section.markdown}" for section in sections)
+    return f"# {TITLE}\n\n{bodies}\n"
+
+
+def write_report(out_dir="report"):
+    """Write index.html, report.md and the charts into out_dir; return {file name: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ReportData(
+        out_dir=out_dir,
+        analyses={name: analyze_arch(name) for name in ARCHITECTURES},
+        claims=compute_claims(),
+    )
+    sections = [make_section(data) for make_section in SECTIONS]
+    html_path = out_dir / "index.html"
+    markdown_path = out_dir / "report.md"
+    html_path.write_text(render_html(sections), encoding="utf-8")
+    markdown_path.write_text(render_markdown(sections), encoding="utf-8")
+    written = {path.name: path for path in (html_path, markdown_path)}
+    written.update({path.name: path for section in sections for path in section.files})
+    return written
