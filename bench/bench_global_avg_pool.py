@@ -35,7 +35,7 @@ def copy_bandwidth():
 def gpu_cases():
     for shape in GPU_SHAPES:
         for dtype_name in DTYPES:
-            for backend in ("torch", "cuda"):
+            for backend in ("torch", "cuda", "triton"):
                 yield pytest.param(shape, dtype_name, backend, id=f"{backend}-{dtype_name}-{'x'.join(map(str, shape))}")
 
 

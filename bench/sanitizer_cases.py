@@ -7,7 +7,34 @@ import torch
 
 from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add_relu_strided_configs, is_flat
+from cnnfast.triton_kernels.gap_linear import gap_linear, gap_linear_configs
+from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
+from tests.test_add_relu import reference_add_relu
+from tests.test_gap_linear import make_head, reference_gap_linear
 from tests.test_global_avg_pool import LAYOUTS, make_input, reference_global_avg_pool
+
+
+def triton_cases() -> int:
+    """Every config of the memory-bound Triton kernels, through their launchers (autotuning would
+    time hundreds of launches under the sanitizer)."""
+    runs = []  # (output, float64 reference, tolerance kind)
+    shape = (3, 130, 5, 7)  # no block size divides N, C or H*W: every mask is exercised
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("channels_last", "channel_slice"):  # the flat and the strided add_relu
+            x, y = make_input(shape, dtype, "cuda", layout), make_input(shape, dtype, "cuda")
+            runs += [(global_avg_pool(x, config=c), reference_global_avg_pool(x), "elementwise")
+                     for c in global_avg_pool_configs(interpreted=False)]
+            add_relu_configs = add_relu_flat_configs if is_flat(x, y, torch.empty_like(y)) else add_relu_strided_configs
+            runs += [(add_relu(x, y, torch.empty_like(y), relu=True, config=c), reference_add_relu(x, y), "elementwise")
+                     for c in add_relu_configs(interpreted=False)]
+            weight, bias = make_head((*shape, 33), dtype, "cuda")
+            runs += [(gap_linear(x, weight, bias, config=c), reference_gap_linear(x, weight, bias), "conv")
+                     for c in gap_linear_configs(interpreted=False)]
+    torch.cuda.synchronize()
+    for out, reference, kind in runs:
+        assert_close_to_reference(out, reference, kind)
+    return len(runs)
 
 
 def main():
@@ -22,6 +49,7 @@ def main():
                 assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
                 cases += 1
     print(f"sanitizer cases: {cases} global_avg_pool runs checked")
+    print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ def read_json(path: Path):
 
 
 def steps_table(out: Path) -> list[str]:
+    if not (out / "steps.tsv").is_file():
+        return ["steps: no record"]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]]
     return ["| step | status | seconds |", "| --- | --- | ---: |"] + [f"| {n} | {s} | {t} |" for n, s, t in rows]
 

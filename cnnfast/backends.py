@@ -1,10 +1,15 @@
-"""Which backend runs an op: "torch" (PyTorch's own ops; cuDNN on a GPU), "cuda" (cnnfast._C).
+"""Which backend runs an op: "triton" (cnnfast.triton_kernels), "cuda" (cnnfast._C), "torch"
+(PyTorch's own ops: cuDNN on a GPU, oneDNN on a CPU; also the reference).
 
 A backend the caller names either runs or raises; `None` picks the default for the tensor's device.
 """
+import os
+
 import torch
 
-BACKENDS = ("torch", "cuda")
+BACKENDS = ("triton", "cuda", "torch")
+# Triton runs CPU tensors only under its interpreter (the tests' CPU path).
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 try:
     from cnnfast import _C as _cuda_extension
@@ -42,4 +47,9 @@ def resolve_backend(op: str, x: torch.Tensor, backend):
             raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
         if x.device.type != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
+    if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:
+        raise RuntimeError(
+            f"{op}: backend 'triton' needs CUDA tensors, got a tensor on {x.device} "
+            "(CPU tensors run only under TRITON_INTERPRET=1)"
+        )
     return backend

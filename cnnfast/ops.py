@@ -3,6 +3,8 @@ implementation, so `torch.compile(fullgraph=True)` traces it; the wrapper checks
 picks a backend, the launcher allocates the output and runs the kernel on the current stream.
 """
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from cnnfast.backends import cuda_extension, resolve_backend
 
@@ -23,6 +25,212 @@ def check_float_tensor(op: str, name: str, t) -> None:
         )
 
 
+def check_same_device(op: str, **tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise RuntimeError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors may share memory (a conservative test on their storage byte ranges)."""
+    if a.device.type == "meta" or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    def byte_range(t):
+        start = t.storage_offset() * t.element_size()
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+        return start, start + (extent + 1) * t.element_size()
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+
+# ---------------------------------------------------------------- fused convolution
+
+
+def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple[int, int]:
+    (h, w), (r, s) = x_shape[2:], w_shape[2:]
+    extent_h, extent_w = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
+    if extent_h > h + 2 * padding[0] or extent_w > w + 2 * padding[1]:
+        raise ValueError(
+            f"{op}: kernel {r}x{s} (dilated extent {extent_h}x{extent_w}) is larger than the padded "
+            f"input {h + 2 * padding[0]}x{w + 2 * padding[1]}"
+        )
+    return ((h + 2 * padding[0] - extent_h) // stride[0] + 1, (w + 2 * padding[1] - extent_w) // stride[1] + 1)
+
+
+def _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu):
+    # Epilogue in float32, as the fused kernels do it (and bias may be float32 beside fp16/bf16 x).
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).float()
+    if bias is not None:
+        y = y + bias.float().view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.float()
+    if relu:
+        y = torch.relu(y)
+    out.copy_(y)
+
+
+def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
+    if backend == "triton":
+        from cnnfast.triton_kernels.conv2d import conv2d_bias_act
+
+        conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu)
+    else:
+        _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
+
+
+@torch.library.custom_op("cnnfast::conv2d_out", mutates_args=("out",))
+def _conv2d_out_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    out: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+    backend: str,
+) -> None:
+    _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
+
+
+@_conv2d_out_op.register_fake
+def _(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
+    return None
+
+
+@torch.library.custom_op("cnnfast::conv2d", mutates_args=())
+def _conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, backend: str,
+) -> torch.Tensor:
+    out = _empty_conv2d_output(x, weight, stride, padding, dilation)
+    _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
+    return out
+
+
+def _empty_conv2d_output(x, weight, stride, padding, dilation):
+    p, q = conv2d_output_size("conv2d", x.shape, weight.shape, stride, padding, dilation)
+    shape = (x.shape[0], weight.shape[0], p, q)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@_conv2d_op.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    return _empty_conv2d_output(x, weight, stride, padding, dilation)
+
+
+def conv2d_flops(x_shape, w_shape, stride, padding, dilation) -> int:
+    """Two FLOPs per multiply-add, as FlopCounterMode counts aten.convolution."""
+    p, q = conv2d_output_size("conv2d", x_shape, w_shape, stride, padding, dilation)
+    return 2 * x_shape[0] * w_shape[0] * p * q * w_shape[1] * w_shape[2] * w_shape[3]
+
+
+@register_flop_formula(torch.ops.cnnfast.conv2d)
+def _(x_shape, w_shape, bias, residual, stride, padding, dilation, *args, out_shape=None, **kwargs):
+    return conv2d_flops(x_shape, w_shape, stride, padding, dilation)
+
+
+@register_flop_formula(torch.ops.cnnfast.conv2d_out)
+def _(x_shape, w_shape, bias, residual, out, stride, padding, dilation, *args, out_shape=None, **kwargs):
+    return conv2d_flops(x_shape, w_shape, stride, padding, dilation)
+
+
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=False,
+           out=None, backend=None):
+    """relu?(conv2d(x, weight) + bias + residual) in one kernel.
+
+    x: (N, C, H, W), any strides (channels_last is the fast path); weight: (K, C/groups, R, S) in
+    x's dtype; bias: (K,), float32 or x's dtype (a folded BatchNorm's shift, see fold_bn);
+    residual: (N, K, P, Q) in x's dtype. Accumulation and the epilogue run in float32.
+    out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
+    channels_last tensor works); otherwise a channels_last output is allocated.
+    backend: "triton", "torch", or None for the default of x's device.
+    """
+    op = "conv2d"
+    check_float_tensor(op, "x", x)
+    check_float_tensor(op, "weight", weight)
+    for name, t in (("bias", bias), ("residual", residual), ("out", out)):
+        if t is not None:
+            check_float_tensor(op, name, t)
+    check_same_device(op, x=x, weight=weight, bias=bias, residual=residual, out=out)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (K, C, R, S) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    stride = as_pair(op, "stride", stride, 1)
+    padding = as_pair(op, "padding", padding, 0)
+    dilation = as_pair(op, "dilation", dilation, 1)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    k = weight.shape[0]
+    if x.shape[1] % groups or k % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the input channels {x.shape[1]} and output channels {k}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} with groups={groups} "
+            f"expects {weight.shape[1] * groups}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != k):
+        raise ValueError(f"{op}: bias must have shape ({k},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
+    p, q = conv2d_output_size(op, x.shape, weight.shape, stride, padding, dilation)
+    out_shape = (x.shape[0], k, p, q)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and tuple(t.shape) != out_shape:
+            raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
+    backend = resolve_backend(op, x, backend)
+    if groups != 1 and backend != "torch":
+        raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
+    if out is not None:
+        if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
+            raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+            if t is not None and overlaps(out, t):
+                raise ValueError(f"{op}: out overlaps {name}; the kernel needs a separate output")
+        _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
+        return out
+    return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
+
+
+def fold_bn(conv_weight: torch.Tensor, conv_bias, bn: torch.nn.BatchNorm2d):
+    """Folds an eval-mode BatchNorm into the convolution before it, in float32.
+
+    Returns (weight, bias): weight in conv_weight's dtype, bias in float32, such that
+    conv2d(x, weight, bias) == bn(conv2d(x, conv_weight, conv_bias)).
+    """
+    if not isinstance(bn, torch.nn.BatchNorm2d):
+        raise TypeError(f"fold_bn: expected a BatchNorm2d, got {type(bn).__name__}")
+    if bn.training:
+        raise RuntimeError("fold_bn: the BatchNorm is in training mode; call .eval() first (its batch statistics change every step)")
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("fold_bn: the BatchNorm has no running statistics (track_running_stats=False)")
+    k = conv_weight.shape[0]
+    if bn.num_features != k:
+        raise ValueError(f"fold_bn: BatchNorm has {bn.num_features} features, the convolution {k} output channels")
+    if conv_bias is not None and tuple(conv_bias.shape) != (k,):
+        raise ValueError(f"fold_bn: conv bias must have shape ({k},), got {tuple(conv_bias.shape)}")
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        # (b - mean) first: the running mean tracks the conv bias, and the difference is then exact.
+        centre = -bn.running_mean.float() if conv_bias is None else conv_bias.float() - bn.running_mean.float()
+        shift = centre * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        weight = (conv_weight.float() * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
+    return weight, shift
+
+
 # ---------------------------------------------------------------- global average pooling
 
 
@@ -41,6 +249,10 @@ def _global_avg_pool_cuda(x: torch.Tensor) -> torch.Tensor:
 def _global_avg_pool_op(x: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return _global_avg_pool_cuda(x)
+    if backend == "triton":
+        from cnnfast.triton_kernels.global_avg_pool import global_avg_pool as global_avg_pool_triton
+
+        return global_avg_pool_triton(x)
     return torch.mean(x, dim=(2, 3))
 
 
@@ -53,12 +265,124 @@ def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
     """Mean over H and W of an (N, C, H, W) tensor -> (N, C) in x's dtype, accumulated in float32.
 
     Any strides are accepted (channels_last is the fast path). NaN and Inf propagate as in
-    `torch.mean`. backend: "torch", "cuda", or None for the default of x's device.
+    `torch.mean`. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "global_avg_pool"
     check_float_tensor(op, "x", x)
+    check_poolable(op, x)
+    return _global_avg_pool_op(x, resolve_backend(op, x, backend))
+
+
+def check_poolable(op: str, x: torch.Tensor) -> None:
+    """A global pooling input: 4-D with a non-empty H x W."""
     if x.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"{op}: H and W must be non-empty, got H={x.shape[2]}, W={x.shape[3]}")
-    return _global_avg_pool_op(x, resolve_backend(op, x, backend))
+
+
+# ---------------------------------------------------------------- residual add + ReLU
+
+
+def _empty_add_relu_output(x, y):
+    # The flat (fast) kernel needs x, y and out in one dense layout: keep the one x and y share.
+    for layout in (torch.channels_last, torch.contiguous_format):
+        if x.is_contiguous(memory_format=layout) and y.is_contiguous(memory_format=layout):
+            return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("cnnfast::add_relu", mutates_args=())
+def _add_relu_op(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> torch.Tensor:
+    out = _empty_add_relu_output(x, y)
+    if backend == "triton":
+        from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
+
+        return add_relu_triton(x, y, out, relu)
+    torch.add(x, y, out=out)
+    return torch.relu_(out) if relu else out
+
+
+@_add_relu_op.register_fake
+def _(x, y, relu, backend):
+    return _empty_add_relu_output(x, y)
+
+
+def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=None) -> torch.Tensor:
+    """relu(x + y) (or x + y with relu=False): the residual add of a ResNet block, in one pass.
+
+    x and y: (N, C, H, W) of one shape and dtype, any strides. The sum is taken in float32 and
+    rounded once to x's dtype; NaN propagates as in torch.relu. The output keeps the memory format
+    x and y share when both are contiguous in one (channels_last or NCHW: the fast path), and is
+    channels_last otherwise. backend: "triton", "torch", or None for the default of x's device.
+    """
+    op = "add_relu"
+    check_float_tensor(op, "x", x)
+    check_float_tensor(op, "y", y)
+    check_same_device(op, x=x, y=y)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"{op}: x dtype {x.dtype} and y dtype {y.dtype} differ")
+    return _add_relu_op(x, y, bool(relu), resolve_backend(op, x, backend))
+
+
+# ---------------------------------------------------------------- global average pooling + linear
+
+
+@torch.library.custom_op("cnnfast::gap_linear", mutates_args=())
+def _gap_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from cnnfast.triton_kernels.gap_linear import gap_linear as gap_linear_triton
+
+        return gap_linear_triton(x, weight, bias)
+    # PyTorch's head, mean -> linear in x's dtype (a float32 bias is rounded to it).
+    return F.linear(torch.mean(x, dim=(2, 3)), weight, None if bias is None else bias.to(x.dtype))
+
+
+@_gap_linear_op.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@register_flop_formula(torch.ops.cnnfast.gap_linear)
+def _(x_shape, w_shape, *args, out_shape=None, **kwargs):
+    # The linear layer's 2 * N * C * out_features, as FlopCounterMode counts a matmul; the pooling's
+    # N * C * H * W additions are not counted (nor are aten.mean's).
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]
+
+
+def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None) -> torch.Tensor:
+    """The classifier head linear(global_avg_pool(x), weight, bias) in one kernel.
+
+    x: (N, C, H, W), any strides; weight: (out_features, C) in x's dtype; bias: (out_features,),
+    float32 or x's dtype. Returns (N, out_features) in x's dtype. The pooling accumulates in
+    float32 and its result is rounded to x's dtype for the matrix product (as PyTorch's mean ->
+    linear does), which accumulates in float32. FlopCounterMode counts the linear layer,
+    2 * N * C * out_features. backend: "triton", "torch", or None for the default of x's device.
+    """
+    op = "gap_linear"
+    check_float_tensor(op, "x", x)
+    check_float_tensor(op, "weight", weight)
+    if bias is not None:
+        check_float_tensor(op, "bias", bias)
+    check_same_device(op, x=x, weight=weight, bias=bias)
+    check_poolable(op, x)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{op}: expected a 2-D (out_features, C) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    out_features = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
+    return _gap_linear_op(x, weight, bias, resolve_backend(op, x, backend))

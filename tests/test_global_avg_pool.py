@@ -1,12 +1,17 @@
-"""global_avg_pool: every backend against a float64 reference, layouts, special values, bad inputs."""
+"""global_avg_pool: every backend against a float64 reference, layouts, special values, bad inputs.
+
+Also home of the helpers the other memory-bound ops' tests share: inputs in many layouts, the
+(backend, device) pairs to run, NaN-poisoning of the CUDA cache, per-config test cases."""
 import math
 
 import pytest
 import torch
 
-from cnnfast import ops
-from cnnfast.backends import cuda_extension
+from cnnfast import backends, ops
+from cnnfast.backends import TRITON_INTERPRETED, cuda_extension
 from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels.global_avg_pool import global_avg_pool as global_avg_pool_triton
+from cnnfast.triton_kernels.global_avg_pool import global_avg_pool_configs
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (N, C, H, W): the real GAP inputs (GoogLeNet 1024x7x7, ResNet-18/34 512x7x7, ResNet-50+ 2048x7x7),
@@ -42,11 +47,37 @@ def make_input(shape, dtype, device, layout="channels_last"):
 
 
 LAYOUTS = ("channels_last", "nchw", "channel_slice", "spatial_stride", "expanded", "storage_offset")
+# Small odd shapes every layout is tried on (without a GPU the interpreter is slow).
+LAYOUT_SHAPES = [(2, 24, 3, 5), (1, 3, 2, 2), (3, 130, 4, 1)]
+
+INTERPRETER_ONLY = pytest.mark.skipif(
+    not TRITON_INTERPRETED, reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"
+)
+# (backend, device): a CPU runs PyTorch and Triton's interpreter, a GPU the compiled kernels.
+CPU_BACKENDS = [
+    pytest.param("torch", "cpu", id="torch-cpu"),
+    pytest.param("triton", "cpu", id="triton-cpu", marks=INTERPRETER_ONLY),
+]
+TRITON_GPU = pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu)
+GPU_BACKENDS = [pytest.param("cuda", "cuda", id="cuda-gpu", marks=pytest.mark.gpu), TRITON_GPU]
+
+
+def triton_config_cases(configs):
+    """(device, config) cases for every config of a kernel: the interpreter's set on the CPU, the GPU's on a GPU."""
+    cases = [pytest.param("cpu", c, id=f"cpu-{i}", marks=INTERPRETER_ONLY) for i, c in enumerate(configs(True))]
+    cases += [pytest.param("cuda", c, id=f"gpu-{i}", marks=pytest.mark.gpu) for i, c in enumerate(configs(False))]
+    return cases
 
 
 def poison_cuda_cache():
-    """Leaves NaN in the caching allocator's free blocks, so an output element a kernel never writes is NaN."""
+    """Leaves NaN in the caching allocator's free blocks, so an output element a kernel never writes is NaN.
+
+    Cached blocks are released first; then NaN tensors fill fresh segments of both pools (blocks
+    over 1 MB come from the large pool, smaller ones from 2 MB segments of the small pool)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.full((1 << 24,), float("nan"), device="cuda")
+    [torch.full((1 << 18,), float("nan"), device="cuda") for _ in range(8)]
     torch.cuda.synchronize()
 
 
@@ -59,14 +90,35 @@ def run_and_check(backend, shape, dtype, layout, device):
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
 
 
-# ---------------------------------------------------------------- torch backend (the CPU path)
+# ---------------------------------------------------------------- every backend against the reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_torch_backend_matches_reference(shape, dtype):
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS + [TRITON_GPU])
+def test_matches_reference(backend, device, shape, dtype):
     torch.manual_seed(0)
-    run_and_check("torch", shape, dtype, "channels_last", "cpu")
+    run_and_check(backend, shape, dtype, "channels_last", device)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS + [TRITON_GPU])
+def test_layouts_match_reference(backend, device, shape, dtype, layout):
+    torch.manual_seed(0)
+    run_and_check(backend, shape, dtype, layout, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cuda_every_shape_and_layout(shape, dtype, layout):
+    # Triton gets every shape in channels_last and every layout on small shapes (above): a new
+    # layout is a new Triton compilation, and device_check.sh has minutes for all GPU tests.
+    torch.manual_seed(0)
+    run_and_check("cuda", shape, dtype, layout, "cuda")
 
 
 def test_default_backend_on_cpu_is_torch():
@@ -74,68 +126,100 @@ def test_default_backend_on_cpu_is_torch():
     assert_close_to_reference(ops.global_avg_pool(x), reference_global_avg_pool(x), "elementwise")
 
 
-# ---------------------------------------------------------------- CUDA backend (needs a GPU)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cuda_backend_matches_reference(shape, dtype, layout):
-    torch.manual_seed(0)
-    run_and_check("cuda", shape, dtype, layout, "cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_integer_values_exact(dtype):
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS + GPU_BACKENDS)
+def test_integer_values_exact(backend, device, dtype):
     # Small integers and 32 pixels: every partial sum is exact and the mean is a multiple of 1/32,
     # so any indexing mistake shows as an exact mismatch.
-    x = torch.randint(-8, 9, (3, 100, 4, 8), device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    poison_cuda_cache()
-    out = ops.global_avg_pool(x, backend="cuda")
+    x = torch.randint(-8, 9, (3, 100, 4, 8), device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    if device == "cuda":
+        poison_cuda_cache()
+    out = ops.global_avg_pool(x, backend=backend)
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise", exact=True)
 
 
-@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_propagates_nan_and_inf(dtype):
-    x = torch.randn(2, 24, 5, 5, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS + GPU_BACKENDS)
+def test_propagates_nan_and_inf(backend, device, dtype):
+    x = torch.randn(2, 24, 5, 5, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     x[0, 3, 2, 2] = float("nan")
     x[1, 7, 0, 4] = float("inf")
     x[1, 8, 0, 4], x[1, 8, 1, 1] = float("inf"), float("-inf")
-    out = ops.global_avg_pool(x, backend="cuda")
+    out = ops.global_avg_pool(x, backend=backend)
     assert torch.isnan(out[0, 3]) and math.isinf(out[1, 7].item()) and torch.isnan(out[1, 8])
     torch.testing.assert_close(out.double(), torch.mean(x.double(), dim=(2, 3)).to(dtype).double(), equal_nan=True,
                                rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu
-def test_cuda_large_map_error_no_worse_than_pytorch():
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_gpu_large_map_error_no_worse_than_pytorch(backend):
     # 1 x 64 x 224 x 224 in bfloat16: our error against float64 is at most twice PyTorch's own.
     x = torch.rand(1, 64, 224, 224, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     ref = reference_global_avg_pool(x)
-    ours = (ops.global_avg_pool(x, backend="cuda").double() - ref).abs().max().item()
+    ours = (ops.global_avg_pool(x, backend=backend).double() - ref).abs().max().item()
     theirs = (torch.mean(x, dim=(2, 3)).double() - ref).abs().max().item()
     assert ours <= 2 * theirs + 1e-12
 
 
 @pytest.mark.gpu
-def test_cuda_runs_on_current_stream():
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_gpu_runs_on_current_stream(backend):
     x = make_input((4, 2048, 7, 7), torch.float16, "cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        out = ops.global_avg_pool(x, backend="cuda")
+        out = ops.global_avg_pool(x, backend=backend)
     stream.synchronize()
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
 
 
 @pytest.mark.gpu
-def test_cuda_repeatable_bitwise():
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_gpu_repeatable_bitwise(backend):
     x = make_input((8, 2048, 7, 7), torch.bfloat16, "cuda")
-    first = ops.global_avg_pool(x, backend="cuda")
+    first = ops.global_avg_pool(x, backend=backend)
     for _ in range(20):
-        assert torch.equal(first, ops.global_avg_pool(x, backend="cuda"))
+        assert torch.equal(first, ops.global_avg_pool(x, backend=backend))
+
+
+@pytest.mark.gpu
+def test_triton_offsets_past_2_31():
+    # 700 x 64 x 224 x 224 = 2.25e9 elements: the last images start past 2^31 elements.
+    x = torch.empty((700, 64, 224, 224), dtype=torch.bfloat16, device="cuda", memory_format=torch.channels_last).zero_()
+    x[-2:] = torch.randn((2, 64, 224, 224), device="cuda").to(torch.bfloat16)
+    out = ops.global_avg_pool(x, backend="triton")
+    assert_close_to_reference(out[-2:], reference_global_avg_pool(x[-2:]), "elementwise")
+    assert not out[:-2].any()
+
+
+# ---------------------------------------------------------------- the Triton kernel itself
+
+
+@pytest.mark.parametrize("device, config", triton_config_cases(global_avg_pool_configs))
+@pytest.mark.parametrize("layout", ("channels_last", "nchw"))
+def test_triton_every_config(device, config, layout):
+    # C and H*W that no block size divides, so every mask is exercised.
+    x = make_input((3, 130, 5, 7), torch.float32, device, layout)
+    out = global_avg_pool_triton(x, config=config)
+    assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
+
+
+@INTERPRETER_ONLY
+def test_triton_backend_runs_triton(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the triton backend called PyTorch's mean")
+
+    monkeypatch.setattr(torch, "mean", forbidden)
+    x = make_input((2, 24, 3, 5), torch.float32, "cpu")
+    out = ops.global_avg_pool(x, backend="triton")
+    assert_close_to_reference(out, x.double().sum(dim=(2, 3)) / 15, "elementwise")
+
+
+def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors"):
+        ops.global_avg_pool(torch.zeros(1, 2, 3, 3), backend="triton")
 
 
 # ---------------------------------------------------------------- the extension without a GPU
@@ -163,9 +247,10 @@ def test_extension_rejects_bad_arguments():
 # ---------------------------------------------------------------- custom op plumbing
 
 
-def test_torch_compile_fullgraph_traces_the_op():
-    fn = torch.compile(lambda t: ops.global_avg_pool(t) * 2, fullgraph=True, backend="eager")
-    x = make_input((2, 6, 3, 4), torch.float32, "cpu")
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS)
+def test_torch_compile_fullgraph_traces_the_op(backend, device):
+    fn = torch.compile(lambda t: ops.global_avg_pool(t, backend=backend) * 2, fullgraph=True, backend="eager")
+    x = make_input((2, 6, 3, 4), torch.float32, device)
     assert_close_to_reference(fn(x), 2 * reference_global_avg_pool(x), "elementwise")
 
 
