@@ -4,10 +4,12 @@ Exits non-zero if any result is wrong; the sanitizer reports memory errors, race
 uninitialized memory on its own.
 """
 import torch
+import torch.nn.functional as F
 
 from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add_relu_strided_configs, is_flat
+from cnnfast.triton_kernels.conv2d import config_fits, conv2d_bias_act, conv2d_configs, use_flat_reduction
 from cnnfast.triton_kernels.gap_linear import gap_linear, gap_linear_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from tests.test_add_relu import reference_add_relu
@@ -37,6 +39,28 @@ def triton_cases() -> int:
     return len(runs)
 
 
+def conv2d_cases() -> int:
+    """Each config of the conv kernel on small problems of both reduction orders (a C=3 stem and a
+    C=64 3x3 layer), with bias, residual and ReLU, written into a channel slice of a NaN tensor."""
+    runs = 0
+    for c, k, kernel, stride, padding in [(3, 24, 7, 2, 3), (64, 40, 3, 1, 1)]:
+        x = make_input((2, c, 9, 11), torch.bfloat16, "cuda")
+        w = torch.randn(k, c, kernel, kernel, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(k, device="cuda")
+        reference = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
+        residual = torch.randn(reference.shape, device="cuda").to(torch.bfloat16)
+        reference = torch.relu(reference + residual.double())
+        for config in conv2d_configs(flat=use_flat_reduction(c)):
+            if not config_fits(config, torch.bfloat16, x.device):
+                continue
+            big = torch.full((2, k + 8, *reference.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+            out = big.contiguous(memory_format=torch.channels_last)[:, 4 : 4 + k]
+            conv2d_bias_act(x, w, b, residual, out, (stride, stride), (padding, padding), (1, 1), True, config=config)
+            assert_close_to_reference(out, reference, "conv")
+            runs += 1
+    return runs
+
+
 def main():
     torch.manual_seed(0)
     cases = 0
@@ -50,6 +74,7 @@ def main():
                 cases += 1
     print(f"sanitizer cases: {cases} global_avg_pool runs checked")
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
+    print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Regenerates the README's measured-results section from the committed GPU results.
+
+    python bench/readme_results.py [README.md]
+
+Reads every bench/results/*/benchmarks.json (with its env.json) and rewrites the text between
+the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per run, the hardware,
+software and date, then per benchmark and backend the median over cases of the speedup against
+the baseline, and the range. Nothing in that section is typed by hand.
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def run_section(folder: Path) -> list[str]:
+    env = json.loads((folder / "env.json").read_text())
+    data = json.loads((folder / "benchmarks.json").read_text())
+    lines = [
+        f"**{folder.name}**: {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"CUDA {env.get('cuda')}, {env.get('date', '')[:10]}, commit {env.get('commit')}. "
+        f"Full table: `bench/results/{folder.name}/summary.md`.",
+        "",
+        "| benchmark | backend | dtypes | cases | speedup, median (min - max) | over | median % copy BW | median TFLOP/s |",
+        "| --- | --- | --- | ---: | --- | --- | ---: | ---: |",
+    ]
+    groups = defaultdict(list)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "ms" not in info:  # CPU smoke cases
+            continue
+        groups[(bench["name"].split("[")[0], info["backend"])].append(info)
+    for (name, backend), infos in sorted(groups.items()):
+        over = "cudnn" if "speedup_vs_cudnn" in infos[0] else "torch"
+        if backend == over:
+            continue
+        speedups = [i[f"speedup_vs_{over}"] for i in infos]
+        bandwidth = [100 * i["fraction_of_copy_bandwidth"] for i in infos if "fraction_of_copy_bandwidth" in i]
+        tflops = [i["tflops"] for i in infos if "tflops" in i]
+        dtypes = ", ".join(sorted({i["dtype"] for i in infos}))
+        lines.append(
+            f"| {name} | {backend} | {dtypes} | {len(infos)} | {statistics.median(speedups):.2f} "
+            f"({min(speedups):.2f} - {max(speedups):.2f}) | {over} "
+            f"| {f'{statistics.median(bandwidth):.0f}' if bandwidth else ''} "
+            f"| {f'{statistics.median(tflops):.0f}' if tflops else ''} |"
+        )
+    return lines + [""]
+
+
+def results_markdown() -> str:
+    lines = []
+    for folder in sorted(p for p in RESULTS.iterdir() if (p / "benchmarks.json").is_file()):
+        lines += run_section(folder)
+    return "\n".join(lines)
+
+
+def main(readme: Path) -> None:
+    text = readme.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{results_markdown()}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "README.md")

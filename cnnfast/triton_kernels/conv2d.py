@@ -1,0 +1,254 @@
+"""Fused convolution: out = act(conv2d(x, w) + bias + residual), one Triton kernel.
+
+The algorithm is an implicit GEMM over NHWC memory. With output size P x Q, the convolution is
+the matrix product
+
+    out[m, k] = sum_{r, s, c} x[n, p*stride_h - pad_h + r*dil_h, q*stride_w - pad_w + s*dil_w, c] * w[k, c, r, s]
+
+    with rows m = (n, p, q) in [0, N*P*Q), columns k in [0, K), and reduction index (r, s, c).
+
+The A operand (im2col of x) is never materialized: each program computes the addresses of its
+A tile from (n, p, q, r, s, c) and loads it with a mask that zeroes the padding halo. B is the
+weight, read through its strides (channels_last weights make the c axis contiguous).
+
+Program ids: a 1-D grid of cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N) programs, each owning one
+BLOCK_M x BLOCK_N tile of out. Ids are mapped to tiles in groups of GROUP_M row-tiles, so that
+programs that run together share the same few columns of B and rows of A in L2.
+
+Two reduction orders, chosen by the launcher (FLAT_REDUCTION):
+- channel-blocked: for each filter tap (r, s), BLOCK_K consecutive channels. Every load of A is
+  a contiguous run of channels of one pixel; used when C fills the tiles well.
+- flat: the R*S*C reduction indices are taken BLOCK_K at a time in (r, s, c) order. A C=3 stem
+  conv (R*S*C = 147 for 7x7) then wastes only the last partial block, where the channel-blocked
+  order would leave 13 of every 16 lanes empty.
+
+The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
+ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
+channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
+"""
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for Hopper. The channel-blocked order: large tiles for
+# the compute-bound 3x3 layers, shallow pipelines for 1x1 layers whose reduction is one or two
+# blocks long. The flat order decodes (r, s, c) per element, which costs registers: only the tiles
+# that compile without spills on sm_90a (tests/test_triton_compile.py checks every one; 128x256
+# and 256x128 tiles spill in both orders).
+CHANNEL_BLOCKED_TILES = [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (128, 64, 32, 4, 5),
+    (64, 256, 32, 8, 4), (64, 32, 64, 4, 5), (128, 64, 64, 4, 2), (64, 64, 64, 4, 2),
+]
+FLAT_TILES = [(64, 64, 64, 4, 5), (64, 64, 64, 4, 2), (64, 256, 32, 8, 4), (64, 32, 64, 4, 5)]
+
+
+def conv2d_configs(flat: bool, interpreted: bool = INTERPRETED):
+    """Autotuning candidates for one reduction order: Hopper tiles on a GPU, two small tiles under
+    the interpreter."""
+    if interpreted:
+        return [
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1}, num_warps=4, num_stages=1),
+        ]
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+                      num_warps=warps, num_stages=stages)
+        for block_m, block_n, block_k, warps, stages in (FLAT_TILES if flat else CHANNEL_BLOCKED_TILES)
+    ]
+
+
+@triton.jit
+def conv2d_bias_act_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes
+    N, C, H, W, K, P, Q, R, S,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # strides, in elements, of the logical (N, C, H, W) / (K, C, R, S) tensors
+    sx_n, sx_c, sx_h, sx_w,
+    sw_k, sw_c, sw_r, sw_s,
+    sr_n, sr_c, sr_h, sr_w,
+    so_n, so_c, so_h, so_w,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FLAT_REDUCTION: tl.constexpr, EVEN_C: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    M = N * P * Q
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(K, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
+    pid_n = (pid % pids_per_group) // group_size_m
+
+    # Rows of the tile: output pixels (n, p, q).
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    # n scales the batch stride in int64; coordinates inside one image fit int32, which keeps the
+    # bounds checks of the inner loop 32-bit.
+    n = offs_m // (P * Q)
+    pq = (offs_m % (P * Q)).to(tl.int32)
+    p = pq // Q
+    q = pq % Q
+    ih0 = p * stride_h - pad_h
+    iw0 = q * stride_w - pad_w
+    x_rows = x_ptr + n * sx_n
+    # Columns of the tile: output channels k.
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < K
+    w_cols = w_ptr + offs_n * sw_k
+
+    # What depends on the row alone is computed once: the address of tap (r, s) = (0, 0) of each
+    # output pixel. Every other tap adds an offset that is the same for all rows.
+    a_rows = x_rows + ih0.to(tl.int64) * sx_h + iw0.to(tl.int64) * sx_w
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_REDUCTION:
+        RSC = R * S * C
+        for kk0 in range(0, RSC, BLOCK_K):
+            kk = kk0 + tl.arange(0, BLOCK_K)
+            k_valid = kk < RSC
+            r = kk // (S * C)
+            s = (kk // C) % S
+            c = kk % C
+            ih = ih0[:, None] + (r * dil_h)[None, :]
+            iw = iw0[:, None] + (s * dil_w)[None, :]
+            a_mask = m_valid[:, None] & k_valid[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_offs = (r * dil_h * sx_h + s * dil_w * sx_w + c * sx_c)[None, :]
+            a = tl.load(a_rows[:, None] + a_offs, mask=a_mask, other=0.0)
+            b_offs = (c * sw_c + r * sw_r + s * sw_s)[:, None]
+            b = tl.load(w_cols[None, :] + b_offs, mask=k_valid[:, None] & n_valid[None, :], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        r = 0
+        s = 0
+        c0 = 0
+        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+            ih = ih0 + r * dil_h
+            iw = iw0 + s * dil_w
+            row_valid = m_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_c = c0 + offs_k
+            a_ptrs = a_rows[:, None] + (r * dil_h * sx_h + s * dil_w * sx_w + offs_c * sx_c)[None, :]
+            b_ptrs = w_cols[None, :] + (r * sw_r + s * sw_s + offs_c * sw_c)[:, None]
+            if EVEN_C:
+                a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=n_valid[None, :], other=0.0)
+            else:
+                c_valid = offs_c < C
+                a = tl.load(a_ptrs, mask=row_valid[:, None] & c_valid[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=c_valid[:, None] & n_valid[None, :], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            # Step (r, s, c0) in reduction order with compares, not divisions.
+            c0 += BLOCK_K
+            next_tap = c0 >= C
+            c0 = tl.where(next_tap, 0, c0)
+            s = tl.where(next_tap, s + 1, s)
+            next_row = s >= S
+            s = tl.where(next_row, 0, s)
+            r = tl.where(next_row, r + 1, r)
+
+    # Epilogue, in float32: bias, residual, ReLU, then one store.
+    out_mask = m_valid[:, None] & n_valid[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        res_ptrs = (res_ptr + n * sr_n + p.to(tl.int64) * sr_h + q.to(tl.int64) * sr_w)[:, None] + (offs_n * sr_c)[None, :]
+        acc += tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
+    out_ptrs = (out_ptr + n * so_n + p.to(tl.int64) * so_h + q.to(tl.int64) * so_w)[:, None] + (offs_n * so_c)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def pipeline_shared_memory(config, element_size: int) -> int:
+    """Bytes of shared memory the software pipeline holds: num_stages A and B tiles."""
+    kw = config.kwargs
+    return (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size * config.num_stages
+
+
+def config_fits(config, dtype: torch.dtype, device) -> bool:
+    """Whether a config's pipeline fits the device's shared memory (float32 tiles are twice as big)."""
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return pipeline_shared_memory(config, torch.empty((), dtype=dtype).element_size()) <= limit
+
+
+def prune_configs(configs, named_args, **kwargs):
+    x = named_args["x_ptr"]
+    return [config for config in configs if config_fits(config, x.dtype, x.device)]
+
+
+# EVEN_C drops the channel mask when every block of channels is full.
+conv2d_bias_act_heuristic = triton.heuristics({"EVEN_C": lambda args: args["C"] % args["BLOCK_K"] == 0})(
+    conv2d_bias_act_kernel
+)
+
+def autotuned(flat: bool):
+    return triton.autotune(
+        # The interpreter cannot time configs, so it runs the first of its set.
+        configs=conv2d_configs(flat)[:1] if INTERPRETED else conv2d_configs(flat),
+        key=["N", "C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
+        prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
+        # 10 ms warm-up and 40 ms of timing per config: a layer runs in about a millisecond or less.
+        do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
+    )(conv2d_bias_act_heuristic)
+
+
+# One tuner per reduction order, each with the tiles that order compiles well.
+conv2d_bias_act_autotuned = {flat: autotuned(flat) for flat in (False, True)}
+
+
+def use_flat_reduction(C: int) -> bool:
+    """The flat order for channel counts that leave most of a 16-wide (or wider) block empty."""
+    return C < 16 or (C % 16 != 0 and C < 64)
+
+
+def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
+    """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
+    allocated, (N, K, P, Q). `config` (a triton.Config) bypasses autotuning."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    P, Q = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    flat = use_flat_reduction(C)
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
+    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    b = bias.contiguous() if bias is not None else out  # the kernel reads the bias at unit stride
+    args = (
+        x, weight, b, res, out,
+        N, C, H, W, K, P, Q, R, S,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+        # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
+        FLAT_REDUCTION=flat, UPCAST_DOT=INTERPRETED, INPUT_PRECISION=precision,
+    )
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if config is None:
+            grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+            conv2d_bias_act_autotuned[flat][grid](*args, **flags)
+        else:
+            grid = (triton.cdiv(N * P * Q, config.kwargs["BLOCK_M"]) * triton.cdiv(K, config.kwargs["BLOCK_N"]),)
+            conv2d_bias_act_heuristic[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+    return out
+

@@ -1,0 +1,555 @@
+"""conv2d: the Triton kernel (under the interpreter on a CPU) and the torch backend against a
+float64 reference, on every real conv layer and on odd shapes; layouts, out=, NaN, integer
+values, every autotune config, torch.compile, FLOP counting, and the bad-input contract."""
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnfast import backends, ops
+from cnnfast.analysis import analyze_arch
+from cnnfast.models import ARCHITECTURES
+from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels.conv2d import conv2d_bias_act, conv2d_configs, use_flat_reduction
+from tests.test_triton_compile import config_id
+
+# The Triton backend runs CPU tensors only under the interpreter (conftest sets it when there is no GPU).
+pytestmark = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CHANNELS_LAST = torch.channels_last
+NAN = float("nan")
+
+
+class Conv(NamedTuple):
+    """One convolution problem: input (n, c, h, w), weight (k, c, r, s)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    r: int
+    s: int
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+
+    def output_shape(self):
+        p, q = ops.conv2d_output_size("test", (self.n, self.c, self.h, self.w), (self.k, self.c, self.r, self.s),
+                                      pair(self.stride), pair(self.padding), pair(self.dilation))
+        return (self.n, self.k, p, q)
+
+
+def conv_id(conv: Conv) -> str:
+    return (f"{conv.n}x{conv.c}x{conv.h}x{conv.w}-k{conv.k}-{conv.r}x{conv.s}"
+            f"-s{conv.stride}-p{conv.padding}-d{conv.dilation}").replace(" ", "")
+
+
+def pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def input_extent(output: int, kernel: int, stride: int, padding: int) -> int:
+    """The input size that gives `output` positions (dilation 1)."""
+    return (output - 1) * stride + kernel - 2 * padding
+
+
+def real_conv_layers():
+    """Every distinct (C, K, kernel, stride, padding) among the conv layers of all architectures."""
+    layers = set()
+    for arch in ARCHITECTURES:
+        for layer in analyze_arch(arch).layers:
+            if layer.type == "conv":
+                layers.add((layer.input_shape[0], layer.output_shape[0], tuple(layer.kernel_size),
+                            tuple(layer.stride), tuple(layer.padding)))
+    return sorted(layers)
+
+
+def real_layer_problem(c, k, kernel, stride, padding) -> Conv:
+    """A real layer's C, K, kernel, stride and padding on a 2-image batch with 3x5 outputs."""
+    (r, s), out_h, out_w = kernel, 3, 5
+    h, w = input_extent(out_h, r, stride[0], padding[0]), input_extent(out_w, s, stride[1], padding[1])
+    return Conv(2, c, h, w, k, r, s, stride, padding)
+
+
+def make_inputs(conv: Conv, dtype, *, bias_dtype=torch.float32, residual=True):
+    """Random x, weight, bias, residual in channels_last; the weight is scaled by 1/sqrt(C*R*S)
+    (as trained layers are) so outputs are O(1) and the tolerances are meaningful."""
+    x = torch.randn(conv.n, conv.c, conv.h, conv.w).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randn(conv.k, conv.c, conv.r, conv.s) / math.sqrt(conv.c * conv.r * conv.s)
+    weight = weight.to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    bias = None if bias_dtype is None else (0.5 * torch.randn(conv.k)).to(bias_dtype)
+    res = torch.randn(conv.output_shape()).to(dtype).contiguous(memory_format=CHANNELS_LAST) if residual else None
+    return x, weight, bias, res
+
+
+def nan_output(shape, dtype):
+    return torch.full(shape, NAN, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+def reference_conv2d(conv: Conv, x, weight, bias=None, residual=None, relu=False, groups=1):
+    """relu?(conv2d + bias + residual) in float64."""
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                 conv.stride, conv.padding, conv.dilation, groups)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y) if relu else y
+
+
+def run_conv2d(conv: Conv, x, weight, bias=None, residual=None, relu=False, backend="triton", out=None):
+    return ops.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      residual=residual, relu=relu, out=out, backend=backend)
+
+
+def check_conv2d(conv: Conv, dtype, *, bias_dtype=torch.float32, residual=True, relu=False, backend="triton"):
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
+    out = run_conv2d(conv, x, weight, bias, res, relu, backend)
+    assert out.dtype == dtype and out.shape == conv.output_shape()
+    assert out.is_contiguous(memory_format=CHANNELS_LAST)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu), "conv")
+
+
+# ---------------------------------------------------------------- every real layer
+
+
+# The real layers run through the launcher with each of the Hopper autotune configs in turn (a
+# different one per dtype): the interpreter costs ~2 ms per tile step, so the Hopper tiles (16x to
+# 64x the area of the interpreter's default 32x32x16 tile) make all 80 layers in all three dtypes
+# affordable, while the public op's path is covered by the odd shapes below. Outputs are NaN-filled
+# first; every layer gets a float32 bias (a folded BatchNorm) and ReLU, every other one a residual.
+REAL_LAYERS = real_conv_layers()
+
+
+def layer_id(layer):
+    c, k, (r, s), stride, padding = layer
+    return f"{c}-{k}-{r}x{s}-s{stride[0]}-p{padding[0]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index", range(len(REAL_LAYERS)), ids=[layer_id(layer) for layer in REAL_LAYERS])
+def test_real_layer(index, dtype):
+    conv = real_layer_problem(*REAL_LAYERS[index])
+    configs = conv2d_configs(flat=use_flat_reduction(REAL_LAYERS[index][0]), interpreted=False)
+    config = configs[(index + DTYPES.index(dtype)) % len(configs)]
+    torch.manual_seed(index)
+    residual = index % 2 == 1
+    x, weight, bias, res = make_inputs(conv, dtype, residual=residual)
+    out = nan_output(conv.output_shape(), dtype)
+    conv2d_bias_act(x, weight, bias, res, out, conv.stride, conv.padding, (1, 1), True, config=config)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+def test_real_layer_list_spans_the_architectures():
+    kernels = {layer[2] for layer in REAL_LAYERS}
+    assert len(REAL_LAYERS) >= 60 and {(11, 11), (7, 7), (5, 5), (3, 3), (1, 1)} <= kernels
+    assert any(layer[0] == 3 for layer in REAL_LAYERS) and any(layer[0] >= 1024 for layer in REAL_LAYERS)
+
+
+# ---------------------------------------------------------------- odd shapes, through the public op
+
+
+STEM = Conv(2, 3, 9, 11, 16, 7, 7, stride=2, padding=3)
+FLAT = Conv(2, 5, 7, 7, 7, 5, 5, padding=2)
+CHANNEL_BLOCKED = Conv(2, 96, 6, 5, 40, 3, 3, stride=2)
+ANISOTROPIC = Conv(1, 6, 6, 9, 5, 3, 5, stride=(2, 1), padding=(0, 2), dilation=(1, 2))
+ODD_SHAPES = [
+    STEM,  # C=3 stem, 7x7 stride 2, H != W
+    Conv(1, 3, 15, 19, 8, 11, 11, stride=4, padding=2),  # 11x11 stride 4
+    FLAT,  # 5x5, primes
+    Conv(1, 13, 11, 7, 17, 3, 3, padding=1),  # C and K primes, not tile multiples
+    Conv(3, 40, 5, 6, 33, 3, 3, stride=2, padding=1),  # C=40: the flat order, stride 2
+    Conv(2, 80, 4, 3, 19, 1, 1),  # C=80: channel-blocked, 1x1
+    Conv(1, 67, 5, 4, 21, 3, 3, padding=1),  # C=67: channel-blocked with a partial last block
+    CHANNEL_BLOCKED,  # stride 2, padding 0
+    Conv(1, 64, 1, 1, 24, 1, 1),  # 1x1 spatial
+    Conv(2, 32, 1, 1, 16, 3, 3, padding=1),  # 1x1 spatial, only the centre tap inside
+    Conv(1, 17, 3, 3, 4, 3, 3),  # a single output pixel
+    Conv(2, 16, 9, 8, 8, 3, 3, padding=2, dilation=2),  # dilation 2
+    ANISOTROPIC,  # different along H and W
+    Conv(1, 7, 5, 4, 9, 2, 2, padding=3),  # padding 3 > kernel - 1: whole rows of zeros
+    Conv(1, 11, 3, 5, 6, 1, 1, stride=2, padding=1),  # 1x1 with padding: border outputs are the bias
+    Conv(0, 8, 5, 5, 8, 3, 3, padding=1),  # batch 0
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", ODD_SHAPES, ids=conv_id)
+def test_odd_shape(conv, dtype):
+    check_conv2d(conv, dtype)
+
+
+EPILOGUES = {  # bias dtype ("input" = the input's), residual, relu
+    "plain": (None, False, False),
+    "bias": ("input", False, False),
+    "bias32": (torch.float32, False, False),
+    "relu": (None, False, True),
+    "residual": (None, True, False),
+    "bias-residual-relu": ("input", True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("conv", [FLAT, CHANNEL_BLOCKED], ids=["flat", "channel-blocked"])
+def test_epilogue(conv, epilogue, dtype):
+    bias_dtype, residual, relu = EPILOGUES[epilogue]
+    check_conv2d(conv, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual, relu=relu)
+
+
+@pytest.mark.parametrize("conv", [STEM, ANISOTROPIC], ids=["stem", "anisotropic"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_torch_backend_matches_reference(conv, relu):
+    check_conv2d(conv, torch.float32, relu=relu, backend="torch")
+
+
+def test_default_backend_on_cpu_is_torch():
+    conv = Conv(1, 4, 5, 5, 3, 3, 3, padding=1)
+    x, weight, bias, _ = make_inputs(conv, torch.float32)
+    assert_close_to_reference(ops.conv2d(x, weight, bias, padding=1), reference_conv2d(conv, x, weight, bias), "conv")
+
+
+# ---------------------------------------------------------------- every autotune config
+
+
+def config_problem(config, channels) -> Conv:
+    """A 3x3 conv with padding 1, two column tiles (the second partial) and a partial last row
+    tile. The flat order gets more row tiles than GROUP_M, so the grouped tile order wraps; the
+    channel-blocked order, whose steps cost more under the interpreter, two images of one row."""
+    block_m, block_n, group_m = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["GROUP_M"]
+    if use_flat_reduction(channels):
+        return Conv(1, channels, group_m + 1, block_m + 3, block_n + 5, 3, 3, padding=1)
+    return Conv(2, channels, 1, block_m - 7, block_n + 5, 3, 3, padding=1)
+
+
+# (name, channels, config): each Hopper config on the channel counts of its reduction order (72
+# channels leave the last block partial for every BLOCK_K), each interpreter config on all three.
+CONFIG_CASES = (
+    [(f"hopper-blocked{i}", channels, config) for i, config in enumerate(conv2d_configs(flat=False, interpreted=False))
+     for channels in (64, 72)]
+    + [(f"hopper-flat{i}", 5, config) for i, config in enumerate(conv2d_configs(flat=True, interpreted=False))]
+    + [(f"interpreter{i}", channels, config) for i, config in enumerate(conv2d_configs(flat=False, interpreted=True))
+       for channels in (5, 64, 72)]
+)
+
+
+@pytest.mark.parametrize("index", range(len(CONFIG_CASES)),
+                         ids=[f"{name}-c{channels}-{config_id(config)}" for name, channels, config in CONFIG_CASES])
+def test_autotune_config(index):
+    """Each config of every set, called directly (the tuner would pick only one), in one of the
+    three dtypes in turn."""
+    _, channels, config = CONFIG_CASES[index]
+    dtype = DTYPES[index % len(DTYPES)]
+    conv = config_problem(config, channels)
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    out = nan_output(conv.output_shape(), dtype)
+    conv2d_bias_act(x, weight, bias, res, out, (1, 1), (1, 1), (1, 1), True, config=config)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+# ---------------------------------------------------------------- layouts and out=
+
+
+def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """t's values (for "expanded": its first item broadcast) in another memory layout; the memory
+    around a view is NaN, so a read outside the view shows up."""
+    n, c, h, w = t.shape
+    if layout == "channels_last":
+        return t.contiguous(memory_format=CHANNELS_LAST)
+    if layout == "nchw":
+        return t.contiguous()
+    if layout == "channel_slice":  # channels_last storage, channels 1..c of c + 3
+        big = torch.full((n, c + 3, h, w), NAN, dtype=t.dtype).contiguous(memory_format=CHANNELS_LAST)
+        big[:, 1 : c + 1] = t
+        return big[:, 1 : c + 1]
+    if layout == "spatial_stride":  # every other pixel of an NCHW tensor
+        big = torch.full((n, c, 2 * h, 2 * w), NAN, dtype=t.dtype)
+        big[:, :, ::2, ::2] = t
+        return big[:, :, ::2, ::2]
+    if layout == "storage_offset":  # channels_last at an odd offset into its storage
+        flat = torch.full((t.numel() + 5,), NAN, dtype=t.dtype)
+        view = flat[5:].view(n, h, w, c).permute(0, 3, 1, 2)
+        view.copy_(t)
+        return view
+    if layout == "expanded":  # the first item broadcast along dim 0 (stride 0)
+        return t[:1].expand(n, c, h, w)
+    raise ValueError(layout)
+
+
+LAYOUTS = ("channels_last", "nchw", "channel_slice", "spatial_stride", "storage_offset", "expanded")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conv", [Conv(2, 5, 6, 7, 9, 3, 3, padding=1), Conv(3, 32, 4, 5, 12, 3, 3, stride=2, padding=1)],
+                         ids=["flat", "channel-blocked"])
+def test_layouts_give_the_same_result(conv, layout, dtype):
+    """x, weight and residual in `layout`, the bias strided: the result equals, bit for bit, that of
+    channels_last copies of the same values, and the reference."""
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x, weight, res = in_layout(x, layout), in_layout(weight, layout), in_layout(res, layout)
+    strided_bias = torch.full((2 * conv.k,), NAN)[::2]
+    strided_bias.copy_(bias)
+    out = run_conv2d(conv, x, weight, strided_bias, res, relu=True)
+    dense = [t.contiguous(memory_format=CHANNELS_LAST) for t in (x, weight, res)]
+    expected = run_conv2d(conv, dense[0], dense[1], bias, dense[2], relu=True)
+    assert torch.equal(out, expected)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_into_channel_slice(dtype, backend):
+    """out= a channel slice of a larger NaN-filled channels_last tensor: the slice is written in
+    full, the channels around it stay NaN."""
+    conv = Conv(2, 24, 5, 6, 10, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    n, k, p, q = conv.output_shape()
+    big = nan_output((n, k + 7, p, q), dtype)
+    out = big[:, 3 : 3 + k]
+    assert run_conv2d(conv, x, weight, bias, res, relu=True, backend=backend, out=out) is out
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+    assert big[:, :3].isnan().all() and big[:, 3 + k :].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("out_layout", ["nchw", "spatial_stride"])
+def test_out_with_other_strides(out_layout, backend):
+    conv = Conv(1, 6, 7, 5, 11, 3, 3, stride=2, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, _ = make_inputs(conv, torch.float32, residual=False)
+    out = in_layout(torch.full(conv.output_shape(), NAN), out_layout)
+    run_conv2d(conv, x, weight, bias, backend=backend, out=out)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias), "conv")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_batch_zero_with_out(backend):
+    conv = Conv(0, 8, 4, 4, 5, 3, 3, padding=1)
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    out = nan_output(conv.output_shape(), torch.float32)
+    assert run_conv2d(conv, x, weight, bias, res, backend=backend, out=out).shape == (0, 5, 4, 4)
+
+
+# ---------------------------------------------------------------- special values
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", [Conv(2, 3, 9, 8, 6, 3, 3, stride=2, padding=1, dilation=2),
+                                  Conv(1, 48, 7, 6, 5, 3, 3, padding=1)], ids=["flat", "channel-blocked"])
+def test_nan_and_inf_propagate_like_torch(conv, dtype):
+    """NaN and Inf in x reach exactly the outputs whose receptive field holds them, through the
+    ReLU (NaN stays NaN, -Inf becomes 0). With stride 2, padding 1 and dilation 2 only odd rows
+    and columns are ever read, so the NaN at (0, 0) must reach no output there."""
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x[0, 1, 0, 0] = NAN
+    x[-1, 2, 3, 5] = NAN
+    x[0, 0, 5, 1] = float("inf")
+    x[-1, 0, 1, 3] = float("-inf")
+    out = run_conv2d(conv, x, weight, bias, res, relu=True)
+    expected = reference_conv2d(conv, x, weight, bias, res, relu=True)
+    assert expected.isnan().any() and expected.isinf().any() and not expected.isnan().all()
+    assert_close_to_reference(out, expected, "conv")
+
+
+INTEGER_SHAPES = [  # C*R*S <= 252: every sum of products of values in [-1, 1], plus a bias and a
+    # residual in [-2, 2], is an integer below 256, exact in bfloat16 as well
+    Conv(2, 3, 9, 10, 8, 7, 7, stride=2, padding=3),
+    Conv(1, 5, 8, 7, 6, 5, 5, padding=2, dilation=2),
+    Conv(2, 16, 5, 6, 20, 3, 3, padding=1),
+    Conv(1, 80, 4, 5, 36, 1, 1),
+    Conv(1, 7, 4, 1, 3, 3, 1, padding=(1, 0)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", INTEGER_SHAPES, ids=conv_id)
+def test_integer_values_exact(conv, dtype):
+    torch.manual_seed(0)
+    x = torch.randint(-1, 2, (conv.n, conv.c, conv.h, conv.w)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randint(-1, 2, (conv.k, conv.c, conv.r, conv.s)).to(dtype)
+    bias = torch.randint(-2, 3, (conv.k,)).float()
+    res = torch.randint(-2, 3, conv.output_shape()).to(dtype)
+    out = run_conv2d(conv, x, weight, bias, res, relu=True)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv", exact=True)
+
+
+# ---------------------------------------------------------------- the Triton backend really runs
+
+
+def test_triton_backend_does_not_call_torch_conv(monkeypatch):
+    conv = Conv(1, 4, 5, 6, 3, 3, 3, padding=1)
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    expected = reference_conv2d(conv, x, weight, bias, res)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("PyTorch's convolution was called")
+
+    for module, name in [(F, "conv2d"), (torch, "conv2d"), (torch, "convolution")]:
+        monkeypatch.setattr(module, name, forbidden)
+    with pytest.raises(AssertionError, match="PyTorch's convolution was called"):  # the trap works
+        run_conv2d(conv, x, weight, bias, res, backend="torch")
+    assert_close_to_reference(run_conv2d(conv, x, weight, bias, res, backend="triton"), expected, "conv")
+
+
+# ---------------------------------------------------------------- torch.compile and FLOP counting
+
+
+class TinyConvNet(nn.Module):
+    """conv + bias + ReLU, then conv + residual, through cnnfast ops."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.register_buffer("weight1", torch.randn(6, 4, 3, 3) / 6)
+        self.register_buffer("bias1", torch.randn(6))
+        self.register_buffer("weight2", torch.randn(6, 6, 1, 1) / 3)
+
+    def forward(self, x):
+        y = ops.conv2d(x, self.weight1, self.bias1, padding=1, relu=True, backend=self.backend)
+        return ops.conv2d(y, self.weight2, residual=y, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_torch_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    model = TinyConvNet(backend)
+    x = torch.randn(2, 4, 5, 7)
+    compiled = torch.compile(model, fullgraph=True)
+    first = Conv(2, 4, 5, 7, 6, 3, 3, padding=1)
+    y = reference_conv2d(first, x, model.weight1, model.bias1, relu=True)
+    expected = reference_conv2d(Conv(2, 6, 5, 7, 6, 1, 1), y, model.weight2, residual=y)
+    assert_close_to_reference(compiled(x), expected, "conv")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("with_out", [False, True], ids=["functional", "out"])
+def test_flop_counter_counts_the_op(with_out, backend):
+    conv = Conv(2, 6, 9, 7, 5, 3, 3, stride=2, padding=1)
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    n, k, p, q = conv.output_shape()
+    out = nan_output(conv.output_shape(), torch.float32) if with_out else None
+    with FlopCounterMode(display=False) as counter:
+        run_conv2d(conv, x, weight, bias, res, relu=True, backend=backend, out=out)
+    assert counter.get_total_flops() == 2 * n * k * p * q * conv.c * conv.r * conv.s
+
+
+# ---------------------------------------------------------------- the bad-input contract
+
+
+def valid_args():
+    """Arguments that work: x (1, 4, 5, 5), weight (6, 4, 3, 3), padding 1 -> out (1, 6, 5, 5)."""
+    return dict(x=torch.randn(1, 4, 5, 5), weight=torch.randn(6, 4, 3, 3), bias=torch.randn(6), padding=1)
+
+
+BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
+    "input-rank": (dict(x=torch.randn(4, 5, 5)), ValueError, r"4-D \(N, C, H, W\) input, got 3-D"),
+    "weight-rank": (dict(weight=torch.randn(6, 4, 3)), ValueError, r"4-D \(K, C, R, S\) weight, got 3-D"),
+    "channels": (dict(weight=torch.randn(6, 3, 3, 3)), ValueError, "input has 4 channels"),
+    "kernel-too-large": (dict(x=torch.randn(1, 4, 2, 2), padding=0), ValueError, "larger than the padded input"),
+    "dilated-too-large": (dict(dilation=4), ValueError, r"dilated extent 9x9\) is larger than the padded input 7x7"),
+    "int-input": (dict(x=torch.ones(1, 4, 5, 5, dtype=torch.int32)), TypeError, "x has dtype torch.int32"),
+    "bool-weight": (dict(weight=torch.ones(6, 4, 3, 3, dtype=torch.bool)), TypeError, "weight has dtype torch.bool"),
+    "complex-input": (dict(x=torch.ones(1, 4, 5, 5, dtype=torch.complex64)), TypeError, "dtype torch.complex64"),
+    "float64-input": (dict(x=torch.ones(1, 4, 5, 5, dtype=torch.float64)), TypeError, "dtype torch.float64"),
+    "not-a-tensor": (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    "dtypes-differ": (dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float16)), TypeError,
+                      "input dtype torch.float32 and weight dtype torch.float16 differ"),
+    "devices-differ": (dict(weight=torch.randn(6, 4, 3, 3, device="meta")), RuntimeError,
+                       "one device, got x on cpu, weight on meta"),
+    "bias-length": (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\), got \(5,\)"),
+    "bias-rank": (dict(bias=torch.randn(6, 1)), ValueError, r"bias must have shape \(6,\)"),
+    "bias-dtype": (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias dtype torch.float16"),
+    "residual-shape": (dict(residual=torch.randn(1, 6, 4, 5)), ValueError,
+                       r"residual must have the output's shape \(1, 6, 5, 5\), got \(1, 6, 4, 5\)"),
+    "residual-dtype": (dict(residual=torch.randn(1, 6, 5, 5, dtype=torch.bfloat16)), TypeError,
+                       "residual dtype torch.bfloat16 differs"),
+    "out-shape": (dict(out=torch.empty(1, 6, 5, 4)), ValueError, r"out must have the output's shape"),
+    "out-dtype": (dict(out=torch.empty(1, 6, 5, 5, dtype=torch.float16)), TypeError, "out dtype torch.float16"),
+    "stride-zero": (dict(stride=0), ValueError, "stride must be >= 1"),
+    "stride-negative": (dict(stride=(1, -2)), ValueError, "stride must be >= 1"),
+    "stride-triple": (dict(stride=(1, 1, 1)), TypeError, "stride must be an int or a pair of ints"),
+    "dilation-zero": (dict(dilation=(0, 1)), ValueError, "dilation must be >= 1"),
+    "padding-negative": (dict(padding=-1), ValueError, "padding must be >= 0"),
+    "groups-not-dividing": (dict(groups=3), ValueError, "groups=3 must divide the input channels 4"),
+    "groups-zero": (dict(groups=0), ValueError, "groups must be a positive int"),
+    "unknown-backend": (dict(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input(name, backend):
+    changes, error, match = BAD_INPUTS[name]
+    args = valid_args() | {"backend": backend} | changes
+    with pytest.raises(error, match=match):
+        ops.conv2d(args.pop("x"), args.pop("weight"), **args)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("victim", ["x", "residual"])
+def test_out_overlapping_an_input(victim, backend):
+    x = torch.randn(1, 6, 5, 5)
+    residual = torch.randn(1, 6, 5, 5)
+    out = {"x": x, "residual": residual}[victim]
+    with pytest.raises(ValueError, match=f"out overlaps {victim}"):
+        ops.conv2d(x, torch.randn(6, 6, 3, 3), padding=1, residual=residual, out=out, backend=backend)
+    with pytest.raises(ValueError, match="out overlaps x"):  # a view into the input's storage
+        ops.conv2d(x, torch.randn(3, 6, 3, 3), padding=1, out=x[:, 2:5], backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_expanded_out_rejected(backend):
+    out = torch.empty(1, 6, 1, 5).expand(1, 6, 5, 5)
+    with pytest.raises(ValueError, match="out has stride 0"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), padding=1, out=out, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "residual"])
+def test_requires_grad_rejected(name, backend):
+    args = valid_args() | {"residual": torch.randn(1, 6, 5, 5)}
+    args[name].requires_grad_(True)
+    call = lambda: ops.conv2d(args["x"], args["weight"], args["bias"], padding=1, residual=args["residual"],
+                              backend=backend)
+    with pytest.raises(RuntimeError, match=f"{name} requires grad"):
+        call()
+    with torch.no_grad():  # no autograd, no complaint
+        call()
+
+
+def test_groups_on_triton_not_implemented():
+    with pytest.raises(NotImplementedError, match="backend 'triton' supports groups=1 only, got groups=2"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, backend="triton")
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_groups_on_torch_match_reference(groups):
+    conv = Conv(2, 8, 5, 6, 12, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6)
+    weight = torch.randn(12, 8 // groups, 3, 3)
+    bias, res = torch.randn(12), torch.randn(2, 12, 5, 6)
+    out = ops.conv2d(x, weight, bias, padding=1, groups=groups, residual=res, relu=True, backend="torch")
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True, groups=groups), "conv")
+
+
+def test_cuda_backend_has_no_conv():
+    with pytest.raises((NotImplementedError, RuntimeError), match="backend 'cuda'"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), backend="cuda")
+
+
+def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors, got a tensor on cpu"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), backend="triton")

@@ -1,0 +1,93 @@
+"""conv2d on a GPU: every distinct conv layer of every architecture, at its real size, against float64.
+
+Weights are scaled by 1/sqrt(fan_in) as in a trained network, so outputs are O(1) and the
+tolerance table applies as written (TF32 included) whatever the reduction length.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnfast import ops
+from cnnfast.analysis import analyze_arch, conv_problems
+from cnnfast.models import ARCHITECTURES
+from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels.conv2d import config_fits, conv2d_bias_act, conv2d_configs, use_flat_reduction
+
+pytestmark = pytest.mark.gpu
+
+
+def all_conv_problems():
+    seen = {}
+    for arch in ARCHITECTURES:
+        for problem, layers in conv_problems(analyze_arch(arch)).items():
+            seen.setdefault(problem, f"{arch}.{layers[0]}")
+    return seen
+
+
+PROBLEMS = all_conv_problems()
+
+
+def make_problem(problem, batch, dtype):
+    """x, w (scaled by 1/sqrt(fan_in)), float32 bias, residual, and a NaN-filled output."""
+    x = torch.randn(batch, problem.C, problem.H, problem.W, device="cuda").to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = problem.C * problem.R * problem.S
+    w = (torch.randn(problem.K, problem.C, problem.R, problem.S, device="cuda") / fan_in**0.5).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(problem.K, device="cuda")
+    p = (problem.H + 2 * problem.padding[0] - problem.R) // problem.stride[0] + 1
+    q = (problem.W + 2 * problem.padding[1] - problem.S) // problem.stride[1] + 1
+    res = torch.randn(batch, problem.K, p, q, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, w, b, res, torch.full_like(res, float("nan"))
+
+
+def reference_conv2d(x, w, b, residual, stride, padding):
+    y = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
+    if residual is not None:
+        y = y + residual.double()
+    return torch.relu(y)
+
+
+def tolerance_kind(dtype):
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "conv"
+
+
+# Every layer in bfloat16, every fourth in float16 and float32. Each case runs one config of the
+# autotuning set (of those whose pipeline fits in shared memory at that dtype), in rotation, so
+# every config runs on real layers without tuning each case.
+CASES = [
+    pytest.param(problem, dtype, i, id=f"{name}-{str(dtype)[6:]}")
+    for i, (problem, name) in enumerate(PROBLEMS.items())
+    for dtype in ([torch.bfloat16] + ([torch.float16, torch.float32] if i % 4 == 0 else []))
+]
+
+
+@pytest.mark.parametrize("problem, dtype, config_index", CASES)
+def test_triton_every_layer(problem, dtype, config_index):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    configs = conv2d_configs(flat=use_flat_reduction(problem.C))
+    fitting = [config for config in configs if config_fits(config, dtype, x.device)]
+    config = fitting[config_index % len(fitting)]
+    conv2d_bias_act(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)
+    assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
+
+
+@pytest.mark.parametrize("arch", ["resnet18"])
+def test_autotuned_op_on_real_layers(arch):
+    # Through the public op, autotuning included, at batch 8.
+    for problem in conv_problems(analyze_arch(arch)):
+        x, w, b, res, out = make_problem(problem, 8, torch.bfloat16)
+        y = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True, backend="triton")
+        assert_close_to_reference(y, reference_conv2d(x, w, b, None, problem.stride, problem.padding), "conv")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_error_no_worse_than_cudnn_at_batch_8(dtype):
+    # ResNet-50's layer3 3x3 conv at batch 8: our error against float64 is at most twice cuDNN's.
+    problem = next(p for p in PROBLEMS if (p.C, p.K, p.R, p.H) == (256, 256, 3, 14))
+    x, w, b, _, _ = make_problem(problem, 8, dtype)
+    ref = reference_conv2d(x, w, b, None, problem.stride, problem.padding)
+    ours = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True, backend="triton")
+    cudnn = torch.relu(F.conv2d(x, w, b.to(dtype), problem.stride, problem.padding))
+    assert (ours.double() - ref).abs().max() <= 2 * (cudnn.double() - ref).abs().max()

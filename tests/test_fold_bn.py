@@ -1,0 +1,139 @@
+"""fold_bn: folding an eval-mode BatchNorm into the conv before it, against nn.BatchNorm2d in float64."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnfast import backends, ops
+from cnnfast.testing import assert_close_to_reference
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+K, C = 8, 5
+
+
+def make_conv_bn(dtype, *, conv_bias=True, affine=True, running_var=None, gamma=None, mean_minus_bias=None):
+    """A conv weight (and bias) in `dtype` and an eval-mode float32 BatchNorm with random statistics."""
+    weight = (torch.randn(K, C, 3, 3) / math.sqrt(9 * C)).to(dtype)
+    bias = torch.randn(K).to(dtype) if conv_bias else None
+    bn = nn.BatchNorm2d(K, affine=affine).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(K) if mean_minus_bias is None else bias.float() + mean_minus_bias)
+        bn.running_var.copy_(torch.rand(K) + 0.5 if running_var is None else running_var)
+        if affine:
+            bn.weight.copy_(torch.randn(K) if gamma is None else gamma)
+            bn.bias.copy_(torch.randn(K))
+    return weight, bias, bn
+
+
+def reference_fold(weight, bias, bn):
+    """The folded weight and bias in float64: w * gamma / sqrt(var + eps), beta + (b - mean) * gamma / sqrt(var + eps)."""
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    shift = torch.zeros_like(scale)
+    if bn.affine:
+        scale, shift = scale * bn.weight.double(), bn.bias.double()
+    conv_bias = torch.zeros_like(scale) if bias is None else bias.double()
+    return weight.double() * scale.view(-1, 1, 1, 1), shift + (conv_bias - bn.running_mean.double()) * scale
+
+
+def reference_conv_bn(x, weight, bias, bn):
+    """bn(conv(x)) with the module itself, in float64."""
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
+    return copy.deepcopy(bn).double()(y)
+
+
+@pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["conv-bias", "no-conv-bias"])
+def test_matches_eval_batchnorm(conv_bias, affine, dtype):
+    """conv2d(x, folded weight, folded bias) == bn(conv2d(x, weight, bias)), the folded conv run by
+    the Triton kernel in `dtype` with the float32 bias, as the fused modules run it."""
+    torch.manual_seed(0)
+    weight, bias, bn = make_conv_bn(dtype, conv_bias=conv_bias, affine=affine)
+    folded_weight, folded_bias = ops.fold_bn(weight, bias, bn)
+    assert folded_weight.dtype == dtype and folded_weight.shape == weight.shape
+    assert folded_bias.dtype == torch.float32 and folded_bias.shape == (K,)
+    x = torch.randn(2, C, 6, 7).to(dtype)
+    out = ops.conv2d(x, folded_weight, folded_bias, padding=1, backend="triton")
+    assert_close_to_reference(out, reference_conv_bn(x, weight, bias, bn), "conv")
+
+
+EXTREMES = {  # name: (running_var, gamma); gamma "huge" is as large as the dtype holds after scaling
+    "var-zero": (0.0, None),
+    "var-tiny": (1e-30, None),
+    "var-huge": (1e30, None),
+    "gamma-huge": (1.0, "huge"),
+    "var-zero-gamma-huge": (0.0, "huge"),
+}
+# float16: the folded weight must stay below 65504, and var 0 scales it by 1/sqrt(eps) = 316.
+HUGE_GAMMA = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 100.0}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("extreme", EXTREMES)
+def test_extreme_statistics_stay_finite(extreme, dtype):
+    torch.manual_seed(0)
+    running_var, gamma = EXTREMES[extreme]
+    gamma = HUGE_GAMMA[dtype] * (1 + torch.rand(K)) if gamma == "huge" else None
+    weight, bias, bn = make_conv_bn(dtype, running_var=torch.full((K,), running_var), gamma=gamma)
+    folded_weight, folded_bias = ops.fold_bn(weight, bias, bn)
+    assert folded_weight.isfinite().all() and folded_bias.isfinite().all()
+    expected_weight, expected_bias = reference_fold(weight, bias, bn)
+    assert_close_to_reference(folded_weight, expected_weight, "elementwise")
+    assert_close_to_reference(folded_bias, expected_bias, "elementwise")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_running_mean_close_to_conv_bias(dtype):
+    """A conv bias followed by a BN: the running mean tracks the bias, so b - mean cancels. Taken
+    first (as the formula has it), the difference is exact and the folded bias keeps float32 accuracy."""
+    torch.manual_seed(0)
+    weight, bias, bn = make_conv_bn(dtype, gamma=HUGE_GAMMA[dtype] * (1 + torch.rand(K)),
+                                    mean_minus_bias=1e-3 * torch.randn(K))
+    folded_weight, folded_bias = ops.fold_bn(weight, bias, bn)
+    expected_weight, expected_bias = reference_fold(weight, bias, bn)
+    assert_close_to_reference(folded_weight, expected_weight, "elementwise")
+    assert_close_to_reference(folded_bias, expected_bias, "elementwise")
+
+
+def test_inputs_left_unchanged_and_no_grad():
+    conv, bn = nn.Conv2d(C, K, 3), nn.BatchNorm2d(K).eval()
+    before = [t.clone() for t in (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+    folded_weight, folded_bias = ops.fold_bn(conv.weight, conv.bias, bn)
+    after = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not folded_weight.requires_grad and not folded_bias.requires_grad
+
+
+def test_refuses_training_mode():
+    weight, bias, bn = make_conv_bn(torch.float32)
+    with pytest.raises(RuntimeError, match="training mode; call .eval"):
+        ops.fold_bn(weight, bias, bn.train())
+
+
+def test_refuses_batchnorm_without_running_statistics():
+    weight, bias, _ = make_conv_bn(torch.float32)
+    bn = nn.BatchNorm2d(K, track_running_stats=False).eval()
+    with pytest.raises(RuntimeError, match="no running statistics"):
+        ops.fold_bn(weight, bias, bn)
+
+
+def test_refuses_wrong_num_features():
+    weight, bias, _ = make_conv_bn(torch.float32)
+    with pytest.raises(ValueError, match=f"BatchNorm has {K - 1} features, the convolution {K} output channels"):
+        ops.fold_bn(weight, bias, nn.BatchNorm2d(K - 1).eval())
+
+
+def test_refuses_wrong_conv_bias_length():
+    weight, _, bn = make_conv_bn(torch.float32)
+    with pytest.raises(ValueError, match=rf"conv bias must have shape \({K},\), got \({K + 1},\)"):
+        ops.fold_bn(weight, torch.zeros(K + 1), bn)
+
+
+def test_refuses_other_modules():
+    weight, bias, _ = make_conv_bn(torch.float32)
+    with pytest.raises(TypeError, match="expected a BatchNorm2d, got BatchNorm1d"):
+        ops.fold_bn(weight, bias, nn.BatchNorm1d(K).eval())
