@@ -35,7 +35,10 @@ step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-i
 step gpu-tests 170 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 
 step benchmarks 170 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/benchmarks.json"
+  --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks.json"
+
+step model-benchmarks 150 "$PYTHON" -m pytest bench/bench_models.py --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/benchmarks_models.json"
 
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck initcheck; do

@@ -2,7 +2,7 @@
 
     python bench/readme_results.py [README.md]
 
-Reads every bench/results/*/benchmarks.json (with its env.json) and rewrites the text between
+Reads every bench/results/*/benchmarks*.json (with its env.json) and rewrites the text between
 the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per run, the hardware,
 software and date, then per benchmark and backend the median over cases of the speedup against
 the baseline, and the range. Nothing in that section is typed by hand.
@@ -19,7 +19,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def run_section(folder: Path) -> list[str]:
     env = json.loads((folder / "env.json").read_text())
-    data = json.loads((folder / "benchmarks.json").read_text())
+    benchmarks = [b for path in sorted(folder.glob("benchmarks*.json")) for b in json.loads(path.read_text())["benchmarks"]]
     lines = [
         f"**{folder.name}**: {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
         f"CUDA {env.get('cuda')}, {env.get('date', '')[:10]}, commit {env.get('commit')}. "
@@ -29,7 +29,7 @@ def run_section(folder: Path) -> list[str]:
         "| --- | --- | --- | ---: | --- | --- | ---: | ---: |",
     ]
     groups = defaultdict(list)
-    for bench in data["benchmarks"]:
+    for bench in benchmarks:
         info = bench["extra_info"]
         if "ms" not in info:  # CPU smoke cases
             continue

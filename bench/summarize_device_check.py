@@ -35,14 +35,14 @@ def fmt(value, spec):
 
 def benchmark_table(out: Path) -> list[str]:
     """One row per GPU benchmark case; blank cells where a figure does not apply."""
-    data = read_json(out / "benchmarks.json")
-    if not data:
+    runs = [read_json(path) for path in sorted(out.glob("benchmarks*.json"))]
+    if not runs:
         return ["benchmarks: no result file"]
     lines = [
         "| case | ms | TFLOP/s | GB/s | % copy BW | speedup | over |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for bench in data["benchmarks"]:
+    for bench in (bench for data in runs for bench in data["benchmarks"]):
         info = bench["extra_info"]
         if "ms" not in info:  # CPU smoke cases
             continue

@@ -7,14 +7,18 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("analysis", "models", "ops")
+_SUBMODULES = ("analysis", "models", "nn", "ops")
 
 
 def __getattr__(name):
+    if name == "optimize":
+        from cnnfast.convert import optimize
+
+        return optimize
     if name in _SUBMODULES:
         return importlib.import_module(f"cnnfast.{name}")
     raise AttributeError(f"module 'cnnfast' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES))
+    return sorted([*globals(), *_SUBMODULES, "optimize"])

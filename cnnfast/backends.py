@@ -42,9 +42,11 @@ def resolve_backend(op: str, x: torch.Tensor, backend):
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend == "cuda" and op not in cuda_extension().build_info()["ops"]:
+        raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
+    if x.device.type == "meta":  # shapes only (cnnfast.analysis): the op's fake implementation runs
+        return backend
     if backend == "cuda":
-        if op not in cuda_extension().build_info()["ops"]:
-            raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
         if x.device.type != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
     if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:

@@ -1,65 +1,88 @@
 """Builders for the classic CNNs, with torchvision's state_dict keys.
 
-Every builder takes ``(num_classes=1000, **kwargs)`` and returns an untrained plain PyTorch
-model; the keyword arguments go to the underlying constructor. All of them can be called under
-``with torch.device("meta"):`` to get a model without memory, for shape and FLOP analysis.
+Every builder takes ``(num_classes=1000, *, fused=False, **kwargs)`` and returns an untrained
+plain PyTorch model; the keyword arguments go to the underlying constructor. ``fused=True``
+returns it in eval mode, optimized by ``cnnfast.optimize`` (BatchNorm folded, blocks fused).
+All of them can be called under ``with torch.device("meta"):`` to get a model without memory,
+for shape and FLOP analysis.
 """
 from torch import nn
 from torchvision import models as tv
 
+from cnnfast.models.preact import PreActResNet
+from cnnfast.models.preact import preact_resnet18 as _preact_resnet18
+from cnnfast.models.preact import preact_resnet34 as _preact_resnet34
 from cnnfast.models.zfnet import ZFNet
 
 
-def alexnet(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.alexnet(weights=None, num_classes=num_classes, **kwargs)
+def _finish(model: nn.Module, fused: bool) -> nn.Module:
+    if not fused:
+        return model
+    from cnnfast.convert import optimize
+
+    return optimize(model.eval(), inplace=True)
 
 
-def zfnet(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return ZFNet(num_classes=num_classes, **kwargs)
+def alexnet(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.alexnet(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def vgg16(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.vgg16(weights=None, num_classes=num_classes, **kwargs)
+def zfnet(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(ZFNet(num_classes=num_classes, **kwargs), fused)
 
 
-def vgg19(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.vgg19(weights=None, num_classes=num_classes, **kwargs)
+def vgg16(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.vgg16(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def vgg16_bn(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.vgg16_bn(weights=None, num_classes=num_classes, **kwargs)
+def vgg19(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.vgg19(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def vgg19_bn(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.vgg19_bn(weights=None, num_classes=num_classes, **kwargs)
+def vgg16_bn(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.vgg16_bn(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def googlenet(num_classes: int = 1000, **kwargs) -> nn.Module:
+def vgg19_bn(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.vgg19_bn(weights=None, num_classes=num_classes, **kwargs), fused)
+
+
+def googlenet(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
     """GoogLeNet's inference path: no auxiliary classifiers, no input transform."""
     kwargs.setdefault("aux_logits", False)
     kwargs.setdefault("init_weights", False)
     kwargs.setdefault("transform_input", False)
-    return tv.googlenet(weights=None, num_classes=num_classes, **kwargs)
+    return _finish(tv.googlenet(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def resnet18(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.resnet18(weights=None, num_classes=num_classes, **kwargs)
+def resnet18(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.resnet18(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def resnet34(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.resnet34(weights=None, num_classes=num_classes, **kwargs)
+def resnet34(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.resnet34(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def resnet50(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.resnet50(weights=None, num_classes=num_classes, **kwargs)
+def resnet50(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.resnet50(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def resnet101(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.resnet101(weights=None, num_classes=num_classes, **kwargs)
+def resnet101(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.resnet101(weights=None, num_classes=num_classes, **kwargs), fused)
 
 
-def resnet152(num_classes: int = 1000, **kwargs) -> nn.Module:
-    return tv.resnet152(weights=None, num_classes=num_classes, **kwargs)
+def resnet152(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
+    return _finish(tv.resnet152(weights=None, num_classes=num_classes, **kwargs), fused)
+
+
+def preact_resnet18(num_classes: int = 1000, *, fused: bool = False) -> nn.Module:
+    """Pre-activation ResNet-18 (cnnfast.models.preact)."""
+    return _finish(_preact_resnet18(num_classes), fused)
+
+
+def preact_resnet34(num_classes: int = 1000, *, fused: bool = False) -> nn.Module:
+    """Pre-activation ResNet-34 (cnnfast.models.preact)."""
+    return _finish(_preact_resnet34(num_classes), fused)
 
 
 ARCHITECTURES = {
@@ -89,4 +112,7 @@ def get_model(name: str, **kwargs) -> nn.Module:
     return ARCHITECTURES[name](**kwargs)
 
 
-__all__ = ["ARCHITECTURES", "DEFAULT_INPUT_SIZE", "ZFNet", "get_model", *ARCHITECTURES]
+__all__ = [
+    "ARCHITECTURES", "DEFAULT_INPUT_SIZE", "PreActResNet", "ZFNet", "get_model", "preact_resnet18", "preact_resnet34",
+    *ARCHITECTURES,
+]

@@ -1,0 +1,140 @@
+"""Fused residual blocks and the Inception module.
+
+Each keeps the attribute names of the block it replaces (conv1, conv2, conv3, downsample,
+branch1..branch4), so a layer is found under the same name before and after fusion.
+"""
+import torch
+from torch import nn
+
+from cnnfast.nn.conv import ConvBNReLU, check_foldable
+
+
+def _fuser(name, dtype, backend):
+    """fuse(conv, bn, relu, part): the ConvBNReLU of block `name`'s part `part`."""
+
+    def fuse(conv, bn, relu, part):
+        return ConvBNReLU.from_modules(conv, bn, relu, dtype=dtype, backend=backend, name=f"{name}.{part}")
+
+    return fuse
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34's block: conv1 (+BN+ReLU), then conv2 whose epilogue adds the shortcut and applies the ReLU."""
+
+    def __init__(self, conv1: ConvBNReLU, conv2: ConvBNReLU, downsample: ConvBNReLU | None):
+        super().__init__()
+        self.conv1, self.conv2, self.downsample = conv1, conv2, downsample
+
+    @classmethod
+    def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
+        fuse = _fuser(name, dtype, backend)
+        return cls(fuse(block.conv1, block.bn1, True, "conv1"), fuse(block.conv2, block.bn2, True, "conv2"),
+                   _downsample(block.downsample, fuse))
+
+    def forward(self, x):
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        return self.conv2(self.conv1(x), residual=shortcut)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50/101/152's block: 1x1 reduce, 3x3, 1x1 expand whose epilogue adds the shortcut and applies the ReLU."""
+
+    def __init__(self, conv1: ConvBNReLU, conv2: ConvBNReLU, conv3: ConvBNReLU, downsample: ConvBNReLU | None):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3, self.downsample = conv1, conv2, conv3, downsample
+
+    @classmethod
+    def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
+        fuse = _fuser(name, dtype, backend)
+        return cls(fuse(block.conv1, block.bn1, True, "conv1"), fuse(block.conv2, block.bn2, True, "conv2"),
+                   fuse(block.conv3, block.bn3, True, "conv3"), _downsample(block.downsample, fuse))
+
+    def forward(self, x):
+        shortcut = self.downsample(x) if self.downsample is not None else x
+        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
+
+
+def _downsample(downsample, fuse):
+    """torchvision's projection shortcut, Sequential(conv 1x1, BatchNorm), as one fused conv without ReLU."""
+    if downsample is None:
+        return None
+    conv, bn = downsample
+    return fuse(conv, bn, False, "downsample")
+
+
+class BatchNormReLU(nn.Module):
+    """relu(bn(x)) of an eval-mode BatchNorm as one multiply-add and a ReLU: the pre-activation
+    that cannot ride in a conv epilogue because the block's input is also its shortcut."""
+
+    def __init__(self, bn: nn.BatchNorm2d, *, dtype=None, name="bn"):
+        super().__init__()
+        check_foldable(bn, name)
+        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:  # affine=False has no gamma and beta
+            scale = scale * bn.weight.detach().float()
+        shift = -bn.running_mean.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().float()
+        dtype = dtype or bn.running_var.dtype
+        self.register_buffer("scale", scale.to(dtype).view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return torch.relu(torch.addcmul(self.shift, x, self.scale))
+
+
+class PreActBasicBlock(nn.Module):
+    """Pre-activation block: BN1+ReLU, then conv1 with BN2 folded in and the ReLU in its epilogue,
+    then conv2 whose epilogue adds the shortcut (no ReLU after the sum)."""
+
+    def __init__(self, pre: BatchNormReLU, conv1: ConvBNReLU, conv2: ConvBNReLU, downsample: ConvBNReLU | None):
+        super().__init__()
+        self.pre, self.conv1, self.conv2, self.downsample = pre, conv1, conv2, downsample
+
+    @classmethod
+    def from_module(cls, block, *, dtype=None, backend=None, name="block"):
+        fuse = _fuser(name, dtype, backend)
+        downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
+        return cls(BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1"), fuse(block.conv1, block.bn2, True, "conv1"),
+                   fuse(block.conv2, None, False, "conv2"), downsample)
+
+    def forward(self, x):
+        pre = self.pre(x)
+        shortcut = self.downsample(pre) if self.downsample is not None else x
+        return self.conv2(self.conv1(pre), residual=shortcut)
+
+
+class Inception(nn.Module):
+    """GoogLeNet's Inception module: the four branches write straight into channel slices of one
+    channels_last output, so there is no torch.cat copy."""
+
+    def __init__(self, branch1: ConvBNReLU, branch2: nn.Sequential, branch3: nn.Sequential, branch4: nn.Sequential):
+        super().__init__()
+        self.branch1, self.branch2, self.branch3, self.branch4 = branch1, branch2, branch3, branch4
+        widths = [branch1.out_channels, branch2[-1].out_channels, branch3[-1].out_channels, branch4[-1].out_channels]
+        self.out_channels = sum(widths)
+        self.channel_ranges = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(4)]
+
+    @classmethod
+    def from_torchvision(cls, module, *, dtype=None, backend=None, name="inception"):
+        fuse = _fuser(name, dtype, backend)
+
+        def basic(basic_conv, part):  # torchvision's BasicConv2d: conv -> BN -> ReLU
+            return fuse(basic_conv.conv, basic_conv.bn, True, part)
+
+        return cls(
+            basic(module.branch1, "branch1"),
+            nn.Sequential(basic(module.branch2[0], "branch2.0"), basic(module.branch2[1], "branch2.1")),
+            nn.Sequential(basic(module.branch3[0], "branch3.0"), basic(module.branch3[1], "branch3.1")),
+            nn.Sequential(module.branch4[0], basic(module.branch4[1], "branch4.1")),
+        )
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        slices = [out[:, start:stop] for start, stop in self.channel_ranges]
+        self.branch1(x, out=slices[0])
+        self.branch2[1](self.branch2[0](x), out=slices[1])
+        self.branch3[1](self.branch3[0](x), out=slices[2])
+        self.branch4[1](self.branch4[0](x), out=slices[3])
+        return out

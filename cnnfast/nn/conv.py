@@ -1,0 +1,117 @@
+"""Fused convolution and linear layers: one cnnfast.ops.conv2d call each.
+
+They subclass nn.Conv2d and nn.Linear, so they print, count (cnnfast.analysis) and move between
+devices like PyTorch's own. The weights are inference constants (requires_grad=False); the bias
+is the folded BatchNorm shift, kept in float32 whatever the weight's dtype.
+"""
+import torch
+from torch import nn
+
+from cnnfast import ops
+
+
+def check_foldable(bn: nn.BatchNorm2d, where: str) -> None:
+    if bn.training:
+        raise RuntimeError(f"{where}: BatchNorm is in training mode; call model.eval() before fusing")
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError(f"{where}: BatchNorm has no running statistics (track_running_stats=False); it cannot be folded")
+
+
+def unsupported_reason(conv: nn.Conv2d) -> str | None:
+    """Why ConvBNReLU cannot take this convolution, or None when it can."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "only groups=1 convolutions with numeric zero padding are fused"
+    return None
+
+
+def _constant(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach(), requires_grad=False)
+
+
+class ConvBNReLU(nn.Conv2d):
+    """relu?(conv(x) + bias + residual) with a BatchNorm folded into weight and bias."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, *,
+                 relu=False, bn_folded=False, backend=None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=True,
+                         device=device, dtype=dtype)
+        self.relu = relu
+        self.bn_folded = bn_folded
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn=None, relu=None, *, dtype=None, backend=None, name="conv"):
+        """Fuses conv -> [bn] -> [relu]; BN is folded once, in float32. relu: a ReLU module, or a bool."""
+        reason = unsupported_reason(conv)
+        if reason is not None:
+            raise NotImplementedError(f"{name}: {reason}")
+        if bn is not None:
+            check_foldable(bn, name)
+            weight, bias = ops.fold_bn(conv.weight, conv.bias, bn)
+        else:
+            weight = conv.weight.detach()
+            bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    relu=bool(relu), bn_folded=bn is not None, backend=backend, device="meta")
+        dtype = dtype or weight.dtype
+        fused.weight = _constant(weight.to(dtype).contiguous(memory_format=torch.channels_last))
+        fused.bias = _constant(bias.float())
+        return fused
+
+    def forward(self, x, residual=None, out=None):
+        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                          residual=residual, relu=self.relu, out=out, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bn_folded={self.bn_folded}, relu={self.relu}"
+
+
+def _take_linear(fused: nn.Linear, linear: nn.Linear, dtype) -> nn.Linear:
+    """Gives `fused` the weight of `linear` in `dtype` and its bias (or zeros) in float32."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, device=weight.device)
+    fused.weight = _constant(weight.to(dtype or weight.dtype))
+    fused.bias = _constant(bias.float())
+    return fused
+
+
+class LinearReLU(nn.Linear):
+    """relu?(x @ weight.T + bias) as a 1x1 convolution over a 1x1 map: the bias and ReLU ride in
+    the epilogue of the same GEMM."""
+
+    def __init__(self, in_features, out_features, *, relu=False, backend=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
+        self.relu = relu
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None):
+        fused = cls(linear.in_features, linear.out_features, relu=bool(relu), backend=backend, device="meta")
+        return _take_linear(fused, linear, dtype)
+
+    def forward(self, x):
+        # Any leading dimensions, as nn.Linear takes them: a Linear fused inside an nn.Sequential may see (N, T, C).
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"LinearReLU expects (..., {self.in_features}) input, got shape {tuple(x.shape)}")
+        y = ops.conv2d(x.reshape(-1, self.in_features)[:, :, None, None], self.weight[:, :, None, None], self.bias,
+                       relu=self.relu, backend=self.backend)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}"
+
+
+class GlobalAvgPoolLinear(nn.Linear):
+    """Global average pooling + flatten + linear in one kernel: (N, C, H, W) -> (N, out_features)."""
+
+    def __init__(self, in_features, out_features, *, backend=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
+        self.backend = backend
+
+    @classmethod
+    def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None):
+        fused = cls(linear.in_features, linear.out_features, backend=backend, device="meta")
+        return _take_linear(fused, linear, dtype)
+
+    def forward(self, x):
+        return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)

@@ -1,0 +1,224 @@
+"""cnnfast.nn: each fused module against the unfused PyTorch modules it replaces (run in float64
+as the reference), with the torch backend and Triton (under the interpreter on a CPU).
+
+Also home of `randomize_bn`, which tests/test_optimize.py shares."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.googlenet import Inception as TvInception
+from torchvision.models.resnet import BasicBlock as TvBasicBlock
+from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+from cnnfast.models import preact
+from cnnfast.nn import (
+    BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
+)
+from cnnfast.testing import assert_close_to_reference
+from tests.test_global_avg_pool import CPU_BACKENDS, TRITON_GPU
+
+BACKENDS = CPU_BACKENDS + [TRITON_GPU]
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """`model` in eval mode, with every BatchNorm's running statistics and affine parameters drawn at
+    random (after initialisation they are 0, 1, 1, 0, and folding them would change nothing). gamma
+    stays below 1: with gamma around 1 the residual stream of ResNet-152 grows to 1e8."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda t, low, high: t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                draw(bn.running_mean, -0.5, 0.5)
+                draw(bn.running_var, 0.5, 2.0)
+                if bn.affine:
+                    draw(bn.weight, 0.25, 0.75)
+                    draw(bn.bias, -0.5, 0.5)
+    return model.eval()
+
+
+def reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """The unfused module's output in float64 on the CPU."""
+    return copy.deepcopy(module).double()(*(x.double().cpu() for x in inputs))
+
+
+def conv_kind(device: str) -> str:
+    """The tolerance row: a float32 convolution on a GPU runs as TF32 when cuDNN's flag allows it."""
+    return "tf32" if device == "cuda" and torch.backends.cudnn.allow_tf32 else "conv"
+
+
+def image(n, c, h, w, device="cpu") -> torch.Tensor:
+    return torch.randn(n, c, h, w, device=device)
+
+
+# ---------------------------------------------------------------- ConvBNReLU
+
+
+@pytest.mark.parametrize("conv_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("with_bn", [False, True], ids=["no-bn", "bn"])
+@pytest.mark.parametrize("with_relu", [False, True], ids=["no-relu", "relu"])
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_conv_bn_relu_matches_unfused(backend, device, with_relu, with_bn, conv_bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, 3, stride=2, padding=1, bias=conv_bias)
+    bn = randomize_bn(nn.BatchNorm2d(6)) if with_bn else None
+    relu = nn.ReLU() if with_relu else None
+    fused = ConvBNReLU.from_modules(conv, bn, relu, backend=backend).to(device)
+    assert (fused.bn_folded, fused.relu) == (with_bn, with_relu)
+    assert fused.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fused.bias.dtype == torch.float32 and not fused.weight.requires_grad and not fused.bias.requires_grad
+    x = image(2, 5, 9, 7, device)
+    out = fused(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    unfused = nn.Sequential(conv, *[m for m in (bn, relu) if m is not None])
+    assert_close_to_reference(out, reference(unfused, x), conv_kind(device))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_conv_bn_relu_with_residual(backend, device):
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1), randomize_bn(nn.BatchNorm2d(6))
+    fused = ConvBNReLU.from_modules(conv, bn, True, backend=backend).to(device)
+    x, residual = image(2, 4, 5, 7, device), image(2, 6, 5, 7, device)
+    expected = torch.relu(reference(nn.Sequential(conv, bn), x) + residual.double().cpu())
+    assert_close_to_reference(fused(x, residual=residual), expected, conv_kind(device))
+
+
+def test_conv_bn_relu_bfloat16_weights_float32_bias():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False), randomize_bn(nn.BatchNorm2d(16))
+    fused = ConvBNReLU.from_modules(conv, bn, True, dtype=torch.bfloat16)
+    assert fused.weight.dtype == torch.bfloat16 and fused.bias.dtype == torch.float32
+    x = image(1, 8, 6, 6).to(torch.bfloat16)
+    out = fused(x)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_reference(out, reference(nn.Sequential(conv, bn, nn.ReLU()), x), "conv")
+
+
+def test_conv_bn_relu_refuses_what_it_cannot_fold():
+    conv = nn.Conv2d(4, 4, 3)
+    with pytest.raises(RuntimeError, match="training mode"):
+        ConvBNReLU.from_modules(conv, nn.BatchNorm2d(4))
+    with pytest.raises(RuntimeError, match="running statistics"):
+        ConvBNReLU.from_modules(conv, nn.BatchNorm2d(4, track_running_stats=False).eval())
+    with pytest.raises(NotImplementedError, match="groups=1"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(NotImplementedError, match="zero padding"):
+        ConvBNReLU.from_modules(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+# ---------------------------------------------------------------- LinearReLU and GlobalAvgPoolLinear
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("with_relu", [False, True], ids=["no-relu", "relu"])
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_linear_relu_matches_unfused(backend, device, with_relu, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(37, 19, bias=bias)
+    fused = LinearReLU.from_modules(linear, nn.ReLU() if with_relu else None, backend=backend).to(device)
+    assert fused.relu == with_relu and fused.bias.dtype == torch.float32
+    unfused = nn.Sequential(linear, nn.ReLU()) if with_relu else linear
+    x = torch.randn(3, 37, device=device)
+    assert_close_to_reference(fused(x), reference(unfused, x), conv_kind(device))
+
+
+def test_linear_relu_takes_leading_dimensions_like_nn_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    fused = LinearReLU.from_modules(linear, True)
+    for shape in [(2, 3, 6), (6,)]:
+        x = torch.randn(shape)
+        assert_close_to_reference(fused(x), torch.relu(reference(linear, x)), "conv")
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
+        fused(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_global_avg_pool_linear_matches_unfused(backend, device):
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 10)
+    fused = GlobalAvgPoolLinear.from_modules(linear, backend=backend).to(device)
+    unfused = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+    x = image(3, 24, 5, 4, device)
+    assert_close_to_reference(fused(x), reference(unfused, x), conv_kind(device))
+
+
+# ---------------------------------------------------------------- residual blocks
+
+
+def downsample(in_channels, out_channels, stride):
+    """torchvision's projection shortcut: 1x1 conv and BatchNorm."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
+# (block, input shape): identity shortcut, then a projection that halves the map and widens it.
+RESNET_BLOCKS = {
+    "basic": (lambda: TvBasicBlock(8, 8), (2, 8, 6, 5)),
+    "basic-downsample": (lambda: TvBasicBlock(8, 16, 2, downsample(8, 16, 2)), (2, 8, 7, 6)),
+    "bottleneck": (lambda: TvBottleneck(16, 4), (2, 16, 5, 6)),
+    "bottleneck-downsample": (lambda: TvBottleneck(8, 4, 2, downsample(8, 16, 2)), (2, 8, 7, 6)),
+}
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("kind", list(RESNET_BLOCKS))
+def test_resnet_block_matches_torchvision(kind, backend, device):
+    torch.manual_seed(0)
+    build, shape = RESNET_BLOCKS[kind]
+    block = randomize_bn(build())
+    fused_type = Bottleneck if "bottleneck" in kind else BasicBlock
+    fused = fused_type.from_torchvision(block, backend=backend).to(device)
+    assert (fused.downsample is not None) == ("downsample" in kind)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = image(*shape, device=device)
+    out = fused(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(out, reference(block, x), conv_kind(device))
+
+
+def test_resnet_block_refuses_training_mode():
+    with pytest.raises(RuntimeError, match="training mode"):
+        BasicBlock.from_torchvision(TvBasicBlock(4, 4))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("stride, in_channels", [(1, 8), (2, 6)], ids=["identity", "downsample"])
+def test_preact_block_matches_unfused(stride, in_channels, backend, device):
+    torch.manual_seed(0)
+    block = randomize_bn(preact.PreActBasicBlock(in_channels, 8, stride))
+    fused = PreActBasicBlock.from_module(block, backend=backend).to(device)
+    assert (fused.downsample is not None) == (stride == 2)
+    assert isinstance(fused.pre, BatchNormReLU) and fused.conv1.bn_folded and not fused.conv2.relu
+    x = image(2, in_channels, 7, 6, device)
+    assert_close_to_reference(fused(x), reference(block, x), conv_kind(device))
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_batchnorm_relu_matches_unfused(affine):
+    bn = randomize_bn(nn.BatchNorm2d(6, affine=affine))
+    fused = BatchNormReLU(bn)
+    x = image(2, 6, 4, 3).contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(fused(x), reference(nn.Sequential(bn, nn.ReLU()), x), "elementwise")
+    with pytest.raises(RuntimeError, match="training mode"):
+        BatchNormReLU(nn.BatchNorm2d(6))
+
+
+# ---------------------------------------------------------------- Inception
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_inception_writes_each_branch_into_its_channel_slice(backend, device):
+    torch.manual_seed(0)
+    # in, 1x1, 3x3 reduce, 3x3, "5x5" reduce, "5x5", pool projection: widths 4 + 5 + 3 + 6 = 18.
+    module = randomize_bn(TvInception(7, 4, 3, 5, 2, 3, 6))
+    fused = Inception.from_torchvision(module, backend=backend).to(device)
+    assert fused.channel_ranges == [(0, 4), (4, 9), (9, 12), (12, 18)]
+    x = image(2, 7, 6, 5, device)
+    out = fused(x)
+    assert out.shape == (2, 18, 6, 5) and out.is_contiguous(memory_format=torch.channels_last)
+    branches = [module.branch1, module.branch2, module.branch3, module.branch4]
+    for (start, stop), branch in zip(fused.channel_ranges, branches):
+        assert_close_to_reference(out[:, start:stop], reference(branch, x), conv_kind(device))
+    assert_close_to_reference(out, reference(module, x), conv_kind(device))

@@ -1,0 +1,424 @@
+"""cnnfast.optimize: every architecture against the original model (torch backend at the lecture's
+input size, Triton under the interpreter on small inputs, bfloat16), the fusion report, what
+cnnfast.analysis counts before and after, models with parts optimize does not know, the bad-input
+contract, torch.compile and CUDA-graph capture."""
+import pytest
+import torch
+import triton
+from torch import nn
+from torchvision import models as tv
+
+import cnnfast
+from cnnfast import models
+from cnnfast.analysis import analyze, analyze_arch
+from cnnfast.nn import BatchNormReLU, ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
+from cnnfast.testing import tolerance
+from cnnfast.triton_kernels import conv2d as triton_conv2d
+from tests.test_global_avg_pool import INTERPRETER_ONLY
+from tests.test_nn import randomize_bn
+
+NAMES = [*models.ARCHITECTURES, "preact_resnet18", "preact_resnet34"]
+FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear)
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """A plain model with random weights and random BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    return randomize_bn(getattr(models, name)(**kwargs))
+
+
+def build_meta(name: str, **kwargs) -> nn.Module:
+    """A model without memory, for the structure of the result, the report and the analysis."""
+    with torch.device("meta"):
+        return getattr(models, name)(**kwargs).eval()
+
+
+def input_size(name: str) -> int:
+    return models.DEFAULT_INPUT_SIZE.get(name, 224)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """The tolerance table's row for actual's dtype (conv for float32), with atol relative to the
+    largest output: the table's atol is for values of order one, while these logits run from 1e-2
+    (AlexNet and VGG without BatchNorm, as initialised) to 2, and each layer's rounding error scales
+    with its values. float32 models stay within 3% of this tolerance, bfloat16 ones within half of it."""
+    rtol, atol = tolerance("conv", actual.dtype)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * scale)
+
+
+def run_both(original: nn.Module, fused: nn.Module, x: torch.Tensor):
+    with torch.no_grad():
+        return fused(x), original(x)
+
+
+def assert_fully_fused(model: nn.Module) -> None:
+    """No BatchNorm and no ReLU module is left: all of them were folded or fused into an epilogue."""
+    leftovers = [name for name, m in model.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.ReLU))]
+    assert not leftovers, f"unfused BatchNorm2d/ReLU: {leftovers[:5]}"
+
+
+# ---------------------------------------------------------------- every architecture against the original
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_original_with_torch_backend(name):
+    original = build(name)
+    fused = cnnfast.optimize(original)
+    assert_fully_fused(fused)
+    x = torch.randn(1, 3, input_size(name), input_size(name))
+    out, expected = run_both(original, fused, x)
+    assert out.shape == (1, 1000) and out.dtype == torch.float32
+    assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_builder_returns_a_fused_model(name):
+    model = build_meta(name, fused=True)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert any(isinstance(m, ConvBNReLU) for m in model.modules())
+    assert_fully_fused(model)
+    assert model.cnnfast_report.fused
+
+
+@pytest.fixture
+def large_interpreter_tiles(monkeypatch):
+    """Every conv and linear layer with one 16x128x128 tile. Under the interpreter a small-input
+    model's time is set by its weights, not its input: each BLOCK_N x BLOCK_K tile of a weight is one
+    interpreted loop iteration, and with the interpreter's default 32x32x16 tile ResNet-18 takes
+    70 s and AlexNet (whose classifier holds 55M weights) 400 s; with this tile, 4 s and 14 s. The
+    tile does not change what these tests check (the wiring of fused models through the Triton
+    kernels); test_conv2d runs every autotune config, and test_nn the default one. Counts the calls."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=1)
+    launch, calls = triton_conv2d.conv2d_bias_act, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return launch(*args, **kwargs, config=config)
+
+    monkeypatch.setattr(triton_conv2d, "conv2d_bias_act", counted)
+    return calls
+
+
+# (name, input size): the smallest inputs AlexNet and VGG-16 take (test_smallest_inputs), and small
+# ones for the rest. 10 classes: the Triton head is then small; the hidden layers stay as they are.
+TRITON_CASES = [("resnet18", 32), ("googlenet", 32), ("alexnet", 63), ("vgg16_bn", 32)]
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("name, size", TRITON_CASES, ids=[name for name, _ in TRITON_CASES])
+def test_matches_original_with_triton_backend(name, size, large_interpreter_tiles):
+    original = build(name, num_classes=10)
+    fused = cnnfast.optimize(original, backend="triton")
+    out, expected = run_both(original, fused, torch.randn(1, 3, size, size))
+    assert_matches(out, expected)
+    # Every fused conv and linear layer ran through the Triton launcher, once.
+    assert len(large_interpreter_tiles) == sum(isinstance(m, (ConvBNReLU, LinearReLU)) for m in fused.modules())
+
+
+def test_smallest_inputs():
+    for name, size in [("alexnet", 63), ("vgg16_bn", 32)]:
+        analyze_arch(name, size)
+        with pytest.raises(ValueError, match="too small"):
+            analyze_arch(name, size - 1)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "googlenet", "resnet18", "preact_resnet18"])
+def test_bfloat16(name):
+    original = build(name)
+    fused = cnnfast.optimize(original, dtype=torch.bfloat16)
+    for module in fused.modules():
+        if isinstance(module, FUSED_LEAVES):
+            assert module.weight.dtype == torch.bfloat16 and module.bias.dtype == torch.float32
+        if isinstance(module, BatchNormReLU):
+            assert module.scale.dtype == module.shift.dtype == torch.bfloat16
+    # A float32 NCHW input: the model boundary converts it to bfloat16 and channels_last.
+    out, expected = run_both(original, fused, torch.randn(1, 3, input_size(name), input_size(name)))
+    assert out.dtype == torch.bfloat16
+    assert_matches(out, expected)
+
+
+# ---------------------------------------------------------------- the fusion report
+
+
+# (fused, left alone) per architecture. AlexNet and ZFNet: 5 convs and 3 linear layers fused; 3 max
+# pools, the adaptive pool and 2 dropouts left. VGG: 13 or 16 convs and 3 linear layers; 5 max pools,
+# the adaptive pool, 2 dropouts. GoogLeNet: 3 stem convs, 9 Inception modules, the head; 4 max pools
+# and the dropout. ResNets: the stem, every block, the head; the max pool. Pre-activation ResNets
+# also fuse the final BatchNorm + ReLU.
+EXPECTED_COUNTS = {
+    "alexnet": (8, 6), "zfnet": (8, 6), "vgg16": (16, 8), "vgg19": (19, 8), "vgg16_bn": (16, 8),
+    "vgg19_bn": (19, 8), "googlenet": (13, 5), "resnet18": (10, 1), "resnet34": (18, 1), "resnet50": (18, 1),
+    "resnet101": (35, 1), "resnet152": (52, 1), "preact_resnet18": (11, 1), "preact_resnet34": (19, 1),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fusion_report_counts(name):
+    report = cnnfast.optimize(build_meta(name)).cnnfast_report
+    assert (len(report.fused), len(report.left_alone)) == EXPECTED_COUNTS[name]
+    names = [entry for entry, _ in report.fused + report.left_alone]
+    assert len(names) == len(set(names))
+    for entry, reason in report.left_alone:
+        if "maxpool" in entry or entry.startswith("features."):
+            assert reason == "max pooling runs in PyTorch (channels_last)"
+
+
+def test_fusion_report_says_what_each_layer_became(capsys):
+    vgg = cnnfast.optimize(build_meta("vgg16_bn"), verbose=True)
+    fused, left_alone = dict(vgg.cnnfast_report.fused), dict(vgg.cnnfast_report.left_alone)
+    assert fused["features.0"] == "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"
+    assert fused["classifier.3"] == "Linear + ReLU -> LinearReLU"
+    assert fused["classifier.6"] == "Linear -> LinearReLU"
+    assert left_alone["classifier.2"] == "dropout is the identity in eval mode"
+    assert "adaptive average pooling" in left_alone["avgpool"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("fused 16 modules:") and "left alone 8 modules:" in printed
+    assert "  features.6: max pooling runs in PyTorch (channels_last)" in printed
+
+    resnet = dict(cnnfast.optimize(build_meta("resnet50")).cnnfast_report.fused)
+    assert resnet["conv1"] == "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"
+    assert resnet["layer3.5"] == "Bottleneck -> fused Bottleneck"
+    assert resnet["avgpool"] == "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"
+    googlenet = dict(cnnfast.optimize(build_meta("googlenet")).cnnfast_report.fused)
+    assert googlenet["conv2"] == "BasicConv2d -> fused ConvBNReLU"
+    assert googlenet["inception4c"] == "Inception -> fused Inception"
+
+
+def test_repr_is_readable():
+    text = repr(cnnfast.optimize(build_meta("resnet18")))
+    stem = "(conv1): ConvBNReLU(3, 64, kernel_size=(7, 7), stride=(2, 2), padding=(3, 3), bn_folded=True, relu=True)"
+    assert stem in text
+    assert "bn_folded=True, relu=False" in text  # a downsample: the projection shortcut has no ReLU
+    assert "(avgpool): GlobalAvgPoolLinear(in_features=512, out_features=1000, bias=True)" in text
+    text = repr(cnnfast.optimize(build_meta("vgg16")))
+    assert "ConvBNReLU(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bn_folded=False, relu=True)" in text
+    assert "LinearReLU(in_features=25088, out_features=4096, bias=True, relu=True)" in text
+
+
+# ---------------------------------------------------------------- what cnnfast.analysis counts
+
+
+def expected_param_change(model: nn.Module) -> int:
+    """Parameters optimize() removes: each BatchNorm's gamma and beta (2K; a pre-activation's
+    BatchNormReLU keeps its scale and shift as buffers); every conv becomes a ConvBNReLU, which has a
+    bias (the folded shift), so a conv that had none gains K: K fewer for conv(bias=False) -> BN."""
+    bn = sum(2 * m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    new_biases = sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is None)
+    return bn - new_biases
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analysis_of_fused_model(name):
+    plain_model = build_meta(name)
+    plain = analyze(plain_model, input_size(name), batch=2)
+    fused = analyze(cnnfast.optimize(plain_model), input_size(name), batch=2)
+    assert fused.totals["macs"] == plain.totals["macs"] and fused.totals["flops"] == plain.totals["flops"]
+    assert plain.totals["params"] - fused.totals["params"] == expected_param_change(plain_model)
+    # The head's global average pool output is no longer materialised (it is fused with fc).
+    head_fused = hasattr(plain_model, "fc")
+    pooled = [row.activation_bytes for row in plain.layers if row.name == "avgpool"]
+    assert plain.totals["activation_bytes"] - fused.totals["activation_bytes"] == (pooled[0] if head_fused else 0)
+    if head_fused:
+        assert pooled[0] == 2 * plain_model.fc.in_features * 4
+
+
+# ---------------------------------------------------------------- parts optimize does not know
+
+
+class CustomNet(nn.Module):
+    """A Conv2d -> BatchNorm2d -> ReLU run among layers optimize has no fused form for."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.GELU(), nn.Upsample(scale_factor=2),
+            nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 6, 1), nn.ReLU(),
+        )
+        self.gate = nn.Conv2d(6, 6, 1)  # outside a Sequential: stays a Conv2d
+
+    def forward(self, x):
+        y = self.body(x)
+        return y * torch.sigmoid(self.gate(y))
+
+
+class TokenMLP(nn.Module):
+    """Linear -> ReLU over (N, T, C) tokens, inside a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.mlp(x.flatten(2).transpose(1, 2))
+
+
+def resnet18_with_new_head():
+    model = build("resnet18")
+    model.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 10))
+    return model.eval()
+
+
+# name -> (build, input shape, a report entry: (name, what it became) or (name, why it was left alone)).
+UNKNOWN_PARTS = {
+    "custom": (lambda: randomize_bn(CustomNet()), (2, 3, 6, 5), [
+        ("fused", "body.0", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+        ("fused", "body.6", "Conv2d + ReLU -> ConvBNReLU"),
+        ("left_alone", "body.3", "GELU has no fused form; it runs as it is"),
+        ("left_alone", "body.4", "Upsample has no fused form; it runs as it is"),
+        ("left_alone", "body.5", "only groups=1 convolutions with numeric zero padding are fused"),
+        ("left_alone", "gate", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
+    ]),
+    "token-mlp": (lambda: TokenMLP().eval(), (2, 12, 3, 2), [
+        ("fused", "mlp.0", "Linear + ReLU -> LinearReLU"),
+        ("left_alone", "mlp.2", "LayerNorm has no fused form; it runs as it is"),
+    ]),
+    "resnet18-new-head": (resnet18_with_new_head, (1, 3, 64, 64), [
+        ("fused", "layer4.1", "BasicBlock -> fused BasicBlock"),
+        ("fused", "fc.1", "Linear -> LinearReLU"),
+        ("left_alone", "avgpool",
+         "adaptive average pooling runs in PyTorch (it is not followed by a single linear layer)"),
+    ]),
+    "resnext50": (lambda: randomize_bn(tv.resnext50_32x4d(num_classes=10)), (1, 3, 64, 64), [
+        ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+        ("left_alone", "layer2.0", "layer2.0.conv2: only groups=1 convolutions with numeric zero padding are fused"),
+    ]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN_PARTS))
+def test_parts_it_does_not_know_stay_and_keep_working(case):
+    make, shape, entries = UNKNOWN_PARTS[case]
+    torch.manual_seed(0)
+    original = make()
+    fused = cnnfast.optimize(original)
+    report = fused.cnnfast_report
+    for kind, name, text in entries:
+        assert (name, text) in getattr(report, kind)
+    out, expected = run_both(original, fused, torch.randn(shape))
+    assert_matches(out, expected)
+
+
+def test_unknown_layers_are_the_same_modules_after():
+    fused = cnnfast.optimize(randomize_bn(CustomNet()))
+    assert [type(m).__name__ for m in fused.body] == [
+        "ConvBNReLU", "Identity", "Identity", "GELU", "Upsample", "Conv2d", "ConvBNReLU", "Identity",
+    ]
+    assert type(fused.gate) is nn.Conv2d
+
+
+def test_optimizing_twice_changes_nothing():
+    once = cnnfast.optimize(build("resnet18", num_classes=10))
+    twice = cnnfast.optimize(once)
+    assert not twice.cnnfast_report.fused
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    out, expected = run_both(once, twice, torch.randn(1, 3, 32, 32))
+    assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------- the bad-input contract
+
+
+@pytest.fixture(scope="module")
+def fused_resnet18():
+    return cnnfast.optimize(build("resnet18", num_classes=10))
+
+
+def test_refuses_a_model_in_training_mode():
+    with pytest.raises(RuntimeError, match="training mode"):
+        cnnfast.optimize(models.resnet18(num_classes=10))
+
+
+def test_refuses_batchnorm_without_running_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    with pytest.raises(RuntimeError, match=r"BatchNorm '1' has no running statistics"):
+        cnnfast.optimize(model)
+
+
+def test_refuses_what_is_not_a_model_or_a_float_dtype():
+    with pytest.raises(TypeError, match="nn.Module"):
+        cnnfast.optimize(lambda x: x)
+    with pytest.raises(TypeError, match="dtype"):
+        cnnfast.optimize(nn.Conv2d(3, 4, 3).eval(), dtype=torch.int8)
+
+
+def test_wrong_input_channels(fused_resnet18):
+    with torch.no_grad(), pytest.raises(ValueError, match="input has 4 channels"):
+        fused_resnet18(torch.randn(1, 4, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["model-dtype", "bfloat16"])
+def test_integer_input(dtype):
+    # The model boundary casts float inputs to the model's dtype, never integers.
+    fused = cnnfast.optimize(build("resnet18", num_classes=10), dtype=dtype)
+    with torch.no_grad(), pytest.raises(TypeError, match="dtype torch.int64"):
+        fused(torch.randint(0, 255, (1, 3, 32, 32)))
+
+
+def test_input_on_another_device(fused_resnet18):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="one device"):
+        fused_resnet18(torch.empty(1, 3, 32, 32, device="meta"))
+
+
+def test_without_no_grad_an_input_that_requires_grad_is_refused(fused_resnet18):
+    with pytest.raises(RuntimeError, match="no backward"):
+        fused_resnet18(torch.randn(1, 3, 32, 32, requires_grad=True))
+
+
+def test_not_inplace_leaves_the_original_untouched():
+    original = build("resnet18", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    types, state = [type(m) for m in original.modules()], {k: v.clone() for k, v in original.state_dict().items()}
+    with torch.no_grad():
+        before = original(x)
+    fused = cnnfast.optimize(original)
+    assert fused is not original and not hasattr(original, "cnnfast_report") and not original._forward_pre_hooks
+    assert [type(m) for m in original.modules()] == types
+    assert original.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in original.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(original(x), before)
+
+
+def test_inplace_returns_the_same_model():
+    model = build("vgg16_bn", num_classes=10)
+    assert cnnfast.optimize(model, inplace=True) is model
+    assert isinstance(model.features[0], ConvBNReLU) and model.cnnfast_report.fused
+
+
+# ---------------------------------------------------------------- torch.compile and CUDA graphs
+
+
+def test_torch_compile_fullgraph():
+    original = build("resnet18", num_classes=10)
+    fused = cnnfast.optimize(original)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    out, expected = run_both(original, compiled, x)
+    assert_matches(out, expected)
+    with torch.no_grad():
+        assert torch.equal(out, fused(x))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    fused = cnnfast.optimize(build("resnet18").cuda(), backend="triton")
+    static_x = torch.randn(1, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        # Warm up on a side stream: autotuning and compilation must happen before the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fused(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fused(static_x)
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = fused(new_x)
+    # The same kernels with the same tiles on the same input.
+    torch.testing.assert_close(static_out, expected, rtol=0, atol=0)
