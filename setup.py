@@ -71,4 +71,5 @@ def cuda_extensions():
     return [CMakeExtension("cnnfast._C")]
 
 
-setup(ext_modules=cuda_extensions(), cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    setup(ext_modules=cuda_extensions(), cmdclass={"build_ext": CMakeBuild})
