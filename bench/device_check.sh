@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks (DESIGN.md "GPU checks"): build offline, GPU tests, sanitizer runs, benchmarks,
 # report. Everything lands in OUTDIR (default bench/out). Each step runs under its own time limit
-# and a failing step is recorded and the rest still run; the summary table is printed last.
+# and a failing step is recorded and the rest still run; the summary table is printed last. All
+# steps together can take about 10 minutes; CNNFAST_STEPS picks some of them (comma-separated
+# step names, or their first word, as "sanitizer"; environment and build always run), so the
+# checks can be split over two calls of one device lease.
 #   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
+#   CNNFAST_STEPS=gpu-tests,benchmarks bash bench/device_check.sh OUTDIR
 set -u
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-bench/out}" && cd "${1:-bench/out}" && pwd)
@@ -18,6 +22,7 @@ printf 'step\tstatus\tseconds\n' >"$STEPS"
 step() {
   local name=$1 limit=$2 start rc status
   shift 2
+  case ",${CNNFAST_STEPS:-all},environment,build," in *",all,"* | *",${name%%-*},"* | *",$name,"*) ;; *) return ;; esac
   echo "=== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$LOG"
   start=$(date +%s)
   # SIGINT first: pytest then still writes its JSON and XML for the cases that ran.
