@@ -1,11 +1,14 @@
 """Which backend runs an op: "triton" (cnnfast.triton_kernels), "cuda" (cnnfast._C), "torch"
 (PyTorch's own ops: cuDNN on a GPU, oneDNN on a CPU; also the reference).
 
-A backend the caller names either runs or raises; `None` picks the default for the tensor's device.
+A backend the caller names either runs or raises; `None` picks the backend measured fastest for
+the op on the tensor's GPU and dtype (cnnfast.tuning), "torch" where nothing was measured.
 """
 import os
 
 import torch
+
+from cnnfast.tuning import default_backend
 
 BACKENDS = ("triton", "cuda", "torch")
 # Triton runs CPU tensors only under its interpreter (the tests' CPU path).
@@ -38,8 +41,7 @@ def cuda_ops():
 def resolve_backend(op: str, x: torch.Tensor, backend):
     """Checks an explicit backend against the op and the tensor, or picks the default."""
     if backend is None:
-        # No tuning table has been measured yet, so PyTorch's own op is the default everywhere.
-        return "torch"
+        return default_backend(op, x)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend == "cuda" and op not in cuda_extension().build_info()["ops"]:
