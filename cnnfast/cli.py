@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import cnnfast
 from cnnfast.analysis import analyze_arch, format_table
@@ -86,6 +87,98 @@ def run_report(args):
     return 0
 
 
+# bench and roofline load cnnfast.ops (and with it the CUDA extension) only when they run: `analyze` stays light.
+
+
+def backend_list(text):
+    from cnnfast.bench import BACKENDS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(BACKENDS)}, got {text!r}")
+    return names
+
+
+def measure_layers(args, end_to_end):
+    from cnnfast.bench import run_bench
+
+    return run_bench(args.arch, batch=args.batch, dtype=args.dtype, backends=args.backends,
+                     input_size=args.input_size, max_layers=args.max_layers, end_to_end=end_to_end,
+                     show_progress=True)
+
+
+def measured_on(result):
+    size = result["input_size"]
+    where = f"{result['device']}: CPU timings" if result["device_type"] == "cpu" else result["device"]
+    return (f"{result['arch']}: batch {result['batch']}, {result['dtype']}, input 3x{size}x{size}, "
+            f"{len(result['layers'])} distinct conv layers, measured on {where} ({result['timer']})")
+
+
+def run_benchmarks(args):
+    from cnnfast.bench import end_to_end_rows, layer_rows, summary_rows
+
+    result = measure_layers(args, end_to_end=True)
+    print(measured_on(result))
+    for backend, reason in result["skipped"].items():
+        print(f"skipped {backend}: {reason}")
+    tables = [summary_rows(result), end_to_end_rows(result)] + ([layer_rows(result)] if args.layers else [])
+    for headers, rows in tables:
+        print()
+        print(text_table(headers, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\n{args.json}")
+    return 0
+
+
+def run_roofline(args):
+    from cnnfast.bench import roofline_points
+    from cnnfast.roofline import (
+        DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
+    )
+
+    result = measure_layers(args, end_to_end=False)
+    ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
+    points = roofline_points(result, ceiling)
+    rate = rate_unit(result["device_type"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    subject = f"{args.arch}, batch {result['batch']}, 3x{result['input_size']}x{result['input_size']}"
+    chart = roofline_plot(points, ceiling, out / "roofline.png", subject=subject, rate=rate)
+    data = out / "roofline.json"
+    summary = roofline_json(args.arch, result["batch"], result["input_size"], ceiling, points)
+    data.write_text(json.dumps(summary, indent=2))
+    print(measured_on(result))
+    for backend, reason in result["skipped"].items():
+        print(f"skipped {backend}: {reason}")
+    unit, scale = rate
+    print(f"ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, copy "
+          f"{ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s, ridge {ridge_intensity(ceiling):.1f} FLOP/byte\n")
+    print(text_table(*roofline_rows(points, rate)))
+    print(f"\n{chart}\n{data}")
+    return 0
+
+
+def add_measurement_options(command):
+    command.add_argument(
+        "arch", choices=list(ARCHITECTURES), metavar="ARCH", help="one of: " + ", ".join(ARCHITECTURES)
+    )
+    command.add_argument("--batch", type=positive_int, default=1, metavar="B", help="images per batch (default: 1)")
+    command.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on a CPU")
+    command.add_argument(
+        "--backends", type=backend_list, metavar="LIST",
+        help="comma-separated, from torch,torch_folded,compile,triton,cuda (default: all; any that cannot run here "
+        "is listed as skipped, with the reason)",
+    )
+    command.add_argument(
+        "--input-size", type=positive_int, metavar="N", help="image height and width (default: the architecture's own)"
+    )
+    command.add_argument(
+        "--max-layers", type=positive_int, metavar="N", help="time only the first N distinct conv layers"
+    )
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="cnnfast", description="Per-layer counts of the classic CNNs and the lecture's claims about them."
@@ -116,6 +209,17 @@ def build_parser():
     report = commands.add_parser("report", help="write the HTML and Markdown report with its charts")
     report.add_argument("--out", default="report", metavar="DIR", help="output directory (default: report/)")
     report.set_defaults(run=run_report)
+
+    bench = commands.add_parser("bench", help="time each distinct conv layer on each backend, and the whole model")
+    add_measurement_options(bench)
+    bench.add_argument("--layers", action="store_true", help="print the per-layer table too")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON (schema: cnnfast.bench)")
+    bench.set_defaults(run=run_benchmarks)
+
+    roofline = commands.add_parser("roofline", help="place each conv layer under the measured roofline")
+    add_measurement_options(roofline)
+    roofline.add_argument("--out", default="roofline", metavar="DIR", help="output directory (default: roofline/)")
+    roofline.set_defaults(run=run_roofline)
     return parser
 
 

@@ -388,10 +388,50 @@ def environment_section(data):
     return Section("Environment", html_table(headers, rows, "ll"), markdown_table(headers, rows, "ll"))
 
 
+ROOFLINE_ARCH = "resnet50"
+ROOFLINE_LAYERS = 5  # the first distinct conv layers only: the whole report stays within a minute or so on a CPU
+
+
+def roofline_section(data):
+    from cnnfast.bench import roofline_points, run_bench
+    from cnnfast.roofline import DTYPES, ceilings, rate_unit, ridge_intensity, roofline_plot, roofline_rows
+
+    result = run_bench(ROOFLINE_ARCH, batch=1, max_layers=ROOFLINE_LAYERS, end_to_end=False)
+    ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
+    points = roofline_points(result, ceiling)
+    rate = rate_unit(result["device_type"])
+    unit, scale = rate
+    chart = roofline_plot(points, ceiling, data.out_dir / "roofline.png",
+                          subject=f"{ROOFLINE_ARCH}, first {len(result['layers'])} conv layers, batch 1", rate=rate)
+    timings = "CPU timings, not GPU speeds" if result["device_type"] == "cpu" else "GPU timings"
+    intro = (
+        f"A reduced set, measured when this report was written: the first {len(result['layers'])} distinct conv "
+        f"layers of {ROOFLINE_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
+        f"({timings}; {result['timer']}). Ceilings: torch.matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, "
+        f"copy {ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s (bytes read + written), ridge "
+        f"{ridge_intensity(ceiling):.1f} FLOP/byte. Traffic counts input, weights and output once each; "
+        "% of bound is the roofline's time over the measured time. Full runs: cnnfast roofline ARCH."
+    )
+    skipped = [f"{backend} skipped: {reason}" for backend, reason in result["skipped"].items()]
+    headers, rows = roofline_rows(points, rate)
+    align = "llrrrrrl"
+    caption = f"Roofline of {ROOFLINE_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."
+    html_skipped = "".join(f"<li>{html.escape(line)}</li>" for line in skipped)
+    return Section(
+        f"Roofline (measured on {result['device']})",
+        f"<p>{html.escape(intro)}</p>\n<ul>{html_skipped}</ul>\n{html_figure(chart, caption)}\n"
+        f"{html_table(headers, rows, align)}",
+        f"{markdown_escape(intro)}\n\n" + "".join(f"- {markdown_escape(line)}\n" for line in skipped)
+        + f"\n{markdown_figure(chart, caption)}\n\n{markdown_table(headers, rows, align)}",
+        [chart],
+    )
+
+
 SECTIONS = (
     summary_section,
     claims_section,
     layer_charts_section,
+    roofline_section,
     layer_tables_section,
     conventions_section,
     environment_section,

@@ -18,7 +18,7 @@ def report(tmp_path_factory):
 def test_writes_the_pages_and_charts(report):
     out_dir, written = report
     charts = {"macs_vs_params.png"} | {f"layers_{name}.png" for name in LAYER_CHART_ARCHS}
-    expected = {"index.html", "report.md"} | charts
+    expected = {"index.html", "report.md", "roofline.png"} | charts
     assert set(written) == expected
     for name, path in written.items():
         assert path == out_dir / name

@@ -1,0 +1,242 @@
+"""Times every distinct conv layer of an architecture on each backend, and the whole model.
+
+Backends, each computing relu(conv(x) with the BatchNorm folded into weight and bias):
+
+- ``torch``:        ``cnnfast.ops.conv2d(backend="torch")`` (PyTorch's conv, float32 epilogue);
+- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))`` in the layer's dtype;
+- ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
+- ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
+  interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
+- ``cuda``:         the compiled extension's conv, when ``cnnfast._C`` has one.
+
+A backend that cannot run here is listed in ``skipped`` with the reason, never dropped silently.
+Inputs are channels_last. Times: ``cnnfast.roofline.time_ms`` (GPU: CUDA events, median, L2
+flushed; CPU: perf_counter median after warm-up; CPU figures are CPU figures).
+End to end: the plain model (eager) and ``cnnfast.optimize(model)`` (triton backend on a GPU,
+torch backend on a CPU), images/s and latency at the same batch.
+
+JSON (``run_bench``), schema "cnnfast.bench/1"::
+
+    {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type" ("cpu" | "cuda"),
+     "torch_version", "timer",
+     "backends": [timed backend names], "skipped": {backend: reason},
+     "layers": [{"layer": first layer name, "layers": [every layer with this problem],
+                 "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding"},
+                 "flops", "bytes",
+                 "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch"}}}],
+     "end_to_end": [{"variant": "eager" | "cnnfast", "backend", "ms", "images_per_s",
+                     "speedup_vs_eager"}]}
+
+``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
+is the torch backend's time over this backend's (null when torch was not timed);
+``end_to_end`` is empty when the model was not timed.
+"""
+import copy
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from cnnfast import ops
+from cnnfast.analysis import analyze_arch, conv_problems
+from cnnfast.backends import cuda_ops
+from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
+from cnnfast.convert import optimize
+from cnnfast.roofline import (
+    DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
+)
+
+BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda")
+BENCH_SCHEMA = "cnnfast.bench/1"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device) -> str:
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def skip_reason(backend: str, device) -> str | None:
+    """Why backend cannot be timed on device, or None when it can."""
+    on_gpu = torch.device(device).type == "cuda"
+    if backend == "triton" and not on_gpu:
+        return "needs a CUDA device (the Triton interpreter runs on a CPU but is not a timing backend)"
+    if backend == "cuda":
+        if "conv2d" not in cuda_ops():
+            return f"cnnfast._C has no conv2d kernel (its ops: {', '.join(cuda_ops()) or 'none, not built'})"
+        if not on_gpu:
+            return "needs a CUDA device"
+    return None
+
+
+def layer_inputs(problem, batch, dtype, device):
+    """Input, BN-folded weight (in dtype) and float32 bias of one layer, with random BN statistics."""
+    generator = torch.Generator().manual_seed(0)
+    x_shape, w_shape = conv_shapes(problem, batch)
+    x = torch.randn(x_shape, generator=generator)
+    weight = torch.randn(w_shape, generator=generator) / (problem.C * problem.R * problem.S) ** 0.5
+    bn = torch.nn.BatchNorm2d(problem.K).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=generator)
+        bn.running_var.uniform_(0.5, 2, generator=generator)
+    weight, bias = ops.fold_bn(weight, None, bn)
+    channels_last = {"device": device, "dtype": dtype, "memory_format": torch.channels_last}
+    return x.to(**channels_last), weight.to(**channels_last), bias.to(device)
+
+
+def layer_function(backend, problem, x, weight, bias):
+    """A no-argument callable that computes the layer on backend."""
+    stride, padding = problem.stride, problem.padding
+    if backend in ("torch", "triton", "cuda"):
+        return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend=backend)
+    bias_in_dtype = bias.to(x.dtype)
+
+    def folded():
+        return torch.relu(F.conv2d(x, weight, bias_in_dtype, stride, padding))
+
+    if backend == "torch_folded":
+        return folded
+    torch._dynamo.reset()  # a fresh compile for this layer's shapes, never a recompile-limit fallback to eager
+    return torch.compile(folded)
+
+
+def progress(text: str, show: bool) -> None:
+    if show:
+        print(text, file=sys.stderr, flush=True)
+
+
+def bench_layers(problems, batch, dtype, device, backends, show_progress=False) -> list[dict]:
+    """The "layers" rows: every (problem, names) of problems timed on each backend."""
+    rows = []
+    for index, (problem, names) in enumerate(problems.items(), 1):
+        progress(f"[{index}/{len(problems)}] {names[0]}: {', '.join(backends)}", show_progress)
+        x, weight, bias = layer_inputs(problem, batch, dtype, device)
+        flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, dtype.itemsize)
+        times = {}
+        for backend in backends:
+            fn = layer_function(backend, problem, x, weight, bias)
+            with torch.inference_mode():
+                fn()  # compiles (compile), autotunes (triton) or warms caches before timing
+                times[backend] = time_ms(fn, device)
+        results = {
+            backend: {
+                "ms": ms,
+                "flop_per_s": flops / (ms * 1e-3),
+                "bytes_per_s": traffic / (ms * 1e-3),
+                "speedup_vs_torch": times["torch"] / ms if "torch" in times else None,
+            }
+            for backend, ms in times.items()
+        }
+        shape = {"C": problem.C, "H": problem.H, "W": problem.W, "K": problem.K, "R": problem.R, "S": problem.S,
+                 "stride": list(problem.stride), "padding": list(problem.padding)}
+        rows.append({"layer": names[0], "layers": names, "problem": shape, "flops": flops, "bytes": traffic,
+                     "results": results})
+    return rows
+
+
+def bench_model(arch, batch, dtype, device, input_size) -> list[dict]:
+    """The "end_to_end" rows: the plain model in eager mode and cnnfast.optimize(model)."""
+    torch.manual_seed(0)
+    plain = get_model(arch).eval()
+    backend = "triton" if torch.device(device).type == "cuda" else "torch"
+    fused = optimize(copy.deepcopy(plain), dtype=dtype, backend=backend, inplace=True).to(device)
+    plain = plain.to(device, dtype, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, input_size, input_size, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    rows = []
+    for variant, model, model_backend in (("eager", plain, "torch"), ("cnnfast", fused, backend)):
+        with torch.inference_mode():
+            ms = time_ms(lambda: model(x), device)
+        rows.append({"variant": variant, "backend": model_backend, "ms": ms, "images_per_s": batch / (ms * 1e-3)})
+    for row in rows:
+        row["speedup_vs_eager"] = rows[0]["ms"] / row["ms"]
+    return rows
+
+
+def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=None, max_layers=None,
+              end_to_end=True, show_progress=False) -> dict:
+    """Times the distinct conv layers of arch (the first max_layers of them) and the whole model."""
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    input_size = input_size or DEFAULT_INPUT_SIZE[arch]
+    backends = backends or BACKENDS
+    unknown = [backend for backend in backends if backend not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; expected some of {', '.join(BACKENDS)}")
+    skipped = {backend: reason for backend in backends if (reason := skip_reason(backend, device))}
+    timed = [backend for backend in backends if backend not in skipped]
+    problems = conv_problems(analyze_arch(arch, input_size=input_size))
+    problems = dict(list(problems.items())[:max_layers])
+    layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, show_progress)
+    if end_to_end:
+        progress(f"end to end: {arch} eager and cnnfast.optimize", show_progress)
+    return {
+        "schema": BENCH_SCHEMA,
+        "arch": arch,
+        "batch": batch,
+        "input_size": input_size,
+        "dtype": dtype,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "timer": timer_description(device),
+        "backends": timed,
+        "skipped": skipped,
+        "layers": layers,
+        "end_to_end": bench_model(arch, batch, DTYPES[dtype], device, input_size) if end_to_end else [],
+    }
+
+
+# ---------------------------------------------------------------- tables
+
+
+def layer_rows(result) -> tuple[tuple, list[tuple]]:
+    """(headers, rows): one row per layer and backend."""
+    unit, scale = rate_unit(result["device_type"])
+    headers = ("layer", "problem", "backend", "ms", unit, "GB/s", "speedup vs torch")
+    rows = []
+    for layer in result["layers"]:
+        shape = layer["problem"]
+        problem = (f"{shape['C']}x{shape['H']}x{shape['W']}->{shape['K']} "
+                   f"{shape['R']}x{shape['S']} s{shape['stride'][0]}")
+        for backend, figures in layer["results"].items():
+            speedup = figures["speedup_vs_torch"]
+            rows.append((layer["layer"], problem, backend, f"{figures['ms']:.3f}",
+                         f"{figures['flop_per_s'] / scale:,.1f}", f"{figures['bytes_per_s'] / 1e9:,.1f}",
+                         "-" if speedup is None else f"{speedup:.2f}"))
+    return headers, rows
+
+
+def summary_rows(result) -> tuple[tuple, list[tuple]]:
+    """(headers, rows): per backend, every conv call of the model summed (each distinct layer times its uses)."""
+    unit, scale = rate_unit(result["device_type"])
+    headers = ("backend", "conv ms (all calls)", unit, "speedup vs torch (geomean)")
+    rows = []
+    for backend in result["backends"]:
+        layers = result["layers"]
+        total_ms = sum(layer["results"][backend]["ms"] * len(layer["layers"]) for layer in layers)
+        total_flops = sum(layer["flops"] * len(layer["layers"]) for layer in layers)
+        speedups = [layer["results"][backend]["speedup_vs_torch"] for layer in layers]
+        geomean = statistics.geometric_mean(speedups) if speedups and None not in speedups else None
+        rows.append((backend, f"{total_ms:.3f}", f"{total_flops / (total_ms * 1e-3) / scale:,.1f}",
+                     "-" if geomean is None else f"{geomean:.2f}"))
+    return headers, rows
+
+
+def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
+    headers = ("model", "backend", "latency ms", "images/s", "speedup vs eager")
+    rows = [(row["variant"], row["backend"], f"{row['ms']:.3f}", f"{row['images_per_s']:,.1f}",
+             f"{row['speedup_vs_eager']:.2f}") for row in result["end_to_end"]]
+    return headers, rows
+
+
+def roofline_points(result, ceiling) -> list[dict]:
+    """Each timed layer and backend of a bench result, placed under the roof of ceiling."""
+    return [
+        roofline_point(layer["layer"], backend, layer["flops"], layer["bytes"], figures["ms"], ceiling)
+        for layer in result["layers"]
+        for backend, figures in layer["results"].items()
+    ]

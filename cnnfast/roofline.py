@@ -1,0 +1,278 @@
+"""The roofline model of the conv layers: measured ceilings, bound times and the roofline chart.
+
+Ceilings, measured once per device and dtype (``ceilings``), cached in
+``$CNNFAST_CACHE_DIR/ceilings.json`` (default ``~/.cache/cnnfast/ceilings.json``):
+
+- ``matmul_flop_per_s``: a large square ``torch.matmul`` in the dtype, 2*n^3 FLOPs, median time;
+- ``copy_bytes_per_s``: a large tensor copy, counting the bytes read and the bytes written.
+
+Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, output K x P x Q):
+
+- ``flops`` = 2 * MACs = 2 * N * K * P * Q * C * R * S (as ``cnnfast.ops.conv2d_flops``);
+- ``bytes`` (compulsory traffic) = (N*C*H*W input + K*C*R*S weights + N*K*P*Q output
+  [+ N*K*P*Q residual]) * element size of the dtype: each tensor read or written once. The folded
+  BatchNorm bias (K float32 values) is not counted: under 0.1% of any layer's traffic;
+- ``intensity`` = flops / bytes (FLOP/byte);
+- ``bound_ms`` = max(flops / matmul_flop_per_s, bytes / copy_bytes_per_s): the fastest time the
+  ceilings allow; ``bound`` is "compute" when the flops term is the larger, else "memory"
+  (a layer's intensity above the ridge point, matmul_flop_per_s / copy_bytes_per_s, is compute-bound);
+- given a measured time: ``achieved_flop_per_s`` = flops / time and ``percent_of_bound`` =
+  100 * bound_ms / ms (100 means the layer runs at its roof).
+
+Timing (``time_ms``): on a GPU, ``triton.testing.do_bench`` (CUDA events, median, L2 flushed);
+on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures are CPU figures.
+
+``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/1"::
+
+    {"schema", "arch", "batch", "input_size", "dtype", "device",
+     "ceilings": {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "measured_at"},
+     "ridge_intensity",
+     "points": [{"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound",
+                 "ms", "achieved_flop_per_s", "percent_of_bound"}]}
+"""
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cnnfast.ops import conv2d_flops, conv2d_output_size
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ROOFLINE_SCHEMA = "cnnfast.roofline/1"
+# Square matmul size and copy size of the ceiling measurements (a CPU run takes ~0.1-0.3 s).
+MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
+COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"CPU {model}, {torch.get_num_threads()} threads"
+
+
+def rate_unit(device: torch.device) -> tuple[str, float]:
+    """FLOP/s unit of the tables and charts: TFLOP/s on a GPU, GFLOP/s on a CPU."""
+    return ("TFLOP/s", 1e12) if torch.device(device).type == "cuda" else ("GFLOP/s", 1e9)
+
+
+# ---------------------------------------------------------------- timing
+
+
+CPU_WARMUP, CPU_REPS = 2, 5
+
+
+def time_ms(fn, device, *, warmup: int = CPU_WARMUP, reps: int = CPU_REPS) -> float:
+    """Median milliseconds of one fn() call: CUDA events (do_bench, L2 flushed) or CPU perf_counter."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def timer_description(device) -> str:
+    if torch.device(device).type == "cuda":
+        return "triton.testing.do_bench: CUDA events, median, L2 flushed"
+    return f"CPU time.perf_counter: median of {CPU_REPS} runs after {CPU_WARMUP} warm-up runs"
+
+
+# ---------------------------------------------------------------- ceilings
+
+
+def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:
+    """Peak matmul FLOP/s and copy bandwidth (bytes read + written per second) of device in dtype."""
+    device = torch.device(device)
+    n = MATMUL_SIZE[device.type]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    matmul_ms = time_ms(lambda: torch.matmul(a, b), device, warmup=1, reps=3)
+    source = torch.empty(COPY_BYTES[device.type], dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    copy_ms = time_ms(lambda: target.copy_(source), device, warmup=1, reps=3)
+    return {
+        "device": device_name(device),
+        "dtype": dtype_name(dtype),
+        "matmul_flop_per_s": 2 * n**3 / (matmul_ms * 1e-3),
+        "copy_bytes_per_s": 2 * source.numel() / (copy_ms * 1e-3),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def cache_path() -> Path:
+    directory = os.environ.get("CNNFAST_CACHE_DIR") or Path.home() / ".cache" / "cnnfast"
+    return Path(directory) / "ceilings.json"
+
+
+def ceilings(device="cpu", dtype=torch.float32) -> dict:
+    """The ceilings of device and dtype, measured on first use and read from the cache afterwards."""
+    path = cache_path()
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{device_name(device)} / {dtype_name(dtype)}"
+    if key not in cached:
+        cached[key] = measure_ceilings(device, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=2))
+    return cached[key]
+
+
+def ridge_intensity(ceiling: dict) -> float:
+    """FLOP/byte where the bandwidth slope meets the compute ceiling."""
+    return ceiling["matmul_flop_per_s"] / ceiling["copy_bytes_per_s"]
+
+
+# ---------------------------------------------------------------- the model
+
+
+def conv_shapes(problem, batch: int) -> tuple[tuple, tuple]:
+    """(input shape, weight shape) of one ConvProblem at batch N."""
+    return (batch, problem.C, problem.H, problem.W), (problem.K, problem.C, problem.R, problem.S)
+
+
+def conv_flops(problem, batch: int) -> int:
+    """2 * MACs of one ConvProblem at batch N."""
+    return conv2d_flops(*conv_shapes(problem, batch), problem.stride, problem.padding, (1, 1))
+
+
+def conv_bytes(problem, batch: int, element_size: int, residual: bool = False) -> int:
+    """Compulsory traffic: input, weights, output (and a residual) each moved once."""
+    x_shape, w_shape = conv_shapes(problem, batch)
+    p, q = conv2d_output_size("conv", x_shape, w_shape, problem.stride, problem.padding, (1, 1))
+    output = batch * problem.K * p * q
+    elements = math.prod(x_shape) + math.prod(w_shape) + output
+    return (elements + (output if residual else 0)) * element_size
+
+
+def bound_seconds(flops: float, traffic: float, ceiling: dict) -> float:
+    return max(flops / ceiling["matmul_flop_per_s"], traffic / ceiling["copy_bytes_per_s"])
+
+
+def bound_kind(flops: float, traffic: float, ceiling: dict) -> str:
+    compute = flops / ceiling["matmul_flop_per_s"]
+    return "compute" if compute >= traffic / ceiling["copy_bytes_per_s"] else "memory"
+
+
+def roofline_point(layer: str, backend: str, flops: int, traffic: int, ms: float, ceiling: dict) -> dict:
+    """One layer timed on one backend, placed under the roof (the "points" rows of roofline.json)."""
+    bound_ms = bound_seconds(flops, traffic, ceiling) * 1e3
+    return {
+        "layer": layer,
+        "backend": backend,
+        "flops": flops,
+        "bytes": traffic,
+        "intensity": flops / traffic,
+        "bound_ms": bound_ms,
+        "bound": bound_kind(flops, traffic, ceiling),
+        "ms": ms,
+        "achieved_flop_per_s": flops / (ms * 1e-3),
+        "percent_of_bound": 100 * bound_ms / ms,
+    }
+
+
+def roofline_json(arch: str, batch: int, input_size: int, ceiling: dict, points: list[dict]) -> dict:
+    return {
+        "schema": ROOFLINE_SCHEMA,
+        "arch": arch,
+        "batch": batch,
+        "input_size": input_size,
+        "dtype": ceiling["dtype"],
+        "device": ceiling["device"],
+        "ceilings": ceiling,
+        "ridge_intensity": ridge_intensity(ceiling),
+        "points": points,
+    }
+
+
+def roofline_rows(points: list[dict], rate=("GFLOP/s", 1e9)) -> tuple[tuple, list[tuple]]:
+    """(headers, rows) of the roofline table: one row per point."""
+    unit, scale = rate
+    headers = ("layer", "backend", "FLOP/byte", "bound ms", "ms", f"achieved {unit}", "% of bound", "bound by")
+    rows = [
+        (point["layer"], point["backend"], f"{point['intensity']:.1f}", f"{point['bound_ms']:.3f}",
+         f"{point['ms']:.3f}", f"{point['achieved_flop_per_s'] / scale:,.1f}", f"{point['percent_of_bound']:.1f}",
+         point["bound"])
+        for point in points
+    ]
+    return headers, rows
+
+
+# ---------------------------------------------------------------- the chart
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", rate=("GFLOP/s", 1e9)):
+    """Log-log roofline PNG: the roof, the ridge point and each layer per backend (labelled sparsely)."""
+    from matplotlib.figure import Figure
+
+    unit, scale = rate
+    peak, bandwidth, ridge = ceiling["matmul_flop_per_s"], ceiling["copy_bytes_per_s"], ridge_intensity(ceiling)
+    intensities = [point["intensity"] for point in points] or [ridge]
+    low, high = min(min(intensities), ridge) / 3, max(max(intensities), ridge) * 3
+    figure = Figure(figsize=(10, 6.5), layout="constrained")
+    axes = figure.add_subplot()
+    xs = [low, ridge, high]
+    axes.plot(xs, [min(peak, bandwidth * x) / scale for x in xs], color="black", linewidth=2, label="roof")
+    axes.axvline(ridge, color="grey", linestyle=":", linewidth=1)
+    axes.plot([ridge], [peak / scale], "o", color="black", markersize=7)
+    axes.annotate(f"ridge {ridge:.1f} FLOP/byte", (ridge, peak / scale), xytext=(8, -16), textcoords="offset points",
+                  fontsize=9)
+    axes.annotate(f"matmul peak {peak / scale:,.1f} {unit}", (high, peak / scale), xytext=(-4, 5),
+                  textcoords="offset points", ha="right", fontsize=9)
+    axes.annotate(f"copy bandwidth {bandwidth / 1e9:,.1f} GB/s", (low * 1.5, bandwidth * low * 1.5 / scale),
+                  xytext=(10, -4), textcoords="offset points", va="top", fontsize=9)
+    backends = list(dict.fromkeys(point["backend"] for point in points))
+    for index, backend in enumerate(backends):
+        mine = [point for point in points if point["backend"] == backend]
+        axes.scatter([p["intensity"] for p in mine], [p["achieved_flop_per_s"] / scale for p in mine],
+                     marker=MARKERS[index % len(MARKERS)], color=COLOURS[index % len(COLOURS)], s=40, alpha=0.8,
+                     edgecolors="black", linewidths=0.4, label=backend, zorder=3)
+    labelled = []  # (log x, log y) of the labels placed so far: one label per layer, none too close
+    for point in points:
+        if point["backend"] != backends[0]:
+            continue
+        xy = (point["intensity"], point["achieved_flop_per_s"] / scale)
+        spot = (math.log10(xy[0]), math.log10(xy[1]))
+        if any(abs(spot[0] - x) < 0.4 and abs(spot[1] - y) < 0.06 for x, y in labelled):  # a label is ~0.4 decades
+            continue
+        labelled.append(spot)
+        axes.annotate(point["layer"], xy, xytext=(5, -3), textcoords="offset points", fontsize=7, color="#333")
+    if any(point["percent_of_bound"] > 100 for point in points):
+        axes.text(0.01, 0.01, "Points above the roof outran the measured torch.matmul ceiling.",
+                  transform=axes.transAxes, fontsize=8, style="italic", color="#555")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xlim(low, high)
+    highest = max([peak] + [point["achieved_flop_per_s"] for point in points]) / scale
+    axes.set_ylim(top=highest * 2)  # room for the ceiling's label
+    axes.set_xlabel("Arithmetic intensity (FLOP/byte of compulsory traffic)")
+    axes.set_ylabel(f"Achieved {unit}")
+    axes.set_title(f"Roofline{': ' + subject if subject else ''} ({ceiling['dtype']}, {ceiling['device']})",
+                   fontsize=11)
+    axes.grid(True, which="both", alpha=0.25)
+    figure.legend(loc="outside right upper")
+    figure.savefig(path, dpi=120)
+    return Path(path)

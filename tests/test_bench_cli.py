@@ -1,0 +1,80 @@
+"""`cnnfast bench` and `cnnfast roofline` on the CPU: skipped backends with reasons, the JSON schemas, the chart."""
+import json
+
+import pytest
+
+from cnnfast.cli import main
+
+SMALL = ("resnet18", "--batch", "1", "--input-size", "32", "--max-layers", "2")
+BENCH_KEYS = {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type", "torch_version", "timer",
+              "backends", "skipped", "layers", "end_to_end"}
+LAYER_KEYS = {"layer", "layers", "problem", "flops", "bytes", "results"}
+PROBLEM_KEYS = {"C", "H", "W", "K", "R", "S", "stride", "padding"}
+RESULT_KEYS = {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch"}
+END_TO_END_KEYS = {"variant", "backend", "ms", "images_per_s", "speedup_vs_eager"}
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, err = run(capsys, "bench", *SMALL, "--layers", "--json", str(path))
+    assert code == 0
+    result = json.loads(path.read_text())
+    assert set(result) == BENCH_KEYS
+    assert result["schema"] == "cnnfast.bench/1"
+    assert (result["arch"], result["batch"], result["input_size"]) == ("resnet18", 1, 32)
+    assert (result["dtype"], result["device_type"]) == ("fp32", "cpu")
+    assert result["backends"] == ["torch", "torch_folded", "compile"]
+    assert set(result["skipped"]) == {"triton", "cuda"}
+    assert "CUDA device" in result["skipped"]["triton"] and "conv2d" in result["skipped"]["cuda"]
+    assert [layer["layer"] for layer in result["layers"]] == ["conv1", "layer1.0.conv1"]
+    for layer in result["layers"]:
+        assert set(layer) == LAYER_KEYS and set(layer["problem"]) == PROBLEM_KEYS
+        assert set(layer["results"]) == set(result["backends"])
+        for figures in layer["results"].values():
+            assert set(figures) == RESULT_KEYS and figures["ms"] > 0
+        assert layer["results"]["torch"]["speedup_vs_torch"] == 1
+    assert layer["layers"] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    assert [row["variant"] for row in result["end_to_end"]] == ["eager", "cnnfast"]
+    assert all(set(row) == END_TO_END_KEYS and row["images_per_s"] > 0 for row in result["end_to_end"])
+    assert "CPU timings" in out
+    assert "skipped triton: needs a CUDA device" in out and "skipped cuda:" in out
+    assert "layer1.0.conv1" in out  # --layers: the per-layer table
+    assert "[2/2] layer1.0.conv1" in err  # progress on stderr
+
+
+def test_bench_prints_only_the_summary_without_layers(capsys):
+    code, out, _ = run(capsys, "bench", *SMALL, "--backends", "torch")
+    assert code == 0
+    assert "conv ms (all calls)" in out and "images/s" in out
+    assert "layer1.0.conv1" not in out
+
+
+def test_unknown_backend_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "bench", "resnet18", "--backends", "torch,cudnn")
+    assert code == 2
+    assert "cudnn" in err
+
+
+def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
+    out_dir = tmp_path / "roofline"
+    code, out, _ = run(capsys, "roofline", *SMALL, "--backends", "torch,torch_folded,triton", "--out", str(out_dir))
+    assert code == 0
+    assert (out_dir / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out_dir / "roofline.json").read_text())
+    assert data["schema"] == "cnnfast.roofline/1"
+    assert [(p["layer"], p["backend"]) for p in data["points"]] == [
+        ("conv1", "torch"), ("conv1", "torch_folded"), ("layer1.0.conv1", "torch"), ("layer1.0.conv1", "torch_folded"),
+    ]
+    assert all(p["bound"] in ("memory", "compute") for p in data["points"])
+    assert "skipped triton" in out and "% of bound" in out and "roofline.png" in out

@@ -1,0 +1,94 @@
+"""The roofline arithmetic on hand-counted layers, the ceilings cache and the CPU timing harness."""
+import json
+
+import pytest
+import torch
+
+from cnnfast import roofline
+from cnnfast.analysis import ConvProblem
+from cnnfast.roofline import (
+    bound_kind, bound_seconds, ceilings, conv_bytes, conv_flops, roofline_json, roofline_point, time_ms,
+)
+
+# ResNet's 3x3 64->64 conv at 56x56, batch 1, bf16 (2 bytes an element).
+CONV = ConvProblem(C=64, H=56, W=56, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
+MACS = 64 * 56 * 56 * 64 * 3 * 3  # output elements x C x R x S
+ELEMENTS = 64 * 56 * 56 + 64 * 64 * 3 * 3 + 64 * 56 * 56  # input + weights + output
+COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 10 FLOP/byte
+MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
+POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
+              "percent_of_bound"}
+CEILING_KEYS = {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "measured_at"}
+
+
+def test_flops_and_bytes_of_a_3x3_layer():
+    assert MACS == 115_605_504
+    assert conv_flops(CONV, batch=1) == 2 * MACS == 231_211_008
+    assert conv_bytes(CONV, batch=1, element_size=2) == 2 * ELEMENTS == 876_544
+    assert conv_bytes(CONV, batch=1, element_size=2, residual=True) == 2 * (ELEMENTS + 64 * 56 * 56)
+    assert conv_bytes(CONV, batch=4, element_size=4) == 4 * (4 * 64 * 56 * 56 * 2 + 64 * 64 * 9)
+
+
+def test_stride_two_halves_the_output():
+    problem = ConvProblem(C=64, H=56, W=56, K=128, R=3, S=3, stride=(2, 2), padding=(1, 1))
+    assert conv_flops(problem, batch=2) == 2 * 2 * 128 * 28 * 28 * 64 * 9
+    assert conv_bytes(problem, batch=2, element_size=2) == 2 * (2 * 64 * 56 * 56 + 128 * 64 * 9 + 2 * 128 * 28 * 28)
+
+
+def test_bound_time_and_kind_on_both_sides_of_the_ridge():
+    flops, traffic = 231_211_008, 876_544  # intensity 263.8 FLOP/byte
+    assert bound_seconds(flops, traffic, COMPUTE_BOUND) == pytest.approx(231.211008e-6)
+    assert bound_kind(flops, traffic, COMPUTE_BOUND) == "compute"
+    assert bound_seconds(flops, traffic, MEMORY_BOUND) == pytest.approx(8.76544e-6)
+    assert bound_kind(flops, traffic, MEMORY_BOUND) == "memory"
+    # Just below and just above the ridge of 10 FLOP/byte.
+    assert bound_kind(9.9e6, 1e6, COMPUTE_BOUND) == "memory"
+    assert bound_kind(10.1e6, 1e6, COMPUTE_BOUND) == "compute"
+
+
+def test_point_at_half_its_bound():
+    point = roofline_point("layer1.0.conv1", "torch", 231_211_008, 876_544, ms=2 * 0.231211008, ceiling=COMPUTE_BOUND)
+    assert set(point) == POINT_KEYS
+    assert point["intensity"] == pytest.approx(263.777, rel=1e-5)
+    assert point["bound_ms"] == pytest.approx(0.231211008)
+    assert point["percent_of_bound"] == pytest.approx(50)
+    assert point["achieved_flop_per_s"] == pytest.approx(0.5e12)
+    assert point["bound"] == "compute"
+
+
+def test_roofline_json_schema():
+    ceiling = {"device": "CPU test", "dtype": "bf16", "matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11,
+               "measured_at": "2026-01-01T00:00:00+00:00"}
+    point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
+    data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
+    assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
+                         "points"}
+    assert data["schema"] == "cnnfast.roofline/1"
+    assert (data["dtype"], data["device"], data["ridge_intensity"]) == ("bf16", "CPU test", 10)
+    assert set(data["ceilings"]) == CEILING_KEYS
+    assert [set(p) for p in data["points"]] == [POINT_KEYS]
+
+
+def test_ceilings_are_measured_once_and_read_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
+    first = ceilings("cpu", torch.float32)
+    assert set(first) == CEILING_KEYS
+    assert first["dtype"] == "fp32" and first["device"].startswith("CPU")
+    assert first["matmul_flop_per_s"] > 1e8 and first["copy_bytes_per_s"] > 1e8
+
+    def must_not_measure(*args):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(roofline, "measure_ceilings", must_not_measure)
+    assert ceilings("cpu", torch.float32) == first
+    cached = json.loads((tmp_path / "ceilings.json").read_text())
+    assert list(cached.values()) == [first]
+
+
+def test_cpu_timer_is_sane_and_repeatable():
+    small, large = (torch.randn(n, n) for n in (512, 1024))  # 8 times the work
+    small_ms = time_ms(lambda: small @ small, "cpu")
+    large_ms = time_ms(lambda: large @ large, "cpu")
+    again_ms = time_ms(lambda: large @ large, "cpu")
+    assert 0 < small_ms < large_ms
+    assert 1 / 3 < again_ms / large_ms < 3
