@@ -1,0 +1,178 @@
+"""Property tests: random problems for each public op on the Triton backend (under the
+interpreter on a CPU) against a float64 reference.
+
+Two value modes per example:
+- integer values: small integers in every input, so every product and partial sum is exact in
+  float32 accumulation; the kernel's single rounding to the output dtype must then equal the
+  float64 reference rounded once to that dtype, bit for bit (for float32, the reference itself);
+- random normal values, compared with the tolerance table (cnnfast.testing).
+
+Hypothesis runs derandomized (the same examples on every run), CNNFAST_FUZZ_EXAMPLES examples
+per op (default 200). The interpreter is slow, so shapes stay tiny: at the default the file takes
+25-40 s on a 2-core CPU, conv2d most of it (`--hypothesis-show-statistics` shows how many
+examples were kernels larger than the padded input, which must raise, and how many batch 0).
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import strategies as st
+
+from cnnfast import backends, ops
+from cnnfast.testing import assert_close_to_reference
+from tests.test_conv2d import LAYOUTS, Conv, in_layout, make_inputs, nan_output, reference_conv2d, run_conv2d
+from tests.test_add_relu import reference_add_relu
+from tests.test_gap_linear import make_head, reference_gap_linear
+from tests.test_global_avg_pool import reference_global_avg_pool
+
+pytestmark = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernels on CPU tensors")
+
+EXAMPLES = int(os.environ.get("CNNFAST_FUZZ_EXAMPLES", "200"))
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fuzz_settings(examples):
+    # No explain phase: on a failure it reruns the kernel hundreds of times under the interpreter.
+    return settings(derandomize=True, max_examples=examples, deadline=None, database=None,
+                    phases=(Phase.explicit, Phase.generate, Phase.shrink),
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def integers(shape, low, high):
+    """Integer values in [low, high] as float32 (cast to the op's dtype by the caller)."""
+    return torch.randint(low, high + 1, shape).float()
+
+
+def check(actual, reference, kind, exact):
+    """Exact: the float64 reference rounded once to the output dtype; otherwise the tolerance table."""
+    if exact:
+        assert_close_to_reference(actual, reference.to(actual.dtype), kind, exact=True)
+    else:
+        assert_close_to_reference(actual, reference, kind)
+
+
+# ---------------------------------------------------------------- conv2d
+
+
+@fuzz_settings(EXAMPLES)
+@given(data=st.data())
+def test_conv2d(data):
+    draw = data.draw
+    n = draw(st.sampled_from((1, 2, 3, 0)))  # batch 0 kept, but not as the most likely
+    # C picks the kernel's reduction order: up to 40 channels mostly the flat one; 16, 32 (full
+    # channel blocks) and 65, 72 (a partial last block) the channel-blocked one.
+    c = draw(st.one_of(st.integers(1, 40), st.sampled_from((16, 32, 65, 72))))
+    k = draw(st.integers(1, 40))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    r, s = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dtype = draw(st.sampled_from(DTYPES))
+    exact = draw(st.booleans())
+    x_layout, w_layout = draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(LAYOUTS))
+    bias_dtype = draw(st.sampled_from([None, torch.float32, dtype]))
+    residual, res_layout = draw(st.booleans()), draw(st.sampled_from(LAYOUTS))
+    relu, into_slice = draw(st.booleans()), draw(st.booleans())
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+
+    conv = Conv(n, c, h, w, k, r, s, stride, padding, dilation)
+    too_large = any(d * (size - 1) + 1 > extent + 2 * pad
+                    for d, size, extent, pad in zip(dilation, (r, s), (h, w), padding))
+    event("kernel larger than the padded input" if too_large else f"batch {n}")
+    if too_large:
+        x, weight = torch.zeros(n, c, h, w, dtype=dtype), torch.zeros(k, c, r, s, dtype=dtype)
+        with pytest.raises(ValueError, match="larger than the padded input"):
+            run_conv2d(conv, x, weight)
+        return
+
+    if exact:  # |x|, |w| <= 2 and C*R*S <= 1800: every sum stays below 2^13, exact in float32
+        x, weight = integers((n, c, h, w), -2, 2), integers((k, c, r, s), -2, 2)
+        bias = None if bias_dtype is None else integers((k,), -3, 3)
+        res = integers(conv.output_shape(), -3, 3) if residual else None
+    else:
+        x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
+    x, weight = in_layout(x.to(dtype), x_layout), in_layout(weight.to(dtype), w_layout)
+    bias = None if bias is None else bias.to(bias_dtype)
+    res = None if res is None else in_layout(res.to(dtype), res_layout)
+
+    out, big = None, None
+    if into_slice:
+        first, after = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        big = nan_output((n, first + k + after, *conv.output_shape()[2:]), dtype)
+        out = big[:, first : first + k]
+    result = run_conv2d(conv, x, weight, bias, res, relu, out=out)
+    assert result.shape == conv.output_shape() and result.dtype == dtype
+    check(result, reference_conv2d(conv, x, weight, bias, res, relu), "conv", exact)
+    if into_slice:
+        assert result is out
+        assert big[:, :first].isnan().all() and big[:, first + k :].isnan().all()
+
+
+# ---------------------------------------------------------------- the memory-bound ops
+
+
+def draw_shape(draw):
+    n = draw(st.sampled_from((1, 2, 3, 0)))
+    return (n, draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.integers(1, 12)))
+
+
+def exact_pooling_input(shape):
+    """Integers whose mean over each (n, c) plane is an integer v in [-8, 8]: v plus q minus q
+    shifted by one pixel (which sums to zero), so the pooled sum and its division are exact
+    while every pixel still counts."""
+    n, c, h, w = shape
+    q = integers((n, c, h * w), -2, 2)
+    return (integers((n, c, 1), -8, 8) + q - q.roll(1, dims=2)).view(n, c, h, w)
+
+
+@fuzz_settings(EXAMPLES)
+@given(data=st.data())
+def test_add_relu(data):
+    draw = data.draw
+    shape, dtype, exact, relu = draw_shape(draw), draw(st.sampled_from(DTYPES)), draw(st.booleans()), draw(st.booleans())
+    layouts = draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(LAYOUTS))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    # Integers up to 100 and their sums are exact in every dtype.
+    x, y = (integers(shape, -100, 100) if exact else torch.randn(shape) for _ in range(2))
+    x, y = in_layout(x.to(dtype), layouts[0]), in_layout(y.to(dtype), layouts[1])
+    out = ops.add_relu(x, y, relu, backend="triton")
+    assert out.shape == shape and out.dtype == dtype
+    check(out, reference_add_relu(x, y, relu), "elementwise", exact)
+
+
+@fuzz_settings(EXAMPLES)
+@given(data=st.data())
+def test_global_avg_pool(data):
+    draw = data.draw
+    shape, dtype, exact = draw_shape(draw), draw(st.sampled_from(DTYPES)), draw(st.booleans())
+    layout = draw(st.sampled_from(LAYOUTS))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    x = exact_pooling_input(shape) if exact else torch.randn(shape)
+    x = in_layout(x.to(dtype), layout)
+    out = ops.global_avg_pool(x, backend="triton")
+    assert out.shape == shape[:2] and out.dtype == dtype
+    check(out, reference_global_avg_pool(x), "elementwise", exact)
+
+
+@fuzz_settings(EXAMPLES)
+@given(data=st.data())
+def test_gap_linear(data):
+    draw = data.draw
+    shape, dtype, exact = draw_shape(draw), draw(st.sampled_from(DTYPES)), draw(st.booleans())
+    out_features, layout = draw(st.integers(1, 40)), draw(st.sampled_from(LAYOUTS))
+    bias_dtype = draw(st.sampled_from([None, torch.float32, "x"]))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    if exact:  # pooled values are integers in [-8, 8], |w| <= 2, C <= 40: |out| <= 643, exact in float32
+        x = exact_pooling_input(shape)
+        weight = integers((out_features, shape[1]), -2, 2).to(dtype)
+        bias = None if bias_dtype is None else integers((out_features,), -3, 3)
+    else:
+        x = torch.randn(shape)
+        weight, bias = make_head((*shape, out_features), dtype, "cpu", bias_dtype)
+    x = in_layout(x.to(dtype), layout)
+    bias = None if bias is None else bias.to(dtype if bias_dtype == "x" else bias_dtype)
+    out = ops.gap_linear(x, weight, bias, backend="triton")
+    assert out.shape == (shape[0], out_features) and out.dtype == dtype
+    check(out, reference_gap_linear(x, weight, bias), "conv", exact)

@@ -1,0 +1,195 @@
+"""Every Triton kernel computes its batch-dependent offsets in int64, proven on the compiled IR
+instead of on a 2^31-element tensor (which no CPU test can allocate, nor the interpreter run).
+
+Each kernel is compiled for Hopper (sm_90a) with the arguments its launcher really passes (the
+helpers of tests/test_triton_compile.py), and its TTIR is read back:
+
+- strided kernels: every integer value computed from a batch stride argument (sx_n, so_n, ...),
+  up to the tt.addptr it offsets, is i64, and at least one such value does offset a pointer. A
+  kernel that multiplied the image index by the batch stride in int32, or widened the product
+  only after the multiplication, has an i32 value on that path and fails;
+- add_relu's flat kernel (one index for all N*C*H*W elements): every tt.addptr offset is i64.
+
+conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the compiles run in
+subprocesses, one per kernel, each running this file as a script without that variable.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_triton_compile import compile_for_hopper, recorded_launch
+
+TIMEOUT_S = 300
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F16 = torch.float16
+CHANNELS_LAST = torch.channels_last
+
+
+# ---------------------------------------------------------------- the subprocess side
+
+
+def recorded(kernel_fn, launch):
+    """The (args, kwargs) that `launch()` passes to kernel_fn, whose run is swapped for a recorder."""
+    launches = []
+    kernel_fn.run = lambda *args, grid, warmup, **kwargs: launches.append((args, kwargs))
+    try:
+        launch()
+    finally:
+        del kernel_fn.run
+    (args, kwargs), = launches
+    return kernel_fn, args, kwargs
+
+
+def add_relu_launch(flat: bool):
+    from cnnfast.triton_kernels import add_relu as module
+
+    x = torch.empty(8, 64, 14, 14, dtype=F16, memory_format=CHANNELS_LAST)
+    y = torch.empty_like(x) if flat else torch.empty(8, 64, 14, 14, dtype=F16)  # NCHW y: the strided kernel
+    out = torch.empty_like(x)
+    kernel_fn = module.add_relu_flat_kernel if flat else module.add_relu_strided_kernel
+    config = (module.add_relu_flat_configs if flat else module.add_relu_strided_configs)(False)[0]
+    return recorded(kernel_fn, lambda: module.add_relu(x, y, out, True, config=config))
+
+
+def global_avg_pool_launch():
+    from cnnfast.triton_kernels import global_avg_pool as module
+
+    x = torch.empty(8, 512, 7, 7, dtype=F16, memory_format=CHANNELS_LAST)
+    config = module.global_avg_pool_configs(False)[0]
+    return recorded(module.global_avg_pool_kernel, lambda: module.global_avg_pool(x, config=config))
+
+
+def gap_linear_launch():
+    from cnnfast.triton_kernels import gap_linear as module
+
+    x = torch.empty(8, 512, 7, 7, dtype=F16, memory_format=CHANNELS_LAST)
+    weight, bias = torch.empty(1000, 512, dtype=F16), torch.empty(1000)
+    config = module.gap_linear_configs(False)[0]
+    return recorded(module.gap_linear_kernel, lambda: module.gap_linear(x, weight, bias, config=config))
+
+
+def conv2d_launch(problem: str):
+    from cnnfast.triton_kernels.conv2d import conv2d_configs
+
+    return recorded_launch("float16", problem, conv2d_configs(flat=problem == "flat", interpreted=False)[0])
+
+
+# name: (launch, the batch stride arguments; none for the flat kernel, whose every offset is checked)
+KERNELS = {
+    "conv2d_flat": (lambda: conv2d_launch("flat"), ("sx_n", "sr_n", "so_n")),
+    "conv2d_channel_blocked": (lambda: conv2d_launch("channel_blocked_masked"), ("sx_n", "sr_n", "so_n")),
+    "add_relu_flat": (lambda: add_relu_launch(flat=True), ()),
+    "add_relu_strided": (lambda: add_relu_launch(flat=False), ("sx_n", "sy_n", "so_n")),
+    "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),
+    "gap_linear": (gap_linear_launch, ("sx_n", "so_n")),
+}
+
+
+# ---------------------------------------------------------------- reading the TTIR
+
+
+class Op:
+    def __init__(self, line: str):
+        line = line.split(" loc(")[0].strip()
+        self.result, rest = (part.strip() for part in line.split("=", 1))
+        self.name = rest.split()[0]
+        body, _, types = rest.rpartition(" : ")
+        self.operands = re.findall(r"%[\w.]+", body)
+        self.types = types
+        # The result's type is printed last ("i32 to i64", "i64 -> tensor<64xi64>", "tensor<64xi64>").
+        self.type = re.split(r" -> | to |, ", types)[-1]
+
+    @property
+    def offset_type(self) -> str:  # of a tt.addptr: "pointer type, offset type"
+        return self.types.split(", ")[1]
+
+
+def parse_ops(ttir: str) -> list[Op]:
+    return [Op(line) for line in ttir.splitlines() if re.match(r"\s*%[\w.]+ = ", line)]
+
+
+def is_i64(type_: str) -> bool:
+    """i64 or a tensor of i64."""
+    return re.search(r"i64>?$", type_) is not None
+
+
+def batch_offset_problems(ops: list[Op], argument: str) -> list[str]:
+    """What is wrong with the offsets computed from one batch stride argument: each integer value
+    derived from it (up to the tt.addptr it offsets) that is not i64, or no addptr reached."""
+    derived, problems, offsets = {"%" + argument}, [], 0
+    for op in ops:  # SSA text is in definition order, so one pass follows every use
+        if not derived.intersection(op.operands):
+            continue
+        if op.name == "tt.addptr":
+            offsets += 1
+            if not is_i64(op.offset_type):
+                problems.append(f"{op.result} = tt.addptr with an {op.offset_type} offset")
+            continue
+        derived.add(op.result)
+        if not is_i64(op.type):
+            problems.append(f"{op.result} = {op.name} ... : {op.types}")
+    if offsets == 0:
+        problems.append(f"no pointer is offset by a value computed from {argument}")
+    return problems
+
+
+def flat_offset_problems(ops: list[Op]) -> list[str]:
+    addptrs = [op for op in ops if op.name == "tt.addptr"]
+    problems = [f"{op.result} = tt.addptr with an {op.offset_type} offset" for op in addptrs if not is_i64(op.offset_type)]
+    return problems if addptrs else ["no tt.addptr"]
+
+
+# ---------------------------------------------------------------- the test side
+
+
+@pytest.fixture(scope="module")
+def ttirs():
+    """The TTIR of every kernel in KERNELS, compiled in one subprocess each, all at once."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # the script imports tests.*
+    processes = {
+        name: subprocess.Popen([sys.executable, __file__, name], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name in KERNELS
+    }
+    found = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, f"compiling {name} failed:\n{stderr[-4000:]}"
+        found[name] = json.loads(stdout.splitlines()[-1])
+    return found
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_batch_offsets_are_int64(ttirs, name):
+    ops = parse_ops(ttirs[name])
+    arguments = KERNELS[name][1]
+    problems = [f"{argument}: {problem}" for argument in arguments for problem in batch_offset_problems(ops, argument)]
+    if not arguments:
+        problems = flat_offset_problems(ops)
+    assert not problems, f"{name} computes batch-dependent offsets in 32 bits:\n" + "\n".join(problems)
+
+
+def test_the_check_sees_int32_offsets():
+    """The checks on a hand-written TTIR fragment that multiplies the image index in int32."""
+    narrow = parse_ops("""
+    %n = arith.divsi %offs, %pq : tensor<64xi32> loc(#loc1)
+    %x = tt.splat %sx_n : i32 -> tensor<64xi32> loc(#loc2)
+    %x_1 = arith.muli %n, %x : tensor<64xi32> loc(#loc2)
+    %x_2 = arith.extsi %x_1 : tensor<64xi32> to tensor<64xi64> loc(#loc2)
+    %x_3 = tt.addptr %x_ptrs, %x_2 : tensor<64x!tt.ptr<f16>>, tensor<64xi64> loc(#loc3)
+    %y = tt.addptr %y_ptrs, %offs : tensor<64x!tt.ptr<f16>>, tensor<64xi32> loc(#loc4)
+    """)
+    assert len(batch_offset_problems(narrow, "sx_n")) == 2  # the splat and the multiplication
+    assert len(flat_offset_problems(narrow)) == 1
+    assert batch_offset_problems(narrow, "so_n") == ["no pointer is offset by a value computed from so_n"]
+
+
+if __name__ == "__main__":
+    kernel_fn, args, kwargs = KERNELS[sys.argv[1]][0]()
+    print(json.dumps(compile_for_hopper(kernel_fn, args, kwargs).asm["ttir"]))
