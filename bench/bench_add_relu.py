@@ -20,7 +20,7 @@ CPU_SHAPES = [(8, 256, 14, 14)]
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape, dtype_name, backend", gpu_cases(GPU_SHAPES, ("torch", "triton")))
+@pytest.mark.parametrize("shape, dtype_name, backend", gpu_cases(GPU_SHAPES, ("torch", "cuda", "triton")))
 def test_add_relu_gpu(benchmark, copy_bandwidth, shape, dtype_name, backend):
     x, y = (make_input(shape, DTYPES[dtype_name], "cuda") for _ in range(2))
     assert_close_to_reference(ops.add_relu(x, y, backend=backend), reference_add_relu(x, y), "elementwise")

@@ -68,11 +68,13 @@ def main():
         for layout in LAYOUTS:
             for shape in [(2, 24, 3, 5), (1, 3, 2, 2), (3, 130, 4, 1)]:
                 x = make_input(shape, dtype, "cuda", layout)
-                out = ops.global_avg_pool(x, backend="cuda")
+                y = make_input(shape, dtype, "cuda")  # channels_last: the flat kernel when x is too
+                pooled, summed = ops.global_avg_pool(x, backend="cuda"), ops.add_relu(x, y, backend="cuda")
                 torch.cuda.synchronize()
-                assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
-                cases += 1
-    print(f"sanitizer cases: {cases} global_avg_pool runs checked")
+                assert_close_to_reference(pooled, reference_global_avg_pool(x), "elementwise")
+                assert_close_to_reference(summed, reference_add_relu(x, y), "elementwise")
+                cases += 2
+    print(f"sanitizer cases: {cases} CUDA runs (global_avg_pool, add_relu) checked")
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
 

@@ -299,6 +299,13 @@ def _add_relu_op(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> 
         from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
 
         return add_relu_triton(x, y, out, relu)
+    if backend == "cuda":
+        with torch.cuda.device(x.device):
+            cuda_extension().add_relu(
+                x.data_ptr(), y.data_ptr(), out.data_ptr(), CUDA_DTYPE_CODES[x.dtype], tuple(x.shape), x.stride(),
+                y.stride(), out.stride(), relu, torch.cuda.current_stream(x.device).cuda_stream,
+            )
+        return out
     torch.add(x, y, out=out)
     return torch.relu_(out) if relu else out
 
@@ -314,7 +321,7 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
     x and y: (N, C, H, W) of one shape and dtype, any strides. The sum is taken in float32 and
     rounded once to x's dtype; NaN propagates as in torch.relu. The output keeps the memory format
     x and y share when both are contiguous in one (channels_last or NCHW: the fast path), and is
-    channels_last otherwise. backend: "triton", "torch", or None for the default of x's device.
+    channels_last otherwise. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "add_relu"
     check_float_tensor(op, "x", x)

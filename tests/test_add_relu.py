@@ -20,11 +20,12 @@ LAYOUT_PAIRS = [(layout, layout) for layout in LAYOUTS] + [
     ("channels_last", "nchw"), ("nchw", "channels_last"), ("channel_slice", "channels_last"),
     ("expanded", "spatial_stride"), ("storage_offset", "nchw"),
 ]
-# (backend, device); add_relu has no kernel in the CUDA extension yet.
+# (backend, device)
 BACKEND_DEVICES = [
     pytest.param("torch", "cpu", id="torch-cpu"),
     pytest.param("triton", "cpu", id="triton-cpu", marks=INTERPRETER_ONLY),
     pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="cuda-gpu", marks=pytest.mark.gpu),
 ]
 
 
@@ -114,24 +115,26 @@ def test_propagates_nan_and_inf(backend, device, dtype, relu):
 
 
 @pytest.mark.gpu
-def test_triton_offsets_past_2_31():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_offsets_past_2_31(backend):
     # 2^31 + 2^20 bfloat16 elements each: the last elements sit past 2^31.
     shape = (1, 64, 2 ** 13 + 2 ** 2, 2 ** 12)
     x = torch.empty(shape, dtype=torch.bfloat16, device="cuda", memory_format=torch.channels_last).zero_()
     y = torch.zeros_like(x)
     x[:, :, -2:] = torch.randn((1, 64, 2, 2 ** 12), device="cuda").to(torch.bfloat16)
     y[:, :, -2:] = torch.randn((1, 64, 2, 2 ** 12), device="cuda").to(torch.bfloat16)
-    out = ops.add_relu(x, y, backend="triton")
+    out = ops.add_relu(x, y, backend=backend)
     assert_close_to_reference(out[:, :, -2:], reference_add_relu(x[:, :, -2:], y[:, :, -2:]), "elementwise")
     assert not out[:, :, :-2].any()
 
 
 @pytest.mark.gpu
-def test_triton_runs_on_current_stream():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_runs_on_current_stream(backend):
     x, y = (make_input((8, 256, 14, 14), torch.float16, "cuda") for _ in range(2))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        out = ops.add_relu(x, y, backend="triton")
+        out = ops.add_relu(x, y, backend=backend)
     stream.synchronize()
     assert_close_to_reference(out, reference_add_relu(x, y), "elementwise")
 
@@ -221,6 +224,14 @@ def test_unknown_backend_rejected():
         ops.add_relu(zeros(1, 2, 3, 3), zeros(1, 2, 3, 3), backend="cudnn")
 
 
-def test_cuda_backend_has_no_kernel_yet():
-    with pytest.raises(NotImplementedError, match="add_relu: backend 'cuda' has no kernel"):
+def test_cuda_backend_on_cpu_tensor_raises():
+    with pytest.raises(RuntimeError, match="add_relu: backend 'cuda' needs CUDA tensors"):
         ops.add_relu(zeros(1, 2, 3, 3), zeros(1, 2, 3, 3), backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_extension_kernel_without_gpu_raises_clearly():
+    from cnnfast.backends import cuda_extension
+
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cuda_extension().add_relu(16, 16, 16, 0, (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, 1, 1), True, 0)

@@ -47,3 +47,31 @@ def test_extension_built_for_hopper():
     from cnnfast.backends import cuda_extension
 
     assert "90a" in cuda_extension().build_info()["architectures"]
+
+
+def cuobjdump_resource_usage() -> str:
+    """cuobjdump (the copy triton ships) over the built extension: every kernel with its resources."""
+    import subprocess
+
+    import triton
+
+    from cnnfast.backends import cuda_extension
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    library = cuda_extension().__file__
+    return "".join(
+        subprocess.run([str(tool), flag, library], capture_output=True, text=True, check=True).stdout
+        for flag in ("--list-elf", "--dump-resource-usage")
+    )
+
+
+@pytest.mark.skipif(not Path("/usr/local/cuda/bin/nvcc").exists(), reason="needs nvcc at install time")
+def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
+    dump = cuobjdump_resource_usage()
+    assert "sm_90a.cubin" in dump
+    # Each kernel in each dtype (float, __half, __nv_bfloat16) and each template variant.
+    for kernel in ("global_avg_pool_nhwc_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel"):
+        for dtype in ("If", "I6__half", "I13__nv_bfloat16"):
+            assert f"{kernel}{dtype}" in dump, f"{kernel} for {dtype} missing from the cubin"
+    usage = [line for line in dump.splitlines() if "REG:" in line]
+    assert usage and all(" LOCAL:0 " in line and " STACK:0 " in line for line in usage)

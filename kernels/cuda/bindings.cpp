@@ -6,13 +6,17 @@
 // cnnfast/ops.py do the user-facing checks; the macros below are the last line of defence
 // against a launcher bug, and raise Python exceptions instead of crashing the process.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <array>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 
+#include "add_relu.h"
 #include "dtype.h"
 #include "global_avg_pool.h"
 
@@ -62,12 +66,31 @@ void global_avg_pool(uintptr_t x, uintptr_t out, int dtype, int64_t N, int64_t C
   cnnfast::global_avg_pool_nhwc(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
+using Dims = std::array<int64_t, 4>;
+
+void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& sizes, const Dims& x_strides,
+              const Dims& y_strides, const Dims& out_strides, bool relu, uintptr_t stream) {
+  for (int64_t size : sizes) CHECK_NONNEGATIVE(size);
+  const int64_t numel = sizes[0] * sizes[1] * sizes[2] * sizes[3];
+  CHECK_POINTER(x, numel);
+  CHECK_POINTER(y, numel);
+  CHECK_POINTER(out, numel);
+  const cnnfast::DType element_type = to_dtype(dtype);
+  require_cuda_device();
+  cnnfast::AddReluArgs args{element_type, x, y, out, {}, {}, {}, {}, relu};
+  std::copy(sizes.begin(), sizes.end(), args.sizes);
+  std::copy(x_strides.begin(), x_strides.end(), args.x_strides);
+  std::copy(y_strides.begin(), y_strides.end(), args.y_strides);
+  std::copy(out_strides.begin(), out_strides.end(), args.out_strides);
+  cnnfast::add_relu(args, reinterpret_cast<cudaStream_t>(stream));
+}
+
 py::dict build_info() {
   py::dict info;
   const int v = CUDART_VERSION;
   info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
   info["architectures"] = std::string(CNNFAST_CUDA_ARCHITECTURES);
-  info["ops"] = py::make_tuple("global_avg_pool");
+  info["ops"] = py::make_tuple("add_relu", "global_avg_pool");
   return info;
 }
 
@@ -80,5 +103,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("stride_n"), py::arg("stride_c"), py::arg("stride_h"), py::arg("stride_w"),
         py::arg("out_stride_n"), py::arg("out_stride_c"), py::arg("stream"));
+  m.def("add_relu", &add_relu,
+        "out = relu?(x + y) over (N, C, H, W) tensors with any strides (sizes and strides as 4-tuples).",
+        py::arg("x"), py::arg("y"), py::arg("out"), py::arg("dtype"), py::arg("sizes"), py::arg("x_strides"),
+        py::arg("y_strides"), py::arg("out_strides"), py::arg("relu"), py::arg("stream"));
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }
