@@ -181,7 +181,7 @@ def add_measurement_options(command):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="cnnfast", description="Per-layer counts of the classic CNNs and the lecture's claims about them."
+        prog="cnnfast", description="Counts, benchmarks and rooflines of the classic CNNs and of cnnfast's fused kernels."
     )
     parser.add_argument("--version", action="version", version=f"cnnfast {cnnfast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

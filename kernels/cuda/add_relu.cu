@@ -117,13 +117,7 @@ void dispatch_relu(const AddReluArgs& a, cudaStream_t stream) {
 
 void add_relu(const AddReluArgs& a, cudaStream_t stream) {
   if (a.sizes[0] * a.sizes[1] * a.sizes[2] * a.sizes[3] == 0) return;
-  switch (a.dtype) {
-    case DType::kFloat32: dispatch_relu<float>(a, stream); break;
-    case DType::kFloat16: dispatch_relu<__half>(a, stream); break;
-    case DType::kBFloat16: dispatch_relu<__nv_bfloat16>(a, stream); break;
-  }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("add_relu launch failed: ") + cudaGetErrorString(err));
+  launch_for_dtype(a.dtype, "add_relu", [&](auto element) { dispatch_relu<decltype(element)>(a, stream); });
 }
 
 }  // namespace cnnfast

@@ -1,8 +1,15 @@
-// Device helpers the memory-bound kernels share: float32 conversions and 16-byte vectors.
+// What the memory-bound kernels share: float32 conversions, 16-byte vectors, and the host-side
+// dispatch from a DType to the element type plus the launch-error check.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "dtype.h"
 
 namespace cnnfast {
 
@@ -16,5 +23,17 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // VEC elements of T loaded or stored as one aligned vector.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
+
+// Calls launch(T{}) with T the element type of `dtype`, then raises if the launch failed.
+template <typename Launch>
+void launch_for_dtype(DType dtype, const char* op, Launch&& launch) {
+  switch (dtype) {
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + " launch failed: " + cudaGetErrorString(err));
+}
 
 }  // namespace cnnfast

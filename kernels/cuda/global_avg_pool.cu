@@ -101,13 +101,7 @@ void global_avg_pool_nhwc(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   if (a.N == 0 || a.C == 0) return;
   // grid.x holds the batch (up to 2^31 - 1), grid.y the channel slabs (up to 65535).
   if (a.C > 65535LL * kThreadsX) throw std::invalid_argument("global_avg_pool: " + std::to_string(a.C) + " channels exceed the supported 2097120");
-  switch (a.dtype) {
-    case DType::kFloat32: dispatch_vec<float>(a, stream); break;
-    case DType::kFloat16: dispatch_vec<__half>(a, stream); break;
-    case DType::kBFloat16: dispatch_vec<__nv_bfloat16>(a, stream); break;
-  }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("global_avg_pool launch failed: ") + cudaGetErrorString(err));
+  launch_for_dtype(a.dtype, "global_avg_pool", [&](auto element) { dispatch_vec<decltype(element)>(a, stream); });
 }
 
 }  // namespace cnnfast
