@@ -9,7 +9,9 @@ computes the layer with its BatchNorm and ReLU:
 - eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue.
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
-extra_info has ms, TFLOP/s and the ratio of cuDNN's bare-conv time to this backend's time.
+extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
+this backend's time, and the percent of the roofline bound (cnnfast.roofline, with this GPU's
+measured matmul and copy ceilings) that the layer reaches.
 """
 import functools
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
+from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
 BACKENDS = ("cudnn", "eager", "eager_folded", "triton")
@@ -89,16 +92,14 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
 
     benchmark.pedantic(run, warmup_rounds=3, rounds=10)
     ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-    x = layer_inputs(batch, problem)[0]
-    p = (problem.H + 2 * problem.padding[0] - problem.R) // problem.stride[0] + 1
-    q = (problem.W + 2 * problem.padding[1] - problem.S) // problem.stride[1] + 1
-    flops = 2 * batch * problem.K * p * q * problem.C * problem.R * problem.S
-    traffic = 2 * (x.numel() + problem.K * problem.C * problem.R * problem.S + batch * problem.K * p * q)
+    flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, element_size=2)
+    point = roofline_point(arch, backend, flops, traffic, ms, ceilings("cuda", torch.bfloat16))
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), dtype="bf16", backend=backend, arch=arch,
         shape=[batch, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride[0]],
         ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gbps=traffic / (ms * 1e-3) / 1e9,
-        speedup_vs_cudnn=cudnn_ms(batch, problem) / ms,
+        speedup_vs_cudnn=cudnn_ms(batch, problem) / ms, percent_of_roofline=point["percent_of_bound"],
+        bound_by=point["bound"],
     )
 
 

@@ -1,10 +1,11 @@
 """What the GPU benchmarks share: skip markers, the case grid of the memory-bound ops, and timing
 one memory-bound case into extra_info.
 
-Each memory-bound case is timed by pytest-benchmark (synchronizing inside the timed call) and, for the figures
-in extra_info, by triton.testing.do_bench (CUDA events, median, L2 flushed between runs): ms,
-GB/s of compulsory traffic, the fraction of the device's copy bandwidth (the `copy_bandwidth`
-fixture of bench/conftest.py) and the speedup over the op's torch backend.
+Each memory-bound case is timed by pytest-benchmark (synchronizing inside the timed call) and,
+for the figures in extra_info, by triton.testing.do_bench (CUDA events, median, L2 flushed
+between runs): ms, GB/s of compulsory traffic, the fraction of the device's copy bandwidth (the
+`copy_bandwidth` fixture of bench/conftest.py: cnnfast.roofline's cached measurement, so it is
+the roofline's memory ceiling) and the speedup over the op's torch backend.
 """
 import pytest
 import torch
