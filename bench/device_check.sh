@@ -3,8 +3,8 @@
 # report. Everything lands in OUTDIR (default bench/out). Each step runs under its own time limit
 # and a failing step is recorded and the rest still run; the summary table is printed last. All
 # steps together can take about 10 minutes; CNNFAST_STEPS picks some of them (comma-separated
-# step names, or their first word, as "sanitizer"; environment and build always run), so the
-# checks can be split over two calls of one device lease.
+# step names, or their first word, as "sanitizer"; environment, wheels and build always run), so
+# the checks can be split over two calls of one device lease.
 #   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
 #   CNNFAST_STEPS=gpu-tests,benchmarks bash bench/device_check.sh OUTDIR
 set -u
@@ -22,7 +22,7 @@ printf 'step\tstatus\tseconds\n' >"$STEPS"
 step() {
   local name=$1 limit=$2 start rc status
   shift 2
-  case ",${CNNFAST_STEPS:-all},environment,build," in *",all,"* | *",${name%%-*},"* | *",$name,"*) ;; *) return ;; esac
+  case ",${CNNFAST_STEPS:-all},environment,wheels,build," in *",all,"* | *",${name%%-*},"* | *",$name,"*) ;; *) return ;; esac
   echo "=== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$LOG"
   start=$(date +%s)
   # SIGINT first: pytest then still writes its JSON and XML for the cases that ran.
@@ -35,6 +35,11 @@ step() {
 
 step environment 60 "$PYTHON" bench/environment.py "$OUT/env.json"
 
+# The GPU machine has no network: build requirements it lacks (nvidia-cutlass's headers) travel
+# as wheels in the git-ignored .whl/ folder (named in the device call's carry list).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step wheels 120 "$PYTHON" -m pip install --no-index --no-deps .whl/*.whl
+fi
 step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .
 
 step gpu-tests 170 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
