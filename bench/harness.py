@@ -5,7 +5,8 @@ Each memory-bound case is timed by pytest-benchmark (synchronizing inside the ti
 for the figures in extra_info, by triton.testing.do_bench (CUDA events, median, L2 flushed
 between runs): ms, GB/s of compulsory traffic, the fraction of the device's copy bandwidth (the
 `copy_bandwidth` fixture of bench/conftest.py: cnnfast.roofline's cached measurement, so it is
-the roofline's memory ceiling) and the speedup over the op's torch backend.
+the roofline's memory ceiling) and the speedup over the op's torch backend; graph_ms and
+graph_speedup_vs_torch time CUDA-graph replays of the same calls, which leave out the launch cost.
 """
 import pytest
 import torch
@@ -37,9 +38,13 @@ def time_case(benchmark, op, backend, traffic_bytes, copy_bandwidth, **info):
     benchmark.pedantic(run, warmup_rounds=10, rounds=50)
     ms = triton.testing.do_bench(lambda: op(backend), warmup=25, rep=100)
     ms_torch = triton.testing.do_bench(lambda: op("torch"), warmup=25, rep=100)
+    # The same, replayed from a CUDA graph: the kernel's own time, without the Python launch cost
+    # that dominates a kernel of a few microseconds (the L2 is not flushed between replays).
+    graph_ms = triton.testing.do_bench_cudagraph(lambda: op(backend), rep=50, return_mode="median")
+    graph_ms_torch = triton.testing.do_bench_cudagraph(lambda: op("torch"), rep=50, return_mode="median")
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), backend=backend, ms=ms, gbps=traffic_bytes / (ms * 1e-3) / 1e9,
         copy_gbps=copy_bandwidth / 1e9, fraction_of_copy_bandwidth=traffic_bytes / (ms * 1e-3) / copy_bandwidth,
-        speedup_vs_torch=ms_torch / ms, **info,
+        speedup_vs_torch=ms_torch / ms, graph_ms=graph_ms, graph_speedup_vs_torch=graph_ms_torch / graph_ms, **info,
     )
     return ms
