@@ -57,6 +57,8 @@ def run_analyze(args):
 
 
 def run_claims(args):
+    if args.measure:
+        return run_measured_claims(args)
     claims = compute_claims()
     if args.json:
         print(json.dumps([claim.to_dict() for claim in claims], indent=2))
@@ -78,6 +80,35 @@ def run_claims(args):
     for claim in claims:
         if claim.closed_form_text:
             print(f"  {claim.title}: {claim.closed_form_text}")
+    return 0
+
+
+def key_list(text):
+    return [key.strip() for key in text.split(",") if key.strip()]
+
+
+def run_measured_claims(args):
+    from cnnfast.analysis.measure import measure_claims, measured_on, measured_rows
+
+    try:
+        result = measure_claims(batch=args.batch, dtype=args.dtype, keys=args.only)
+    except ValueError as error:
+        print(f"cnnfast claims: error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(measured_on(result))
+    for backend, reason in result["skipped"].items():
+        print(f"skipped {backend}: {reason}")
+    print(f"verdict: {result['verdict_rule']}\n")
+    print(text_table(*measured_rows(result)))
+    print()
+    for row in result["claims"]:
+        sides = " / ".join(side["label"] for side in row["sides"].values())
+        print(f"  {row['key']}: {sides}")
+        if row["explanation"]:
+            print(f"    {row['explanation']['cause']}: {row['explanation']['text']}")
     return 0
 
 
@@ -203,7 +234,23 @@ def build_parser():
     analyze.set_defaults(run=run_analyze)
 
     claims = commands.add_parser("claims", help="the lecture's claims, counted and set against closed forms")
-    claims.add_argument("--json", action="store_true", help="print the claims as a JSON list")
+    claims.add_argument(
+        "--json", action="store_true", help="print the claims (or, with --measure, the measurements) as JSON"
+    )
+    claims.add_argument(
+        "--measure", action="store_true",
+        help="time both sides of each time-relevant claim on the torch backend (schema: cnnfast.claims_measure)",
+    )
+    claims.add_argument(
+        "--batch", type=positive_int, default=1, metavar="B", help="with --measure: images per batch (default: 1)"
+    )
+    claims.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="with --measure: default bf16 on a GPU, fp32 on a CPU"
+    )
+    claims.add_argument(
+        "--only", type=key_list, metavar="KEYS",
+        help="with --measure: comma-separated claim keys to time (default: every time-relevant claim)",
+    )
     claims.set_defaults(run=run_claims)
 
     report = commands.add_parser("report", help="write the HTML and Markdown report with its charts")

@@ -2,7 +2,8 @@
 
 The report is a list of sections. Each section function takes the ReportData and returns a
 Section holding its HTML, its Markdown and the chart files it wrote; a new section is one
-more function in SECTIONS. Everything is counted on the meta device: no forward pass runs.
+more function in SECTIONS. Everything is counted on the meta device; the claims' time ratios and
+the roofline are measured when the report is written (CPU timings on a CPU).
 """
 
 import datetime
@@ -260,30 +261,47 @@ def summary_section(data):
 
 
 def claims_section(data):
-    headers = ("Claim", "Quantity", "Counted ratio", "Closed form", "Formula", "Agreement")
+    from cnnfast.analysis.measure import measure_claims, measured_on
+
+    measured = measure_claims(claims=data.claims)
+    by_key = {row["key"]: row for row in measured["claims"]}
+    timings = "CPU timings, not GPU speeds" if measured["device_type"] == "cpu" else "GPU timings"
+    headers = ("Claim", "Quantity", "Predicted (counted) ratio", "Measured time ratio", "Verdict", "Closed form",
+               "Formula", "Agreement")
     rows = [
         (
             claim.title,
             claim.quantity,
             f"{claim.predicted:.4g}",
+            f"{by_key[claim.key]['measured']:.4g}" if claim.key in by_key else "not a time",
+            by_key[claim.key]["verdict"] if claim.key in by_key else "-",
             closed_form_value(claim),
             claim.closed_form_text or "",
             agreement_text(claim),
         )
         for claim in data.claims
     ]
-    align = "llrrll"
+    align = "llrrlrll"
     intro = (
-        "Each ratio is counted on real layer shapes and set against the lecture's closed form where it gives one."
+        "Each ratio is counted on real layer shapes and set against the lecture's closed form where it gives one. "
+        "Where the quantity is time (MACs, pooling operations), both sides of the ratio were also timed when this "
+        f"report was written ({timings}): {measured_on(measured)}. Verdict: {measured['verdict_rule']}. "
+        "Full runs: cnnfast claims --measure."
     )
+    notes = [f"{row['key']} ({row['verdict']}): {row['explanation']['cause']}: {row['explanation']['text']}"
+             for row in measured["claims"] if row["explanation"]]
     statements = list(dict.fromkeys(claim.statement for claim in data.claims))  # several claims share one
     outro = "What the lecture says, in the order of the table:"
+    html_notes = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
+    markdown_notes = "\n".join(f"- {markdown_escape(note)}" for note in notes)
     html_statements = "\n".join(f"<li>{html.escape(statement)}</li>" for statement in statements)
     markdown_statements = "\n".join(f"- {markdown_escape(statement)}" for statement in statements)
     return Section(
         "The lecture's claims",
-        f"<p>{intro}</p>\n{html_table(headers, rows, align)}\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
-        f"{intro}\n\n{markdown_table(headers, rows, align)}\n\n{outro}\n\n{markdown_statements}",
+        f"<p>{html.escape(intro)}</p>\n{html_table(headers, rows, align)}\n<p>Where the measured ratio departs "
+        f"from the counted one:</p>\n<ul>\n{html_notes}\n</ul>\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
+        f"{markdown_escape(intro)}\n\n{markdown_table(headers, rows, align)}\n\nWhere the measured ratio departs "
+        f"from the counted one:\n\n{markdown_notes}\n\n{outro}\n\n{markdown_statements}",
     )
 
 

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from cnnfast.analysis.claims import compute_claims
+from cnnfast.analysis.measure import SCHEMA, TIME_QUANTITIES, explain, verdict
+from cnnfast.cli import main
+
+# Two cheap claims (a few ms a side on a CPU): one of conv stacks, one of AlexNet's pooling and conv layers.
+REDUCED = ("bottleneck_vs_basic_macs", "alexnet_pool_ops_vs_conv_macs")
+TOP_KEYS = {"schema", "device", "device_type", "dtype", "batch", "torch_version", "timer", "backends", "skipped",
+            "empty_op_ms", "ceilings", "verdict_rule", "not_measured", "claims"}
+CLAIM_KEYS = {"key", "title", "quantity", "predicted", "pivot", "measured", "verdict", "explanation", "sides"}
+SIDE_KEYS = {"label", "ms", "flops", "bytes", "intensity", "bound_ms", "memory_bound_ms", "bound", "calls"}
+
+
+@pytest.mark.parametrize("predicted, measured, pivot, expected", [
+    (1.389, 1.389 * 1.2, 1.0, "holds"),
+    (1.389, 1.389 / 1.24, 1.0, "holds"),
+    (0.059, 0.064, 1.0, "holds"),
+    (19.5, 3.0, 1.0, "holds in direction"),
+    (0.06, 0.3, 1.0, "holds in direction"),
+    (0.92, 0.6, 0.5, "holds in direction"),
+    (1.389, 0.9, 1.0, "does not hold"),
+    (0.92, 0.3, 0.5, "does not hold"),
+    (1.0, 1.3, 1.0, "does not hold"),  # "the same compute", measured 30% apart
+])
+def test_verdict_rule(predicted, measured, pivot, expected):
+    assert verdict(predicted, measured, pivot) == expected
+
+
+def side(label, ms, bound_ms, memory_bound_ms=0.0, calls=1):
+    return {"label": label, "ms": ms, "bound_ms": bound_ms, "memory_bound_ms": memory_bound_ms, "calls": calls,
+            "intensity": 1.0}
+
+
+def test_explain_launch_overhead():
+    found = explain(10.0, 1.0, side("a", 0.01, 0.001), side("b", 0.01, 0.0001, calls=3), empty_ms=0.004)
+    assert found["cause"] == "launch overhead"
+
+
+def test_explain_memory_boundedness():
+    # counted 10, roofline 2 (the denominator is memory-bound), measured 2.5: the roofline explains it
+    found = explain(10.0, 2.5, side("a", 10.0, 10.0), side("b", 4.0, 5.0, memory_bound_ms=5.0), empty_ms=1e-4)
+    assert found["cause"] == "memory-boundedness"
+    assert found["roofline_ratio"] == pytest.approx(2.0)
+
+
+def test_explain_neither():
+    found = explain(10.0, 2.5, side("a", 10.0, 10.0), side("b", 4.0, 1.0), empty_ms=1e-4)
+    assert found["cause"] == "neither"
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from cnnfast.analysis.measure import measure_claims
+
+    return measure_claims(keys=list(REDUCED), device="cpu")
+
+
+def test_schema_keys(measured):
+    assert set(measured) == TOP_KEYS
+    assert measured["schema"] == SCHEMA
+    assert measured["device_type"] == "cpu" and measured["backends"] == ["torch"]
+    assert "cnnfast" in measured["skipped"]  # the fused forms: GPU only, skipped with the reason
+    for row in measured["claims"]:
+        assert set(row) == CLAIM_KEYS
+        assert set(row["sides"]) == {"numerator", "denominator"}
+        for figures in row["sides"].values():
+            assert set(figures) == SIDE_KEYS
+
+
+def test_every_time_relevant_claim_has_a_measurement():
+    from cnnfast.analysis.measure import _sides
+
+    timed = [claim for claim in compute_claims() if claim.quantity in TIME_QUANTITIES]
+    assert len(timed) == 8
+    for claim in timed:
+        numerator, denominator = _sides(claim)
+        assert numerator[1] and denominator[1]
+
+
+def test_cli_measure_json_on_a_reduced_set(capsys):
+    code = main(["claims", "--measure", "--json", "--only", ",".join(REDUCED)])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert {row["key"] for row in result["claims"]} == set(REDUCED)
+    for row in result["claims"]:
+        assert row["sides"]["numerator"]["ms"] > 0 and row["sides"]["denominator"]["ms"] > 0
+        assert row["verdict"] in ("holds", "holds in direction", "does not hold")
+        assert (row["explanation"] is None) == (row["verdict"] == "holds")
+
+
+def test_cli_measure_rejects_a_claim_that_is_not_timed(capsys):
+    assert main(["claims", "--measure", "--only", "vgg_3x3_vs_5x5_params"]) == 2
+    assert "vgg_3x3_vs_5x5_params" in capsys.readouterr().err
+
+
+def test_report_claims_section_has_predicted_and_measured_columns(tmp_path):
+    from cnnfast.report import ReportData, claims_section
+
+    claims = [claim for claim in compute_claims() if claim.key.startswith("bottleneck_vs_basic_")]
+    section = claims_section(ReportData(out_dir=tmp_path, analyses={}, claims=claims))
+    for text in (section.html, section.markdown):
+        assert "Predicted (counted) ratio" in text and "Measured time ratio" in text
+        assert "CPU timings" in text or torch.cuda.is_available()
+    measured_row = next(line for line in section.markdown.splitlines() if line.startswith("| ResNet: bottleneck")
+                        and "| macs |" in line)
+    assert any(verdict_text in measured_row for verdict_text in ("holds", "does not hold"))
+    assert "not a time" in section.markdown  # the parameters claim is counted, not timed
