@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # Both lie on this machine's disk; pip takes them from there.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 BUILD_DEPS := 'setuptools>=64' wheel 'pybind11>=2.12' 'cmake>=3.24' ninja
+# CUTLASS's C++ headers, for the CUDA conv; its Python dependencies are not needed to build.
+CUTLASS := nvidia-cutlass==4.2.0.0
 INSTALLED := $(VENV)/.cnnfast-installed
 SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/cuda/*)
 
@@ -26,6 +28,7 @@ $(PY):
 $(INSTALLED): $(PY) $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS) $(BUILD_DEPS)
+	$(PY) -m pip install -q --no-deps $(CUTLASS)
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 

@@ -3,7 +3,10 @@
 CNNFAST_BUILD_CUDA=auto (default) builds the extension when nvcc is found and says so when it
 is not; =1 fails when it cannot build; =0 installs the pure-Python package.
 CMAKE_CUDA_ARCHITECTURES (default 90a) and CMAKE_BUILD_PARALLEL_LEVEL pass through to CMake.
+The CUTLASS convolution is built when nvidia-cutlass (cutlass_library) is installed, and left out
+(with a message) when it is not.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,6 +26,19 @@ def find_nvcc():
         return candidate
     found = shutil.which("nvcc")
     return Path(found) if found else None
+
+
+def find_cutlass_include_dirs():
+    """CUTLASS's include/ and tools/util/include/ from the nvidia-cutlass wheel, or None without it."""
+    # Found, not imported: the headers are all the build needs, not the package's Python side.
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or spec.origin is None:
+        return None
+    source = Path(spec.origin).resolve().parent / "source"
+    dirs = [source / "include", source / "tools" / "util" / "include"]
+    if not all((d / "cutlass").is_dir() for d in dirs):
+        return None
+    return dirs
 
 
 class CMakeExtension(Extension):
@@ -45,6 +61,13 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
         ]
+        cutlass_dirs = find_cutlass_include_dirs()
+        if cutlass_dirs:
+            args.append(f"-DCUTLASS_INCLUDE_DIRS={';'.join(str(d) for d in cutlass_dirs)}")
+        else:
+            args.append("-DCUTLASS_INCLUDE_DIRS=")
+            print("cnnfast: nvidia-cutlass (cutlass_library) not found; building without the CUTLASS conv",
+                  file=sys.stderr)
         if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
         if shutil.which("ninja"):

@@ -7,7 +7,8 @@ computes the layer with its BatchNorm and ReLU:
 - cudnn:        F.conv2d alone (cuDNN's bare convolution: the bar for the fused kernel),
 - eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
 - eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
-- triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue.
+- triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
+- cuda:         the same on the CUTLASS kernel of cnnfast._C (layers with C and K multiples of 8).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, and the percent of the roofline bound (cnnfast.roofline, with this GPU's
@@ -25,7 +26,7 @@ from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
-BACKENDS = ("cudnn", "eager", "eager_folded", "triton")
+BACKENDS = ("cudnn", "eager", "eager_folded", "triton", "cuda")
 
 
 def problem_cases():
@@ -66,7 +67,7 @@ def layer_fn(backend, batch, problem):
     if backend == "eager_folded":
         bias_bf16 = bias.to(torch.bfloat16)
         return lambda: torch.relu(F.conv2d(x, weight, bias_bf16, stride, padding))
-    return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend="triton")
+    return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend=backend)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,8 +82,10 @@ def cudnn_ms(batch, problem):
 def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     import triton.testing
 
+    if backend == "cuda" and (problem.C % 8 or problem.K % 8):
+        pytest.skip("the CUTLASS kernel needs C and K multiples of 8 (16-byte TMA alignment)")
     fn = layer_fn(backend, batch, problem)
-    if backend == "triton":  # a broken kernel is not timed: compare with the folded eager result
+    if backend in ("triton", "cuda"):  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
 

@@ -61,6 +61,25 @@ def conv2d_cases() -> int:
     return runs
 
 
+def cutlass_conv2d_cases() -> int:
+    """The CUTLASS conv on small problems: with and without residual, bias and ReLU, stride 2."""
+    runs = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for c, k, kernel, stride, padding, residual in [(16, 24, 3, 1, 1, True), (32, 16, 1, 2, 0, False)]:
+            x = make_input((2, c, 9, 11), dtype, "cuda")
+            w = torch.randn(k, c, kernel, kernel, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+            b = torch.randn(k, device="cuda")
+            reference = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
+            res = torch.randn(reference.shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+            res = res if residual else None
+            out = ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=residual, backend="cuda")
+            if res is not None:
+                reference = reference + res.double()
+            assert_close_to_reference(out, torch.relu(reference) if residual else reference, "conv")
+            runs += 1
+    return runs
+
+
 def main():
     torch.manual_seed(0)
     cases = 0
@@ -77,6 +96,7 @@ def main():
     print(f"sanitizer cases: {cases} CUDA runs (global_avg_pool, add_relu) checked")
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
+    print(f"sanitizer cases: {cutlass_conv2d_cases()} CUDA (CUTLASS) conv2d runs checked")
 
 
 if __name__ == "__main__":

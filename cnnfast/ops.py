@@ -79,11 +79,35 @@ def _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, gro
     out.copy_(y)
 
 
+def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu):
+    # The CUTLASS kernel reads and writes dense NHWC tensors through TMA: other layouts are made
+    # dense first, and an output with other strides (a channel slice) is written through a copy.
+    channels_last = torch.channels_last
+    x = x.contiguous(memory_format=channels_last)
+    weight = weight.contiguous(memory_format=channels_last)
+    bias = bias.float().contiguous() if bias is not None else None
+    residual = residual.contiguous(memory_format=channels_last) if residual is not None else None
+    dense_out = out if out.is_contiguous(memory_format=channels_last) else torch.empty_like(out, memory_format=channels_last)
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    with torch.cuda.device(x.device):
+        cuda_extension().conv2d(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
+            residual.data_ptr() if residual is not None else 0, dense_out.data_ptr(), CUDA_DTYPE_CODES[x.dtype],
+            n, c, h, w, k, r, s, tuple(padding), tuple(stride), tuple(dilation), relu,
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )
+    if dense_out is not out:
+        out.copy_(dense_out)
+
+
 def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
     if backend == "triton":
         from cnnfast.triton_kernels.conv2d import conv2d_bias_act
 
         conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu)
+    elif backend == "cuda":
+        _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu)
     else:
         _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
 
@@ -148,7 +172,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     residual: (N, K, P, Q) in x's dtype. Accumulation and the epilogue run in float32.
     out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
     channels_last tensor works); otherwise a channels_last output is allocated.
-    backend: "triton", "torch", or None for the default of x's device.
+    backend: "triton", "cuda" (CUTLASS, float16/bfloat16, C and K multiples of 8), "torch", or
+    None for the default of x's device.
     """
     op = "conv2d"
     check_float_tensor(op, "x", x)

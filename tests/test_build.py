@@ -73,5 +73,9 @@ def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
     for kernel in ("global_avg_pool_nhwc_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel"):
         for dtype in ("If", "I6__half", "I13__nv_bfloat16"):
             assert f"{kernel}{dtype}" in dump, f"{kernel} for {dtype} missing from the cubin"
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" in cuda_extension().build_info()["ops"]:  # the CUTLASS conv: f16 and bf16, with and without ReLU
+        assert dump.count("ConvUniversal") >= 4
     usage = [line for line in dump.splitlines() if "REG:" in line]
     assert usage and all(" LOCAL:0 " in line and " STACK:0 " in line for line in usage)

@@ -544,9 +544,25 @@ def test_groups_on_torch_match_reference(groups):
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True, groups=groups), "conv")
 
 
-def test_cuda_backend_has_no_conv():
-    with pytest.raises((NotImplementedError, RuntimeError), match="backend 'cuda'"):
-        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), backend="cuda")
+def test_cuda_backend_needs_cuda_tensors():
+    with pytest.raises(RuntimeError, match="conv2d: backend 'cuda' needs CUDA tensors"):
+        ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), backend="cuda")
+
+
+@pytest.mark.parametrize(
+    "dtype, c, k, match",
+    [(1, 12, 16, "C=12 must be a multiple of 8"), (1, 16, 20, "K=20 must be a multiple of 8"),
+     (0, 16, 16, "float32")],
+    ids=["channels", "filters", "float32"],
+)
+def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k, match):
+    # The CUTLASS kernel's own checks run before it looks for a device, so they are testable here.
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    with pytest.raises(ValueError, match=match):
+        cuda_extension().conv2d(16, 16, 0, 0, 16, dtype, 1, c, 8, 8, k, 3, 3, (1, 1), (1, 1), (1, 1), True, 0)
 
 
 def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):

@@ -91,3 +91,39 @@ def test_triton_error_no_worse_than_cudnn_at_batch_8(dtype):
     ours = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True, backend="triton")
     cudnn = torch.relu(F.conv2d(x, w, b.to(dtype), problem.stride, problem.padding))
     assert (ours.double() - ref).abs().max() <= 2 * (cudnn.double() - ref).abs().max()
+
+
+CUTLASS_PROBLEMS = {p: name for p, name in PROBLEMS.items() if p.C % 8 == 0 and p.K % 8 == 0}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("problem", list(CUTLASS_PROBLEMS), ids=list(CUTLASS_PROBLEMS.values()))
+def test_cuda_every_layer(problem, dtype):
+    # The CUTLASS kernel on every layer it supports (C and K multiples of 8), with a residual on the
+    # 1x1 layers (the bottleneck's expansion) and without on the others.
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    res = res if problem.R == 1 else None
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True, out=out,
+               backend="cuda")
+    assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
+
+
+def test_cuda_writes_into_a_channel_slice():
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    problem = next(p for p in CUTLASS_PROBLEMS if p.R == 3)
+    x, w, b, _, out = make_problem(problem, 2, torch.bfloat16)
+    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=torch.channels_last)
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True, out=big[:, 8 : 8 + problem.K],
+               backend="cuda")
+    reference = reference_conv2d(x, w, b, None, problem.stride, problem.padding)
+    assert_close_to_reference(big[:, 8 : 8 + problem.K], reference, "conv")
+    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "add_relu.h"
+#include "conv2d_cutlass.h"
 #include "dtype.h"
 #include "global_avg_pool.h"
 
@@ -85,12 +86,47 @@ void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& si
   cnnfast::add_relu(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16).
+// x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual and
+// out dense (N, P, Q, K); pointers 16-byte aligned. Padding, stride, dilation as (h, w) pairs.
+void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, uintptr_t out, int dtype,
+            int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R, int64_t S,
+            const std::array<int64_t, 2>& padding, const std::array<int64_t, 2>& stride,
+            const std::array<int64_t, 2>& dilation, bool relu, uintptr_t stream) {
+  CHECK_NONNEGATIVE(N);
+  CNNFAST_CHECK(C > 0 && H > 0 && W > 0 && K > 0 && R > 0 && S > 0,
+                "conv2d needs positive C, H, W, K, R, S, got C=" << C << " H=" << H << " W=" << W << " K=" << K
+                                                                  << " R=" << R << " S=" << S);
+  CNNFAST_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be >= 0");
+  CNNFAST_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be > 0");
+  CNNFAST_CHECK(dilation[0] > 0 && dilation[1] > 0, "dilation must be > 0");
+  CHECK_POINTER(x, N);
+  CHECK_POINTER(weight, 1);
+  CHECK_POINTER(out, N);
+  const cnnfast::DType element_type = to_dtype(dtype);
+  const cnnfast::Conv2dCutlassArgs args{element_type, x, weight, bias, residual, out,
+                                        N, C, H, W, K, R, S,
+                                        padding[0], padding[1], stride[0], stride[1], dilation[0], dilation[1],
+                                        /*has_residual=*/residual != 0, relu};
+#if defined(CNNFAST_WITH_CUTLASS)
+  cnnfast::conv2d_cutlass_check(args);  // argument errors first: they need no GPU
+  require_cuda_device();
+#endif
+  cnnfast::conv2d_cutlass(args, reinterpret_cast<cudaStream_t>(stream));
+}
+
 py::dict build_info() {
   py::dict info;
   const int v = CUDART_VERSION;
   info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
   info["architectures"] = std::string(CNNFAST_CUDA_ARCHITECTURES);
+#if defined(CNNFAST_WITH_CUTLASS)
+  info["ops"] = py::make_tuple("add_relu", "conv2d", "global_avg_pool");
+  info["cutlass"] = true;
+#else
   info["ops"] = py::make_tuple("add_relu", "global_avg_pool");
+  info["cutlass"] = false;
+#endif
   return info;
 }
 
@@ -107,5 +143,12 @@ PYBIND11_MODULE(_C, m) {
         "out = relu?(x + y) over (N, C, H, W) tensors with any strides (sizes and strides as 4-tuples).",
         py::arg("x"), py::arg("y"), py::arg("out"), py::arg("dtype"), py::arg("sizes"), py::arg("x_strides"),
         py::arg("y_strides"), py::arg("out_strides"), py::arg("relu"), py::arg("stream"));
+  m.def("conv2d", &conv2d,
+        "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 implicit GEMM: float16/bfloat16, "
+        "x NHWC and weight KRSC dense, C and K multiples of 8, groups 1, bias float32 or 0, residual or 0. "
+        "Raises ValueError for what it does not support, RuntimeError when built without CUTLASS.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("dtype"),
+        py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("K"), py::arg("R"), py::arg("S"),
+        py::arg("padding"), py::arg("stride"), py::arg("dilation"), py::arg("relu"), py::arg("stream"));
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }

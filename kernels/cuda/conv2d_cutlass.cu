@@ -1,0 +1,76 @@
+// conv2d_cutlass: checks what the CUTLASS sm90 fprop supports and dispatches on the element type.
+// This file does not include CUTLASS (it compiles in seconds); the kernels are in
+// conv2d_cutlass_{f16,bf16}.cu, built only when CMake found the CUTLASS headers.
+#include "conv2d_cutlass.h"
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace cnnfast {
+
+#define CONV_CHECK(cond, msg)                                                  \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      std::ostringstream os_;                                                  \
+      os_ << "conv2d (cuda/CUTLASS): " << msg;                                 \
+      throw std::invalid_argument(os_.str());                                  \
+    }                                                                          \
+  } while (0)
+
+// The limits of the sm90 implicit GEMM (TMA im2col on a 2-D convolution, see
+// CollectiveConv::can_implement in cutlass/conv/collective/sm90_implicit_gemm_gmma_ss_warpspecialized.hpp),
+// checked here so that the error names the problem instead of "can_implement failed".
+void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
+  CONV_CHECK(a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16,
+             "only float16 and bfloat16 are compiled, got "
+                 << (a.dtype == DType::kFloat32 ? "float32 (no float32/TF32 CUTLASS kernel is built)" : "an unknown dtype"));
+  CONV_CHECK(a.N >= 0 && a.C > 0 && a.H > 0 && a.W > 0 && a.K > 0 && a.R > 0 && a.S > 0,
+             "sizes must be positive (N may be 0): N=" << a.N << " C=" << a.C << " H=" << a.H << " W=" << a.W
+                                                      << " K=" << a.K << " R=" << a.R << " S=" << a.S);
+  // 16-byte TMA alignment: every row of channels (x, weight) and of output channels (out,
+  // residual) must start on a 16-byte boundary, i.e. C and K multiples of 8 two-byte elements.
+  CONV_CHECK(a.C % 8 == 0, "input channels C=" << a.C << " must be a multiple of 8 (16-byte TMA alignment)");
+  CONV_CHECK(a.K % 8 == 0, "output channels K=" << a.K << " must be a multiple of 8 (16-byte TMA alignment)");
+  CONV_CHECK(a.x % 16 == 0 && a.weight % 16 == 0 && a.out % 16 == 0 && (!a.has_residual || a.residual % 16 == 0),
+             "x, weight, out and residual must be 16-byte aligned device pointers");
+  CONV_CHECK(a.bias % 16 == 0, "bias must be a 16-byte aligned float32 pointer (or none)");
+  CONV_CHECK(a.weight != 0, "null weight pointer");
+  CONV_CHECK(a.N == 0 || (a.x != 0 && a.out != 0), "null x or out pointer");
+  CONV_CHECK(!a.has_residual || a.residual != 0, "has_residual is set but the residual pointer is null");
+  CONV_CHECK(a.stride_h >= 1 && a.stride_w >= 1 && a.stride_h <= 8 && a.stride_w <= 8,
+             "stride " << a.stride_h << "x" << a.stride_w << " is outside 1..8 (TMA im2col traversal stride)");
+  CONV_CHECK(a.dilation_h >= 1 && a.dilation_w >= 1, "dilation must be >= 1");
+  CONV_CHECK(a.pad_h >= 0 && a.pad_w >= 0 && a.pad_h <= 127 && a.pad_w <= 127,
+             "padding " << a.pad_h << "x" << a.pad_w << " is outside 0..127 (TMA im2col corner limit)");
+  // Filter offsets of TMA im2col are 8-bit per spatial dimension in 2-D: (R-1)*dilation < 255.
+  CONV_CHECK((a.R - 1) * a.dilation_h < 255 && (a.S - 1) * a.dilation_w < 255,
+             "dilated filter extent " << (a.R - 1) * a.dilation_h + 1 << "x" << (a.S - 1) * a.dilation_w + 1
+                                      << " is too large for TMA im2col (at most 255)");
+  // The far corner, pad - (filter-1)*dilation, must stay within [-128, 127].
+  CONV_CHECK(a.pad_h - (a.R - 1) * a.dilation_h >= -128 && a.pad_w - (a.S - 1) * a.dilation_w >= -128,
+             "dilated filter extent minus padding is too large for TMA im2col");
+  const int64_t P = conv2d_cutlass_out_extent(a.H, a.pad_h, a.stride_h, a.dilation_h, a.R);
+  const int64_t Q = conv2d_cutlass_out_extent(a.W, a.pad_w, a.stride_w, a.dilation_w, a.S);
+  CONV_CHECK(P > 0 && Q > 0, "the dilated filter is larger than the padded input");
+  // CUTLASS's conv problem shape holds extents as int and the GEMM M = N*P*Q as int.
+  const int64_t kIntMax = 2147483647;
+  CONV_CHECK(a.N * P * Q <= kIntMax && a.N * a.H * a.W <= kIntMax && a.K * a.R * a.S * a.C <= kIntMax,
+             "problem too large for 32-bit CUTLASS extents");
+}
+
+void conv2d_cutlass(const Conv2dCutlassArgs& a, cudaStream_t stream) {
+#if defined(CNNFAST_WITH_CUTLASS)
+  conv2d_cutlass_check(a);
+  if (a.N == 0) return;
+  if (a.dtype == DType::kFloat16) conv2d_cutlass_f16(a, stream);
+  else conv2d_cutlass_bf16(a, stream);
+#else
+  (void)a;
+  (void)stream;
+  throw std::runtime_error(
+      "conv2d (cuda): cnnfast._C was built without CUTLASS (nvidia-cutlass was not installed at build time)");
+#endif
+}
+
+}  // namespace cnnfast

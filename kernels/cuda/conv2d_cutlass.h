@@ -1,0 +1,52 @@
+// Fused 2-D convolution on NVIDIA CUTLASS (sm90 implicit GEMM): the launcher's arguments.
+//
+// out = relu?(conv2d(x, weight) + bias[k] + residual), accumulated and post-processed in float32.
+// x is dense NHWC (channels_last), weight dense KRSC (a channels_last (K, C, R, S) tensor),
+// residual and out dense NPQK; bias is float32, length K. Only float16 and bfloat16 are compiled.
+// The declarations below do not need the CUTLASS headers; the kernels live in
+// conv2d_cutlass_{f16,bf16}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace cnnfast {
+
+struct Conv2dCutlassArgs {
+  DType dtype;
+  uintptr_t x;         // (N, H, W, C) dense, dtype
+  uintptr_t weight;    // (K, R, S, C) dense, dtype
+  uintptr_t bias;      // (K,) float32, or 0 for no bias
+  uintptr_t residual;  // (N, P, Q, K) dense, dtype; used only when has_residual
+  uintptr_t out;       // (N, P, Q, K) dense, dtype
+  int64_t N, C, H, W;
+  int64_t K, R, S;
+  int64_t pad_h, pad_w;
+  int64_t stride_h, stride_w;
+  int64_t dilation_h, dilation_w;
+  bool has_residual;
+  bool relu;
+};
+
+// Output extent of one spatial dimension (PyTorch's formula, symmetric padding).
+inline int64_t conv2d_cutlass_out_extent(int64_t in, int64_t pad, int64_t stride, int64_t dilation, int64_t filter) {
+  return (in + 2 * pad - dilation * (filter - 1) - 1) / stride + 1;
+}
+
+// Throws std::invalid_argument naming the first thing the kernel does not support (dtype, C or K not
+// a multiple of 8, misaligned pointers, TMA im2col limits on stride/padding/dilation); needs no GPU.
+void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
+
+// Checks what the kernel supports (throws std::invalid_argument naming the problem), then runs it
+// on `stream`. CUTLASS errors become std::runtime_error. A build without CUTLASS throws
+// std::runtime_error saying so.
+void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
+
+// One per compiled element type (conv2d_cutlass_f16.cu, conv2d_cutlass_bf16.cu); args already checked.
+void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream);
+void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream);
+
+}  // namespace cnnfast

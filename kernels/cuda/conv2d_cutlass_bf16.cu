@@ -1,0 +1,10 @@
+// conv2d_cutlass for bfloat16: both activations (ReLU, identity) of the sm90 fprop in conv2d_cutlass.cuh.
+#include "conv2d_cutlass.cuh"
+
+namespace cnnfast {
+
+void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream) {
+  cutlass_conv::run_for_activation<cutlass::bfloat16_t>(args, stream);
+}
+
+}  // namespace cnnfast
