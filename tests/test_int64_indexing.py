@@ -45,31 +45,35 @@ def recorded(kernel_fn, launch):
     return kernel_fn, args, kwargs
 
 
-def add_relu_launch(flat: bool):
+# The launches of the memory-bound kernels take a config index and a dtype, so that
+# tests/test_triton_compile_memory_bound.py can compile every config with them.
+
+
+def add_relu_launch(flat: bool, config_index: int = 0, dtype=F16):
     from cnnfast.triton_kernels import add_relu as module
 
-    x = torch.empty(8, 64, 14, 14, dtype=F16, memory_format=CHANNELS_LAST)
-    y = torch.empty_like(x) if flat else torch.empty(8, 64, 14, 14, dtype=F16)  # NCHW y: the strided kernel
+    x = torch.empty(8, 64, 14, 14, dtype=dtype, memory_format=CHANNELS_LAST)
+    y = torch.empty_like(x) if flat else torch.empty(8, 64, 14, 14, dtype=dtype)  # NCHW y: the strided kernel
     out = torch.empty_like(x)
     kernel_fn = module.add_relu_flat_kernel if flat else module.add_relu_strided_kernel
-    config = (module.add_relu_flat_configs if flat else module.add_relu_strided_configs)(False)[0]
+    config = (module.add_relu_flat_configs if flat else module.add_relu_strided_configs)(False)[config_index]
     return recorded(kernel_fn, lambda: module.add_relu(x, y, out, True, config=config))
 
 
-def global_avg_pool_launch():
+def global_avg_pool_launch(config_index: int = 0, dtype=F16):
     from cnnfast.triton_kernels import global_avg_pool as module
 
-    x = torch.empty(8, 512, 7, 7, dtype=F16, memory_format=CHANNELS_LAST)
-    config = module.global_avg_pool_configs(False)[0]
+    x = torch.empty(8, 512, 7, 7, dtype=dtype, memory_format=CHANNELS_LAST)
+    config = module.global_avg_pool_configs(False)[config_index]
     return recorded(module.global_avg_pool_kernel, lambda: module.global_avg_pool(x, config=config))
 
 
-def gap_linear_launch():
+def gap_linear_launch(config_index: int = 0, dtype=F16):
     from cnnfast.triton_kernels import gap_linear as module
 
-    x = torch.empty(8, 512, 7, 7, dtype=F16, memory_format=CHANNELS_LAST)
-    weight, bias = torch.empty(1000, 512, dtype=F16), torch.empty(1000)
-    config = module.gap_linear_configs(False)[0]
+    x = torch.empty(8, 512, 7, 7, dtype=dtype, memory_format=CHANNELS_LAST)
+    weight, bias = torch.empty(1000, 512, dtype=dtype), torch.empty(1000)
+    config = module.gap_linear_configs(False)[config_index]
     return recorded(module.gap_linear_kernel, lambda: module.gap_linear(x, weight, bias, config=config))
 
 

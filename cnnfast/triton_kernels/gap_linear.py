@@ -46,12 +46,14 @@ def gap_linear_configs(interpreted: bool = INTERPRETED):
             triton.Config({"BLOCK_N": 16, "BLOCK_O": 128, "BLOCK_C": 64, "BLOCK_HW": 16}, num_warps=4, num_stages=1),
             triton.Config({"BLOCK_N": 16, "BLOCK_O": 16, "BLOCK_C": 16, "BLOCK_HW": 4}, num_warps=4, num_stages=1),
         ]
+    # Every one compiles for sm_90a without spills (tests/test_triton_compile_memory_bound.py);
+    # a 32x256x32 tile, tried too, spills in bfloat16.
     return [
         triton.Config({"BLOCK_N": block_n, "BLOCK_O": block_o, "BLOCK_C": block_c, "BLOCK_HW": block_hw},
                       num_warps=warps, num_stages=2)
         for block_n, block_o, block_c, block_hw, warps in [
             (16, 64, 32, 16, 4), (16, 128, 64, 16, 8), (16, 256, 32, 16, 8), (32, 128, 32, 16, 8),
-            (64, 128, 32, 8, 8), (32, 256, 32, 8, 8), (16, 32, 64, 8, 4),
+            (64, 128, 32, 8, 8), (16, 32, 64, 8, 4),
         ]
     ]
 

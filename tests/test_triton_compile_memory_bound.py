@@ -1,0 +1,73 @@
+"""Every Hopper autotune config of the memory-bound Triton kernels (add_relu's flat and strided
+kernels, global_avg_pool, gap_linear) compiles for sm_90a in each dtype without a register spill,
+checked with triton's bundled ptxas as tests/test_triton_compile.py checks the conv kernel.
+
+The compiles run in one subprocess per kernel (conftest sets TRITON_INTERPRET=1, under which
+triton does not compile), each running this file as a script without that variable.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cnnfast.triton_kernels.add_relu import add_relu_flat_configs, add_relu_strided_configs
+from cnnfast.triton_kernels.gap_linear import gap_linear_configs
+from cnnfast.triton_kernels.global_avg_pool import global_avg_pool_configs
+from tests.test_int64_indexing import ROOT, TIMEOUT_S, add_relu_launch, gap_linear_launch, global_avg_pool_launch
+from tests.test_triton_compile import compile_for_hopper, ptxas_report
+
+DTYPES = ("float16", "bfloat16", "float32")
+# name: (launch(config_index, dtype), the Hopper configs)
+KERNELS = {
+    "add_relu_flat": (lambda i, dtype: add_relu_launch(True, i, dtype), add_relu_flat_configs(interpreted=False)),
+    "add_relu_strided": (lambda i, dtype: add_relu_launch(False, i, dtype), add_relu_strided_configs(interpreted=False)),
+    "global_avg_pool": (global_avg_pool_launch, global_avg_pool_configs(interpreted=False)),
+    "gap_linear": (gap_linear_launch, gap_linear_configs(interpreted=False)),
+}
+
+
+def compile_kernel(name: str) -> list[dict]:
+    """Spill counts of every config of one kernel, in every dtype."""
+    launch, configs = KERNELS[name]
+    reports = []
+    for dtype in DTYPES:
+        for index in range(len(configs)):
+            kernel = compile_for_hopper(*launch(index, getattr(torch, dtype)))
+            report = ptxas_report(kernel.asm["ptx"])
+            reports.append({"dtype": dtype, "index": index, "spill_stores": report["spill_stores"],
+                            "spill_loads": report["spill_loads"], "registers": report["registers"]})
+    return reports
+
+
+@pytest.fixture(scope="module")
+def reports():
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # the script imports tests.*
+    processes = {
+        name: subprocess.Popen([sys.executable, __file__, name], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name in KERNELS
+    }
+    found = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode == 0, f"compiling {name} failed:\n{stderr[-4000:]}"
+        for report in json.loads(stdout.splitlines()[-1]):
+            found[(name, report["dtype"], report["index"])] = report
+    return found
+
+
+@pytest.mark.parametrize(
+    "name, dtype, index",
+    [(name, dtype, index) for name, (_, configs) in KERNELS.items() for dtype in DTYPES for index in range(len(configs))],
+)
+def test_compiles_for_hopper_without_spills(reports, name, dtype, index):
+    report = reports[(name, dtype, index)]
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{name} {dtype} config {index} spills: {report}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_kernel(sys.argv[1])))
