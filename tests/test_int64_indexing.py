@@ -14,18 +14,15 @@ conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the co
 subprocesses, one per kernel, each running this file as a script without that variable.
 """
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.test_triton_compile import compile_for_hopper, recorded_launch
+from tests.test_triton_compile import compile_for_hopper, compile_in_subprocesses, recorded_launch
 
 TIMEOUT_S = 300
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F16 = torch.float16
 CHANNELS_LAST = torch.channels_last
 
@@ -154,19 +151,8 @@ def flat_offset_problems(ops: list[Op]) -> list[str]:
 @pytest.fixture(scope="module")
 def ttirs():
     """The TTIR of every kernel in KERNELS, compiled in one subprocess each, all at once."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # the script imports tests.*
-    processes = {
-        name: subprocess.Popen([sys.executable, __file__, name], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        for name in KERNELS
-    }
-    found = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        assert process.returncode == 0, f"compiling {name} failed:\n{stderr[-4000:]}"
-        found[name] = json.loads(stdout.splitlines()[-1])
-    return found
+    outputs = compile_in_subprocesses(__file__, [(name,) for name in KERNELS], TIMEOUT_S)
+    return {name: outputs[(name,)] for name in KERNELS}
 
 
 @pytest.mark.parametrize("name", KERNELS)

@@ -135,21 +135,33 @@ def compile_problem(dtype_name: str, problem: str) -> list[dict]:
 # ---------------------------------------------------------------- the test side
 
 
+def compile_in_subprocesses(script: str, argument_lists, timeout_s: int = COMPILE_TIMEOUT_S) -> dict:
+    """Runs `python script *arguments` for each argument tuple, all at once, without TRITON_INTERPRET
+    (conftest sets it, and under it triton does not compile); returns each run's last stdout line,
+    parsed as JSON, by argument tuple."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])  # the scripts import tests.*
+    processes = {
+        arguments: subprocess.Popen([sys.executable, script, *arguments], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        for arguments in argument_lists
+    }
+    outputs = {}
+    for arguments, process in processes.items():
+        stdout, stderr = process.communicate(timeout=timeout_s)
+        assert process.returncode == 0, f"compiling {' '.join(arguments)} failed:\n{stderr[-4000:]}"
+        outputs[arguments] = json.loads(stdout.splitlines()[-1])
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def reports():
     """Every (dtype, problem, config) report, from one subprocess per (dtype, problem), all at once."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    processes = {
-        (dtype, problem): subprocess.Popen([sys.executable, __file__, dtype, problem], env=env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for dtype in DTYPES
-        for problem in PROBLEMS
-    }
     found = {}
-    for (dtype, problem), process in processes.items():
-        stdout, stderr = process.communicate(timeout=COMPILE_TIMEOUT_S)
-        assert process.returncode == 0, f"compiling {dtype} {problem} failed:\n{stderr[-4000:]}"
-        for report in json.loads(stdout.splitlines()[-1]):
+    outputs = compile_in_subprocesses(__file__, [(dtype, problem) for dtype in DTYPES for problem in PROBLEMS])
+    for output in outputs.values():
+        for report in output:
             found[(report["dtype"], report["problem"], report["config"])] = report
     return found
 

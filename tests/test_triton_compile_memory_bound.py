@@ -6,8 +6,6 @@ The compiles run in one subprocess per kernel (conftest sets TRITON_INTERPRET=1,
 triton does not compile), each running this file as a script without that variable.
 """
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -16,8 +14,8 @@ import torch
 from cnnfast.triton_kernels.add_relu import add_relu_flat_configs, add_relu_strided_configs
 from cnnfast.triton_kernels.gap_linear import gap_linear_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool_configs
-from tests.test_int64_indexing import ROOT, TIMEOUT_S, add_relu_launch, gap_linear_launch, global_avg_pool_launch
-from tests.test_triton_compile import compile_for_hopper, ptxas_report
+from tests.test_int64_indexing import TIMEOUT_S, add_relu_launch, gap_linear_launch, global_avg_pool_launch
+from tests.test_triton_compile import compile_for_hopper, compile_in_subprocesses, ptxas_report
 
 DTYPES = ("float16", "bfloat16", "float32")
 # name: (launch(config_index, dtype), the Hopper configs)
@@ -44,20 +42,8 @@ def compile_kernel(name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reports():
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])  # the script imports tests.*
-    processes = {
-        name: subprocess.Popen([sys.executable, __file__, name], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        for name in KERNELS
-    }
-    found = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        assert process.returncode == 0, f"compiling {name} failed:\n{stderr[-4000:]}"
-        for report in json.loads(stdout.splitlines()[-1]):
-            found[(name, report["dtype"], report["index"])] = report
-    return found
+    outputs = compile_in_subprocesses(__file__, [(name,) for name in KERNELS], TIMEOUT_S)
+    return {(name, report["dtype"], report["index"]): report for (name,), output in outputs.items() for report in output}
 
 
 @pytest.mark.parametrize(
