@@ -11,8 +11,9 @@ graph_speedup_vs_torch time CUDA-graph replays of the same calls, which leave ou
 import pytest
 import torch
 
+from cnnfast.roofline import DTYPES
+
 HAS_CUDA = torch.cuda.is_available()
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU benchmark: needs a CUDA device")
 cpu_smoke = pytest.mark.skipif(HAS_CUDA, reason="CPU smoke case: the GPU cases run instead")
 

@@ -11,6 +11,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cnnfast.roofline import DTYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its torch backend.
 OP_OF_BENCHMARK = {
@@ -18,7 +20,6 @@ OP_OF_BENCHMARK = {
     "test_global_avg_pool_gpu": "global_avg_pool",
     "test_gap_linear_gpu": "gap_linear",
 }
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def measured_speedups() -> dict:
@@ -28,7 +29,7 @@ def measured_speedups() -> dict:
         for bench in json.loads(path.read_text())["benchmarks"]:
             op, info = OP_OF_BENCHMARK.get(bench["name"].split("[")[0]), bench["extra_info"]
             if op and "speedup_vs_torch" in info and info["backend"] != "torch":
-                key = (info["device"], op, DTYPE_NAMES[info["dtype"]], info["backend"])
+                key = (info["device"], op, str(DTYPES[info["dtype"]]).removeprefix("torch."), info["backend"])
                 speedups[key].append(info["speedup_vs_torch"])
     return speedups
 

@@ -4,6 +4,7 @@
 A backend the caller names either runs or raises; `None` picks the backend measured fastest for
 the op on the tensor's GPU and dtype (cnnfast.tuning), "torch" where nothing was measured.
 """
+import functools
 import os
 
 import torch
@@ -33,8 +34,10 @@ def cuda_extension():
     return _cuda_extension
 
 
+@functools.lru_cache(maxsize=1)
 def cuda_ops():
-    """Names of the ops the compiled extension provides (empty when it is not built)."""
+    """Names of the ops the compiled extension provides (empty when it is not built); asked once,
+    since resolve_backend checks it on every call."""
     return tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
 
 
@@ -44,13 +47,14 @@ def resolve_backend(op: str, x: torch.Tensor, backend):
         return default_backend(op, x)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
-    if backend == "cuda" and op not in cuda_extension().build_info()["ops"]:
-        raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
+    if backend == "cuda":
+        cuda_extension()  # raises, saying why, when the extension is not built
+        if op not in cuda_ops():
+            raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
     if x.device.type == "meta":  # shapes only (cnnfast.analysis): the op's fake implementation runs
         return backend
-    if backend == "cuda":
-        if x.device.type != "cuda":
-            raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
+    if backend == "cuda" and x.device.type != "cuda":
+        raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
     if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:
         raise RuntimeError(
             f"{op}: backend 'triton' needs CUDA tensors, got a tensor on {x.device} "

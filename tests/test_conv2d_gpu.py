@@ -35,8 +35,7 @@ def make_problem(problem, batch, dtype):
     w = (torch.randn(problem.K, problem.C, problem.R, problem.S, device="cuda") / fan_in**0.5).to(dtype)
     w = w.contiguous(memory_format=torch.channels_last)
     b = torch.randn(problem.K, device="cuda")
-    p = (problem.H + 2 * problem.padding[0] - problem.R) // problem.stride[0] + 1
-    q = (problem.W + 2 * problem.padding[1] - problem.S) // problem.stride[1] + 1
+    p, q = ops.conv2d_output_size("conv2d", x.shape, w.shape, problem.stride, problem.padding, (1, 1))
     res = torch.randn(batch, problem.K, p, q, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     return x, w, b, res, torch.full_like(res, float("nan"))
 
