@@ -8,7 +8,7 @@ computes the layer with its BatchNorm and ReLU:
 - eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
 - eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
-- cuda:         the same on the CUTLASS kernel of cnnfast._C (layers with C and K multiples of 8).
+- cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, and the percent of the roofline bound (cnnfast.roofline, with this GPU's
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
+from cnnfast.bench import layer_function, layer_parts
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
@@ -37,37 +38,22 @@ def problem_cases():
 
 
 @functools.lru_cache(maxsize=1)
-def layer_inputs(batch, problem):
-    """Input, conv, eval BN with random statistics, and the folded weight and bias (bf16, cuda)."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, problem.C, problem.H, problem.W, device="cuda", dtype=torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last)
-    conv = torch.nn.Conv2d(problem.C, problem.K, (problem.R, problem.S), problem.stride, problem.padding, bias=False)
-    bn = torch.nn.BatchNorm2d(problem.K)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1, 1)
-    bn.eval()
-    weight, bias = ops.fold_bn(conv.weight.detach(), None, bn)
-    conv = conv.to("cuda", torch.bfloat16, memory_format=torch.channels_last)
-    bn = bn.to("cuda", torch.bfloat16)
-    weight = weight.to("cuda", torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    return x, conv, bn, weight, bias.cuda()
+def layer_tensors(batch, problem, device="cuda"):
+    """cnnfast.bench's layer (the same seeded input, weight and BatchNorm as `cnnfast bench`) in
+    bfloat16: x, the unfolded weight and BN for the PyTorch paths, the folded weight and bias."""
+    x, raw_weight, bn = layer_parts(problem, batch, torch.bfloat16, device)
+    weight, bias = ops.fold_bn(raw_weight, None, bn)
+    channels_last = {"device": device, "dtype": torch.bfloat16, "memory_format": torch.channels_last}
+    return x, raw_weight.to(**channels_last), bn.to(device, torch.bfloat16), weight.to(**channels_last), bias.to(device)
 
 
-def layer_fn(backend, batch, problem):
-    x, conv, bn, weight, bias = layer_inputs(batch, problem)
-    stride, padding = problem.stride, problem.padding
+def layer_fn(backend, batch, problem, device="cuda"):
+    x, raw_weight, bn, weight, bias = layer_tensors(batch, problem, device)
     if backend == "cudnn":
-        return lambda: F.conv2d(x, conv.weight, None, stride, padding)
+        return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
     if backend == "eager":
-        return lambda: torch.relu(bn(conv(x)))
-    if backend == "eager_folded":
-        bias_bf16 = bias.to(torch.bfloat16)
-        return lambda: torch.relu(F.conv2d(x, weight, bias_bf16, stride, padding))
-    return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend=backend)
+        return lambda: torch.relu(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)))
+    return layer_function("torch_folded" if backend == "eager_folded" else backend, problem, x, weight, bias)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,8 +68,6 @@ def cudnn_ms(batch, problem):
 def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     import triton.testing
 
-    if backend == "cuda" and (problem.C % 8 or problem.K % 8):
-        pytest.skip("the CUTLASS kernel needs C and K multiples of 8 (16-byte TMA alignment)")
     fn = layer_fn(backend, batch, problem)
     if backend in ("triton", "cuda"):  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem)()

@@ -1,4 +1,4 @@
-"""gap_linear benchmarks: the fused Triton head against PyTorch's mean -> linear, on the ImageNet heads.
+"""gap_linear benchmarks: the Triton and CUDA heads against PyTorch's mean -> linear, on the ImageNet heads.
 
     pytest bench/bench_gap_linear.py --benchmark-only [--benchmark-json FILE]
 
@@ -25,7 +25,7 @@ CPU_SHAPES = [(8, 512, 7, 7, 1000)]
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape, dtype_name, backend", gpu_cases(GPU_SHAPES, ("torch", "triton")))
+@pytest.mark.parametrize("shape, dtype_name, backend", gpu_cases(GPU_SHAPES, ("torch", "triton", "cuda")))
 def test_gap_linear_gpu(benchmark, copy_bandwidth, shape, dtype_name, backend):
     dtype = DTYPES[dtype_name]
     x = make_input(shape[:4], dtype, "cuda")

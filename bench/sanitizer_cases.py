@@ -10,7 +10,7 @@ from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add_relu_strided_configs, is_flat
 from cnnfast.triton_kernels.conv2d import config_fits, conv2d_bias_act, conv2d_configs, use_flat_reduction
-from cnnfast.triton_kernels.gap_linear import gap_linear, gap_linear_configs
+from cnnfast.triton_kernels.gap_linear import gap_linear, linear_bias_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from tests.test_add_relu import reference_add_relu
 from tests.test_gap_linear import make_head, reference_gap_linear
@@ -32,7 +32,7 @@ def triton_cases() -> int:
                      for c in add_relu_configs(interpreted=False)]
             weight, bias = make_head((*shape, 33), dtype, "cuda")
             runs += [(gap_linear(x, weight, bias, config=c), reference_gap_linear(x, weight, bias), "conv")
-                     for c in gap_linear_configs(interpreted=False)]
+                     for c in linear_bias_configs(interpreted=False, float32=dtype == torch.float32)]
     torch.cuda.synchronize()
     for out, reference, kind in runs:
         assert_close_to_reference(out, reference, kind)
@@ -62,10 +62,13 @@ def conv2d_cases() -> int:
 
 
 def cutlass_conv2d_cases() -> int:
-    """The CUTLASS conv on small problems: with and without residual, bias and ReLU, stride 2."""
+    """The CUTLASS conv on small problems: with and without residual, bias and ReLU, stride 2, and
+    channel counts that are not multiples of 8."""
     runs = 0
-    for dtype in (torch.float16, torch.bfloat16):
-        for c, k, kernel, stride, padding, residual in [(16, 24, 3, 1, 1, True), (32, 16, 1, 2, 0, False)]:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # float32 as TF32
+        # The last is a C=3 stem with K=13: both padded to 8 channels by the launcher.
+        for c, k, kernel, stride, padding, residual in [(16, 24, 3, 1, 1, True), (32, 16, 1, 2, 0, False),
+                                                        (3, 13, 7, 2, 3, True)]:
             x = make_input((2, c, 9, 11), dtype, "cuda")
             w = torch.randn(k, c, kernel, kernel, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
             b = torch.randn(k, device="cuda")
@@ -75,7 +78,8 @@ def cutlass_conv2d_cases() -> int:
             out = ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=residual, backend="cuda")
             if res is not None:
                 reference = reference + res.double()
-            assert_close_to_reference(out, torch.relu(reference) if residual else reference, "conv")
+            kind = "tf32" if dtype == torch.float32 else "conv"
+            assert_close_to_reference(out, torch.relu(reference) if residual else reference, kind)
             runs += 1
     return runs
 
@@ -88,12 +92,23 @@ def main():
             for shape in [(2, 24, 3, 5), (1, 3, 2, 2), (3, 130, 4, 1)]:
                 x = make_input(shape, dtype, "cuda", layout)
                 y = make_input(shape, dtype, "cuda")  # channels_last: the flat kernel when x is too
+                weight, bias = make_head((*shape, 10), dtype, "cuda", torch.float32)
                 pooled, summed = ops.global_avg_pool(x, backend="cuda"), ops.add_relu(x, y, backend="cuda")
+                headed = ops.gap_linear(x, weight, bias, backend="cuda")
                 torch.cuda.synchronize()
                 assert_close_to_reference(pooled, reference_global_avg_pool(x), "elementwise")
                 assert_close_to_reference(summed, reference_add_relu(x, y), "elementwise")
-                cases += 2
-    print(f"sanitizer cases: {cases} CUDA runs (global_avg_pool, add_relu) checked")
+                assert_close_to_reference(headed, reference_gap_linear(x, weight, bias), "conv")
+                cases += 3
+    # gap_linear's tensor-core path (batches above 32), with C a multiple of 8 and not.
+    for dtype in (torch.float16, torch.bfloat16):
+        for shape in [(40, 24, 3, 5, 70), (40, 36, 2, 2, 65)]:
+            x = make_input(shape[:4], dtype, "cuda")
+            weight, bias = make_head(shape, dtype, "cuda")
+            assert_close_to_reference(ops.gap_linear(x, weight, bias, backend="cuda"),
+                                      reference_gap_linear(x, weight, bias), "conv")
+            cases += 1
+    print(f"sanitizer cases: {cases} CUDA runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
     print(f"sanitizer cases: {cutlass_conv2d_cases()} CUDA (CUTLASS) conv2d runs checked")

@@ -72,8 +72,10 @@ def skip_reason(backend: str, device) -> str | None:
     return None
 
 
-def layer_inputs(problem, batch, dtype, device):
-    """Input, BN-folded weight (in dtype) and float32 bias of one layer, with random BN statistics."""
+def layer_parts(problem, batch, dtype, device):
+    """One layer as PyTorch runs it: input (channels_last, dtype, device), the conv weight (float32,
+    CPU, scaled by 1/sqrt(fan_in)) and the eval-mode BatchNorm after it, with random statistics and
+    affine parameters (float32, CPU); seeded, so every backend sees the same layer."""
     generator = torch.Generator().manual_seed(0)
     x_shape, w_shape = conv_shapes(problem, batch)
     x = torch.randn(x_shape, generator=generator)
@@ -82,9 +84,16 @@ def layer_inputs(problem, batch, dtype, device):
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1, generator=generator)
         bn.running_var.uniform_(0.5, 2, generator=generator)
+        bn.weight.uniform_(0.5, 1.5, generator=generator)
+        bn.bias.uniform_(-1, 1, generator=generator)
+    return x.to(device=device, dtype=dtype, memory_format=torch.channels_last), weight, bn
+
+
+def layer_inputs(problem, batch, dtype, device):
+    """Input, BN-folded weight (in dtype) and float32 bias of one layer (layer_parts, folded)."""
+    x, weight, bn = layer_parts(problem, batch, dtype, device)
     weight, bias = ops.fold_bn(weight, None, bn)
-    channels_last = {"device": device, "dtype": dtype, "memory_format": torch.channels_last}
-    return x.to(**channels_last), weight.to(**channels_last), bias.to(device)
+    return x, weight.to(device=device, dtype=dtype, memory_format=torch.channels_last), bias.to(device)
 
 
 def layer_function(backend, problem, x, weight, bias):

@@ -149,7 +149,7 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
     if stem and (final or isinstance(module, TvResNet)):
         module.relu = nn.Identity()  # all its uses (the stem's, and the pre-activated head's) are fused above
     if isinstance(module, (TvResNet, TvGoogLeNet, preact.PreActResNet)) and _is_global_pool_linear(module):
-        # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one kernel.
+        # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one op.
         module.avgpool = GlobalAvgPoolLinear.from_modules(module.fc, **options)
         module.fc = nn.Identity()
         report.fused.append((f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"))

@@ -79,26 +79,64 @@ def _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, gro
     out.copy_(y)
 
 
+# The CUTLASS kernel reads channels in 16-byte TMA boxes: C and K in multiples of 8 elements.
+CUTLASS_CHANNEL_MULTIPLE = 8
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Dense (channels_last when 4-D) and 16-byte aligned, as TMA reads and writes it."""
+    layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+    return t.is_contiguous(memory_format=layout) and t.data_ptr() % 16 == 0
+
+
+def _zero_padded(t: torch.Tensor, shape) -> torch.Tensor:
+    """t as a dense, 16-byte aligned tensor of `shape` (each size >= t's; channels_last when 4-D):
+    t in the leading corner, zeros elsewhere. t itself when it already is one."""
+    same_shape = tuple(shape) == tuple(t.shape)
+    if same_shape and _tma_ready(t):
+        return t
+    layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
+    dense = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
+    if not same_shape:
+        dense.zero_()
+    dense[tuple(slice(0, size) for size in t.shape)].copy_(t)
+    return dense
+
+
+def _cutlass_operands(x, weight, bias, residual, out):
+    """The operands of the CUTLASS kernel: dense channels_last x, weight, residual and output and a
+    float32 bias, with C and K zero-padded to multiples of 8. Zero channels with zero filter taps
+    add nothing to the sum and the padded output channels are never copied back, so the padding is
+    exact; it is what runs the C=3 stems, at the cost of one copy of x. Returns (x, weight, bias,
+    residual, kernel_out): kernel_out is `out` when the kernel can write it in place, otherwise a
+    scratch tensor whose first K channels the caller copies into `out`."""
+    (n, c, h, w), (k, _, r, s) = x.shape, weight.shape
+    c_pad = -(-c // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
+    k_pad = -(-k // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
+    x = _zero_padded(x, (n, c_pad, h, w))
+    weight = _zero_padded(weight, (k_pad, c_pad, r, s))
+    bias = _zero_padded(bias.float(), (k_pad,)) if bias is not None else None
+    out_shape = (n, k_pad, *out.shape[2:])
+    residual = _zero_padded(residual, out_shape) if residual is not None else None
+    if k_pad == k and _tma_ready(out):
+        return x, weight, bias, residual, out
+    return x, weight, bias, residual, torch.empty(out_shape, dtype=out.dtype, device=out.device,
+                                                  memory_format=torch.channels_last)
+
+
 def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu):
-    # The CUTLASS kernel reads and writes dense NHWC tensors through TMA: other layouts are made
-    # dense first, and an output with other strides (a channel slice) is written through a copy.
-    channels_last = torch.channels_last
-    x = x.contiguous(memory_format=channels_last)
-    weight = weight.contiguous(memory_format=channels_last)
-    bias = bias.float().contiguous() if bias is not None else None
-    residual = residual.contiguous(memory_format=channels_last) if residual is not None else None
-    dense_out = out if out.is_contiguous(memory_format=channels_last) else torch.empty_like(out, memory_format=channels_last)
+    x, weight, bias, residual, kernel_out = _cutlass_operands(x, weight, bias, residual, out)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     with torch.cuda.device(x.device):
         cuda_extension().conv2d(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
-            residual.data_ptr() if residual is not None else 0, dense_out.data_ptr(), CUDA_DTYPE_CODES[x.dtype],
+            residual.data_ptr() if residual is not None else 0, kernel_out.data_ptr(), CUDA_DTYPE_CODES[x.dtype],
             n, c, h, w, k, r, s, tuple(padding), tuple(stride), tuple(dilation), relu,
             torch.cuda.current_stream(x.device).cuda_stream,
         )
-    if dense_out is not out:
-        out.copy_(dense_out)
+    if kernel_out is not out:
+        out.copy_(kernel_out[:, : out.shape[1]])
 
 
 def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
@@ -172,7 +210,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     residual: (N, K, P, Q) in x's dtype. Accumulation and the epilogue run in float32.
     out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
     channels_last tensor works); otherwise a channels_last output is allocated.
-    backend: "triton", "cuda" (CUTLASS, float16/bfloat16, C and K multiples of 8), "torch", or
+    backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when
+    torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
+    which costs a copy of x), "torch", or
     None for the default of x's device.
     """
     op = "conv2d"
@@ -215,6 +255,11 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     backend = resolve_backend(op, x, backend)
     if groups != 1 and backend != "torch":
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
+    if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        raise NotImplementedError(
+            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
+            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
+        )
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
@@ -364,8 +409,26 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
 # ---------------------------------------------------------------- global average pooling + linear
 
 
+def _gap_linear_cuda(x, weight, bias):
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    weight = weight.contiguous()
+    bias = bias.float().contiguous() if bias is not None else None
+    pooled = torch.empty((n, c), dtype=x.dtype, device=x.device)  # the kernel's scratch
+    out = torch.empty((n, o), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        cuda_extension().gap_linear(
+            x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0, pooled.data_ptr(),
+            out.data_ptr(), CUDA_DTYPE_CODES[x.dtype], n, c, h, w, o, *x.stride(),
+            torch.cuda.current_stream(x.device).cuda_stream,
+        )
+    return out
+
+
 @torch.library.custom_op("cnnfast::gap_linear", mutates_args=())
 def _gap_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    if backend == "cuda":
+        return _gap_linear_cuda(x, weight, bias)
     if backend == "triton":
         from cnnfast.triton_kernels.gap_linear import gap_linear as gap_linear_triton
 
@@ -387,13 +450,14 @@ def _(x_shape, w_shape, *args, out_shape=None, **kwargs):
 
 
 def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None) -> torch.Tensor:
-    """The classifier head linear(global_avg_pool(x), weight, bias) in one kernel.
+    """The classifier head linear(global_avg_pool(x), weight, bias) in one op: on the triton and
+    cuda backends, a pooling kernel, then a GEMM kernel with the bias in its epilogue.
 
     x: (N, C, H, W), any strides; weight: (out_features, C) in x's dtype; bias: (out_features,),
     float32 or x's dtype. Returns (N, out_features) in x's dtype. The pooling accumulates in
     float32 and its result is rounded to x's dtype for the matrix product (as PyTorch's mean ->
     linear does), which accumulates in float32. FlopCounterMode counts the linear layer,
-    2 * N * C * out_features. backend: "triton", "torch", or None for the default of x's device.
+    2 * N * C * out_features. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "gap_linear"
     check_float_tensor(op, "x", x)

@@ -2,7 +2,11 @@
 import json
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from cnnfast import backends
+from cnnfast.analysis.counter import ConvProblem
 from cnnfast.cli import main
 
 SMALL = ("resnet18", "--batch", "1", "--input-size", "32", "--max-layers", "2")
@@ -78,3 +82,20 @@ def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
     ]
     assert all(p["bound"] in ("memory", "compute") for p in data["points"])
     assert "skipped triton" in out and "% of bound" in out and "roofline.png" in out
+
+
+@pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton backend on CPU tensors")
+def test_conv_benchmark_layers_compute_the_same_layer():
+    """bench/bench_conv2d.py's callables, on the CPU: the BN-folded paths (eager_folded, triton)
+    match conv -> BN -> ReLU (eager), and cudnn is the bare convolution of the same input."""
+    from bench.bench_conv2d import layer_fn, layer_tensors
+
+    problem = ConvProblem(C=16, H=6, W=5, K=24, R=3, S=3, stride=(2, 2), padding=(1, 1))
+    outputs = {backend: layer_fn(backend, 2, problem, device="cpu")().double()
+               for backend in ("cudnn", "eager", "eager_folded", "triton")}
+    x, raw_weight, _, _, _ = layer_tensors(2, problem, device="cpu")
+    reference = F.conv2d(x.double(), raw_weight.double(), None, problem.stride, problem.padding)
+    torch.testing.assert_close(outputs["cudnn"], reference, rtol=2e-2, atol=2e-2)
+    for backend in ("eager_folded", "triton"):
+        torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=3e-2, atol=3e-2)
+    assert outputs["eager"].min() == 0 and outputs["eager"].max() > 0  # the ReLU ran, and not on all zeros

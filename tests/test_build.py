@@ -70,12 +70,18 @@ def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
     dump = cuobjdump_resource_usage()
     assert "sm_90a.cubin" in dump
     # Each kernel in each dtype (float, __half, __nv_bfloat16) and each template variant.
-    for kernel in ("global_avg_pool_nhwc_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel"):
-        for dtype in ("If", "I6__half", "I13__nv_bfloat16"):
+    kernels = {kernel: ("If", "I6__half", "I13__nv_bfloat16") for kernel in (
+        "global_avg_pool_nhwc_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel", "linear_few_rows_kernel")}
+    kernels["linear_wmma_kernel"] = ("I6__half", "I13__nv_bfloat16")  # float32 stays off the tensor cores
+    for kernel, dtypes in kernels.items():
+        for dtype in dtypes:
             assert f"{kernel}{dtype}" in dump, f"{kernel} for {dtype} missing from the cubin"
     from cnnfast.backends import cuda_extension
 
-    if "conv2d" in cuda_extension().build_info()["ops"]:  # the CUTLASS conv: f16 and bf16, with and without ReLU
-        assert dump.count("ConvUniversal") >= 4
+    if "conv2d" in cuda_extension().build_info()["ops"]:
+        # The CUTLASS conv: two kernels (ReLU, identity) per wgmma kind, float16, bfloat16 and tf32.
+        conv_kernels = [line for line in dump.splitlines() if "Function" in line and "ConvUniversal" in line]
+        for mma in ("F32F16F16_SS", "F32BF16BF16_SS", "F32TF32TF32_SS"):
+            assert sum(mma in line for line in conv_kernels) == 2, f"{mma}: {len(conv_kernels)} conv kernels"
     usage = [line for line in dump.splitlines() if "REG:" in line]
     assert usage and all(" LOCAL:0 " in line and " STACK:0 " in line for line in usage)

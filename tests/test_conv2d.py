@@ -265,15 +265,15 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "nchw":
         return t.contiguous()
     if layout == "channel_slice":  # channels_last storage, channels 1..c of c + 3
-        big = torch.full((n, c + 3, h, w), NAN, dtype=t.dtype).contiguous(memory_format=CHANNELS_LAST)
+        big = torch.full((n, c + 3, h, w), NAN, dtype=t.dtype, device=t.device).contiguous(memory_format=CHANNELS_LAST)
         big[:, 1 : c + 1] = t
         return big[:, 1 : c + 1]
     if layout == "spatial_stride":  # every other pixel of an NCHW tensor
-        big = torch.full((n, c, 2 * h, 2 * w), NAN, dtype=t.dtype)
+        big = torch.full((n, c, 2 * h, 2 * w), NAN, dtype=t.dtype, device=t.device)
         big[:, :, ::2, ::2] = t
         return big[:, :, ::2, ::2]
     if layout == "storage_offset":  # channels_last at an odd offset into its storage
-        flat = torch.full((t.numel() + 5,), NAN, dtype=t.dtype)
+        flat = torch.full((t.numel() + 5,), NAN, dtype=t.dtype, device=t.device)
         view = flat[5:].view(n, h, w, c).permute(0, 3, 1, 2)
         view.copy_(t)
         return view
@@ -549,11 +549,21 @@ def test_cuda_backend_needs_cuda_tensors():
         ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), backend="cuda")
 
 
+def test_cuda_backend_runs_float32_only_as_tf32(monkeypatch):
+    # Meta tensors pass the device check, so the dtype check is what speaks.
+    x, weight = torch.empty(1, 8, 5, 5, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with pytest.raises(NotImplementedError, match="computes float32 as TF32 only, and torch.backends.cudnn.allow_tf32 is False"):
+        ops.conv2d(x, weight, backend="cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert ops.conv2d(x, weight, backend="cuda").shape == (1, 8, 3, 3)
+
+
 @pytest.mark.parametrize(
     "dtype, c, k, match",
     [(1, 12, 16, "C=12 must be a multiple of 8"), (1, 16, 20, "K=20 must be a multiple of 8"),
-     (0, 16, 16, "float32")],
-    ids=["channels", "filters", "float32"],
+     (0, 6, 16, "C=6 must be a multiple of 4"), (3, 16, 16, "unknown dtype code 3")],
+    ids=["channels", "filters", "float32-channels", "dtype"],
 )
 def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k, match):
     # The CUTLASS kernel's own checks run before it looks for a device, so they are testable here.
@@ -563,6 +573,31 @@ def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k,
         pytest.skip("cnnfast._C was built without CUTLASS")
     with pytest.raises(ValueError, match=match):
         cuda_extension().conv2d(16, 16, 0, 0, 16, dtype, 1, c, 8, 8, k, 3, 3, (1, 1), (1, 1), (1, 1), True, 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("conv", [Conv(2, 3, 9, 11, 13, 7, 7, stride=2, padding=3), Conv(1, 16, 5, 5, 8, 3, 3, padding=1)],
+                         ids=["stem-c3-k13", "c16-k8"])
+def test_cutlass_operands_are_dense_aligned_and_exact(conv, layout):
+    """The CUDA launcher's operand preparation (ops._cutlass_operands), checked on the CPU: every
+    operand dense channels_last and 16-byte aligned with C and K padded to multiples of 8 by zeros,
+    and the first K channels of the padded convolution equal the original one."""
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, torch.float16, bias_dtype=torch.float16)
+    x, weight, res = in_layout(x, layout), in_layout(weight, layout), in_layout(res, layout)
+    out = nan_output(conv.output_shape(), torch.float16)
+    xp, wp, bp, rp, kernel_out = ops._cutlass_operands(x, weight, bias, res, out)
+    c8, k8 = -(-conv.c // 8) * 8, -(-conv.k // 8) * 8
+    assert xp.shape[1] == c8 and tuple(wp.shape[:2]) == (k8, c8) and bp.shape == (k8,) and rp.shape[1] == k8
+    assert tuple(kernel_out.shape) == (conv.n, k8, *out.shape[2:])
+    for t in (xp, wp, rp, kernel_out):
+        assert t.is_contiguous(memory_format=CHANNELS_LAST) and t.data_ptr() % 16 == 0
+    assert bp.dtype == torch.float32 and bp.is_contiguous()
+    assert (kernel_out is out) == (conv.k % 8 == 0)  # a padded K goes through scratch and a copy
+    for padding in (xp[:, conv.c :], wp[:, conv.c :], wp[conv.k :], bp[conv.k :], rp[:, conv.k :]):
+        assert not padding.any()
+    padded = reference_conv2d(conv, xp, wp, bp, rp)[:, : conv.k]
+    torch.testing.assert_close(padded, reference_conv2d(conv, x, weight, bias, res), rtol=1e-12, atol=1e-12)
 
 
 def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):

@@ -1,13 +1,16 @@
 """gap_linear: every backend against a float64 reference, layouts, special values, bad inputs."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnfast import ops
+from cnnfast.backends import cuda_extension
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels.gap_linear import gap_linear as gap_linear_triton
-from cnnfast.triton_kernels.gap_linear import gap_linear_configs
+from cnnfast.triton_kernels.gap_linear import linear_bias_configs
 from tests.test_global_avg_pool import INTERPRETER_ONLY, LAYOUTS, make_input, poison_cuda_cache, triton_config_cases
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -18,14 +21,19 @@ SHAPES = [
     (1, 512, 7, 7, 1000), (2, 1024, 7, 7, 100), (2, 2048, 7, 7, 10), (17, 40, 2, 2, 33), (1, 3, 5, 5, 7),
     (3, 37, 3, 5, 11), (2, 16, 1, 1, 10), (2, 8, 4, 4, 1), (0, 32, 7, 7, 10),
 ]
-# The full heads at real batch sizes, on a GPU.
-GPU_SHAPES = [(256, 2048, 7, 7, 1000), (64, 1024, 7, 7, 1000), (8, 512, 7, 7, 1000)]
-# (backend, device); gap_linear has no kernel in the CUDA extension yet.
+# The full heads at real batch sizes, on a GPU; then batches on each side of the CUDA kernel's
+# switch from its few-rows kernel to its tensor-core tiles (32), with C not a multiple of 8 (the
+# unvectorized staging) and out_features not a multiple of the 64-wide tile.
+GPU_SHAPES = [(256, 2048, 7, 7, 1000), (64, 1024, 7, 7, 1000), (8, 512, 7, 7, 1000), (32, 36, 3, 5, 77),
+              (45, 36, 3, 5, 77), (200, 64, 2, 3, 130)]
+# (backend, device)
 BACKEND_DEVICES = [
     pytest.param("torch", "cpu", id="torch-cpu"),
     pytest.param("triton", "cpu", id="triton-cpu", marks=INTERPRETER_ONLY),
     pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param("cuda", "cuda", id="cuda-gpu", marks=pytest.mark.gpu),
 ]
+GPU_BACKENDS = ("triton", "cuda")
 
 
 def reference_gap_linear(x, weight, bias=None):
@@ -63,9 +71,21 @@ def test_matches_reference(backend, device, shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_triton_gpu_real_heads_match_reference(shape, dtype):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_real_heads_match_reference(backend, shape, dtype):
     torch.manual_seed(0)
-    run_and_check("triton", "cuda", shape, dtype)
+    run_and_check(backend, "cuda", shape, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(256, 2048, 7, 7, 1000), (8, 512, 7, 7, 1000)], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_repeatable_bitwise(backend, shape):
+    x = make_input(shape[:4], torch.bfloat16, "cuda")
+    weight, bias = make_head(shape, torch.bfloat16, "cuda", torch.float32)
+    first = ops.gap_linear(x, weight, bias, backend=backend)
+    for _ in range(100):
+        assert torch.equal(first, ops.gap_linear(x, weight, bias, backend=backend))
 
 
 @pytest.mark.parametrize("bias_dtype", (None, torch.float32, "x"), ids=("no-bias", "fp32-bias", "x-dtype-bias"))
@@ -116,23 +136,25 @@ def test_propagates_nan_and_inf(backend, device, dtype):
 
 
 @pytest.mark.gpu
-def test_triton_offsets_past_2_31():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_offsets_past_2_31(backend):
     # 700 x 64 x 224 x 224 = 2.25e9 elements: the last images start past 2^31 elements.
     x = torch.empty((700, 64, 224, 224), dtype=torch.bfloat16, device="cuda", memory_format=torch.channels_last).zero_()
     x[-2:] = torch.randn((2, 64, 224, 224), device="cuda").to(torch.bfloat16)
     weight, bias = make_head((700, 64, 224, 224, 10), torch.bfloat16, "cuda")
-    out = ops.gap_linear(x, weight, bias, backend="triton")
+    out = ops.gap_linear(x, weight, bias, backend=backend)
     assert_close_to_reference(out[-2:], reference_gap_linear(x[-2:], weight, bias), "conv")
     assert torch.equal(out[:-2], bias.expand(698, 10))
 
 
 @pytest.mark.gpu
-def test_triton_runs_on_current_stream():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_runs_on_current_stream(backend):
     x = make_input((8, 2048, 7, 7), torch.float16, "cuda")
     weight, bias = make_head((8, 2048, 7, 7, 1000), torch.float16, "cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        out = ops.gap_linear(x, weight, bias, backend="triton")
+        out = ops.gap_linear(x, weight, bias, backend=backend)
     stream.synchronize()
     assert_close_to_reference(out, reference_gap_linear(x, weight, bias), "conv")
 
@@ -140,8 +162,17 @@ def test_triton_runs_on_current_stream():
 # ---------------------------------------------------------------- the Triton kernel itself
 
 
-@pytest.mark.parametrize("device, config", triton_config_cases(gap_linear_configs))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def linear_bias_config_cases():
+    """(device, config, dtype): every config of the product's float32 and 16-bit sets, in its dtype."""
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        configs = functools.partial(linear_bias_configs, float32=dtype == torch.float32)
+        cases += [pytest.param(*case.values, dtype, id=f"{case.id}-{str(dtype)[6:]}", marks=case.marks)
+                  for case in triton_config_cases(configs)]
+    return cases
+
+
+@pytest.mark.parametrize("device, config, dtype", linear_bias_config_cases())
 def test_triton_every_config(device, config, dtype):
     # N, C, H*W and out_features that no block size divides, so every mask is exercised.
     shape = (17, 40, 3, 5, 33)
@@ -247,6 +278,29 @@ def test_unknown_backend_rejected():
         ops.gap_linear(zeros(2, 6, 3, 3), zeros(10, 6), backend="cudnn")
 
 
-def test_cuda_backend_has_no_kernel_yet():
-    with pytest.raises(NotImplementedError, match="gap_linear: backend 'cuda' has no kernel"):
+def test_cuda_backend_needs_cuda_tensors():
+    with pytest.raises(RuntimeError, match="gap_linear: backend 'cuda' needs CUDA tensors"):
         ops.gap_linear(zeros(2, 6, 3, 3), zeros(10, 6), backend="cuda")
+
+
+# ---------------------------------------------------------------- the extension without a GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_extension_kernel_without_gpu_raises_clearly():
+    assert "gap_linear" in cuda_extension().build_info()["ops"]
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cuda_extension().gap_linear(16, 16, 0, 16, 16, 1, 2, 8, 7, 7, 10, 392, 1, 56, 8, 0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((16, 16, 0, 16, 16, 1, 2, 8, 0, 7, 10, 392, 1, 56, 8, 0), "non-empty H x W"),
+     ((16, 16, 0, 16, 16, 9, 2, 8, 7, 7, 10, 392, 1, 56, 8, 0), "unknown dtype code"),
+     ((16, 16, 0, 16, 16, 1, 2, 8, 7, 7, -1, 392, 1, 56, 8, 0), "O must be >= 0"),
+     ((16, 0, 0, 16, 16, 1, 2, 8, 7, 7, 10, 392, 1, 56, 8, 0), "weight is a null pointer")],
+    ids=["empty-hw", "dtype", "negative-O", "null-weight"],
+)
+def test_extension_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        cuda_extension().gap_linear(*args)

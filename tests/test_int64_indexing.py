@@ -65,13 +65,13 @@ def global_avg_pool_launch(config_index: int = 0, dtype=F16):
     return recorded(module.global_avg_pool_kernel, lambda: module.global_avg_pool(x, config=config))
 
 
-def gap_linear_launch(config_index: int = 0, dtype=F16):
+def linear_bias_launch(config_index: int = 0, dtype=F16):
+    """gap_linear's product (its pooling is the global_avg_pool kernel)."""
     from cnnfast.triton_kernels import gap_linear as module
 
-    x = torch.empty(8, 512, 7, 7, dtype=dtype, memory_format=CHANNELS_LAST)
-    weight, bias = torch.empty(1000, 512, dtype=dtype), torch.empty(1000)
-    config = module.gap_linear_configs(False)[config_index]
-    return recorded(module.gap_linear_kernel, lambda: module.gap_linear(x, weight, bias, config=config))
+    pooled, weight, bias = torch.empty(8, 512, dtype=dtype), torch.empty(1000, 512, dtype=dtype), torch.empty(1000)
+    config = module.linear_bias_configs(False, float32=dtype == torch.float32)[config_index]
+    return recorded(module.linear_bias_kernel, lambda: module.linear_bias(pooled, weight, bias, config=config))
 
 
 def conv2d_launch(problem: str):
@@ -87,7 +87,7 @@ KERNELS = {
     "add_relu_flat": (lambda: add_relu_launch(flat=True), ()),
     "add_relu_strided": (lambda: add_relu_launch(flat=False), ("sx_n", "sy_n", "so_n")),
     "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),
-    "gap_linear": (gap_linear_launch, ("sx_n", "so_n")),
+    "gap_linear_product": (linear_bias_launch, ("sa_n", "so_n")),
 }
 
 

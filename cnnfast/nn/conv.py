@@ -102,7 +102,7 @@ class LinearReLU(nn.Linear):
 
 
 class GlobalAvgPoolLinear(nn.Linear):
-    """Global average pooling + flatten + linear in one kernel: (N, C, H, W) -> (N, out_features)."""
+    """Global average pooling + flatten + linear in one op (cnnfast.ops.gap_linear): (N, C, H, W) -> (N, out_features)."""
 
     def __init__(self, in_features, out_features, *, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)

@@ -19,6 +19,7 @@
 #include "add_relu.h"
 #include "conv2d_cutlass.h"
 #include "dtype.h"
+#include "gap_linear.h"
 #include "global_avg_pool.h"
 
 namespace py = pybind11;
@@ -67,6 +68,25 @@ void global_avg_pool(uintptr_t x, uintptr_t out, int dtype, int64_t N, int64_t C
   cnnfast::global_avg_pool_nhwc(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// out (N, O) = mean_{h,w}(x) @ weight^T + bias; pooled is an (N, C) scratch buffer in x's dtype.
+void gap_linear(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t pooled, uintptr_t out, int dtype,
+                int64_t N, int64_t C, int64_t H, int64_t W, int64_t O,
+                int64_t stride_n, int64_t stride_c, int64_t stride_h, int64_t stride_w, uintptr_t stream) {
+  CHECK_NONNEGATIVE(N);
+  CHECK_NONNEGATIVE(C);
+  CHECK_NONNEGATIVE(O);
+  CNNFAST_CHECK(H > 0 && W > 0, "gap_linear needs a non-empty H x W, got " << H << " x " << W);
+  CHECK_POINTER(x, N * C);
+  CHECK_POINTER(weight, O * C);
+  CHECK_POINTER(pooled, N * C);
+  CHECK_POINTER(out, N * O);
+  const cnnfast::DType element_type = to_dtype(dtype);
+  require_cuda_device();
+  const cnnfast::GapLinearArgs args{element_type, x, weight, bias, pooled, out, N, C, H, W, O,
+                                    stride_n, stride_c, stride_h, stride_w};
+  cnnfast::gap_linear(args, reinterpret_cast<cudaStream_t>(stream));
+}
+
 using Dims = std::array<int64_t, 4>;
 
 void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& sizes, const Dims& x_strides,
@@ -86,7 +106,7 @@ void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& si
   cnnfast::add_relu(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16).
+// out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16/tf32).
 // x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual and
 // out dense (N, P, Q, K); pointers 16-byte aligned. Padding, stride, dilation as (h, w) pairs.
 void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, uintptr_t out, int dtype,
@@ -121,10 +141,10 @@ py::dict build_info() {
   info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
   info["architectures"] = std::string(CNNFAST_CUDA_ARCHITECTURES);
 #if defined(CNNFAST_WITH_CUTLASS)
-  info["ops"] = py::make_tuple("add_relu", "conv2d", "global_avg_pool");
+  info["ops"] = py::make_tuple("add_relu", "conv2d", "gap_linear", "global_avg_pool");
   info["cutlass"] = true;
 #else
-  info["ops"] = py::make_tuple("add_relu", "global_avg_pool");
+  info["ops"] = py::make_tuple("add_relu", "gap_linear", "global_avg_pool");
   info["cutlass"] = false;
 #endif
   return info;
@@ -139,13 +159,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("stride_n"), py::arg("stride_c"), py::arg("stride_h"), py::arg("stride_w"),
         py::arg("out_stride_n"), py::arg("out_stride_c"), py::arg("stream"));
+  m.def("gap_linear", &gap_linear,
+        "out (N, O) = mean over H, W of x (N, C, H, W, any strides) @ weight^T (weight dense (O, C)) + bias "
+        "(float32 (O,) or 0), through the dense (N, C) scratch `pooled`; float32 accumulation.",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("pooled"), py::arg("out"), py::arg("dtype"),
+        py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("O"), py::arg("stride_n"),
+        py::arg("stride_c"), py::arg("stride_h"), py::arg("stride_w"), py::arg("stream"));
   m.def("add_relu", &add_relu,
         "out = relu?(x + y) over (N, C, H, W) tensors with any strides (sizes and strides as 4-tuples).",
         py::arg("x"), py::arg("y"), py::arg("out"), py::arg("dtype"), py::arg("sizes"), py::arg("x_strides"),
         py::arg("y_strides"), py::arg("out_strides"), py::arg("relu"), py::arg("stream"));
   m.def("conv2d", &conv2d,
-        "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 implicit GEMM: float16/bfloat16, "
-        "x NHWC and weight KRSC dense, C and K multiples of 8, groups 1, bias float32 or 0, residual or 0. "
+        "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 implicit GEMM: float16/bfloat16, or "
+        "float32 computed as TF32; x NHWC and weight KRSC dense, C and K filling 16-byte rows, groups 1, "
+        "bias float32 or 0, residual or 0. "
         "Raises ValueError for what it does not support, RuntimeError when built without CUTLASS.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("dtype"),
         py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("K"), py::arg("R"), py::arg("S"),

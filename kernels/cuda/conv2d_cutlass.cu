@@ -1,6 +1,6 @@
 // conv2d_cutlass: checks what the CUTLASS sm90 fprop supports and dispatches on the element type.
 // This file does not include CUTLASS (it compiles in seconds); the kernels are in
-// conv2d_cutlass_{f16,bf16}.cu, built only when CMake found the CUTLASS headers.
+// conv2d_cutlass_{f16,bf16,tf32}.cu, built only when CMake found the CUTLASS headers.
 #include "conv2d_cutlass.h"
 
 #include <sstream>
@@ -22,16 +22,18 @@ namespace cnnfast {
 // CollectiveConv::can_implement in cutlass/conv/collective/sm90_implicit_gemm_gmma_ss_warpspecialized.hpp),
 // checked here so that the error names the problem instead of "can_implement failed".
 void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
-  CONV_CHECK(a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16,
-             "only float16 and bfloat16 are compiled, got "
-                 << (a.dtype == DType::kFloat32 ? "float32 (no float32/TF32 CUTLASS kernel is built)" : "an unknown dtype"));
+  CONV_CHECK(a.dtype == DType::kFloat16 || a.dtype == DType::kBFloat16 || a.dtype == DType::kFloat32,
+             "float16, bfloat16 and float32 (as TF32) are compiled, got an unknown dtype");
   CONV_CHECK(a.N >= 0 && a.C > 0 && a.H > 0 && a.W > 0 && a.K > 0 && a.R > 0 && a.S > 0,
              "sizes must be positive (N may be 0): N=" << a.N << " C=" << a.C << " H=" << a.H << " W=" << a.W
                                                       << " K=" << a.K << " R=" << a.R << " S=" << a.S);
   // 16-byte TMA alignment: every row of channels (x, weight) and of output channels (out,
-  // residual) must start on a 16-byte boundary, i.e. C and K multiples of 8 two-byte elements.
-  CONV_CHECK(a.C % 8 == 0, "input channels C=" << a.C << " must be a multiple of 8 (16-byte TMA alignment)");
-  CONV_CHECK(a.K % 8 == 0, "output channels K=" << a.K << " must be a multiple of 8 (16-byte TMA alignment)");
+  // residual) must start on a 16-byte boundary: C and K multiples of 8 two-byte or 4 four-byte elements.
+  const int64_t per_16_bytes = a.dtype == DType::kFloat32 ? 4 : 8;
+  CONV_CHECK(a.C % per_16_bytes == 0,
+             "input channels C=" << a.C << " must be a multiple of " << per_16_bytes << " (16-byte TMA alignment)");
+  CONV_CHECK(a.K % per_16_bytes == 0,
+             "output channels K=" << a.K << " must be a multiple of " << per_16_bytes << " (16-byte TMA alignment)");
   CONV_CHECK(a.x % 16 == 0 && a.weight % 16 == 0 && a.out % 16 == 0 && (!a.has_residual || a.residual % 16 == 0),
              "x, weight, out and residual must be 16-byte aligned device pointers");
   CONV_CHECK(a.bias % 16 == 0, "bias must be a 16-byte aligned float32 pointer (or none)");
@@ -63,8 +65,11 @@ void conv2d_cutlass(const Conv2dCutlassArgs& a, cudaStream_t stream) {
 #if defined(CNNFAST_WITH_CUTLASS)
   conv2d_cutlass_check(a);
   if (a.N == 0) return;
-  if (a.dtype == DType::kFloat16) conv2d_cutlass_f16(a, stream);
-  else conv2d_cutlass_bf16(a, stream);
+  switch (a.dtype) {
+    case DType::kFloat16: conv2d_cutlass_f16(a, stream); break;
+    case DType::kBFloat16: conv2d_cutlass_bf16(a, stream); break;
+    case DType::kFloat32: conv2d_cutlass_tf32(a, stream); break;
+  }
 #else
   (void)a;
   (void)stream;

@@ -1,5 +1,5 @@
 // The CUTLASS 3 sm90 implicit-GEMM fprop behind conv2d_cutlass, as a template over the element type
-// and the activation. Included only by conv2d_cutlass_{f16,bf16}.cu: each instantiation costs
+// and the activation. Included only by conv2d_cutlass_{f16,bf16,tf32}.cu: each instantiation costs
 // minutes of nvcc time, so each element type gets its own translation unit (built in parallel).
 //
 // How CUTLASS 3 maps fprop to a GEMM (cutlass/conv/detail.hpp, get_transformed_problem_shape_MNKL):
@@ -53,14 +53,16 @@ using namespace cute;
 template <typename Element, template <class> class Activation>
 struct Sm90Fprop {
   static constexpr cutlass::conv::Operator kConvOp = cutlass::conv::Operator::kFprop;
-  // 16 bytes per TMA access: 8 half / bfloat16 elements, so C and K must be multiples of 8.
+  // 16 bytes per TMA access: 8 half / bfloat16 elements or 4 float, so C and K must be multiples of that.
+  // float A and B run on the tensor cores as TF32 (wgmma's tf32 kind needs both K-major: NHWC, KRSC).
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
 
   using ElementAccumulator = float;
   using ElementCompute = float;
   using ElementBias = float;
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC, filter KRSC, output NPQK
-  using TileShape = Shape<_128, _128, Shape<_64>>;
+  // 128 bytes of reduction per stage: 64 channels of float16/bfloat16, 32 of float32 (TF32).
+  using TileShape = Shape<_128, _128, Shape<Int<1024 / cutlass::sizeof_bits<Element>::value>>>;
   using ClusterShape = Shape<_1, _1, _1>;
 
   using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<

@@ -2,9 +2,10 @@
 //
 // out = relu?(conv2d(x, weight) + bias[k] + residual), accumulated and post-processed in float32.
 // x is dense NHWC (channels_last), weight dense KRSC (a channels_last (K, C, R, S) tensor),
-// residual and out dense NPQK; bias is float32, length K. Only float16 and bfloat16 are compiled.
+// residual and out dense NPQK; bias is float32, length K. float16 and bfloat16 are compiled, and
+// float32 computed as TF32.
 // The declarations below do not need the CUTLASS headers; the kernels live in
-// conv2d_cutlass_{f16,bf16}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
+// conv2d_cutlass_{f16,bf16,tf32}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -37,7 +38,7 @@ inline int64_t conv2d_cutlass_out_extent(int64_t in, int64_t pad, int64_t stride
 }
 
 // Throws std::invalid_argument naming the first thing the kernel does not support (dtype, C or K not
-// a multiple of 8, misaligned pointers, TMA im2col limits on stride/padding/dilation); needs no GPU.
+// a multiple of 16 bytes, misaligned pointers, TMA im2col limits on stride/padding/dilation); needs no GPU.
 void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 
 // Checks what the kernel supports (throws std::invalid_argument naming the problem), then runs it
@@ -45,8 +46,9 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 // std::runtime_error saying so.
 void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
-// One per compiled element type (conv2d_cutlass_f16.cu, conv2d_cutlass_bf16.cu); args already checked.
+// One per compiled element type (conv2d_cutlass_{f16,bf16,tf32}.cu); args already checked.
 void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream);
 void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream);
+void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
 }  // namespace cnnfast

@@ -1,14 +1,19 @@
 // Global average pooling over an NHWC (channels_last) tensor: out[n, c] = mean_{h,w} x[n, h, w, c].
 //
-// Mapping: one thread block per (image n, slab of channels): blockIdx.x = n, blockIdx.y = slab. Inside a block, threadIdx.x walks
-// channels (VEC consecutive channels per thread, so a warp reads 32 * VEC * sizeof(T) contiguous
-// bytes of one pixel) and threadIdx.y walks pixels with a stride of blockDim.y. Each thread keeps
-// VEC float32 partial sums; the blockDim.y partial sums of a channel are reduced in shared memory.
-// The summation order is fixed, so results are bitwise repeatable.
+// Mapping: one thread block per (image n, slab of channels): blockIdx.x = n, blockIdx.y = slab.
+// Inside a block, threadIdx.x walks channels (VEC consecutive channels per thread) and
+// threadIdx.y walks pixels with a stride of blockDim.y. With 16-byte vectors a block is 8 x 32
+// threads: a slab is 8 * VEC channels (64 in 16-bit types), so 8 threads read one pixel's slab as
+// one 128-byte run, a warp reads 4 pixels, and a block keeps 32 pixels in flight. Narrow slabs
+// give N * C / 64 blocks, enough to fill the GPU even at N = 64 with C = 256 (a 56x56 map), and
+// the pixel loop is unrolled so that each thread has several loads in flight. The scalar path
+// (VEC = 1, for strided or misaligned inputs) is 32 x 8 threads, a warp across 32 channels.
 //
+// Each thread keeps VEC float32 partial sums; the blockDim.y partial sums of each channel are
+// folded in shared memory by all threads, in a fixed order, so results are bitwise repeatable.
 // VEC > 1 needs unit channel stride and 16-byte aligned pixel rows; the launcher checks both and
-// takes the VEC = 1 path (plain strided loads) otherwise. Offsets are int64 throughout because
-// N * H * W * C passes 2^31 for large batches.
+// takes the VEC = 1 path otherwise. Offsets are int64 because N * H * W * C passes 2^31 for
+// large batches; pixel indices within one image are int32 (the launcher checks H * W < 2^31).
 #include "global_avg_pool.h"
 
 #include <cuda_bf16.h>
@@ -22,37 +27,49 @@
 namespace cnnfast {
 namespace {
 
-constexpr int kThreadsX = 32;  // one warp across channels
-constexpr int kThreadsY = 8;   // pixels in flight per block
+template <int VEC>
+struct PoolShape {
+  static constexpr int kLanesC = VEC > 1 ? 8 : 32;   // threads across channels
+  static constexpr int kRowsP = VEC > 1 ? 32 : 8;    // threads across pixels
+  static constexpr int kThreads = kLanesC * kRowsP;  // 256
+  static constexpr int kChannels = kLanesC * VEC;    // channels per block
+  // The fold: kGroups threads per channel each sum kRowsP / kGroups partial rows, then one sums the groups.
+  static constexpr int kGroups = kThreads / kChannels;
+  static_assert(kThreads % kChannels == 0 && kRowsP % kGroups == 0, "the fold must tile the partial sums");
+};
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreadsX * kThreadsY)
+__global__ void __launch_bounds__(PoolShape<VEC>::kThreads)
 global_avg_pool_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out,
-                            int64_t C, int64_t H, int64_t W,
+                            int64_t C, int H, int W,
                             int64_t stride_n, int64_t stride_c, int64_t stride_h, int64_t stride_w,
                             int64_t out_stride_n, int64_t out_stride_c) {
-  __shared__ float partial[kThreadsY][kThreadsX * VEC];
+  using Shape = PoolShape<VEC>;
+  __shared__ float partial[Shape::kRowsP][Shape::kChannels];
+  __shared__ float group_sums[Shape::kGroups][Shape::kChannels];
 
   const int64_t n = blockIdx.x;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kThreadsX + threadIdx.x) * VEC;
-  const int64_t pixels = H * W;
+  const int64_t slab = static_cast<int64_t>(blockIdx.y) * Shape::kChannels;
+  const int64_t c0 = slab + threadIdx.x * VEC;
+  const int pixels = H * W;
   const T* image = x + n * stride_n;
 
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
 
-  for (int64_t p = threadIdx.y; p < pixels; p += kThreadsY) {
-    const T* pixel = image + (p / W) * stride_h + (p % W) * stride_w;
-    if constexpr (VEC > 1) {
-      // The launcher guarantees C % VEC == 0, so a vector is either wholly in range or wholly out.
-      if (c0 < C) {
+  if (c0 < C) {  // with VEC > 1 the launcher guarantees C % VEC == 0: a vector is wholly in range
+#pragma unroll 4
+    for (int p = threadIdx.y; p < pixels; p += Shape::kRowsP) {
+      const int h = p / W;
+      const T* pixel = image + h * stride_h + (p - h * W) * stride_w;
+      if constexpr (VEC > 1) {
         const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(pixel + c0);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) acc[i] += to_float(v.v[i]);
+      } else {
+        acc[0] += to_float(pixel[c0 * stride_c]);
       }
-    } else {
-      if (c0 < C) acc[0] += to_float(pixel[c0 * stride_c]);
     }
   }
 
@@ -60,28 +77,34 @@ global_avg_pool_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out,
   for (int i = 0; i < VEC; ++i) partial[threadIdx.y][threadIdx.x * VEC + i] = acc[i];
   __syncthreads();
 
-  // The first row of threads folds the kThreadsY partial sums of its channels.
-  if (threadIdx.y != 0) return;
-  const float inv_pixels = 1.f / static_cast<float>(pixels);
+  const int tid = threadIdx.y * Shape::kLanesC + threadIdx.x;
+  const int channel = tid % Shape::kChannels, group = tid / Shape::kChannels;
+  constexpr int kRowsPerGroup = Shape::kRowsP / Shape::kGroups;
+  float sum = 0.f;
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) {
-    const int64_t c = c0 + i;
-    if (c >= C) break;
-    float sum = 0.f;
+  for (int r = 0; r < kRowsPerGroup; ++r) sum += partial[group * kRowsPerGroup + r][channel];
+  group_sums[group][channel] = sum;
+  __syncthreads();
+
+  if (tid >= Shape::kChannels || slab + channel >= C) return;
+  float total = 0.f;
 #pragma unroll
-    for (int y = 0; y < kThreadsY; ++y) sum += partial[y][threadIdx.x * VEC + i];
-    out[n * out_stride_n + c * out_stride_c] = from_float<T>(sum * inv_pixels);
-  }
+  for (int g = 0; g < Shape::kGroups; ++g) total += group_sums[g][channel];
+  out[n * out_stride_n + (slab + channel) * out_stride_c] = from_float<T>(total / static_cast<float>(pixels));
 }
 
 template <typename T, int VEC>
 void launch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
-  const int64_t channels_per_block = kThreadsX * VEC;
-  const dim3 grid(static_cast<unsigned>(a.N),
-                  static_cast<unsigned>((a.C + channels_per_block - 1) / channels_per_block));
-  const dim3 block(kThreadsX, kThreadsY);
+  using Shape = PoolShape<VEC>;
+  // grid.x holds the batch (up to 2^31 - 1), grid.y the channel slabs (up to 65535).
+  const int64_t slabs = (a.C + Shape::kChannels - 1) / Shape::kChannels;
+  if (slabs > 65535)
+    throw std::invalid_argument("global_avg_pool: " + std::to_string(a.C) + " channels exceed the supported " +
+                                std::to_string(65535LL * Shape::kChannels));
+  const dim3 grid(static_cast<unsigned>(a.N), static_cast<unsigned>(slabs));
+  const dim3 block(Shape::kLanesC, Shape::kRowsP);
   global_avg_pool_nhwc_kernel<T, VEC><<<grid, block, 0, stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), a.C, a.H, a.W,
+      reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), a.C, static_cast<int>(a.H), static_cast<int>(a.W),
       a.stride_n, a.stride_c, a.stride_h, a.stride_w, a.out_stride_n, a.out_stride_c);
 }
 
@@ -99,8 +122,11 @@ void dispatch_vec(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
 
 void global_avg_pool_nhwc(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   if (a.N == 0 || a.C == 0) return;
-  // grid.x holds the batch (up to 2^31 - 1), grid.y the channel slabs (up to 65535).
-  if (a.C > 65535LL * kThreadsX) throw std::invalid_argument("global_avg_pool: " + std::to_string(a.C) + " channels exceed the supported 2097120");
+  if (a.N > 2147483647LL)
+    throw std::invalid_argument("global_avg_pool: batch " + std::to_string(a.N) + " exceeds the supported 2^31 - 1");
+  if (a.H * a.W > 2147483647LL)
+    throw std::invalid_argument("global_avg_pool: an H x W map of " + std::to_string(a.H * a.W) +
+                                " pixels exceeds the supported 2^31 - 1");
   launch_for_dtype(a.dtype, "global_avg_pool", [&](auto element) { dispatch_vec<decltype(element)>(a, stream); });
 }
 

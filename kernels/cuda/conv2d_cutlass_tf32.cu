@@ -1,0 +1,12 @@
+// conv2d_cutlass for float32, computed as TF32 on the tensor cores: both activations (ReLU,
+// identity) of the sm90 fprop in conv2d_cutlass.cuh. The launcher runs it only when
+// torch.backends.cudnn.allow_tf32 is set, as cuDNN would use TF32 for the same call.
+#include "conv2d_cutlass.cuh"
+
+namespace cnnfast {
+
+void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream) {
+  cutlass_conv::run_for_activation<float>(args, stream);
+}
+
+}  // namespace cnnfast

@@ -1,0 +1,105 @@
+"""The GPU half of the reliability checks: the fixed problem list of tests/test_conv2d.py (the odd
+shapes) through the public op in every dtype and several layouts on both GPU backends, results
+repeated bit for bit over 100 runs, and a convolution over 2^31 elements against PyTorch run on a
+slice of the batch. (Every real layer on the GPU is in tests/test_conv2d_gpu.py; the memory-bound
+ops' 2^31 cases sit in their own test files.)
+"""
+import pytest
+import torch
+
+from cnnfast import ops
+from cnnfast.testing import assert_close_to_reference
+from tests.test_conv2d import ODD_SHAPES, Conv, conv_id, in_layout, make_inputs, nan_output, reference_conv2d
+from tests.test_conv2d_gpu import PROBLEMS, make_problem
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GPU_LAYOUTS = ("channels_last", "nchw", "channel_slice")
+# (float32 on the CUTLASS kernel is TF32, which torch.backends.cudnn.allow_tf32, True by default, allows.)
+BACKEND_DTYPES = [(backend, dtype) for backend in ("triton", "cuda") for dtype in DTYPES]
+
+
+def tolerance_kind(dtype):
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "conv"
+
+
+def to_cuda(t):
+    return None if t is None else t.cuda()
+
+
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, ids=[f"{b}-{str(d)[6:]}" for b, d in BACKEND_DTYPES])
+@pytest.mark.parametrize("conv", ODD_SHAPES, ids=conv_id)
+def test_odd_shapes(conv, backend, dtype, layout):
+    """x, weight and residual in `layout`, a float32 bias, ReLU, into a NaN-filled channels_last out."""
+    torch.manual_seed(0)
+    x, weight, bias, res = (to_cuda(t) for t in make_inputs(conv, dtype))
+    x, weight, res = in_layout(x, layout), in_layout(weight, layout), in_layout(res, layout)
+    out = nan_output(conv.output_shape(), dtype).cuda()
+    ops.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, residual=res,
+               relu=True, out=out, backend=backend)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), tolerance_kind(dtype))
+
+
+# ---------------------------------------------------------------- bitwise repeatability
+
+
+def resnet50_layer(c, k, r, h):
+    return next(p for p in PROBLEMS if (p.C, p.K, p.R, p.H) == (c, k, r, h))
+
+
+REPEATED = {  # name: a function of the backend that returns the op's call
+    "conv2d-3x3": lambda backend: conv2d_call(resnet50_layer(128, 128, 3, 28), backend),
+    "conv2d-1x1-residual": lambda backend: conv2d_call(resnet50_layer(64, 256, 1, 56), backend, residual=True),
+    "add_relu": lambda backend: elementwise_call(ops.add_relu, backend, 2),
+    "global_avg_pool": lambda backend: elementwise_call(ops.global_avg_pool, backend, 1),
+}
+
+
+def conv2d_call(problem, backend, residual=False):
+    x, w, b, res, _ = make_problem(problem, 8, torch.bfloat16)
+    res = res if residual else None
+    return lambda: ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+                              backend=backend)
+
+
+def elementwise_call(op, backend, inputs):
+    tensors = [torch.randn(32, 256, 28, 28, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+               for _ in range(inputs)]
+    return lambda: op(*tensors, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+@pytest.mark.parametrize("name", REPEATED)
+def test_100_runs_are_bitwise_identical(name, backend):
+    torch.manual_seed(0)
+    call = REPEATED[name](backend)
+    first = call()
+    assert first.isfinite().all()
+    for _ in range(100):
+        assert torch.equal(first, call())
+
+
+# ---------------------------------------------------------------- past 2^31 elements
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda"))
+def test_conv2d_past_2_31_elements(backend):
+    """700 x 64 x 224 x 224 bfloat16 in and out (2.25e9 elements each, 4.5 GB): the first and last
+    two images, random, must match PyTorch run on those images alone; the zero images in between
+    must give exactly the bias through the ReLU."""
+    conv = Conv(700, 64, 224, 224, 64, 3, 3, padding=1)
+    x = torch.zeros(conv.n, conv.c, conv.h, conv.w, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    for index in (0, -2, -1):
+        x[index] = torch.randn(conv.c, conv.h, conv.w, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(conv.k, conv.c, 3, 3, device="cuda") / (9 * conv.c) ** 0.5).to(torch.bfloat16)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(conv.k, device="cuda")
+    out = ops.conv2d(x, weight, bias, padding=1, relu=True, backend=backend)
+    for part in (slice(0, 1), slice(-2, None)):
+        assert_close_to_reference(out[part], reference_conv2d(conv, x[part], weight, bias, relu=True), "conv")
+    expected = torch.relu(bias).to(torch.bfloat16).view(1, -1, 1, 1).expand(conv.n - 3, -1, conv.h, conv.w)
+    assert torch.equal(out[1:-2], expected)
