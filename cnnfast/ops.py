@@ -252,14 +252,17 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
-    backend = resolve_backend(op, x, backend)
+    requested, backend = backend, resolve_backend(op, x, backend)
     if groups != 1 and backend != "torch":
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
     if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        raise NotImplementedError(
-            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
-            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
-        )
+        if requested is None:  # the tuning table's choice was measured as TF32; IEEE float32 stays on cuDNN
+            backend = "torch"
+        else:
+            raise NotImplementedError(
+                f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
+                "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
+            )
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")

@@ -8,8 +8,8 @@
 // Triton kernel measured 0.07-0.26x of PyTorch on an H200 for that reason). The split costs the
 // pooled matrix, N*C elements: 1 MB at batch 256, 2% of x.
 //
-// 1. global_avg_pool_nhwc (global_avg_pool.cu) writes pooled (N, C) in x's dtype, rounded as
-//    PyTorch's mean is, so the product sees the operand that mean -> linear sees.
+// 1. global_avg_pool_nhwc (global_avg_pool.cu) writes pooled (N, C) rounded to x's dtype, as
+//    PyTorch's mean -> linear rounds it before the product.
 // 2. The product, accumulated in float32, plus the float32 bias, rounded once to the dtype:
 //    - linear_few_rows_kernel, for float32 (no tensor cores: IEEE, as F.linear without TF32) and
 //      for batches of at most kFewRowsMax: one warp per output feature o walks weight row o in
@@ -21,7 +21,8 @@
 //      fragments; operand tiles of 32 channels are staged in shared memory with 16-byte loads
 //      (zero-filled past N, O and C); the epilogue goes through shared memory so that the bias add
 //      and the stores run one output element per thread, coalesced along o.
-// The summation order is fixed in both, so results are bitwise repeatable. Offsets are int64.
+// The summation order is fixed in both, so results are bitwise repeatable for a given shape (batches
+// on either side of kFewRowsMax take different kernels, and so different orders). Offsets are int64.
 #include "gap_linear.h"
 
 #include <cuda_bf16.h>
@@ -110,51 +111,55 @@ linear_wmma_kernel(const T* __restrict__ pooled, const T* __restrict__ weight, c
   __shared__ __align__(32) T b_tile[kTileO][kTileC + kSkew];  // weight rows = columns of weight^T
   __shared__ __align__(32) float c_tile[kTileN][kTileO + 4];
 
-  const int64_t n_base = static_cast<int64_t>(blockIdx.y) * kTileN;
   const int64_t o_base = static_cast<int64_t>(blockIdx.x) * kTileO;
   const int warp = threadIdx.x / 32;
   const int warp_n = (warp / 2) * 32, warp_o = (warp % 2) * 32;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  // Row tiles beyond the grid's 65535 rows are taken in turn (the bound is the same for the whole block).
+  for (int64_t n_base = static_cast<int64_t>(blockIdx.y) * kTileN; n_base < N;
+       n_base += static_cast<int64_t>(gridDim.y) * kTileN) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-    for (int chunk = threadIdx.x; chunk < kTileN * (kTileC / kChunk); chunk += kWmmaThreads) {
-      const int row = chunk / (kTileC / kChunk), col = (chunk % (kTileC / kChunk)) * kChunk;
-      stage_chunk(&a_tile[row][col], pooled, n_base + row, N, c0 + col, C, vec);
-      stage_chunk(&b_tile[row][col], weight, o_base + row, O, c0 + col, C, vec);
+    for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+      for (int chunk = threadIdx.x; chunk < kTileN * (kTileC / kChunk); chunk += kWmmaThreads) {
+        const int row = chunk / (kTileC / kChunk), col = (chunk % (kTileC / kChunk)) * kChunk;
+        stage_chunk(&a_tile[row][col], pooled, n_base + row, N, c0 + col, C, vec);
+        stage_chunk(&b_tile[row][col], weight, o_base + row, O, c0 + col, C, vec);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kTileC; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+        // weight^T (C x O) is column-major in weight's (O, C) rows: element (c, o) at b_tile[o][c].
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &a_tile[warp_n + 16 * i][k], kTileC + kSkew);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[warp_o + 16 * j][k], kTileC + kSkew);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      }
+      __syncthreads();
     }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileC; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      // weight^T (C x O) is column-major in weight's (O, C) rows: element (c, o) at b_tile[o][c].
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &a_tile[warp_n + 16 * i][k], kTileC + kSkew);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &b_tile[warp_o + 16 * j][k], kTileC + kSkew);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
 
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&c_tile[warp_n + 16 * i][warp_o + 16 * j], acc[i][j], kTileO + 4, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTileN * kTileO; e += kWmmaThreads) {
-    const int row = e / kTileO, col = e % kTileO;
-    const int64_t n = n_base + row, o = o_base + col;
-    if (n < N && o < O) out[n * O + o] = from_float<T>(c_tile[row][col] + (bias != nullptr ? bias[o] : 0.f));
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(&c_tile[warp_n + 16 * i][warp_o + 16 * j], acc[i][j], kTileO + 4, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTileN * kTileO; e += kWmmaThreads) {
+      const int row = e / kTileO, col = e % kTileO;
+      const int64_t n = n_base + row, o = o_base + col;
+      if (n < N && o < O) out[n * O + o] = from_float<T>(c_tile[row][col] + (bias != nullptr ? bias[o] : 0.f));
+    }
+    __syncthreads();  // c_tile is rewritten by the next row tile
   }
 }
 
@@ -166,11 +171,9 @@ void launch_linear(const GapLinearArgs& a, cudaStream_t stream) {
   T* out = reinterpret_cast<T*>(a.out);
   if constexpr (!std::is_same_v<T, float>) {
     if (a.N > kFewRowsMax) {
-      if ((a.N + kTileN - 1) / kTileN > kMaxGridY)
-        throw std::invalid_argument("gap_linear: batch " + std::to_string(a.N) + " exceeds the supported " +
-                                    std::to_string(static_cast<int64_t>(kMaxGridY) * kTileN));
       const bool vec = a.C % kChunk == 0 && a.weight % 16 == 0 && a.pooled % 16 == 0;
-      const dim3 grid(static_cast<unsigned>((a.O + kTileO - 1) / kTileO), static_cast<unsigned>((a.N + kTileN - 1) / kTileN));
+      const dim3 grid(static_cast<unsigned>((a.O + kTileO - 1) / kTileO),
+                      static_cast<unsigned>(std::min<int64_t>((a.N + kTileN - 1) / kTileN, kMaxGridY)));
       linear_wmma_kernel<T><<<grid, kWmmaThreads, 0, stream>>>(pooled, weight, bias, out, a.N, a.C, a.O, vec);
       return;
     }

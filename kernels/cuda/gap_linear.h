@@ -20,7 +20,7 @@ struct GapLinearArgs {
   int64_t stride_n, stride_c, stride_h, stride_w;  // of x, in elements
 };
 
-// Pools x into `pooled` (rounded to dtype, as PyTorch's mean is), then out = pooled @ weight^T + bias
+// Pools x into `pooled` (rounded to dtype, as PyTorch's mean -> linear does), then out = pooled @ weight^T + bias
 // with float32 accumulation; two launches on `stream`, both with a fixed summation order.
 void gap_linear(const GapLinearArgs& args, cudaStream_t stream);
 

@@ -13,7 +13,7 @@
 // folded in shared memory by all threads, in a fixed order, so results are bitwise repeatable.
 // VEC > 1 needs unit channel stride and 16-byte aligned pixel rows; the launcher checks both and
 // takes the VEC = 1 path otherwise. Offsets are int64 because N * H * W * C passes 2^31 for
-// large batches; pixel indices within one image are int32 (the launcher checks H * W < 2^31).
+// large batches; pixel indices within one image are int32 (the launcher checks H * W < 2^31 - 64).
 #include "global_avg_pool.h"
 
 #include <cuda_bf16.h>
@@ -124,9 +124,10 @@ void global_avg_pool_nhwc(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   if (a.N == 0 || a.C == 0) return;
   if (a.N > 2147483647LL)
     throw std::invalid_argument("global_avg_pool: batch " + std::to_string(a.N) + " exceeds the supported 2^31 - 1");
-  if (a.H * a.W > 2147483647LL)
+  // The pixel loop steps an int index by up to 32 past the last pixel.
+  if (a.H * a.W > 2147483647LL - 64)
     throw std::invalid_argument("global_avg_pool: an H x W map of " + std::to_string(a.H * a.W) +
-                                " pixels exceeds the supported 2^31 - 1");
+                                " pixels exceeds the supported 2^31 - 65");
   launch_for_dtype(a.dtype, "global_avg_pool", [&](auto element) { dispatch_vec<decltype(element)>(a, stream); });
 }
 
