@@ -8,6 +8,7 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
                  only: its autotuning takes minutes per model and batch, more than the GPU
                  check's budget allows),
 - cnnfast:       cnnfast.optimize(model, dtype=bfloat16, backend="triton"),
+- cnnfast_cuda:  the same with backend="cuda" (the CUTLASS conv and the hand-written CUDA kernels),
 - cnnfast_graph: the cnnfast model captured in a CUDA graph and replayed (batch 1).
 extra_info has ms, images/s and the speedup over eager.
 """
@@ -26,7 +27,7 @@ CASES = [
     pytest.param(arch, batch, variant, id=f"{arch}-b{batch}-{variant}")
     for arch in ARCHS
     for batch in (256, 1)
-    for variant in ("eager", "compile", "cnnfast") + (("cnnfast_graph",) if batch == 1 else ())
+    for variant in ("eager", "compile", "cnnfast", "cnnfast_cuda") + (("cnnfast_graph",) if batch == 1 else ())
 ]
 
 
@@ -73,7 +74,8 @@ def build(arch, batch, variant):
         if (arch, batch) != ("resnet50", 256):
             pytest.skip("torch.compile(max-autotune) is measured on ResNet-50 at batch 256 only (minutes of autotuning)")
         return torch.compile(eager, mode="max-autotune"), x
-    fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend="triton").cuda()
+    backend = "cuda" if variant == "cnnfast_cuda" else "triton"
+    fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend=backend).cuda()
     if variant == "cnnfast_graph":
         return cuda_graph(fast, x), x
     return fast, x

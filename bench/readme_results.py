@@ -5,7 +5,9 @@
 Reads every bench/results/*/benchmarks*.json (with its env.json) and rewrites the text between
 the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per run, the hardware,
 software and date, then per benchmark and backend the median over cases of the speedup against
-the baseline, and the range. Nothing in that section is typed by hand.
+the baseline, and the range; then the end-to-end models, per architecture and batch, each
+variant's images/s (or latency at batch 1) and speedup over eager PyTorch. Nothing in that
+section is typed by hand.
 """
 import json
 import statistics
@@ -15,6 +17,32 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+MODEL_BENCHMARK = "test_model"  # bench/bench_models.py
+MODEL_VARIANTS = ("eager", "compile", "cnnfast", "cnnfast_cuda", "cnnfast_graph")
+
+
+def model_table(benchmarks) -> list[str]:
+    """Per (architecture, batch): each variant's images/s (latency in ms at batch 1) and speedup over eager."""
+    rows = defaultdict(dict)
+    for bench in benchmarks:
+        info = bench["extra_info"]
+        if bench["name"].split("[")[0] == MODEL_BENCHMARK and "ms" in info:
+            rows[(info["arch"], info["shape"][0])][info["backend"]] = info
+    if not rows:
+        return []
+    seen = {variant for cells in rows.values() for variant in cells}
+    variants = [v for v in MODEL_VARIANTS if v in seen] + sorted(seen - set(MODEL_VARIANTS))
+
+    def cell(info, batch):
+        if info is None:
+            return ""
+        figure = f"{info['ms']:.3f} ms" if batch == 1 else f"{info['images_per_s']:,.0f} img/s"
+        return f"{figure} ({info['speedup_vs_torch']:.2f}x)"
+
+    lines = ["| model | batch | " + " | ".join(variants) + " |", "| --- | ---: |" + " --- |" * len(variants)]
+    for (arch, batch), cells in sorted(rows.items(), key=lambda item: (item[0][0], -item[0][1])):
+        lines.append(f"| {arch} | {batch} | " + " | ".join(cell(cells.get(v), batch) for v in variants) + " |")
+    return ["", "End to end, bfloat16 channels_last (speedup over eager PyTorch in brackets):", "", *lines]
 
 
 def run_section(folder: Path) -> list[str]:
@@ -31,7 +59,7 @@ def run_section(folder: Path) -> list[str]:
     groups = defaultdict(list)
     for bench in benchmarks:
         info = bench["extra_info"]
-        if "ms" not in info:  # CPU smoke cases
+        if "ms" not in info or bench["name"].split("[")[0] == MODEL_BENCHMARK:  # CPU smoke cases; models below
             continue
         groups[(bench["name"].split("[")[0], info["backend"])].append(info)
     for (name, backend), infos in sorted(groups.items()):
@@ -48,7 +76,7 @@ def run_section(folder: Path) -> list[str]:
             f"| {f'{statistics.median(bandwidth):.0f}' if bandwidth else ''} "
             f"| {f'{statistics.median(tflops):.0f}' if tflops else ''} |"
         )
-    return lines + [""]
+    return lines + model_table(benchmarks) + [""]
 
 
 def results_markdown() -> str:

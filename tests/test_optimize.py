@@ -400,9 +400,27 @@ def test_torch_compile_fullgraph():
         assert torch.equal(out, fused(x))
 
 
+# The models of the GPU benchmarks, on each GPU backend.
+GPU_NAMES = ["resnet50", "resnet18", "vgg16_bn", "googlenet", "alexnet"]
+
+
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay():
-    fused = cnnfast.optimize(build("resnet18").cuda(), backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", GPU_NAMES)
+def test_gpu_bfloat16_matches_original(name, backend):
+    original = build(name).cuda()
+    fused = cnnfast.optimize(original, dtype=torch.bfloat16, backend=backend)
+    assert_fully_fused(fused)
+    x = torch.randn(4, 3, input_size(name), input_size(name), device="cuda")
+    out, expected = run_both(original, fused, x)
+    assert out.dtype == torch.bfloat16 and out.shape == (4, 1000)
+    assert_matches(out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_and_replay(backend):
+    fused = cnnfast.optimize(build("resnet18").cuda(), dtype=torch.bfloat16, backend=backend)
     static_x = torch.randn(1, 3, 224, 224, device="cuda")
     with torch.no_grad():
         # Warm up on a side stream: autotuning and compilation must happen before the capture.

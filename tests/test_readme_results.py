@@ -1,0 +1,32 @@
+"""bench/readme_results.py: the README's results section, from a synthetic GPU run."""
+import json
+
+from bench.readme_results import run_section
+
+
+def model_case(arch, batch, variant, ms, speedup):
+    info = {"device": "NVIDIA H200", "dtype": "bf16", "backend": variant, "arch": arch, "shape": [batch, 3],
+            "ms": ms, "images_per_s": batch / (ms * 1e-3), "speedup_vs_torch": speedup}
+    return {"name": f"test_model[{arch}-b{batch}-{variant}]", "extra_info": info}
+
+
+def test_run_section_has_the_kernel_and_model_tables(tmp_path):
+    run = tmp_path / "h200-2026-12-01-run1"
+    run.mkdir()
+    (run / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "cuda": "13.0",
+                                              "date": "2026-12-01T10:00:00", "commit": "abc1234"}))
+    add = {"device": "NVIDIA H200", "dtype": "bf16", "ms": 0.1, "fraction_of_copy_bandwidth": 0.95}
+    benchmarks = [
+        {"name": "test_add_relu_gpu[a]", "extra_info": {**add, "backend": "triton", "speedup_vs_torch": 1.6}},
+        {"name": "test_add_relu_gpu[b]", "extra_info": {**add, "backend": "triton", "speedup_vs_torch": 1.4}},
+        {"name": "test_add_relu_gpu[c]", "extra_info": {**add, "backend": "torch", "speedup_vs_torch": 1.0}},
+        model_case("resnet50", 256, "eager", 100.0, 1.0), model_case("resnet50", 256, "cnnfast", 50.0, 2.0),
+        model_case("resnet50", 1, "eager", 2.0, 1.0), model_case("resnet50", 1, "cnnfast_graph", 0.4, 5.0),
+    ]
+    (run / "benchmarks.json").write_text(json.dumps({"benchmarks": benchmarks}))
+    text = "\n".join(run_section(run))
+    assert "| test_add_relu_gpu | triton | bf16 | 2 | 1.50 (1.40 - 1.60) | torch | 95 |  |" in text
+    assert "test_model" not in text  # the models have their own table
+    assert "| model | batch | eager | cnnfast | cnnfast_graph |" in text
+    assert "| resnet50 | 256 | 2,560 img/s (1.00x) | 5,120 img/s (2.00x) |  |" in text
+    assert "| resnet50 | 1 | 2.000 ms (1.00x) |  | 0.400 ms (5.00x) |" in text
