@@ -20,12 +20,16 @@ def steps_table(out: Path) -> list[str]:
 
 
 def tests_line(out: Path) -> str:
-    path = out / "gpu_tests.xml"
-    if not path.is_file():
+    """The GPU test counts summed over the steps' JUnit files (gpu_tests*.xml)."""
+    paths = sorted(out.glob("gpu_tests*.xml"))
+    if not paths:
         return "GPU tests: no result file"
-    suite = ET.parse(path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    total, failures, errors, skipped = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+    total = failures = errors = skipped = 0
+    for path in paths:
+        suite = ET.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = [int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")]
+        total, failures, errors, skipped = (a + b for a, b in zip((total, failures, errors, skipped), counts))
     return f"GPU tests: {total - failures - errors - skipped} passed, {failures + errors} failed, {skipped} skipped"
 
 

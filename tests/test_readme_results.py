@@ -1,4 +1,4 @@
-"""bench/readme_results.py: the README's results section, from a synthetic GPU run."""
+"""bench/readme_results.py and bench/summarize_device_check.py: the README's results section and a GPU run's summary, from synthetic runs."""
 import json
 
 from bench.readme_results import run_section
@@ -30,3 +30,13 @@ def test_run_section_has_the_kernel_and_model_tables(tmp_path):
     assert "| model | batch | eager | cnnfast | cnnfast_graph |" in text
     assert "| resnet50 | 256 | 2,560 img/s (1.00x) | 5,120 img/s (2.00x) |  |" in text
     assert "| resnet50 | 1 | 2.000 ms (1.00x) |  | 0.400 ms (5.00x) |" in text
+
+
+def test_device_check_summary_sums_the_gpu_test_steps(tmp_path):
+    from bench.summarize_device_check import tests_line
+
+    assert tests_line(tmp_path) == "GPU tests: no result file"
+    for name, (tests, failures, errors, skipped) in {"new": (10, 1, 0, 2), "rest": (5, 0, 1, 0)}.items():
+        (tmp_path / f"gpu_tests_{name}.xml").write_text(
+            f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="{errors}" skipped="{skipped}"/></testsuites>')
+    assert tests_line(tmp_path) == "GPU tests: 11 passed, 2 failed, 2 skipped"
