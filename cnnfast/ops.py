@@ -103,13 +103,30 @@ def _zero_padded(t: torch.Tensor, shape) -> torch.Tensor:
     return dense
 
 
+def _pixel_stride(out: torch.Tensor):
+    """The distance between consecutive pixels of an NHWC output the kernel can write in place (a
+    dense channels_last tensor, or a channel slice of a wider one, 16-byte aligned), else None."""
+    n, k, p, q = out.shape
+    # The pixel stride, read off the innermost of W, H, N with more than one element.
+    pitch = k
+    for size, stride, pixels in ((q, out.stride(3), 1), (p, out.stride(2), q), (n, out.stride(0), p * q)):
+        if size > 1:
+            pitch = stride // pixels
+            break
+    expected = (p * q * pitch, 1, q * pitch, pitch)
+    aligned = pitch >= k and (pitch * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    dense_pixels = all(size == 1 or stride == want for size, stride, want in zip(out.shape, out.stride(), expected))
+    return pitch if aligned and dense_pixels else None
+
+
 def _cutlass_operands(x, weight, bias, residual, out):
-    """The operands of the CUTLASS kernel: dense channels_last x, weight, residual and output and a
-    float32 bias, with C and K zero-padded to multiples of 8. Zero channels with zero filter taps
-    add nothing to the sum and the padded output channels are never copied back, so the padding is
-    exact; it is what runs the C=3 stems, at the cost of one copy of x. Returns (x, weight, bias,
-    residual, kernel_out): kernel_out is `out` when the kernel can write it in place, otherwise a
-    scratch tensor whose first K channels the caller copies into `out`."""
+    """The operands of the CUTLASS kernel: dense channels_last x, weight and residual, a float32
+    bias, with C and K zero-padded to multiples of 8, and the output. Zero channels with zero
+    filter taps add nothing to the sum and the padded output channels are never copied back, so
+    the padding is exact; it is what runs the C=3 stems, at the cost of one copy of x. Returns
+    (x, weight, bias, residual, kernel_out, pixel_stride): kernel_out is `out` when the kernel can
+    write it in place (also a channel slice of a wider channels_last tensor: Inception's branches),
+    otherwise a dense scratch tensor whose first K channels the caller copies into `out`."""
     (n, c, h, w), (k, _, r, s) = x.shape, weight.shape
     c_pad = -(-c // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
     k_pad = -(-k // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
@@ -118,20 +135,22 @@ def _cutlass_operands(x, weight, bias, residual, out):
     bias = _zero_padded(bias.float(), (k_pad,)) if bias is not None else None
     out_shape = (n, k_pad, *out.shape[2:])
     residual = _zero_padded(residual, out_shape) if residual is not None else None
-    if k_pad == k and _tma_ready(out):
-        return x, weight, bias, residual, out
-    return x, weight, bias, residual, torch.empty(out_shape, dtype=out.dtype, device=out.device,
-                                                  memory_format=torch.channels_last)
+    pixel_stride = _pixel_stride(out) if k_pad == k else None
+    if pixel_stride is not None:
+        return x, weight, bias, residual, out, pixel_stride
+    scratch = torch.empty(out_shape, dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
+    return x, weight, bias, residual, scratch, k_pad
 
 
 def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu):
-    x, weight, bias, residual, kernel_out = _cutlass_operands(x, weight, bias, residual, out)
+    x, weight, bias, residual, kernel_out, pixel_stride = _cutlass_operands(x, weight, bias, residual, out)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     with torch.cuda.device(x.device):
         cuda_extension().conv2d(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
-            residual.data_ptr() if residual is not None else 0, kernel_out.data_ptr(), CUDA_DTYPE_CODES[x.dtype],
+            residual.data_ptr() if residual is not None else 0, kernel_out.data_ptr(), pixel_stride,
+            CUDA_DTYPE_CODES[x.dtype],
             n, c, h, w, k, r, s, tuple(padding), tuple(stride), tuple(dilation), relu,
             torch.cuda.current_stream(x.device).cuda_stream,
         )

@@ -570,19 +570,21 @@ def test_default_backend_keeps_ieee_float32_off_the_tf32_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "dtype, c, k, match",
-    [(1, 12, 16, "C=12 must be a multiple of 8"), (1, 16, 20, "K=20 must be a multiple of 8"),
-     (0, 6, 16, "C=6 must be a multiple of 4"), (3, 16, 16, "unknown dtype code 3")],
-    ids=["channels", "filters", "float32-channels", "dtype"],
+    "dtype, c, k, pixel_stride, match",
+    [(1, 12, 16, 16, "C=12 must be a multiple of 8"), (1, 16, 20, 24, "K=20 must be a multiple of 8"),
+     (0, 6, 16, 16, "C=6 must be a multiple of 4"), (3, 16, 16, 16, "unknown dtype code 3"),
+     (1, 16, 16, 8, "pixel stride 8 must be >= K=16"), (1, 16, 16, 20, "pixel stride 20 must be >= K=16 and a multiple of 8")],
+    ids=["channels", "filters", "float32-channels", "dtype", "pixel-stride-short", "pixel-stride-unaligned"],
 )
-def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k, match):
+def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k, pixel_stride, match):
     # The CUTLASS kernel's own checks run before it looks for a device, so they are testable here.
     from cnnfast.backends import cuda_extension
 
     if "conv2d" not in cuda_extension().build_info()["ops"]:
         pytest.skip("cnnfast._C was built without CUTLASS")
     with pytest.raises(ValueError, match=match):
-        cuda_extension().conv2d(16, 16, 0, 0, 16, dtype, 1, c, 8, 8, k, 3, 3, (1, 1), (1, 1), (1, 1), True, 0)
+        cuda_extension().conv2d(16, 16, 0, 0, 16, pixel_stride, dtype, 1, c, 8, 8, k, 3, 3, (1, 1), (1, 1), (1, 1),
+                                True, 0)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -596,10 +598,10 @@ def test_cutlass_operands_are_dense_aligned_and_exact(conv, layout):
     x, weight, bias, res = make_inputs(conv, torch.float16, bias_dtype=torch.float16)
     x, weight, res = in_layout(x, layout), in_layout(weight, layout), in_layout(res, layout)
     out = nan_output(conv.output_shape(), torch.float16)
-    xp, wp, bp, rp, kernel_out = ops._cutlass_operands(x, weight, bias, res, out)
+    xp, wp, bp, rp, kernel_out, pixel_stride = ops._cutlass_operands(x, weight, bias, res, out)
     c8, k8 = -(-conv.c // 8) * 8, -(-conv.k // 8) * 8
     assert xp.shape[1] == c8 and tuple(wp.shape[:2]) == (k8, c8) and bp.shape == (k8,) and rp.shape[1] == k8
-    assert tuple(kernel_out.shape) == (conv.n, k8, *out.shape[2:])
+    assert tuple(kernel_out.shape) == (conv.n, k8, *out.shape[2:]) and pixel_stride == k8
     for t in (xp, wp, rp, kernel_out):
         assert t.is_contiguous(memory_format=CHANNELS_LAST) and t.data_ptr() % 16 == 0
     assert bp.dtype == torch.float32 and bp.is_contiguous()
@@ -608,6 +610,21 @@ def test_cutlass_operands_are_dense_aligned_and_exact(conv, layout):
         assert not padding.any()
     padded = reference_conv2d(conv, xp, wp, bp, rp)[:, : conv.k]
     torch.testing.assert_close(padded, reference_conv2d(conv, x, weight, bias, res), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape, slice_start, wide, expected",
+    [((2, 16, 3, 5), 8, 40, 40), ((2, 16, 3, 5), 4, 40, None), ((2, 16, 3, 5), 8, 36, None),
+     ((2, 16, 1, 1), 16, 48, 48), ((1, 16, 1, 1), 8, 40, 16), ((2, 16, 3, 5), 0, 16, 16)],
+    ids=["slice", "slice-misaligned", "pitch-not-16-bytes", "1x1-map", "one-pixel", "dense"],
+)
+def test_cuda_kernel_writes_channel_slices_in_place(shape, slice_start, wide, expected):
+    """ops._pixel_stride: an Inception branch's channel slice of a channels_last output is written
+    in place when its pixel stride and start are 16-byte aligned; otherwise through scratch."""
+    n, k, p, q = shape
+    big = torch.zeros(n, wide, p, q, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
+    out = big[:, slice_start : slice_start + k]
+    assert ops._pixel_stride(out) == expected
 
 
 def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):

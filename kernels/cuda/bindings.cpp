@@ -107,9 +107,10 @@ void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& si
 }
 
 // out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16/tf32).
-// x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual and
-// out dense (N, P, Q, K); pointers 16-byte aligned. Padding, stride, dilation as (h, w) pairs.
-void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, uintptr_t out, int dtype,
+// x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual dense
+// (N, P, Q, K), out (N, P, Q, K) with pixels out_pixel_stride elements apart; pointers 16-byte aligned. Padding, stride, dilation as (h, w) pairs.
+void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, uintptr_t out,
+            int64_t out_pixel_stride, int dtype,
             int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R, int64_t S,
             const std::array<int64_t, 2>& padding, const std::array<int64_t, 2>& stride,
             const std::array<int64_t, 2>& dilation, bool relu, uintptr_t stream) {
@@ -127,7 +128,7 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
   const cnnfast::Conv2dCutlassArgs args{element_type, x, weight, bias, residual, out,
                                         N, C, H, W, K, R, S,
                                         padding[0], padding[1], stride[0], stride[1], dilation[0], dilation[1],
-                                        /*has_residual=*/residual != 0, relu};
+                                        out_pixel_stride, /*has_residual=*/residual != 0, relu};
 #if defined(CNNFAST_WITH_CUTLASS)
   cnnfast::conv2d_cutlass_check(args);  // argument errors first: they need no GPU
   require_cuda_device();
@@ -172,10 +173,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d", &conv2d,
         "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 implicit GEMM: float16/bfloat16, or "
         "float32 computed as TF32; x NHWC and weight KRSC dense, C and K filling 16-byte rows, groups 1, "
-        "bias float32 or 0, residual or 0. "
+        "bias float32 or 0, residual (dense) or 0, out's pixels out_pixel_stride elements apart. "
         "Raises ValueError for what it does not support, RuntimeError when built without CUTLASS.",
-        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"), py::arg("dtype"),
-        py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("K"), py::arg("R"), py::arg("S"),
-        py::arg("padding"), py::arg("stride"), py::arg("dilation"), py::arg("relu"), py::arg("stream"));
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
+        py::arg("out_pixel_stride"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
+        py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"), py::arg("dilation"),
+        py::arg("relu"), py::arg("stream"));
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }

@@ -36,6 +36,9 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
              "output channels K=" << a.K << " must be a multiple of " << per_16_bytes << " (16-byte TMA alignment)");
   CONV_CHECK(a.x % 16 == 0 && a.weight % 16 == 0 && a.out % 16 == 0 && (!a.has_residual || a.residual % 16 == 0),
              "x, weight, out and residual must be 16-byte aligned device pointers");
+  CONV_CHECK(a.out_pixel_stride >= a.K && a.out_pixel_stride % per_16_bytes == 0,
+             "the output's pixel stride " << a.out_pixel_stride << " must be >= K=" << a.K << " and a multiple of "
+                                          << per_16_bytes << " (16-byte TMA rows)");
   CONV_CHECK(a.bias % 16 == 0, "bias must be a 16-byte aligned float32 pointer (or none)");
   CONV_CHECK(a.weight != 0, "null weight pointer");
   CONV_CHECK(a.N == 0 || (a.x != 0 && a.out != 0), "null x or out pointer");

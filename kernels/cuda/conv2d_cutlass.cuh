@@ -119,14 +119,17 @@ void run(const Conv2dCutlassArgs& a, cudaStream_t stream) {
       {static_cast<int>(a.dilation_h), static_cast<int>(a.dilation_w)},
       /*groups=*/1);
 
-  // C and D are dense NPQK: the GEMM M mode is (q, p, n) (innermost first), N is k with stride 1.
+  // C (the residual) is dense NPQK and D (the output) NPQK with pixels out_pixel_stride apart: the
+  // GEMM M mode is (q, p, n) (innermost first), N is k with stride 1. problem.stride_C holds the
+  // dense strides (K, Q*K, P*Q*K for q, p, n), so D's are those / K * out_pixel_stride.
   using StrideC = typename Conv::ConvKernel::StrideC;
   using StrideD = typename Conv::ConvKernel::StrideD;
   StrideC stride_c{};
   StrideD stride_d{};
   cute::for_each(cute::make_seq<cute::rank<0>(StrideC{})>{}, [&](auto i) {
-    cute::get<0, i>(stride_c) = problem.stride_C[ProblemShape::RankT - 2 - i];
-    cute::get<0, i>(stride_d) = problem.stride_C[ProblemShape::RankT - 2 - i];
+    const auto dense = problem.stride_C[ProblemShape::RankT - 2 - i];
+    cute::get<0, i>(stride_c) = dense;
+    cute::get<0, i>(stride_d) = dense / a.K * a.out_pixel_stride;
   });
 
   auto* out = reinterpret_cast<Element*>(a.out);

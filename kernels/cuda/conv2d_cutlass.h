@@ -2,7 +2,8 @@
 //
 // out = relu?(conv2d(x, weight) + bias[k] + residual), accumulated and post-processed in float32.
 // x is dense NHWC (channels_last), weight dense KRSC (a channels_last (K, C, R, S) tensor),
-// residual and out dense NPQK; bias is float32, length K. float16 and bfloat16 are compiled, and
+// residual dense NPQK, out NPQK with a pixel stride of out_pixel_stride >= K elements (K when
+// dense; more when out is a channel slice of a wider channels_last tensor, as Inception's branches); bias is float32, length K. float16 and bfloat16 are compiled, and
 // float32 computed as TF32.
 // The declarations below do not need the CUTLASS headers; the kernels live in
 // conv2d_cutlass_{f16,bf16,tf32}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
@@ -22,12 +23,13 @@ struct Conv2dCutlassArgs {
   uintptr_t weight;    // (K, R, S, C) dense, dtype
   uintptr_t bias;      // (K,) float32, or 0 for no bias
   uintptr_t residual;  // (N, P, Q, K) dense, dtype; used only when has_residual
-  uintptr_t out;       // (N, P, Q, K) dense, dtype
+  uintptr_t out;       // (N, P, Q, K), dtype, pixels out_pixel_stride elements apart
   int64_t N, C, H, W;
   int64_t K, R, S;
   int64_t pad_h, pad_w;
   int64_t stride_h, stride_w;
   int64_t dilation_h, dilation_w;
+  int64_t out_pixel_stride;
   bool has_residual;
   bool relu;
 };
