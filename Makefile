@@ -13,8 +13,9 @@ SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/cuda/*)
 
 .PHONY: test report install clean
 
+# One pytest worker per core (pytest-xdist): the interpreter-bound suite is CPU-bound.
 test: $(INSTALLED)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n auto
 
 report: $(INSTALLED)
 	$(VENV)/bin/cnnfast report --out report
