@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks (DESIGN.md "GPU checks"): build offline, GPU tests, sanitizer runs, benchmarks,
+# The GPU checks: build offline, GPU tests, sanitizer runs, benchmarks,
 # report. Everything lands in OUTDIR (default bench/out). Each step runs under its own time limit
 # and a failing step is recorded and the rest still run; the summary table is printed last. All
-# steps together can take about 15 minutes; CNNFAST_STEPS picks some of them (comma-separated
-# step names, or the part of a name before a dash, as "sanitizer" or "gpu-tests"; environment,
-# wheels and build always run), so the checks can be split over two calls of one device lease.
+# steps' limits add up to over 16 minutes, more than one 10-minute call of a lent GPU: CNNFAST_STEPS
+# picks some of them (comma-separated step names, or the part of a name before a dash, as
+# "sanitizer" or "gpu-tests"; environment, wheels and build always run), so that the checks can be
+# split over calls.
 #   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
 #   CNNFAST_STEPS=gpu-tests,benchmarks bash bench/device_check.sh OUTDIR
 set -u
@@ -20,8 +21,9 @@ printf 'step\tstatus\tseconds\n' >"$STEPS"
 
 # Whether CNNFAST_STEPS selects step NAME: all, NAME itself, or a prefix of NAME ending at a dash.
 selected() {
-  local token steps=${CNNFAST_STEPS:-all}
-  for token in ${steps//,/ } environment wheels build; do
+  local token tokens
+  IFS=, read -ra tokens <<<"${CNNFAST_STEPS:-all}"
+  for token in "${tokens[@]}" environment wheels build; do
     [[ $token == all || $1 == "$token" || $1 == "$token"-* ]] && return 0
   done
   return 1
@@ -52,18 +54,33 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 # A warm machine keeps the built cnnfast/_C*.so between calls (ignored files stay), and a build
 # costs minutes of a 15-minute lease: rebuild only when the extension's sources changed.
+# The hash covers what the build depends on: the sources, the CUTLASS headers' version (a build
+# without them has no convolution), nvcc and the target architectures.
 BUILD_STAMP=cnnfast/.build-sources.sha256
-sources_hash() { cat setup.py CMakeLists.txt pyproject.toml kernels/cuda/* | sha256sum | cut -d' ' -f1; }
+sources_hash() {
+  {
+    cat setup.py CMakeLists.txt pyproject.toml kernels/cuda/*
+    "$PYTHON" -c "import importlib.metadata as m; print(m.version('nvidia-cutlass'))" 2>&1
+    nvcc --version 2>&1
+    echo "${CMAKE_CUDA_ARCHITECTURES:-}"
+  } | sha256sum | cut -d' ' -f1
+}
 if compgen -G "cnnfast/_C*.so" >/dev/null && [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$(sources_hash)" ]; then
   echo "=== build: cnnfast/_C matches its sources ($BUILD_STAMP), not rebuilt" | tee -a "$LOG"
   printf 'build\tcached\t0\n' >>"$STEPS"
-elif step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .; then
-  sources_hash >"$BUILD_STAMP"
+else
+  rm -f "$BUILD_STAMP"  # a failed or interrupted build must not leave a stamp behind
+  step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . &&
+    sources_hash >"$BUILD_STAMP"
 fi
 
 # Two steps, so that the files with GPU cases that have never run get their own time limit; each
 # step that hits its limit still keeps the cases that ran.
-NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_reliability_gpu.py tests/test_gap_linear.py tests/test_optimize.py)
+NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_reliability_gpu.py tests/test_gap_linear.py tests/test_optimize.py
+  tests/test_global_avg_pool.py)
+# A step's result file from an earlier run into the same folder would be summed with this run's.
+selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
+selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
 step gpu-tests-new 240 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_new.xml"
 step gpu-tests-rest 120 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \

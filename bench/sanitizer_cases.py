@@ -75,11 +75,16 @@ def cutlass_conv2d_cases() -> int:
             reference = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
             res = torch.randn(reference.shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
             res = res if residual else None
-            out = ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=residual, backend="cuda")
+            # Into a channel slice of a wider NaN tensor: written in place when k fills 16-byte rows.
+            big = torch.full((2, k + 16, *reference.shape[2:]), float("nan"), device="cuda", dtype=dtype)
+            big = big.contiguous(memory_format=torch.channels_last)
+            out = big[:, 8 : 8 + k]
+            ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=residual, out=out, backend="cuda")
             if res is not None:
                 reference = reference + res.double()
             kind = "tf32" if dtype == torch.float32 else "conv"
             assert_close_to_reference(out, torch.relu(reference) if residual else reference, kind)
+            assert big[:, :8].isnan().all() and big[:, 8 + k :].isnan().all()
             runs += 1
     return runs
 

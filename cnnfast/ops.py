@@ -231,8 +231,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     channels_last tensor works); otherwise a channels_last output is allocated.
     backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when
     torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
-    which costs a copy of x), "torch", or
-    None for the default of x's device.
+    which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
+    pixels are not 16-byte aligned), "torch", or None for the default of x's device.
     """
     op = "conv2d"
     check_float_tensor(op, "x", x)

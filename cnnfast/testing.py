@@ -1,4 +1,4 @@
-"""The tolerance table of DESIGN.md and comparisons against a float64 reference."""
+"""The tolerance table (per comparison kind and dtype) and comparisons against a float64 reference."""
 import torch
 
 # (rtol, atol) by kind of op and dtype; integer-valued inputs are compared exactly instead.

@@ -117,17 +117,26 @@ def test_cuda_every_layer(problem, dtype, batch):
     assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
 
 
-def test_cuda_writes_into_a_channel_slice():
+@pytest.mark.parametrize(
+    "dtype, start, extra, residual",
+    [(torch.bfloat16, 8, 16, False), (torch.bfloat16, 8, 16, True), (torch.float32, 4, 8, True),
+     (torch.bfloat16, 4, 16, False)],
+    ids=["bf16", "bf16-residual", "fp32-pitch-4", "bf16-misaligned-scratch"],
+)
+def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual):
+    # In place when the slice's start and pixel stride are 16-byte aligned (float32: 4 channels),
+    # through scratch and a copy otherwise; the channels around the slice stay NaN.
     from cnnfast.backends import cuda_extension
 
     if "conv2d" not in cuda_extension().build_info()["ops"]:
         pytest.skip("cnnfast._C was built without CUTLASS")
     problem = next(p for p in PROBLEMS if p.R == 3 and p.C % 8 == 0)
-    x, w, b, _, out = make_problem(problem, 2, torch.bfloat16)
-    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    res = res if residual else None
+    big = torch.full((2, problem.K + extra, *out.shape[2:]), float("nan"), device="cuda", dtype=dtype)
     big = big.contiguous(memory_format=torch.channels_last)
-    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True, out=big[:, 8 : 8 + problem.K],
-               backend="cuda")
-    reference = reference_conv2d(x, w, b, None, problem.stride, problem.padding)
-    assert_close_to_reference(big[:, 8 : 8 + problem.K], reference, "conv")
-    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+               out=big[:, start : start + problem.K], backend="cuda")
+    reference = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
+    assert_close_to_reference(big[:, start : start + problem.K], reference, tolerance_kind(dtype))
+    assert big[:, :start].isnan().all() and big[:, start + problem.K :].isnan().all()

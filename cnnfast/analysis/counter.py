@@ -1,6 +1,6 @@
 """Per-layer shapes, parameters, MACs and memory of a CNN, measured on the meta device.
 
-Counting follows the lecture (and DESIGN.md):
+Counting follows the lecture:
 
 - ``macs``: multiply-adds for the whole batch. Conv: N*K*P*Q*(C/groups)*R*S; linear: N*in*out;
   every other layer: 0. ``flops`` = 2 * macs.

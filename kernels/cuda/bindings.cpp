@@ -108,7 +108,8 @@ void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& si
 
 // out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16/tf32).
 // x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual dense
-// (N, P, Q, K), out (N, P, Q, K) with pixels out_pixel_stride elements apart; pointers 16-byte aligned. Padding, stride, dilation as (h, w) pairs.
+// (N, P, Q, K), out (N, P, Q, K) with pixels out_pixel_stride elements apart; pointers 16-byte
+// aligned. Padding, stride, dilation as (h, w) pairs.
 void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, uintptr_t out,
             int64_t out_pixel_stride, int dtype,
             int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R, int64_t S,

@@ -3,8 +3,9 @@
 // out = relu?(conv2d(x, weight) + bias[k] + residual), accumulated and post-processed in float32.
 // x is dense NHWC (channels_last), weight dense KRSC (a channels_last (K, C, R, S) tensor),
 // residual dense NPQK, out NPQK with a pixel stride of out_pixel_stride >= K elements (K when
-// dense; more when out is a channel slice of a wider channels_last tensor, as Inception's branches); bias is float32, length K. float16 and bfloat16 are compiled, and
-// float32 computed as TF32.
+// dense; more when out is a channel slice of a wider channels_last tensor, as Inception's
+// branches); bias is float32, length K. float16 and bfloat16 are compiled, and float32 computed
+// as TF32.
 // The declarations below do not need the CUTLASS headers; the kernels live in
 // conv2d_cutlass_{f16,bf16,tf32}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
 #pragma once
