@@ -54,7 +54,12 @@ def build_table(results=ROOT / "bench" / "results") -> dict:
     return json.loads(json.dumps(table))
 
 
-if __name__ == "__main__":
+def write_table() -> dict:
+    """Rebuilds cnnfast/tuning.json from the committed results and returns the table."""
     table = build_table()
     (ROOT / "cnnfast" / "tuning.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(table, indent=1, sort_keys=True))
+    return table
+
+
+if __name__ == "__main__":
+    print(json.dumps(write_table(), indent=1, sort_keys=True))

@@ -1,7 +1,12 @@
-"""bench/readme_results.py and bench/summarize_device_check.py: the README's results section and a GPU run's summary, from synthetic runs."""
+"""bench/readme_results.py, bench/summarize_device_check.py and bench/collect_results.py, on synthetic GPU runs."""
+import gzip
 import json
 
+import pytest
+
+from bench.collect_results import collect
 from bench.readme_results import run_section
+from bench import summarize_device_check
 
 
 def model_case(arch, batch, variant, ms, speedup):
@@ -33,10 +38,25 @@ def test_run_section_has_the_kernel_and_model_tables(tmp_path):
 
 
 def test_device_check_summary_sums_the_gpu_test_steps(tmp_path):
-    from bench.summarize_device_check import tests_line
-
-    assert tests_line(tmp_path) == "GPU tests: no result file"
+    assert summarize_device_check.tests_line(tmp_path) == "GPU tests: no result file"
     for name, (tests, failures, errors, skipped) in {"new": (10, 1, 0, 2), "rest": (5, 0, 1, 0)}.items():
         (tmp_path / f"gpu_tests_{name}.xml").write_text(
             f'<testsuites><testsuite tests="{tests}" failures="{failures}" errors="{errors}" skipped="{skipped}"/></testsuites>')
-    assert tests_line(tmp_path) == "GPU tests: 11 passed, 2 failed, 2 skipped"
+    assert summarize_device_check.tests_line(tmp_path) == "GPU tests: 11 passed, 2 failed, 2 skipped"
+
+
+def test_collect_files_a_run_under_the_next_free_name(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}))
+    for name in ("steps.tsv", "summary.md", "gpu_tests_new.xml", "benchmarks.json", "stray.txt"):
+        (out / name).write_text(name)
+    (out / "device_check.log").write_text("the log")
+    first = collect(out, results=results)
+    assert first.name == "h200-2026-12-01-run1"
+    assert sorted(p.name for p in first.iterdir()) == [
+        "benchmarks.json", "device_check.log.gz", "env.json", "gpu_tests_new.xml", "steps.tsv", "summary.md"]
+    assert gzip.decompress((first / "device_check.log.gz").read_bytes()) == b"the log"
+    assert collect(out, results=results).name == "h200-2026-12-01-run2"
+    with pytest.raises(SystemExit, match="no env.json"):
+        collect(tmp_path / "results", results=results)
