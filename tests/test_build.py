@@ -71,7 +71,8 @@ def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
     assert "sm_90a.cubin" in dump
     # Each kernel in each dtype (float, __half, __nv_bfloat16) and each template variant.
     kernels = {kernel: ("If", "I6__half", "I13__nv_bfloat16") for kernel in (
-        "global_avg_pool_nhwc_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel", "linear_few_rows_kernel")}
+        "global_avg_pool_nhwc_kernel", "global_avg_pool_planes_kernel", "add_relu_flat_kernel", "add_relu_strided_kernel",
+        "linear_few_rows_kernel")}
     kernels["linear_wmma_kernel"] = ("I6__half", "I13__nv_bfloat16")  # float32 stays off the tensor cores
     for kernel, dtypes in kernels.items():
         for dtype in dtypes:

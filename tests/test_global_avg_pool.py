@@ -153,10 +153,11 @@ def test_propagates_nan_and_inf(backend, device, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("memory_format", (torch.channels_last, torch.contiguous_format), ids=("nhwc", "nchw"))
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
-def test_gpu_large_map_error_no_worse_than_pytorch(backend):
+def test_gpu_large_map_error_no_worse_than_pytorch(backend, memory_format):
     # 1 x 64 x 224 x 224 in bfloat16: our error against float64 is at most twice PyTorch's own.
-    x = torch.rand(1, 64, 224, 224, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 64, 224, 224, device="cuda").to(torch.bfloat16).contiguous(memory_format=memory_format)
     ref = reference_global_avg_pool(x)
     ours = (ops.global_avg_pool(x, backend=backend).double() - ref).abs().max().item()
     theirs = (torch.mean(x, dim=(2, 3)).double() - ref).abs().max().item()

@@ -9,6 +9,11 @@
 // the pixel loop is unrolled so that each thread has several loads in flight. The scalar path
 // (VEC = 1, for strided or misaligned inputs) is 32 x 8 threads, a warp across 32 channels.
 //
+// NCHW inputs (each channel's H x W plane contiguous: PyTorch's default layout) go to
+// global_avg_pool_planes_kernel instead, where a warp walks one plane, 32 consecutive pixels per
+// step, and folds its lanes with shuffles; a channel-wide warp would read 32 planes at once, one
+// element from each.
+//
 // Each thread keeps VEC float32 partial sums; the blockDim.y partial sums of each channel are
 // folded in shared memory by all threads, in a fixed order, so results are bitwise repeatable.
 // VEC > 1 needs unit channel stride and 16-byte aligned pixel rows; the launcher checks both and
@@ -93,6 +98,35 @@ global_avg_pool_nhwc_kernel(const T* __restrict__ x, T* __restrict__ out,
   out[n * out_stride_n + (slab + channel) * out_stride_c] = from_float<T>(total / static_cast<float>(pixels));
 }
 
+constexpr int kPlanesPerBlock = 8;  // one warp per (n, c) plane
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kPlanesPerBlock)
+global_avg_pool_planes_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t N, int64_t C, int pixels,
+                              int64_t stride_n, int64_t stride_c, int64_t out_stride_n, int64_t out_stride_c) {
+  const int64_t plane = static_cast<int64_t>(blockIdx.x) * kPlanesPerBlock + threadIdx.x / 32;
+  if (plane >= N * C) return;  // the same for the whole warp, so whole warps leave
+  const int lane = threadIdx.x % 32;
+  const int64_t n = plane / C, c = plane % C;
+  const T* pixel = x + n * stride_n + c * stride_c;
+  float acc = 0.f;
+#pragma unroll 4
+  for (int p = lane; p < pixels; p += 32) acc += to_float(pixel[p]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (lane == 0) out[n * out_stride_n + c * out_stride_c] = from_float<T>(acc / static_cast<float>(pixels));
+}
+
+template <typename T>
+void launch_planes(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
+  const int64_t blocks = (a.N * a.C + kPlanesPerBlock - 1) / kPlanesPerBlock;
+  if (blocks > 2147483647LL)
+    throw std::invalid_argument("global_avg_pool: " + std::to_string(a.N * a.C) + " planes are too many for one grid");
+  global_avg_pool_planes_kernel<T><<<static_cast<unsigned>(blocks), 32 * kPlanesPerBlock, 0, stream>>>(
+      reinterpret_cast<const T*>(a.x), reinterpret_cast<T*>(a.out), a.N, a.C, static_cast<int>(a.H * a.W),
+      a.stride_n, a.stride_c, a.out_stride_n, a.out_stride_c);
+}
+
 template <typename T, int VEC>
 void launch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   using Shape = PoolShape<VEC>;
@@ -108,13 +142,17 @@ void launch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
       a.stride_n, a.stride_c, a.stride_h, a.stride_w, a.out_stride_n, a.out_stride_c);
 }
 
-// 16-byte vectors when the channel run of every pixel starts 16-byte aligned and C fills whole vectors.
+// 16-byte vectors when the channel run of every pixel starts 16-byte aligned and C fills whole
+// vectors; the plane kernel when each channel's pixels are contiguous (NCHW) and a map has more
+// than one pixel; the scalar channel-wide kernel otherwise.
 template <typename T>
-void dispatch_vec(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
+void dispatch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool aligned = a.x % 16 == 0 && a.stride_c == 1 && a.C % kVec == 0 &&
                        a.stride_n % kVec == 0 && a.stride_h % kVec == 0 && a.stride_w % kVec == 0;
+  const bool planes = a.H * a.W > 1 && (a.W == 1 || a.stride_w == 1) && (a.H == 1 || a.stride_h == a.W);
   if (aligned) launch<T, kVec>(a, stream);
+  else if (planes) launch_planes<T>(a, stream);
   else launch<T, 1>(a, stream);
 }
 
@@ -128,7 +166,7 @@ void global_avg_pool_nhwc(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   if (a.H * a.W > 2147483647LL - 64)
     throw std::invalid_argument("global_avg_pool: an H x W map of " + std::to_string(a.H * a.W) +
                                 " pixels exceeds the supported 2^31 - 65");
-  launch_for_dtype(a.dtype, "global_avg_pool", [&](auto element) { dispatch_vec<decltype(element)>(a, stream); });
+  launch_for_dtype(a.dtype, "global_avg_pool", [&](auto element) { dispatch<decltype(element)>(a, stream); });
 }
 
 }  // namespace cnnfast
