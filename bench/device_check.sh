@@ -75,15 +75,17 @@ else
 fi
 
 # Two steps, so that the files with GPU cases that have never run get their own time limit; each
-# step that hits its limit still keeps the cases that ran.
+# step that hits its limit still keeps the cases that ran. Four pytest-xdist workers share the
+# GPU: most of these tests' time is Triton compiling on the host's CPU cores (four, not more:
+# each worker's caching allocator keeps what its 2^31-element cases took, up to about 13 GB).
 NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_reliability_gpu.py tests/test_gap_linear.py tests/test_optimize.py
   tests/test_global_avg_pool.py)
 # A step's result file from an earlier run into the same folder would be summed with this run's.
 selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
 selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
-step gpu-tests-new 240 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -q -p no:cacheprovider \
+step gpu-tests-new 240 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -q -n 4 -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_new.xml"
-step gpu-tests-rest 120 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \
+step gpu-tests-rest 120 "$PYTHON" -m pytest tests -m gpu -q -n 4 -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \
   --junitxml="$OUT/gpu_tests_rest.xml"
 
 step benchmarks 170 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider \
