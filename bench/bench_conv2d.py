@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
-from cnnfast.bench import layer_function, layer_parts
+from cnnfast.bench import fold_layer, layer_function, layer_parts
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
@@ -42,9 +42,9 @@ def layer_tensors(batch, problem, device="cuda"):
     """cnnfast.bench's layer (the same seeded input, weight and BatchNorm as `cnnfast bench`) in
     bfloat16: x, the unfolded weight and BN for the PyTorch paths, the folded weight and bias."""
     x, raw_weight, bn = layer_parts(problem, batch, torch.bfloat16, device)
-    weight, bias = ops.fold_bn(raw_weight, None, bn)
-    channels_last = {"device": device, "dtype": torch.bfloat16, "memory_format": torch.channels_last}
-    return x, raw_weight.to(**channels_last), bn.to(device, torch.bfloat16), weight.to(**channels_last), bias.to(device)
+    weight, bias = fold_layer(raw_weight, bn, torch.bfloat16, device)
+    raw_weight = raw_weight.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    return x, raw_weight, bn.to(device, torch.bfloat16), weight, bias
 
 
 def layer_fn(backend, batch, problem, device="cuda"):

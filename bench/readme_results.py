@@ -58,10 +58,10 @@ def run_section(folder: Path) -> list[str]:
     ]
     groups = defaultdict(list)
     for bench in benchmarks:
-        info = bench["extra_info"]
-        if "ms" not in info or bench["name"].split("[")[0] == MODEL_BENCHMARK:  # CPU smoke cases; models below
+        name, info = bench["name"].split("[")[0], bench["extra_info"]
+        if "ms" not in info or name == MODEL_BENCHMARK:  # CPU smoke cases; the models have their own table
             continue
-        groups[(bench["name"].split("[")[0], info["backend"])].append(info)
+        groups[(name, info["backend"])].append(info)
     for (name, backend), infos in sorted(groups.items()):
         over = "cudnn" if "speedup_vs_cudnn" in infos[0] else "torch"
         if backend == over:

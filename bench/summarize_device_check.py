@@ -24,13 +24,14 @@ def tests_line(out: Path) -> str:
     paths = sorted(out.glob("gpu_tests*.xml"))
     if not paths:
         return "GPU tests: no result file"
-    total = failures = errors = skipped = 0
+    totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
     for path in paths:
         suite = ET.parse(path).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-        counts = [int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")]
-        total, failures, errors, skipped = (a + b for a, b in zip((total, failures, errors, skipped), counts))
-    return f"GPU tests: {total - failures - errors - skipped} passed, {failures + errors} failed, {skipped} skipped"
+        for key in totals:
+            totals[key] += int(suite.get(key, 0))
+    failed, skipped = totals["failures"] + totals["errors"], totals["skipped"]
+    return f"GPU tests: {totals['tests'] - failed - skipped} passed, {failed} failed, {skipped} skipped"
 
 
 def fmt(value, spec):

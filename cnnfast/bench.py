@@ -89,11 +89,16 @@ def layer_parts(problem, batch, dtype, device):
     return x.to(device=device, dtype=dtype, memory_format=torch.channels_last), weight, bn
 
 
-def layer_inputs(problem, batch, dtype, device):
-    """Input, BN-folded weight (in dtype) and float32 bias of one layer (layer_parts, folded)."""
-    x, weight, bn = layer_parts(problem, batch, dtype, device)
+def fold_layer(weight, bn, dtype, device):
+    """layer_parts' weight with its BatchNorm folded in: (weight in dtype, channels_last, float32 bias)."""
     weight, bias = ops.fold_bn(weight, None, bn)
-    return x, weight.to(device=device, dtype=dtype, memory_format=torch.channels_last), bias.to(device)
+    return weight.to(device=device, dtype=dtype, memory_format=torch.channels_last), bias.to(device)
+
+
+def layer_inputs(problem, batch, dtype, device):
+    """Input, BN-folded weight (in dtype) and float32 bias of one layer."""
+    x, weight, bn = layer_parts(problem, batch, dtype, device)
+    return (x, *fold_layer(weight, bn, dtype, device))
 
 
 def layer_function(backend, problem, x, weight, bias):

@@ -10,7 +10,7 @@ import torch
 from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
 from tests.test_conv2d import ODD_SHAPES, Conv, conv_id, in_layout, make_inputs, nan_output, reference_conv2d
-from tests.test_conv2d_gpu import PROBLEMS, make_problem
+from tests.test_conv2d_gpu import PROBLEMS, make_problem, tolerance_kind
 
 pytestmark = pytest.mark.gpu
 
@@ -18,10 +18,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_LAYOUTS = ("channels_last", "nchw", "channel_slice")
 # (float32 on the CUTLASS kernel is TF32, which torch.backends.cudnn.allow_tf32, True by default, allows.)
 BACKEND_DTYPES = [(backend, dtype) for backend in ("triton", "cuda") for dtype in DTYPES]
-
-
-def tolerance_kind(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "conv"
 
 
 def to_cuda(t):

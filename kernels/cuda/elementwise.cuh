@@ -21,6 +21,13 @@ template <typename T> __device__ __forceinline__ T from_float(float v) { return 
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The sum of v over the 32 lanes of a warp, in lane 0 (a fixed shuffle order: repeatable bits).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // VEC elements of T loaded or stored as one aligned vector.
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
 

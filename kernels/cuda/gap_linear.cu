@@ -74,9 +74,7 @@ linear_few_rows_kernel(const T* __restrict__ pooled, const T* __restrict__ weigh
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      float sum = acc[r];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+      const float sum = warp_sum(acc[r]);
       if (lane == 0 && n0 + r < N) out[(n0 + r) * O + o] = from_float<T>(sum + b);
     }
   }

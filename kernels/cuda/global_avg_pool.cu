@@ -112,8 +112,7 @@ global_avg_pool_planes_kernel(const T* __restrict__ x, T* __restrict__ out, int6
   float acc = 0.f;
 #pragma unroll 4
   for (int p = lane; p < pixels; p += 32) acc += to_float(pixel[p]);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  acc = warp_sum(acc);
   if (lane == 0) out[n * out_stride_n + c * out_stride_c] = from_float<T>(acc / static_cast<float>(pixels));
 }
 
