@@ -6,13 +6,15 @@ Per layer (bfloat16, channels_last, batch 256 for ResNet-50 and 64 for VGG-16), 
 computes the layer with its BatchNorm and ReLU:
 - cudnn:        F.conv2d alone (cuDNN's bare convolution: the bar for the fused kernel),
 - eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
-- eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
+- eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU (the kernels that
+                cnnfast.ops.conv2d(backend="torch") runs),
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
-this backend's time, and the percent of the roofline bound (cnnfast.roofline, with this GPU's
-measured matmul and copy ceilings) that the layer reaches.
+this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
+measured matmul and copy ceilings) that the layer reaches, and the layer's batch and geometry,
+from which bench/tuning_table.py picks each layer's backend for backend=None.
 """
 import functools
 
@@ -84,6 +86,9 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), dtype="bf16", backend=backend, arch=arch,
         shape=[batch, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride[0]],
+        batch=batch, problem={"C": problem.C, "H": problem.H, "W": problem.W, "K": problem.K, "R": problem.R,
+                              "S": problem.S, "stride": list(problem.stride), "padding": list(problem.padding),
+                              "dilation": [1, 1]},
         ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gbps=traffic / (ms * 1e-3) / 1e9,
         speedup_vs_cudnn=cudnn_ms(batch, problem) / ms, percent_of_roofline=point["percent_of_bound"],
         bound_by=point["bound"],

@@ -2,19 +2,28 @@
 
     python bench/tuning_table.py
 
-For each GPU, op and dtype with a benchmark against the op's baseline (PyTorch's own op; for the
-convolution, cuDNN's bare convolution, which does less work than the fused op), the backend chosen
-is the one faster than the baseline in every measured case (the fastest such, by median speedup);
-when none is, the op stays on torch and is left out of the table. Each backend's cases come from
-the newest run that measured it (runs sort by their folder name, h200-DATE-runN), so a kernel
-rewritten and measured again replaces its old figures.
+Per op. For each GPU, op and dtype with a benchmark against the op's baseline (PyTorch's own op;
+for the convolution, cuDNN's bare convolution, which does less work than the fused op), the
+backend chosen is the one faster than the baseline in every measured case (the fastest such, by
+median speedup); when none is, the op stays on torch and is left out of the table.
+
+Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
+bench/bench_conv2d.py timed, the fastest of torch, triton and cuda by cnnfast.tuning's layer rule
+(a kernel must beat torch by 3 %). The torch time is the benchmark's eager_folded case, which runs
+the kernels backend="torch" runs: F.conv2d with the folded bias, then ReLU.
+
+Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
+runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
+replaces its old figures.
 """
 import json
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from cnnfast.roofline import DTYPES
+from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -26,12 +35,25 @@ OP_OF_BENCHMARK = {
 }
 # The benchmarks' own backends that are not cnnfast.ops backends (PyTorch paths).
 BASELINES = {"torch", "cudnn", "eager", "eager_folded"}
+# The conv benchmark's cases that are choices for a layer, as cnnfast.ops backends.
+LAYER_BACKEND_OF_CASE = {"eager_folded": "torch", "triton": "triton", "cuda": "cuda"}
+
+
+def run_order(path: Path):
+    """Sort key of a run folder (<gpu>-<date>-run<N>[-note]): by date, then N as a number."""
+    match = re.search(r"(\d{4}-\d{2}-\d{2})-run(\d+)", path.name)
+    return (match.group(1), int(match.group(2)), path.name) if match else ("", 0, path.name)
+
+
+def benchmark_files(results: Path):
+    """Every run's benchmarks*.json, oldest run first."""
+    return sorted(Path(results).glob("*/benchmarks*.json"), key=lambda path: (run_order(path.parent), path.name))
 
 
 def measured_speedups(results=ROOT / "bench" / "results") -> dict:
     """{(gpu, op, dtype, backend): [speedup over the baseline per case]}, from the newest run of each."""
     speedups = {}
-    for path in sorted(Path(results).glob("*/benchmarks*.json")):
+    for path in benchmark_files(results):
         run = defaultdict(list)
         for bench in json.loads(path.read_text())["benchmarks"]:
             op, field = OP_OF_BENCHMARK.get(bench["name"].split("[")[0], (None, None))
@@ -43,6 +65,24 @@ def measured_speedups(results=ROOT / "bench" / "results") -> dict:
     return speedups
 
 
+def measured_layer_times(results=ROOT / "bench" / "results") -> dict:
+    """{(gpu, dtype, layer key, batch): {backend: ms}} of the conv layer benchmarks, each backend's
+    time from the newest run that timed it on that layer and batch."""
+    times = defaultdict(dict)
+    for path in benchmark_files(results):
+        for bench in json.loads(path.read_text())["benchmarks"]:
+            info = bench["extra_info"]
+            backend = LAYER_BACKEND_OF_CASE.get(info.get("backend"))
+            if bench["name"].split("[")[0] != "test_conv2d_layer" or backend is None or "problem" not in info:
+                continue
+            problem = info["problem"]
+            key = conv2d_layer_key(problem["C"], problem["H"], problem["W"], problem["K"], problem["R"], problem["S"],
+                                   problem["stride"], problem["padding"], problem["dilation"])
+            dtype = str(DTYPES[info["dtype"]]).removeprefix("torch.")
+            times[(info["device"], dtype, key, info["batch"])][backend] = info["ms"]
+    return dict(times)
+
+
 def build_table(results=ROOT / "bench" / "results") -> dict:
     best = {}
     for (gpu, op, dtype, backend), values in measured_speedups(results).items():
@@ -51,6 +91,10 @@ def build_table(results=ROOT / "bench" / "results") -> dict:
     table = defaultdict(lambda: defaultdict(dict))
     for (gpu, op, dtype), (backend, _) in sorted(best.items()):
         table[gpu][op][dtype] = backend
+    for (gpu, dtype, key, batch), times_ms in sorted(measured_layer_times(results).items()):
+        chosen = fastest_layer_backend(times_ms)
+        if chosen is not None:
+            table[gpu][CONV_LAYERS].setdefault(dtype, {}).setdefault(key, {})[str(batch)] = chosen
     return json.loads(json.dumps(table))
 
 

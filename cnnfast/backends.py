@@ -2,7 +2,8 @@
 (PyTorch's own ops: cuDNN on a GPU, oneDNN on a CPU; also the reference).
 
 A backend the caller names either runs or raises; `None` picks the backend measured fastest for
-the op on the tensor's GPU and dtype (cnnfast.tuning), "torch" where nothing was measured.
+the op on the tensor's GPU and dtype, and for a convolution its layer (cnnfast.tuning), "torch"
+where nothing was measured.
 """
 import functools
 import os
@@ -41,10 +42,11 @@ def cuda_ops():
     return tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
 
 
-def resolve_backend(op: str, x: torch.Tensor, backend):
-    """Checks an explicit backend against the op and the tensor, or picks the default."""
+def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = None):
+    """Checks an explicit backend against the op and the tensor, or picks the default (for a
+    convolution, layer = (weight shape, stride, padding, dilation) selects its per-layer entry)."""
     if backend is None:
-        return default_backend(op, x)
+        return default_backend(op, x, layer)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend == "cuda":

@@ -2,8 +2,9 @@
 
 Backends, each computing relu(conv(x) with the BatchNorm folded into weight and bias):
 
-- ``torch``:        ``cnnfast.ops.conv2d(backend="torch")`` (PyTorch's conv, float32 epilogue);
-- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))`` in the layer's dtype;
+- ``torch``:        ``cnnfast.ops.conv2d(backend="torch")`` (PyTorch's conv with the bias, then
+  an in-place ReLU, in the layer's dtype, through the custom op);
+- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))``, the same kernels called directly;
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
@@ -12,8 +13,9 @@ Backends, each computing relu(conv(x) with the BatchNorm folded into weight and 
 A backend that cannot run here is listed in ``skipped`` with the reason, never dropped silently.
 Inputs are channels_last. Times: ``cnnfast.roofline.time_ms`` (GPU: CUDA events, median, L2
 flushed; CPU: perf_counter median after warm-up; CPU figures are CPU figures).
-End to end: the plain model (eager) and ``cnnfast.optimize(model)`` (triton backend on a GPU,
-torch backend on a CPU), images/s and latency at the same batch.
+End to end: the plain model (eager) and ``cnnfast.optimize(model)`` with its default backends
+(backend=None: cnnfast.tuning's choice per op and conv layer on a GPU, torch on a CPU), images/s
+and latency at the same batch.
 
 JSON (``run_bench``), schema "cnnfast.bench/1"::
 
@@ -24,7 +26,7 @@ JSON (``run_bench``), schema "cnnfast.bench/1"::
                  "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding"},
                  "flops", "bytes",
                  "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch"}}}],
-     "end_to_end": [{"variant": "eager" | "cnnfast", "backend", "ms", "images_per_s",
+     "end_to_end": [{"variant": "eager" | "cnnfast", "backend" ("torch" | "default"), "ms", "images_per_s",
                      "speedup_vs_eager"}]}
 
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
@@ -155,13 +157,12 @@ def bench_model(arch, batch, dtype, device, input_size) -> list[dict]:
     """The "end_to_end" rows: the plain model in eager mode and cnnfast.optimize(model)."""
     torch.manual_seed(0)
     plain = get_model(arch).eval()
-    backend = "triton" if torch.device(device).type == "cuda" else "torch"
-    fused = optimize(copy.deepcopy(plain), dtype=dtype, backend=backend, inplace=True).to(device)
+    fused = optimize(copy.deepcopy(plain), dtype=dtype, inplace=True).to(device)
     plain = plain.to(device, dtype, memory_format=torch.channels_last)
     x = torch.randn(batch, 3, input_size, input_size, device=device, dtype=dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     rows = []
-    for variant, model, model_backend in (("eager", plain, "torch"), ("cnnfast", fused, backend)):
+    for variant, model, model_backend in (("eager", plain, "torch"), ("cnnfast", fused, "default")):
         with torch.inference_mode():
             ms = time_ms(lambda: model(x), device)
         rows.append({"variant": variant, "backend": model_backend, "ms": ms, "images_per_s": batch / (ms * 1e-3)})

@@ -67,16 +67,15 @@ def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple
     return ((h + 2 * padding[0] - extent_h) // stride[0] + 1, (w + 2 * padding[1] - extent_w) // stride[1] + 1)
 
 
-def _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu):
-    # Epilogue in float32, as the fused kernels do it (and bias may be float32 beside fp16/bf16 x).
-    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).float()
-    if bias is not None:
-        y = y + bias.float().view(1, -1, 1, 1)
+def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    """The layer as eager PyTorch runs a BN-folded one: the convolution with its bias (cuDNN on a
+    GPU), then the residual add and the ReLU in place, each in x's dtype. Float16/bfloat16 round
+    after each step where the fused kernels round once; no float32 copy of the output is made,
+    so this stays as fast as eager PyTorch when backend=None picks it."""
+    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
     if residual is not None:
-        y = y + residual.float()
-    if relu:
-        y = torch.relu(y)
-    out.copy_(y)
+        y.add_(residual)
+    return y.relu_() if relu else y
 
 
 # The CUTLASS kernel reads channels in 16-byte TMA boxes: C and K in multiples of 8 elements.
@@ -159,14 +158,25 @@ def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu
 
 
 def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
+    """Runs the layer on backend into out, or into a new channels_last tensor when out is None;
+    returns the result."""
+    if backend == "torch":
+        y = _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        if out is not None:
+            return out.copy_(y)
+        # PyTorch's result is returned as is when it has the fake output's strides (channels_last
+        # input, the usual case), else copied into that layout.
+        fake_strides = torch.empty_like(y, device="meta", memory_format=torch.channels_last).stride()
+        return y if y.stride() == fake_strides else _empty_conv2d_output(x, weight, stride, padding, dilation).copy_(y)
+    if out is None:
+        out = _empty_conv2d_output(x, weight, stride, padding, dilation)
     if backend == "triton":
         from cnnfast.triton_kernels.conv2d import conv2d_bias_act
 
         conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu)
-    elif backend == "cuda":
-        _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu)
     else:
-        _conv2d_torch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
+        _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu)
+    return out
 
 
 @torch.library.custom_op("cnnfast::conv2d_out", mutates_args=("out",))
@@ -188,9 +198,7 @@ def _conv2d_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, backend: str,
 ) -> torch.Tensor:
-    out = _empty_conv2d_output(x, weight, stride, padding, dilation)
-    _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
-    return out
+    return _conv2d_dispatch(x, weight, bias, residual, None, stride, padding, dilation, groups, relu, backend)
 
 
 def _empty_conv2d_output(x, weight, stride, padding, dilation):
@@ -271,17 +279,18 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
-    requested, backend = backend, resolve_backend(op, x, backend)
+    requested, backend = backend, resolve_backend(op, x, backend, (tuple(weight.shape), stride, padding, dilation))
+    ieee_float32_on_tf32 = backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+    if requested is None and (groups != 1 or ieee_float32_on_tf32):
+        # The table measured groups=1 layers (and float32 on CUTLASS as TF32): the rest stays on cuDNN.
+        backend = "torch"
     if groups != 1 and backend != "torch":
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
-    if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        if requested is None:  # the tuning table's choice was measured as TF32; IEEE float32 stays on cuDNN
-            backend = "torch"
-        else:
-            raise NotImplementedError(
-                f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
-                "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
-            )
+    if backend == "cuda" and ieee_float32_on_tf32:
+        raise NotImplementedError(
+            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
+            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
+        )
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")

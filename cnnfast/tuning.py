@@ -1,17 +1,46 @@
-"""backend=None: the backend measured fastest for an op on this GPU and dtype.
+"""backend=None: the backend measured fastest for an op on this GPU, dtype and (for the
+convolution) layer.
 
 The table (cnnfast/tuning.json) maps a GPU name to, per op and dtype, the backend that beat
-PyTorch's own op in every case measured on that GPU; `python bench/tuning_table.py` rebuilds it
-from the committed results in bench/results/. Anything not in the table, and every CPU tensor,
-runs on the "torch" backend.
+PyTorch's own op in every case measured on that GPU, and, under "conv2d_layers", per dtype and
+conv layer, the backend measured fastest for that layer at each batch measured. `python
+bench/tuning_table.py` rebuilds it from the committed results in bench/results/.
+
+A convolution looks its layer up first: same geometry (channels, input size, filter, stride,
+padding, dilation) and a measured batch within a factor of MAX_BATCH_RATIO of its own (the
+nearest one), where "torch" is a choice too; then the op's entry; then "torch". Anything else not in the table, and every CPU
+tensor, runs on the "torch" backend.
 """
 import functools
 import json
+import math
 from pathlib import Path
 
 import torch
 
 TABLE_PATH = Path(__file__).with_name("tuning.json")
+CONV_LAYERS = "conv2d_layers"
+# A layer's choice measured at batch b is used for batches b / 4 .. 4 b: beyond that the work per
+# launch differs enough that the ranking of the kernels may change.
+MAX_BATCH_RATIO = 4
+# A kernel replaces PyTorch on a layer only when it is at least this much faster (timing noise
+# on a GPU is about 1-2 %; a tie stays with PyTorch, the reference).
+MIN_LAYER_SPEEDUP = 1.03
+
+
+def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation) -> str:
+    """The table's name for a conv layer's geometry (the batch is kept apart)."""
+    return (f"c{c} h{h} w{w} k{k} r{r} s{s} stride{stride[0]}x{stride[1]} "
+            f"pad{padding[0]}x{padding[1]} dil{dilation[0]}x{dilation[1]}")
+
+
+def fastest_layer_backend(times_ms: dict) -> str | None:
+    """The layer rule: of the backends timed on one layer and batch ({backend: ms}), the fastest
+    if it beats "torch" by MIN_LAYER_SPEEDUP, else "torch"; None when torch was not timed."""
+    if "torch" not in times_ms:
+        return None
+    backend = min(times_ms, key=times_ms.get)
+    return backend if times_ms["torch"] >= MIN_LAYER_SPEEDUP * times_ms[backend] else "torch"
 
 
 @functools.lru_cache(maxsize=1)
@@ -24,8 +53,27 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def default_backend(op: str, x: torch.Tensor) -> str:
+@functools.lru_cache(maxsize=4096)
+def _layer_backend(gpu: str, dtype: str, key: str, batch: int) -> str | None:
+    by_batch = tuning_table().get(gpu, {}).get(CONV_LAYERS, {}).get(dtype, {}).get(key, {})
+    distance = {measured: abs(math.log(max(batch, 1) / int(measured))) for measured in by_batch}
+    nearest = min(distance, key=distance.get, default=None)
+    if nearest is None or distance[nearest] > math.log(MAX_BATCH_RATIO):
+        return None
+    return by_batch[nearest]
+
+
+def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str:
+    """The table's backend for op on x's GPU and dtype; "torch" on a CPU or when unmeasured.
+    layer: for conv2d, (weight shape, stride, padding, dilation) of the call."""
     if x.device.type != "cuda":
         return "torch"
-    by_op = tuning_table().get(_device_name(x.device.index or 0), {})
-    return by_op.get(op, {}).get(str(x.dtype).removeprefix("torch."), "torch")
+    gpu, dtype = _device_name(x.device.index or 0), str(x.dtype).removeprefix("torch.")
+    if layer is not None:
+        (k, c, r, s), stride, padding, dilation = layer
+        n, _, h, w = x.shape
+        key = conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation)
+        chosen = _layer_backend(gpu, dtype, key, n)
+        if chosen is not None:
+            return chosen
+    return tuning_table().get(gpu, {}).get(op, {}).get(dtype, "torch")

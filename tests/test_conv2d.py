@@ -562,7 +562,7 @@ def test_cuda_backend_runs_float32_only_as_tf32(monkeypatch):
 def test_default_backend_keeps_ieee_float32_off_the_tf32_kernel(monkeypatch):
     # Were the tuning table to pick "cuda" for float32, turning TF32 off moves the call to cuDNN.
     chosen = []
-    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend: backend or "cuda")
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend or "cuda")
     monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: chosen.append(args[-1]))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3))

@@ -4,7 +4,7 @@ import json
 import torch
 
 from bench.tuning_table import build_table
-from cnnfast import tuning
+from cnnfast import ops, tuning
 from cnnfast.backends import resolve_backend
 
 
@@ -13,9 +13,13 @@ def test_committed_table_is_the_one_the_results_give():
 
 
 def test_table_entries_name_real_backends():
-    for ops in tuning.tuning_table().values():
-        for dtypes in ops.values():
-            assert set(dtypes.values()) <= {"triton", "cuda"}
+    for by_op in tuning.tuning_table().values():
+        for op, dtypes in by_op.items():
+            if op == tuning.CONV_LAYERS:
+                choices = {c for layers in dtypes.values() for batches in layers.values() for c in batches.values()}
+                assert choices <= {"triton", "cuda", "torch"}
+            else:
+                assert set(dtypes.values()) <= {"triton", "cuda"}
 
 
 def test_cpu_and_meta_tensors_default_to_torch():
@@ -59,3 +63,77 @@ def test_table_rule_every_case_faster_and_newest_run_wins(tmp_path):
     # gap_linear: the newer run replaces the old Triton figures; then both backends beat torch in
     # every case and CUDA's median (1.225) beats Triton's (1.2). The convolution stays on torch.
     assert build_table(tmp_path) == {"NVIDIA H200": {"gap_linear": {"bfloat16": "cuda"}}}
+
+
+def test_runs_order_by_date_then_run_number(tmp_path):
+    gap = ("test_gap_linear_gpu", "speedup_vs_torch")
+    # Folder names alone would sort run10 before run2, and its older figures would win.
+    write_run(tmp_path / "h200-2026-03-01-run2", [(*gap, "triton", 0.5)])
+    write_run(tmp_path / "h200-2026-03-01-run10", [(*gap, "triton", 1.5)])
+    write_run(tmp_path / "h200-2026-02-28-run11", [(*gap, "triton", 0.4)])
+    assert build_table(tmp_path) == {"NVIDIA H200": {"gap_linear": {"bfloat16": "triton"}}}
+
+
+def write_layer_run(folder, cases):
+    """A benchmarks.json of conv layer cases: (C, H, K, R, stride, batch, backend, ms)."""
+    folder.mkdir()
+    benchmarks = []
+    for c, h, k, r, stride, batch, backend, ms in cases:
+        problem = {"C": c, "H": h, "W": h, "K": k, "R": r, "S": r, "stride": [stride, stride],
+                   "padding": [r // 2, r // 2], "dilation": [1, 1]}
+        benchmarks.append({"name": f"test_conv2d_layer[l{c}-{h}-{k}-{r}-b{batch}-{backend}]", "extra_info": {
+            "device": "NVIDIA H200", "dtype": "bf16", "backend": backend, "ms": ms, "batch": batch,
+            "problem": problem, "speedup_vs_cudnn": 0.5}})
+    (folder / "benchmarks.json").write_text(json.dumps({"benchmarks": benchmarks}))
+
+
+def test_layer_rule_picks_the_fastest_backend_per_layer_and_batch(tmp_path):
+    write_layer_run(tmp_path / "h200-2026-04-01-run1", [
+        (64, 56, 64, 3, 1, 256, "eager_folded", 1.00), (64, 56, 64, 3, 1, 256, "triton", 0.80),
+        (64, 56, 64, 3, 1, 256, "cuda", 0.70), (64, 56, 64, 3, 1, 256, "cudnn", 0.60),  # bare conv: not a choice
+        (64, 56, 256, 1, 1, 256, "eager_folded", 1.00), (64, 56, 256, 1, 1, 256, "cuda", 0.98),  # within 3 %
+        (256, 56, 128, 1, 2, 256, "triton", 0.5),  # torch not timed: no decision
+    ])
+    write_layer_run(tmp_path / "h200-2026-04-02-run1", [
+        (64, 56, 64, 3, 1, 256, "cuda", 1.20),  # CUDA measured again, slower: Triton wins now
+        (64, 56, 64, 3, 1, 8, "eager_folded", 0.05), (64, 56, 64, 3, 1, 8, "triton", 0.04),
+    ])
+    layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
+    key3x3 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key1x1 = tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1))
+    assert layers == {key3x3: {"256": "triton", "8": "triton"}, key1x1: {"256": "torch"}}
+    assert "conv2d" not in build_table(tmp_path)["NVIDIA H200"]  # no backend beat bare cuDNN everywhere
+
+
+class FakeCudaTensor:
+    """What default_backend reads of a CUDA tensor: device, dtype, shape."""
+
+    def __init__(self, shape, dtype=torch.bfloat16):
+        self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, torch.Size(shape)
+
+
+def test_conv_default_looks_up_the_layer_at_the_nearest_batch(monkeypatch):
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    table = {"NVIDIA H200": {"conv2d": {"bfloat16": "triton"},
+                             tuning.CONV_LAYERS: {"bfloat16": {key: {"256": "cuda", "8": "torch"}}}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+    tuning._layer_backend.cache_clear()
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in (1, 2, 32, 64, 200, 1024, 1025)}
+    # 2 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x below 8) and
+    # 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
+    assert choice == {1: "triton", 2: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda", 1025: "triton"}
+    other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
+    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
+    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
+    tuning._layer_backend.cache_clear()
+
+
+def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend or "triton")
+    monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: chosen.append(args[-1]) or torch.empty(0))
+    ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 4, 3, 3), groups=2)
+    ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3))
+    assert chosen == ["torch", "triton"]  # were the table to pick Triton, the grouped call stays on torch
