@@ -1,5 +1,6 @@
 """Test and benchmark setup: without a GPU, Triton runs under its interpreter (the variable must be set before
-triton is first imported), and tests marked `gpu` are skipped."""
+triton is first imported), and tests marked `gpu` are skipped. backend=None reads the committed tuning table
+only: a local one that `cnnfast tune` wrote on this machine would make runs depend on it."""
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["CNNFAST_TUNING_FILE"] = os.devnull  # not a regular file: read as an empty table
 
 
 def pytest_collection_modifyitems(config, items):

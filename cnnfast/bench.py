@@ -48,6 +48,7 @@ from cnnfast.convert import optimize
 from cnnfast.roofline import (
     DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
 )
+from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda")
 BENCH_SCHEMA = "cnnfast.bench/1"
@@ -246,6 +247,27 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
     rows = [(row["variant"], row["backend"], f"{row['ms']:.3f}", f"{row['images_per_s']:,.1f}",
              f"{row['speedup_vs_eager']:.2f}") for row in result["end_to_end"]]
     return headers, rows
+
+
+TUNED_BACKENDS = ("torch", "triton", "cuda")
+
+
+def layer_choice(layer) -> tuple[str, str | None]:
+    """(the tuning table's key, the backend the layer rule picks) for one "layers" row of a bench
+    result; the backend is None when torch was not timed."""
+    p = layer["problem"]
+    key = conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"], (1, 1))
+    times = {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
+    return key, fastest_layer_backend(times)
+
+
+def layer_choices(result) -> dict:
+    """The tuning-table fragment of a bench result (``cnnfast.tuning``'s layout): per distinct conv
+    layer timed on torch, the layer rule's backend at the result's batch."""
+    dtype = str(DTYPES[result["dtype"]]).removeprefix("torch.")
+    layers = {key: {str(result["batch"]): chosen}
+              for key, chosen in map(layer_choice, result["layers"]) if chosen is not None}
+    return {result["device"]: {CONV_LAYERS: {dtype: layers}}}
 
 
 def roofline_points(result, ceiling) -> list[dict]:

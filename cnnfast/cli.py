@@ -163,6 +163,30 @@ def run_benchmarks(args):
     return 0
 
 
+def run_tune(args):
+    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choice, layer_choices
+    from cnnfast.tuning import save_local_choices
+
+    if default_device().type != "cuda":
+        print("cnnfast tune: error: needs a CUDA device (on a CPU, backend=None always runs torch)", file=sys.stderr)
+        return 2
+    args.backends = list(TUNED_BACKENDS)
+    result = measure_layers(args, end_to_end=False)
+    print(measured_on(result))
+    for backend, reason in result["skipped"].items():
+        print(f"skipped {backend}: {reason}")
+    headers = ("layer", "problem", *(f"{backend} ms" for backend in result["backends"]), "backend=None")
+    rows = []
+    for layer in result["layers"]:
+        key, chosen = layer_choice(layer)
+        rows.append((layer["layer"], key, *(f"{layer['results'][b]['ms']:.3f}" for b in result["backends"]), chosen))
+    print()
+    print(text_table(headers, rows))
+    if not args.dry_run:
+        print(f"\nsaved to {save_local_choices(layer_choices(result))}")
+    return 0
+
+
 def run_roofline(args):
     from cnnfast.bench import roofline_points
     from cnnfast.roofline import (
@@ -191,17 +215,18 @@ def run_roofline(args):
     return 0
 
 
-def add_measurement_options(command):
+def add_measurement_options(command, backends=True):
     command.add_argument(
         "arch", choices=list(ARCHITECTURES), metavar="ARCH", help="one of: " + ", ".join(ARCHITECTURES)
     )
     command.add_argument("--batch", type=positive_int, default=1, metavar="B", help="images per batch (default: 1)")
     command.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on a GPU, fp32 on a CPU")
-    command.add_argument(
-        "--backends", type=backend_list, metavar="LIST",
-        help="comma-separated, from torch,torch_folded,compile,triton,cuda (default: all; any that cannot run here "
-        "is listed as skipped, with the reason)",
-    )
+    if backends:
+        command.add_argument(
+            "--backends", type=backend_list, metavar="LIST",
+            help="comma-separated, from torch,torch_folded,compile,triton,cuda (default: all; any that cannot run "
+            "here is listed as skipped, with the reason)",
+        )
     command.add_argument(
         "--input-size", type=positive_int, metavar="N", help="image height and width (default: the architecture's own)"
     )
@@ -262,6 +287,13 @@ def build_parser():
     bench.add_argument("--layers", action="store_true", help="print the per-layer table too")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON (schema: cnnfast.bench)")
     bench.set_defaults(run=run_benchmarks)
+
+    tune = commands.add_parser(
+        "tune", help="time each distinct conv layer on torch, triton and cuda and keep the fastest for backend=None"
+    )
+    add_measurement_options(tune, backends=False)
+    tune.add_argument("--dry-run", action="store_true", help="print the choices without saving them")
+    tune.set_defaults(run=run_tune)
 
     roofline = commands.add_parser("roofline", help="place each conv layer under the measured roofline")
     add_measurement_options(roofline)

@@ -6,6 +6,10 @@ PyTorch's own op in every case measured on that GPU, and, under "conv2d_layers",
 conv layer, the backend measured fastest for that layer at each batch measured. `python
 bench/tuning_table.py` rebuilds it from the committed results in bench/results/.
 
+`cnnfast tune ARCH --batch B` measures the layers of an architecture on this machine's GPU and
+merges its choices into a local table, CNNFAST_TUNING_FILE (default
+~/.cache/cnnfast/tuning.json), whose entries override the packaged table's.
+
 A convolution looks its layer up first: same geometry (channels, input size, filter, stride,
 padding, dilation) and a measured batch within a factor of MAX_BATCH_RATIO of its own (the
 nearest one), where "torch" is a choice too; then the op's entry; then "torch". Anything else not in the table, and every CPU
@@ -14,6 +18,7 @@ tensor, runs on the "torch" backend.
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -43,9 +48,37 @@ def fastest_layer_backend(times_ms: dict) -> str | None:
     return backend if times_ms["torch"] >= MIN_LAYER_SPEEDUP * times_ms[backend] else "torch"
 
 
+def local_table_path() -> Path:
+    """Where `cnnfast tune` keeps this machine's measurements."""
+    return Path(os.environ.get("CNNFAST_TUNING_FILE", Path.home() / ".cache" / "cnnfast" / "tuning.json"))
+
+
+def read_table(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def merged(base: dict, override: dict) -> dict:
+    """base with override's entries laid over it, nested dicts merged key by key."""
+    result = dict(base)
+    for key, value in override.items():
+        result[key] = merged(result[key], value) if isinstance(value, dict) and isinstance(result.get(key), dict) else value
+    return result
+
+
 @functools.lru_cache(maxsize=1)
 def tuning_table() -> dict:
-    return json.loads(TABLE_PATH.read_text()) if TABLE_PATH.is_file() else {}
+    """The packaged table with the local one (cnnfast tune's) over it."""
+    return merged(read_table(TABLE_PATH), read_table(local_table_path()))
+
+
+def save_local_choices(choices: dict) -> Path:
+    """Merges choices (a table fragment) into the local table and makes backend=None use it now."""
+    path = local_table_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged(read_table(path), choices), indent=1, sort_keys=True) + "\n")
+    tuning_table.cache_clear()
+    _layer_backend.cache_clear()
+    return path
 
 
 @functools.lru_cache(maxsize=None)

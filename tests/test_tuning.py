@@ -137,3 +137,60 @@ def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
     ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 4, 3, 3), groups=2)
     ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3))
     assert chosen == ["torch", "triton"]  # were the table to pick Triton, the grouped call stays on torch
+
+
+def bench_result(device, batch, layer_times):
+    """A cnnfast.bench/1 result with one 3x3 layer per entry of layer_times ({backend: ms})."""
+    layers = [{"layer": f"conv{i}", "problem": {"C": 64, "H": 56 >> i, "W": 56 >> i, "K": 64, "R": 3, "S": 3,
+                                                 "stride": [1, 1], "padding": [1, 1]},
+               "results": {backend: {"ms": ms} for backend, ms in times.items()}}
+              for i, times in enumerate(layer_times)]
+    return {"device": device, "dtype": "bf16", "batch": batch, "layers": layers}
+
+
+def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_path):
+    from cnnfast.bench import layer_choices
+
+    local = tmp_path / "cache" / "tuning.json"
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", str(local))
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H100")
+    result = bench_result("NVIDIA H100", 1, [
+        {"torch": 1.0, "triton": 0.5, "cuda": 0.6, "torch_folded": 0.1},  # torch_folded is no choice
+        {"torch": 1.0, "triton": 0.99},
+        {"triton": 0.5},  # torch not timed: left out
+    ])
+    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    choices = layer_choices(result)
+    assert choices == {"NVIDIA H100": {tuning.CONV_LAYERS: {"bfloat16": {key0: {"1": "triton"}, key1: {"1": "torch"}}}}}
+    try:
+        tuning.save_local_choices(choices)
+        tuning.save_local_choices(layer_choices(bench_result("NVIDIA H100", 64, [{"torch": 1.0, "cuda": 0.5}])))
+        saved = json.loads(local.read_text())["NVIDIA H100"][tuning.CONV_LAYERS]["bfloat16"]
+        assert saved == {key0: {"1": "triton", "64": "cuda"}, key1: {"1": "torch"}}  # merged, batch by batch
+        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+        assert tuning.default_backend("conv2d", FakeCudaTensor((1, 64, 56, 56)), layer) == "triton"
+        assert tuning.default_backend("conv2d", FakeCudaTensor((64, 64, 56, 56)), layer) == "cuda"
+        # The packaged table is still read beneath the local one.
+        assert tuning.tuning_table()["NVIDIA H200"] == json.loads(tuning.TABLE_PATH.read_text())["NVIDIA H200"]
+    finally:
+        monkeypatch.undo()
+        tuning.tuning_table.cache_clear()
+        tuning._layer_backend.cache_clear()
+
+
+def test_layer_choices_of_a_real_cpu_run_keep_torch():
+    from cnnfast.bench import layer_choices, run_bench
+
+    result = run_bench("resnet18", batch=1, backends=["torch", "torch_folded"], input_size=32, max_layers=2,
+                       end_to_end=False)
+    (layers,) = layer_choices(result)[result["device"]][tuning.CONV_LAYERS].values()
+    assert len(layers) == 2 and all(by_batch == {"1": "torch"} for by_batch in layers.values())
+
+
+def test_tune_refuses_a_machine_without_gpu(capsys, monkeypatch):
+    from cnnfast import bench, cli
+
+    monkeypatch.setattr(bench, "default_device", lambda: torch.device("cpu"))
+    assert cli.main(["tune", "resnet18"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
