@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add_relu_strided_configs, is_flat
-from cnnfast.triton_kernels.conv2d import config_fits, conv2d_bias_act, conv2d_configs, use_flat_reduction
+from cnnfast.triton_kernels.conv2d import (
+    config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
+)
 from cnnfast.triton_kernels.gap_linear import gap_linear, linear_bias_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from tests.test_add_relu import reference_add_relu
@@ -40,8 +42,9 @@ def triton_cases() -> int:
 
 
 def conv2d_cases() -> int:
-    """Each config of the conv kernel on small problems of both reduction orders (a C=3 stem and a
-    C=64 3x3 layer), with bias, residual and ReLU, written into a channel slice of a NaN tensor."""
+    """Each config of the conv kernel, split-K ones included, on small problems of both reduction
+    orders (a C=3 stem and a C=64 3x3 layer), with bias, residual and ReLU, written into a channel
+    slice of a NaN tensor."""
     runs = 0
     for c, k, kernel, stride, padding in [(3, 24, 7, 2, 3), (64, 40, 3, 1, 1)]:
         x = make_input((2, c, 9, 11), torch.bfloat16, "cuda")
@@ -50,7 +53,8 @@ def conv2d_cases() -> int:
         reference = F.conv2d(x.double(), w.double(), b.double(), stride, padding)
         residual = torch.randn(reference.shape, device="cuda").to(torch.bfloat16)
         reference = torch.relu(reference + residual.double())
-        for config in conv2d_configs(flat=use_flat_reduction(c)):
+        flat = use_flat_reduction(c)
+        for config in conv2d_configs(flat=flat) + split_k_configs(flat=flat):
             if not config_fits(config, torch.bfloat16, x.device):
                 continue
             big = torch.full((2, k + 8, *reference.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)

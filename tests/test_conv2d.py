@@ -14,7 +14,8 @@ from cnnfast import backends, ops
 from cnnfast.analysis import analyze_arch
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
-from cnnfast.triton_kernels.conv2d import conv2d_bias_act, conv2d_configs, use_flat_reduction
+from cnnfast.triton_kernels import conv2d as conv2d_module
+from cnnfast.triton_kernels.conv2d import conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction
 from tests.test_triton_compile import config_id
 
 # The Triton backend runs CPU tensors only under the interpreter (conftest sets it when there is no GPU).
@@ -230,10 +231,13 @@ def config_problem(config, channels) -> Conv:
 # (name, channels, config): each Hopper config on the channel counts of its reduction order (72
 # channels leave the last block partial for every BLOCK_K), each interpreter config on all three.
 CONFIG_CASES = (
-    [(f"hopper-blocked{i}", channels, config) for i, config in enumerate(conv2d_configs(flat=False, interpreted=False))
+    [(f"hopper-blocked{i}", channels, config)
+     for i, config in enumerate(conv2d_configs(flat=False, interpreted=False) + split_k_configs(False, False))
      for channels in (64, 72)]
-    + [(f"hopper-flat{i}", 5, config) for i, config in enumerate(conv2d_configs(flat=True, interpreted=False))]
-    + [(f"interpreter{i}", channels, config) for i, config in enumerate(conv2d_configs(flat=False, interpreted=True))
+    + [(f"hopper-flat{i}", 5, config)
+       for i, config in enumerate(conv2d_configs(flat=True, interpreted=False) + split_k_configs(True, False))]
+    + [(f"interpreter{i}", channels, config)
+       for i, config in enumerate(conv2d_configs(flat=False, interpreted=True) + split_k_configs(False, True))
        for channels in (5, 64, 72)]
 )
 
@@ -251,6 +255,77 @@ def test_autotune_config(index):
     out = nan_output(conv.output_shape(), dtype)
     conv2d_bias_act(x, weight, bias, res, out, (1, 1), (1, 1), (1, 1), True, config=config)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+# ---------------------------------------------------------------- split-K
+
+
+def recording_workspace(monkeypatch):
+    """Records every split-K workspace the launcher allocates."""
+    made = []
+
+    def record(*args):
+        workspace = original(*args)
+        made.append(workspace)
+        return workspace
+
+    original = conv2d_module.split_k_workspace
+    monkeypatch.setattr(conv2d_module, "split_k_workspace", record)
+    return made
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["channel_blocked", "flat"])
+def test_split_k_is_deterministic_and_leaves_the_counters_at_zero(monkeypatch, flat):
+    """Three splits of step counts they do not divide (2x2 taps x 2 channel blocks = 8 steps, split
+    2 + 3 + 3; 2x2x5 = 20 flat indices in 2 blocks of 16, split 0 + 1 + 1, so one split reduces
+    nothing): the partials summed in split order give the same bits on every run, and each tile's
+    last arrival resets its counter (a launch that left one set would make the next launch's
+    tiles finish early)."""
+    made = recording_workspace(monkeypatch)
+    conv = Conv(1, 5 if flat else 32, 7, 6, 40, 2, 2, padding=1)
+    config = split_k_configs(flat, interpreted=True)[1]
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    outputs = []
+    for _ in range(2):
+        out = nan_output(conv.output_shape(), torch.float32)
+        conv2d_bias_act(x, weight, bias, res, out, (1, 1), (1, 1), (1, 1), True, config=config)
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
+    assert_close_to_reference(outputs[0], reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+    (partials, arrivals), _ = made
+    assert partials.shape == (3, 56, 40) and arrivals.shape == (4,)  # 8 x 7 pixels, 2 x 2 tiles of 32 x 32
+    assert torch.count_nonzero(arrivals) == 0
+
+
+def test_split_k_with_more_splits_than_steps():
+    """A 1x1 conv on 16 channels has one reduction step: splits past it add zero partials."""
+    conv = Conv(1, 16, 1, 1, 24, 1, 1)
+    config = split_k_configs(False, interpreted=True)[1]
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    out = nan_output(conv.output_shape(), torch.float32)
+    conv2d_bias_act(x, weight, bias, res, out, (1, 1), (0, 0), (1, 1), True, config=config)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+def test_split_k_is_offered_only_when_tiles_are_fewer_than_sms(monkeypatch):
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties)
+    cuda = torch.device("cuda", 0)
+    assert conv2d_module.split_k_helps(49, 512, cuda)  # batch 1, 7x7: 1 x 8 tiles
+    assert not conv2d_module.split_k_helps(256 * 49, 512, cuda)  # batch 256: 196 x 8 tiles
+    assert not conv2d_module.split_k_helps(49, 512, torch.device("cpu"))  # the interpreter times nothing
+    assert conv2d_module.split_k_workspace(conv2d_configs(False, interpreted=False), 49, 512, cuda) is None
+
+
+def test_split_k_workspace_fits_every_candidate():
+    configs = conv2d_configs(False, interpreted=False) + split_k_configs(False, interpreted=False)
+    partials, arrivals = conv2d_module.split_k_workspace(configs, 49, 100, torch.device("cpu"))
+    # The most splits (8) of the whole (M, K) output, and a counter for each tile of the smallest
+    # split tile (64 x 32: 1 x 4 tiles).
+    assert partials.shape == (8, 49, 100) and partials.dtype == torch.float32
+    assert arrivals.shape == (4,) and torch.count_nonzero(arrivals) == 0
 
 
 # ---------------------------------------------------------------- layouts and out=

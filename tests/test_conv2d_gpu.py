@@ -11,7 +11,9 @@ from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
-from cnnfast.triton_kernels.conv2d import config_fits, conv2d_bias_act, conv2d_configs, use_flat_reduction
+from cnnfast.triton_kernels.conv2d import (
+    config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -65,7 +67,8 @@ CASES = [
 def test_triton_every_layer(problem, dtype, config_index):
     torch.manual_seed(0)
     x, w, b, res, out = make_problem(problem, 2, dtype)
-    configs = conv2d_configs(flat=use_flat_reduction(problem.C))
+    flat = use_flat_reduction(problem.C)
+    configs = conv2d_configs(flat=flat) + split_k_configs(flat=flat)
     fitting = [config for config in configs if config_fits(config, dtype, x.device)]
     config = fitting[config_index % len(fitting)]
     conv2d_bias_act(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)

@@ -74,16 +74,18 @@ def linear_bias_launch(config_index: int = 0, dtype=F16):
     return recorded(module.linear_bias_kernel, lambda: module.linear_bias(pooled, weight, bias, config=config))
 
 
-def conv2d_launch(problem: str):
-    from cnnfast.triton_kernels.conv2d import conv2d_configs
+def conv2d_launch(problem: str, split_k: bool = False):
+    from cnnfast.triton_kernels.conv2d import conv2d_configs, split_k_configs
 
-    return recorded_launch("float16", problem, conv2d_configs(flat=problem == "flat", interpreted=False)[0])
+    configs = (split_k_configs if split_k else conv2d_configs)(flat=problem == "flat", interpreted=False)
+    return recorded_launch("float16", problem, configs[0])
 
 
 # name: (launch, the batch stride arguments; none for the flat kernel, whose every offset is checked)
 KERNELS = {
     "conv2d_flat": (lambda: conv2d_launch("flat"), ("sx_n", "sr_n", "so_n")),
     "conv2d_channel_blocked": (lambda: conv2d_launch("channel_blocked_masked"), ("sx_n", "sr_n", "so_n")),
+    "conv2d_split_k": (lambda: conv2d_launch("channel_blocked_masked", split_k=True), ("sx_n", "sr_n", "so_n")),
     "add_relu_flat": (lambda: add_relu_launch(flat=True), ()),
     "add_relu_strided": (lambda: add_relu_launch(flat=False), ("sx_n", "sy_n", "so_n")),
     "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),

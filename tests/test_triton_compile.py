@@ -1,4 +1,4 @@
-"""Compiles the conv kernel for Hopper (sm_90a) without a GPU: every Hopper autotune config, both
+"""Compiles the conv kernel for Hopper (sm_90a) without a GPU: every Hopper autotune config (split-K ones too), both
 reduction orders (the channel-blocked one with and without a partial channel block), each dtype
 (float32 as TF32). Then triton's bundled ptxas checks each kernel for register spills, and the
 float16/bfloat16 kernels are checked for wgmma, Hopper's tensor-core MMA.
@@ -21,7 +21,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from cnnfast.triton_kernels.conv2d import conv2d_configs, pipeline_shared_memory
+from cnnfast.triton_kernels.conv2d import conv2d_configs, pipeline_shared_memory, split_k_configs
 
 DTYPES = ("float16", "bfloat16", "float32")
 COMPILE_TIMEOUT_S = 600
@@ -29,13 +29,15 @@ HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one block may opt in to on an H100/H2
 
 
 def hopper_configs(problem: str):
-    """The autotuning set of the problem's reduction order."""
-    return conv2d_configs(flat=problem == "flat", interpreted=False)
+    """The autotuning set of the problem's reduction order, split-K candidates included."""
+    flat = problem == "flat"
+    return conv2d_configs(flat=flat, interpreted=False) + split_k_configs(flat=flat, interpreted=False)
 
 
 def config_id(config) -> str:
     meta = config.kwargs
-    return f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-g{meta['GROUP_M']}-w{config.num_warps}-s{config.num_stages}"
+    return (f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-g{meta['GROUP_M']}-w{config.num_warps}"
+            f"-s{config.num_stages}-split{meta['SPLIT_K']}")
 
 
 # ---------------------------------------------------------------- the subprocess side

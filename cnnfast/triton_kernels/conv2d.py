@@ -22,6 +22,17 @@ Two reduction orders, chosen by the launcher (FLAT_REDUCTION):
   conv (R*S*C = 147 for 7x7) then wastes only the last partial block, where the channel-blocked
   order would leave 13 of every 16 lanes empty.
 
+Split-K, for problems too small to fill the GPU (batch 1 on the deep layers: a 7x7 map has 49
+output pixels, one row tile): a second grid axis of SPLIT_K programs per tile, each reducing one
+contiguous range of the reduction steps (an even share: split i takes steps [i*T/SPLIT_K,
+(i+1)*T/SPLIT_K) of T). Each stores its float32 partial tile in a workspace and
+bumps the tile's arrival counter; the last to arrive sums the SPLIT_K partials in split order
+(so the result does not depend on which program came last: deterministic), runs the epilogue and
+resets the counter to zero for the next launch (the autotuner relaunches with the same counters).
+The launcher offers these configs to the autotuner only when the problem has fewer 64x64 tiles
+than the GPU has SMs; such a call also allocates the workspace and zeroes the counters (one small
+fill kernel), whichever config the tuner picks.
+
 The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
 channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
@@ -49,25 +60,65 @@ CHANNEL_BLOCKED_TILES = [
 FLAT_TILES = [(64, 64, 64, 4, 5), (64, 64, 64, 4, 2), (64, 256, 32, 8, 4), (64, 32, 64, 4, 5)]
 
 
+# Split-K candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): small tiles, since they
+# are offered only for problems with fewer tiles than SMs.
+CHANNEL_BLOCKED_SPLIT_TILES = [
+    (64, 64, 64, 4, 4, 2), (64, 64, 64, 4, 4, 4), (64, 64, 64, 4, 4, 8), (64, 128, 64, 4, 4, 4), (64, 32, 64, 4, 5, 8),
+]
+FLAT_SPLIT_TILES = [(64, 64, 64, 4, 5, 2), (64, 64, 64, 4, 5, 4)]
+
+
+def hopper_config(block_m, block_n, block_k, warps, stages, split_k=1):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "SPLIT_K": split_k},
+                         num_warps=warps, num_stages=stages)
+
+
 def conv2d_configs(flat: bool, interpreted: bool = INTERPRETED):
     """Autotuning candidates for one reduction order: Hopper tiles on a GPU, two small tiles under
     the interpreter."""
     if interpreted:
         return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1),
-            triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1}, num_warps=4, num_stages=1),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "SPLIT_K": 1}, num_warps=4,
+                          num_stages=1),
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": 1}, num_warps=4,
+                          num_stages=1),
         ]
-    return [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
-                      num_warps=warps, num_stages=stages)
-        for block_m, block_n, block_k, warps, stages in (FLAT_TILES if flat else CHANNEL_BLOCKED_TILES)
-    ]
+    return [hopper_config(*tile) for tile in (FLAT_TILES if flat else CHANNEL_BLOCKED_TILES)]
+
+
+def split_k_configs(flat: bool, interpreted: bool = INTERPRETED):
+    """The split-K candidates of one reduction order (the interpreter's: 2 and 3 splits of a small
+    tile, 3 so that the steps do not divide evenly)."""
+    if interpreted:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "SPLIT_K": split_k},
+                              num_warps=4, num_stages=1) for split_k in (2, 3)]
+    return [hopper_config(*tile) for tile in (FLAT_SPLIT_TILES if flat else CHANNEL_BLOCKED_SPLIT_TILES)]
+
+
+@triton.jit
+def bias_residual_act_store(
+    acc, offs_m, offs_n, n, p, q, m_valid, n_valid,
+    bias_ptr, res_ptr, out_ptr,
+    sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+):
+    """The epilogue, in float32: bias, residual, ReLU, then one store through out's strides."""
+    out_mask = m_valid[:, None] & n_valid[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        res_ptrs = (res_ptr + n * sr_n + p.to(tl.int64) * sr_h + q.to(tl.int64) * sr_w)[:, None] + (offs_n * sr_c)[None, :]
+        acc += tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
+    out_ptrs = (out_ptr + n * so_n + p.to(tl.int64) * so_h + q.to(tl.int64) * so_w)[:, None] + (offs_n * so_c)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def conv2d_bias_act_kernel(
-    # pointers
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers (partials_ptr, arrivals_ptr: the split-K workspace, unused when SPLIT_K == 1)
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, partials_ptr, arrivals_ptr,
     # sizes
     N, C, H, W, K, P, Q, R, S,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -80,6 +131,7 @@ def conv2d_bias_act_kernel(
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     FLAT_REDUCTION: tl.constexpr, EVEN_C: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     M = N * P * Q
     pid = tl.program_id(0)
@@ -115,7 +167,14 @@ def conv2d_bias_act_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_REDUCTION:
         RSC = R * S * C
-        for kk0 in range(0, RSC, BLOCK_K):
+        if SPLIT_K == 1:
+            kk_first = 0
+            kk_last = RSC
+        else:  # this program's share of the whole BLOCK_K blocks, spread evenly over the splits
+            blocks = tl.cdiv(RSC, BLOCK_K)
+            kk_first = tl.program_id(1) * blocks // SPLIT_K * BLOCK_K
+            kk_last = tl.minimum((tl.program_id(1) + 1) * blocks // SPLIT_K * BLOCK_K, RSC)
+        for kk0 in range(kk_first, kk_last, BLOCK_K):
             kk = kk0 + tl.arange(0, BLOCK_K)
             k_valid = kk < RSC
             r = kk // (S * C)
@@ -134,10 +193,20 @@ def conv2d_bias_act_kernel(
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         offs_k = tl.arange(0, BLOCK_K)
-        r = 0
-        s = 0
-        c0 = 0
-        for _ in range(0, R * S * tl.cdiv(C, BLOCK_K)):
+        c_blocks = tl.cdiv(C, BLOCK_K)
+        if SPLIT_K == 1:
+            step_first = 0
+            step_last = R * S * c_blocks
+            r = 0
+            s = 0
+            c0 = 0
+        else:  # this program's share of the steps, spread evenly; its first (r, s, c0) decoded once
+            step_first = tl.program_id(1) * (R * S * c_blocks) // SPLIT_K
+            step_last = (tl.program_id(1) + 1) * (R * S * c_blocks) // SPLIT_K
+            c0 = (step_first % c_blocks) * BLOCK_K
+            s = (step_first // c_blocks) % S
+            r = step_first // (c_blocks * S)
+        for _ in range(step_first, step_last):
             ih = ih0 + r * dil_h
             iw = iw0 + s * dil_w
             row_valid = m_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -164,17 +233,25 @@ def conv2d_bias_act_kernel(
             s = tl.where(next_row, 0, s)
             r = tl.where(next_row, r + 1, r)
 
-    # Epilogue, in float32: bias, residual, ReLU, then one store.
-    out_mask = m_valid[:, None] & n_valid[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        res_ptrs = (res_ptr + n * sr_n + p.to(tl.int64) * sr_h + q.to(tl.int64) * sr_w)[:, None] + (offs_n * sr_c)[None, :]
-        acc += tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
-    out_ptrs = (out_ptr + n * so_n + p.to(tl.int64) * so_h + q.to(tl.int64) * so_w)[:, None] + (offs_n * so_c)[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    epilogue_args = (offs_m, offs_n, n, p, q, m_valid, n_valid, bias_ptr, res_ptr, out_ptr,
+                     sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w, HAS_BIAS, HAS_RESIDUAL, RELU)
+    if SPLIT_K == 1:
+        bias_residual_act_store(acc, *epilogue_args)
+    else:
+        # partials is (SPLIT_K, M, K) float32; the arrival counter of this tile is arrivals[pid].
+        partial_ptrs = partials_ptr + offs_m[:, None] * K + offs_n[None, :]
+        split_stride = tl.cast(M, tl.int64) * K
+        tile_mask = m_valid[:, None] & n_valid[None, :]
+        tl.store(partial_ptrs + tl.program_id(1) * split_stride, acc, mask=tile_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(arrivals_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()  # no thread reads the partials before the counter said all are written
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(SPLIT_K):  # in split order, whichever program arrived last
+                total += tl.load(partial_ptrs + split * split_stride, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(arrivals_ptr + pid, 0, sem="relaxed")  # ready for the next launch
+            bias_residual_act_store(total, *epilogue_args)
 
 
 def pipeline_shared_memory(config, element_size: int) -> int:
@@ -199,10 +276,11 @@ conv2d_bias_act_heuristic = triton.heuristics({"EVEN_C": lambda args: args["C"] 
     conv2d_bias_act_kernel
 )
 
-def autotuned(flat: bool):
+def autotuned(flat: bool, split: bool):
+    configs = conv2d_configs(flat) + (split_k_configs(flat) if split else [])
     return triton.autotune(
         # The interpreter cannot time configs, so it runs the first of its set.
-        configs=conv2d_configs(flat)[:1] if INTERPRETED else conv2d_configs(flat),
+        configs=configs[:1] if INTERPRETED else configs,
         key=["N", "C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
         prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
         # 10 ms warm-up and 40 ms of timing per config: a layer runs in about a millisecond or less.
@@ -210,13 +288,33 @@ def autotuned(flat: bool):
     )(conv2d_bias_act_heuristic)
 
 
-# One tuner per reduction order, each with the tiles that order compiles well.
-conv2d_bias_act_autotuned = {flat: autotuned(flat) for flat in (False, True)}
+# One tuner per reduction order, each with the tiles that order compiles well, and with or without
+# the split-K candidates.
+conv2d_bias_act_autotuned = {(flat, split): autotuned(flat, split) for flat in (False, True) for split in (False, True)}
 
 
 def use_flat_reduction(C: int) -> bool:
     """The flat order for channel counts that leave most of a 16-wide (or wider) block empty."""
     return C < 16 or (C % 16 != 0 and C < 64)
+
+
+def split_k_helps(M: int, K: int, device: torch.device) -> bool:
+    """Whether to offer split-K: the problem has fewer 64x64 output tiles than the GPU has SMs,
+    so without it most SMs would idle."""
+    if device.type != "cuda":
+        return False
+    return triton.cdiv(M, 64) * triton.cdiv(K, 64) < torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k_workspace(configs, M: int, K: int, device: torch.device):
+    """(partials, arrivals) for the split-K configs among configs: float32 partial tiles for the
+    largest SPLIT_K, and zeroed arrival counters for the most tiles; None when none splits."""
+    split = [config.kwargs for config in configs if config.kwargs.get("SPLIT_K", 1) > 1]
+    if not split:
+        return None
+    tiles = max(triton.cdiv(M, kw["BLOCK_M"]) * triton.cdiv(K, kw["BLOCK_N"]) for kw in split)
+    partials = torch.empty((max(kw["SPLIT_K"] for kw in split), M, K), dtype=torch.float32, device=device)
+    return partials, torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
@@ -228,11 +326,15 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     if out.numel() == 0:
         return out
     flat = use_flat_reduction(C)
+    split = split_k_helps(N * P * Q, K, x.device) if config is None else config.kwargs.get("SPLIT_K", 1) > 1
+    tuner = conv2d_bias_act_autotuned[(flat, split)]
+    workspace = split_k_workspace(tuner.configs if config is None else [config], N * P * Q, K, x.device)
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     b = bias.contiguous() if bias is not None else out  # the kernel reads the bias at unit stride
+    partials, arrivals = workspace if workspace is not None else (out, out)  # never read when SPLIT_K == 1
     args = (
-        x, weight, b, res, out,
+        x, weight, b, res, out, partials, arrivals,
         N, C, H, W, K, P, Q, R, S,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
@@ -242,13 +344,14 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
         # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
         FLAT_REDUCTION=flat, UPCAST_DOT=INTERPRETED, INPUT_PRECISION=precision,
     )
+
+    def grid(meta):
+        return (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), meta.get("SPLIT_K", 1))
+
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            grid = lambda meta: (triton.cdiv(N * P * Q, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-            conv2d_bias_act_autotuned[flat][grid](*args, **flags)
+            tuner[grid](*args, **flags)
         else:
-            grid = (triton.cdiv(N * P * Q, config.kwargs["BLOCK_M"]) * triton.cdiv(K, config.kwargs["BLOCK_N"]),)
-            conv2d_bias_act_heuristic[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
-                                            num_stages=config.num_stages)
+            conv2d_bias_act_heuristic[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                                           num_stages=config.num_stages)
     return out
-
