@@ -16,6 +16,9 @@ STEPS="$OUT/steps.tsv"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD  # bench/ scripts import the references from tests/
+# Triton's autotuning results go to its disk cache, so the tests, the kernel benchmarks and the
+# model benchmarks (separate processes, often the same layer shapes) tune each shape once.
+export TRITON_CACHE_AUTOTUNING=1
 : >"$LOG"
 printf 'step\tstatus\tseconds\n' >"$STEPS"
 

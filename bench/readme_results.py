@@ -18,7 +18,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 MODEL_BENCHMARK = "test_model"  # bench/bench_models.py
-MODEL_VARIANTS = ("eager", "compile", "cnnfast", "cnnfast_triton", "cnnfast_cuda", "cnnfast_graph")
+MODEL_VARIANTS = (
+    "eager", "compile", "cnnfast", "cnnfast_triton", "cnnfast_cuda", "cnnfast_graph", "cnnfast_triton_graph",
+    "cnnfast_cuda_graph",
+)
 
 
 def model_table(benchmarks) -> list[str]:
