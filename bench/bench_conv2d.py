@@ -6,8 +6,10 @@ Per layer (bfloat16, channels_last, batch 256 for ResNet-50 and 64 for VGG-16), 
 computes the layer with its BatchNorm and ReLU:
 - cudnn:        F.conv2d alone (cuDNN's bare convolution: the bar for the fused kernel),
 - eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
-- eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU (the kernels that
-                cnnfast.ops.conv2d(backend="torch") runs),
+- eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
+- torch:        cnnfast.ops.conv2d(backend="torch") with the folded BN: eager_folded's kernels,
+                except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM (with bias and
+                ReLU in cuBLASLt's epilogue when there is no residual),
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
@@ -29,7 +31,7 @@ from cnnfast.bench import fold_layer, layer_function, layer_parts
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
-BACKENDS = ("cudnn", "eager", "eager_folded", "triton", "cuda")
+BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda")
 
 
 def problem_cases():
@@ -71,7 +73,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     import triton.testing
 
     fn = layer_fn(backend, batch, problem)
-    if backend in ("triton", "cuda"):  # a broken kernel is not timed: compare with the folded eager result
+    if backend in ("torch", "triton", "cuda"):  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
 

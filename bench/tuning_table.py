@@ -9,8 +9,7 @@ median speedup); when none is, the op stays on torch and is left out of the tabl
 
 Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
 bench/bench_conv2d.py timed, the fastest of torch, triton and cuda by cnnfast.tuning's layer rule
-(a kernel must beat torch by 3 %). The torch time is the benchmark's eager_folded case, which runs
-the kernels backend="torch" runs: F.conv2d with the folded bias, then ReLU.
+(a kernel must beat torch by 3 %).
 
 Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
@@ -35,8 +34,8 @@ OP_OF_BENCHMARK = {
 }
 # The benchmarks' own backends that are not cnnfast.ops backends (PyTorch paths).
 BASELINES = {"torch", "cudnn", "eager", "eager_folded"}
-# The conv benchmark's cases that are choices for a layer, as cnnfast.ops backends.
-LAYER_BACKEND_OF_CASE = {"eager_folded": "torch", "triton": "triton", "cuda": "cuda"}
+# The conv benchmark's cases that are choices for a layer: cnnfast.ops backends.
+LAYER_BACKENDS = ("torch", "triton", "cuda")
 
 
 def run_order(path: Path):
@@ -72,8 +71,8 @@ def measured_layer_times(results=ROOT / "bench" / "results") -> dict:
     for path in benchmark_files(results):
         for bench in json.loads(path.read_text())["benchmarks"]:
             info = bench["extra_info"]
-            backend = LAYER_BACKEND_OF_CASE.get(info.get("backend"))
-            if bench["name"].split("[")[0] != "test_conv2d_layer" or backend is None or "problem" not in info:
+            backend = info.get("backend")
+            if bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS or "problem" not in info:
                 continue
             problem = info["problem"]
             key = conv2d_layer_key(problem["C"], problem["H"], problem["W"], problem["K"], problem["R"], problem["S"],

@@ -1,5 +1,5 @@
 """Which backend runs an op: "triton" (cnnfast.triton_kernels), "cuda" (cnnfast._C), "torch"
-(PyTorch's own ops: cuDNN on a GPU, oneDNN on a CPU; also the reference).
+(PyTorch's own ops: cuDNN and cuBLAS on a GPU, oneDNN on a CPU).
 
 A backend the caller names either runs or raises; `None` picks the backend measured fastest for
 the op on the tensor's GPU and dtype, and for a convolution its layer (cnnfast.tuning), "torch"

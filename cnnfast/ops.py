@@ -67,12 +67,45 @@ def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple
     return ((h + 2 * padding[0] - extent_h) // stride[0] + 1, (w + 2 * padding[1] - extent_w) // stride[1] + 1)
 
 
+def _pointwise_gemm_operands(x, weight, residual, stride, padding, dilation, groups):
+    """(x, weight, residual) as matrices when the conv is a plain matrix product: a 1x1 filter,
+    stride 1, no padding, one group, x and residual dense channels_last ((N*H*W, C) and (N*H*W, K)
+    views, no copy); else None."""
+    pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+    dense = [t for t in (x, residual) if t is not None]
+    if not pointwise or not all(t.is_contiguous(memory_format=torch.channels_last) for t in dense):
+        return None
+    def rows(t):
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    return rows(x), weight.reshape(weight.shape[0], -1), None if residual is None else rows(residual)
+
+
 def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    """The layer as eager PyTorch runs a BN-folded one: the convolution with its bias (cuDNN on a
-    GPU), then the residual add and the ReLU in place, each in x's dtype. Float16/bfloat16 round
-    after each step where the fused kernels round once; no float32 copy of the output is made,
-    so this stays as fast as eager PyTorch when backend=None picks it."""
-    y = F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+    """The layer on PyTorch's own ops, in x's dtype.
+
+    A 1x1, stride-1 conv on channels_last input (the bottleneck's reduce and expand layers, and
+    the fully connected layers run as 1x1 convs) is one matrix product on cuBLAS: with a bias and
+    no residual, torch._addmm_activation puts bias and ReLU in cuBLASLt's epilogue (one kernel);
+    with a residual, addmm adds it as the GEMM's C operand. Any other layer runs as eager PyTorch
+    runs a BN-folded one: cuDNN's convolution with its bias, then the residual add and the ReLU in
+    place. Float16/bfloat16 round after each step where the fused kernels round once; no float32
+    copy of the output is made, so this stays at least as fast as eager PyTorch when backend=None
+    picks it."""
+    bias = None if bias is None else bias.to(x.dtype)
+    gemm = _pointwise_gemm_operands(x, weight, residual, stride, padding, dilation, groups)
+    if gemm is not None:
+        rows, weight2d, residual_rows = gemm
+        if residual_rows is None and bias is not None and relu:
+            y = torch._addmm_activation(bias, rows, weight2d.t())
+        else:
+            y = torch.mm(rows, weight2d.t()) if residual_rows is None else torch.addmm(residual_rows, rows, weight2d.t())
+            if bias is not None:
+                y.add_(bias)
+            if relu:
+                y.relu_()
+        n, _, h, w = x.shape
+        return y.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         y.add_(residual)
     return y.relu_() if relu else y

@@ -209,6 +209,31 @@ def test_torch_backend_matches_reference(conv, relu):
     check_conv2d(conv, torch.float32, relu=relu, backend="torch")
 
 
+POINTWISE = Conv(2, 40, 5, 7, 24, 1, 1)  # a bottleneck's 1x1 layer in miniature, H != W
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_torch_backend_runs_pointwise_convs_as_one_matrix_product(monkeypatch, epilogue, dtype):
+    """A 1x1 stride-1 conv on channels_last input is a GEMM on the torch backend: with a bias, ReLU
+    and no residual, one torch._addmm_activation call (cuBLASLt's bias + ReLU epilogue on a GPU);
+    otherwise mm or addmm (the residual as C), then bias and ReLU in place. Each epilogue and dtype
+    against the float64 reference; NCHW input takes the convolution path instead."""
+    fused = []
+    addmm_activation = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *args: fused.append(args) or addmm_activation(*args))
+    bias_dtype, residual, relu = EPILOGUES[epilogue]
+    check_conv2d(POINTWISE, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual,
+                 relu=relu, backend="torch")
+    assert len(fused) == (bias_dtype is not None and not residual and relu)
+    monkeypatch.setattr(torch, "mm", None)  # the NCHW case must not take the matrix path
+    monkeypatch.setattr(torch, "addmm", None)
+    x, weight, bias, res = make_inputs(POINTWISE, dtype, residual=residual)
+    x, res = x.contiguous(), None if res is None else res.contiguous()
+    out = ops.conv2d(x, weight, bias, residual=res, relu=relu, backend="torch")
+    assert_close_to_reference(out, reference_conv2d(POINTWISE, x, weight, bias, res, relu), "conv")
+
+
 def test_default_backend_on_cpu_is_torch():
     conv = Conv(1, 4, 5, 5, 3, 3, 3, padding=1)
     x, weight, bias, _ = make_inputs(conv, torch.float32)

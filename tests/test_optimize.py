@@ -400,12 +400,13 @@ def test_torch_compile_fullgraph():
         assert torch.equal(out, fused(x))
 
 
-# The models of the GPU benchmarks, on each GPU backend.
+# The models of the GPU benchmarks, on each GPU backend and on the default (the tuning table's mix).
 GPU_NAMES = ["resnet50", "resnet18", "vgg16_bn", "googlenet", "alexnet"]
+GPU_BACKENDS = ["triton", "cuda", "torch", None]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS, ids=str)
 @pytest.mark.parametrize("name", GPU_NAMES)
 def test_gpu_bfloat16_matches_original(name, backend):
     original = build(name).cuda()
@@ -418,7 +419,7 @@ def test_gpu_bfloat16_matches_original(name, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS, ids=str)
 def test_cuda_graph_capture_and_replay(backend):
     fused = cnnfast.optimize(build("resnet18").cuda(), dtype=torch.bfloat16, backend=backend)
     static_x = torch.randn(1, 3, 224, 224, device="cuda")
