@@ -97,6 +97,10 @@ step benchmarks 170 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cachepro
 step model-benchmarks 150 "$PYTHON" -m pytest bench/bench_models.py --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/benchmarks_models.json"
 
+# ResNet-50's layers at batch 1 on torch, triton and cuda, for the tuning table's batch-1 choices
+# (after the model benchmarks, whose batch-1 runs leave the Triton autotuning results on disk).
+step tune 90 "$PYTHON" -m cnnfast.cli tune resnet50 --batch 1 --dry-run --json "$OUT/tune_resnet50_b1.json"
+
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck initcheck; do
   step "sanitizer-$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \

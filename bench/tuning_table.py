@@ -8,8 +8,8 @@ backend chosen is the one faster than the baseline in every measured case (the f
 median speedup); when none is, the op stays on torch and is left out of the table.
 
 Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
-bench/bench_conv2d.py timed, the fastest of torch, triton and cuda by cnnfast.tuning's layer rule
-(a kernel must beat torch by 3 %).
+bench/bench_conv2d.py or `cnnfast tune --json` (a run's tune*.json) timed, the fastest of torch,
+triton and cuda by cnnfast.tuning's layer rule (a kernel must beat torch by 3 %).
 
 Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
@@ -21,6 +21,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cnnfast.bench import layer_times
 from cnnfast.roofline import DTYPES
 from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend
 
@@ -44,15 +45,16 @@ def run_order(path: Path):
     return (match.group(1), int(match.group(2)), path.name) if match else ("", 0, path.name)
 
 
-def benchmark_files(results: Path):
-    """Every run's benchmarks*.json, oldest run first."""
-    return sorted(Path(results).glob("*/benchmarks*.json"), key=lambda path: (run_order(path.parent), path.name))
+def run_files(results: Path, *patterns: str):
+    """Every run's files matching patterns, oldest run first."""
+    paths = [path for pattern in patterns for path in Path(results).glob(f"*/{pattern}")]
+    return sorted(paths, key=lambda path: (run_order(path.parent), path.name))
 
 
 def measured_speedups(results=ROOT / "bench" / "results") -> dict:
     """{(gpu, op, dtype, backend): [speedup over the baseline per case]}, from the newest run of each."""
     speedups = {}
-    for path in benchmark_files(results):
+    for path in run_files(results, "benchmarks*.json"):
         run = defaultdict(list)
         for bench in json.loads(path.read_text())["benchmarks"]:
             op, field = OP_OF_BENCHMARK.get(bench["name"].split("[")[0], (None, None))
@@ -65,11 +67,19 @@ def measured_speedups(results=ROOT / "bench" / "results") -> dict:
 
 
 def measured_layer_times(results=ROOT / "bench" / "results") -> dict:
-    """{(gpu, dtype, layer key, batch): {backend: ms}} of the conv layer benchmarks, each backend's
-    time from the newest run that timed it on that layer and batch."""
+    """{(gpu, dtype, layer key, batch): {backend: ms}} of the conv layer benchmarks and of the
+    `cnnfast tune --json` measurements (tune*.json) of the runs, each backend's time from the
+    newest run that timed it on that layer and batch."""
     times = defaultdict(dict)
-    for path in benchmark_files(results):
-        for bench in json.loads(path.read_text())["benchmarks"]:
+    for path in run_files(results, "benchmarks*.json", "tune*.json"):
+        data = json.loads(path.read_text())
+        if path.name.startswith("tune"):
+            dtype = str(DTYPES[data["dtype"]]).removeprefix("torch.")
+            for layer in data["layers"]:
+                key, layer_ms = layer_times(layer)
+                times[(data["device"], dtype, key, data["batch"])].update(layer_ms)
+            continue
+        for bench in data["benchmarks"]:
             info = bench["extra_info"]
             backend = info.get("backend")
             if bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS or "problem" not in info:

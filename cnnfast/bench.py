@@ -252,12 +252,17 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
 TUNED_BACKENDS = ("torch", "triton", "cuda")
 
 
+def layer_times(layer) -> tuple[str, dict]:
+    """(the tuning table's key, {backend: ms} of the tuned backends) of one "layers" row."""
+    p = layer["problem"]
+    key = conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"], (1, 1))
+    return key, {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
+
+
 def layer_choice(layer) -> tuple[str, str | None]:
     """(the tuning table's key, the backend the layer rule picks) for one "layers" row of a bench
     result; the backend is None when torch was not timed."""
-    p = layer["problem"]
-    key = conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"], (1, 1))
-    times = {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
+    key, times = layer_times(layer)
     return key, fastest_layer_backend(times)
 
 

@@ -182,6 +182,9 @@ def run_tune(args):
         rows.append((layer["layer"], key, *(f"{layer['results'][b]['ms']:.3f}" for b in result["backends"]), chosen))
     print()
     print(text_table(headers, rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\n{args.json}")
     if not args.dry_run:
         print(f"\nsaved to {save_local_choices(layer_choices(result))}")
     return 0
@@ -293,6 +296,7 @@ def build_parser():
     )
     add_measurement_options(tune, backends=False)
     tune.add_argument("--dry-run", action="store_true", help="print the choices without saving them")
+    tune.add_argument("--json", metavar="FILE", help="write the measurements as JSON (schema: cnnfast.bench)")
     tune.set_defaults(run=run_tune)
 
     roofline = commands.add_parser("roofline", help="place each conv layer under the measured roofline")

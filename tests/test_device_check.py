@@ -57,6 +57,7 @@ def test_steps_are_selected_by_name_or_prefix(tree):
         "environment", "build", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck"]
     assert names(run(tree, "benchmarks,report")) == ["environment", "build", "benchmarks", "report"]
     assert "model-benchmarks" in names(run(tree, "all"))
+    assert names(run(tree, "tune")) == ["environment", "build", "tune"]
 
 
 def test_build_is_skipped_only_while_its_inputs_are_unchanged(tree):

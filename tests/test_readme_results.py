@@ -49,13 +49,15 @@ def test_collect_files_a_run_under_the_next_free_name(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     out.mkdir()
     (out / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}))
-    for name in ("steps.tsv", "summary.md", "gpu_tests_new.xml", "benchmarks.json", "stray.txt"):
+    for name in ("steps.tsv", "summary.md", "gpu_tests_new.xml", "benchmarks.json", "tune_resnet50_b1.json",
+                 "stray.txt"):
         (out / name).write_text(name)
     (out / "device_check.log").write_text("the log")
     first = collect(out, results=results)
     assert first.name == "h200-2026-12-01-run1"
     assert sorted(p.name for p in first.iterdir()) == [
-        "benchmarks.json", "device_check.log.gz", "env.json", "gpu_tests_new.xml", "steps.tsv", "summary.md"]
+        "benchmarks.json", "device_check.log.gz", "env.json", "gpu_tests_new.xml", "steps.tsv", "summary.md",
+        "tune_resnet50_b1.json"]
     assert gzip.decompress((first / "device_check.log.gz").read_bytes()) == b"the log"
     assert collect(out, results=results).name == "h200-2026-12-01-run2"
     with pytest.raises(SystemExit, match="no env.json"):

@@ -195,3 +195,16 @@ def test_tune_refuses_a_machine_without_gpu(capsys, monkeypatch):
     monkeypatch.setattr(bench, "default_device", lambda: torch.device("cpu"))
     assert cli.main(["tune", "resnet18"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
+    """`cnnfast tune --json` output filed with a run (tune*.json) gives layer choices, newest run first."""
+    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    old, new = tmp_path / "h200-2026-05-01-run1", tmp_path / "h200-2026-05-01-run2"
+    for folder, times in ((old, [{"torch": 1.0, "triton": 0.5}, {"torch": 1.0, "cuda": 0.5}]),
+                          (new, [{"torch": 1.0, "triton": 1.5}])):  # Triton slower on layer 0 now
+        folder.mkdir()
+        (folder / "tune_resnet50_b1.json").write_text(json.dumps(bench_result("NVIDIA H200", 1, times)))
+    layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
+    assert layers == {key0: {"1": "torch"}, key1: {"1": "cuda"}}
