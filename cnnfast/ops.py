@@ -67,14 +67,15 @@ def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple
     return ((h + 2 * padding[0] - extent_h) // stride[0] + 1, (w + 2 * padding[1] - extent_w) // stride[1] + 1)
 
 
-def _pointwise_gemm_operands(x, weight, residual, stride, padding, dilation, groups):
-    """(x, weight, residual) as matrices when the conv is a plain matrix product: a 1x1 filter,
-    stride 1, no padding, one group, x and residual dense channels_last ((N*H*W, C) and (N*H*W, K)
-    views, no copy); else None."""
+def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
+    """(x, weight, residual) as matrices when the conv is a plain matrix product: a 1x1 filter
+    (whatever its dilation), stride 1, no padding, one group, x and residual dense channels_last
+    ((N*H*W, C) and (N*H*W, K) views, no copy); else None."""
     pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
     dense = [t for t in (x, residual) if t is not None]
     if not pointwise or not all(t.is_contiguous(memory_format=torch.channels_last) for t in dense):
         return None
+
     def rows(t):
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
     return rows(x), weight.reshape(weight.shape[0], -1), None if residual is None else rows(residual)
@@ -92,7 +93,7 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
     copy of the output is made, so this stays at least as fast as eager PyTorch when backend=None
     picks it."""
     bias = None if bias is None else bias.to(x.dtype)
-    gemm = _pointwise_gemm_operands(x, weight, residual, stride, padding, dilation, groups)
+    gemm = _pointwise_gemm_operands(x, weight, residual, stride, padding, groups)
     if gemm is not None:
         rows, weight2d, residual_rows = gemm
         if residual_rows is None and bias is not None and relu:
