@@ -26,25 +26,28 @@ from bench.harness import needs_gpu
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 
 ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
-# torch.compile's case runs last: its autotuning takes minutes, and a time limit that cuts it
-# short then leaves every other case measured.
-CASES = [
-    pytest.param(arch, batch, variant, id=f"{arch}-b{batch}-{variant}")
-    for arch in ARCHS
-    for batch in (256, 1)
-    for variant in ("eager", "cnnfast", "cnnfast_triton", "cnnfast_cuda")
-    + (("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph") if batch == 1 else ())
-] + [pytest.param("resnet50", 256, "compile", id="resnet50-b256-compile")]
+VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_cuda")
+GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph")  # batch 1 only
+# Order: the CUDA extension's variants after the others (a fault in a kernel that never ran on a
+# GPU before would fail every case after it in this process), and torch.compile's case last (its
+# autotuning takes minutes; a time limit that cuts it short leaves every other case measured).
+CASES = sorted(
+    (pytest.param(arch, batch, variant, id=f"{arch}-b{batch}-{variant}")
+     for arch in ARCHS
+     for batch in (256, 1)
+     for variant in VARIANTS + (GRAPH_VARIANTS if batch == 1 else ())),
+    key=lambda case: "cuda" in case.values[2],
+) + [pytest.param("resnet50", 256, "compile", id="resnet50-b256-compile")]
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)  # the CUDA variants come back to every model after the others
 def plain_model(arch):
     """The float32 CPU model every variant starts from."""
     torch.manual_seed(0)
     return get_model(arch).eval()
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
 def eager_model(arch):
     return copy.deepcopy(plain_model(arch)).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
 

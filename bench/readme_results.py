@@ -1,6 +1,6 @@
 """Regenerates the README's measured-results section from the committed GPU results.
 
-    python bench/readme_results.py [README.md]
+    python -m bench.readme_results [README.md]
 
 Reads every bench/results/*/benchmarks*.json (with its env.json) and rewrites the text between
 the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per run, the hardware,
@@ -14,6 +14,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from bench.tuning_table import run_order
 
 RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -84,7 +86,9 @@ def run_section(folder: Path) -> list[str]:
 
 def results_markdown() -> str:
     lines = []
-    for folder in sorted(p for p in RESULTS.iterdir() if (p / "benchmarks.json").is_file()):
+    # Every run with a benchmark file (a device_check call may have run only the model benchmarks),
+    # oldest first.
+    for folder in sorted((p for p in RESULTS.iterdir() if any(p.glob("benchmarks*.json"))), key=run_order):
         lines += run_section(folder)
     return "\n".join(lines)
 

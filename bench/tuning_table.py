@@ -1,6 +1,6 @@
 """Rebuilds cnnfast/tuning.json, the table behind backend=None, from bench/results/.
 
-    python bench/tuning_table.py
+    python -m bench.tuning_table
 
 Per op. For each GPU, op and dtype with a benchmark against the op's baseline (PyTorch's own op;
 for the convolution, cuDNN's bare convolution, which does less work than the fused op), the

@@ -62,3 +62,17 @@ def test_collect_files_a_run_under_the_next_free_name(tmp_path):
     assert collect(out, results=results).name == "h200-2026-12-01-run2"
     with pytest.raises(SystemExit, match="no env.json"):
         collect(tmp_path / "results", results=results)
+
+
+def test_results_list_every_run_with_a_benchmark_file_in_run_order(tmp_path, monkeypatch):
+    """A call that ran only the model benchmarks (benchmarks_models.json) is listed too, and run 10
+    of a day comes after run 2."""
+    from bench import readme_results
+
+    for name, file in (("h200-2026-12-01-run10", "benchmarks_models.json"), ("h200-2026-12-01-run2", "benchmarks.json"),
+                       ("h200-2026-12-01-run3", "steps.tsv")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(json.dumps({"benchmarks": []}))
+    monkeypatch.setattr(readme_results, "RESULTS", tmp_path)
+    monkeypatch.setattr(readme_results, "run_section", lambda folder: [folder.name])
+    assert readme_results.results_markdown() == "h200-2026-12-01-run2\nh200-2026-12-01-run10"
