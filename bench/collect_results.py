@@ -18,7 +18,7 @@ from pathlib import Path
 from bench import readme_results, tuning_table
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+RESULTS = tuning_table.RESULTS
 KEPT = ("env.json", "steps.tsv", "summary.md", "gpu_tests*.xml", "benchmarks*.json", "tune*.json", "report.tar.gz")
 
 

@@ -19,6 +19,10 @@ export PYTHONPATH=$PWD  # bench/ scripts import the references from tests/
 # Triton's autotuning results go to its disk cache, so the tests, the kernel benchmarks and the
 # model benchmarks (separate processes, often the same layer shapes) tune each shape once.
 export TRITON_CACHE_AUTOTUNING=1
+# backend=None's local table: the benchmarks-table step fills it from this call's conv benchmarks,
+# so the model benchmarks' default variant runs each layer on the backend just measured fastest
+# (it lives beside the build, which a warm machine keeps between calls).
+export CNNFAST_TUNING_FILE=${CNNFAST_TUNING_FILE:-$HOME/.cache/cnnfast/tuning.json}
 : >"$LOG"
 printf 'step\tstatus\tseconds\n' >"$STEPS"
 
@@ -85,9 +89,14 @@ NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_reliability_gpu.py tests/test
   tests/test_global_avg_pool.py)
 # A step's result file from an earlier run into the same folder would be summed with this run's.
 selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
+selected gpu-tests-new-cuda && rm -f "$OUT/gpu_tests_new_cuda.xml"
 selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
-step gpu-tests-new 240 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -q -n 4 -p no:cacheprovider \
+# The CUDA extension's cases (ids with "cuda") in a step of their own: a fault in a kernel that has
+# never run on a GPU leaves its worker's CUDA context failing every case after it.
+step gpu-tests-new 150 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "not cuda" -q -n 4 -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_new.xml"
+step gpu-tests-new-cuda 100 "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k cuda -q -n 4 -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests_new_cuda.xml"
 step gpu-tests-rest 120 "$PYTHON" -m pytest tests -m gpu -q -n 4 -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \
   --junitxml="$OUT/gpu_tests_rest.xml"
 
@@ -97,6 +106,7 @@ step benchmarks 125 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cachepro
   --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks.json"
 step benchmarks-cuda 60 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k cuda \
   --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks_cuda.json"
+step benchmarks-table 60 bash -c "\"$PYTHON\" -m bench.tuning_table --local \"$OUT\" && cp \"\$CNNFAST_TUNING_FILE\" \"$OUT/tuning_local.json\""
 
 step model-benchmarks 150 "$PYTHON" -m pytest bench/bench_models.py --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/benchmarks_models.json"

@@ -15,9 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.tuning_table import run_order
+from bench.tuning_table import RESULTS, run_order
 
-RESULTS = Path(__file__).resolve().parent / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 MODEL_BENCHMARK = "test_model"  # bench/bench_models.py
 MODEL_VARIANTS = (

@@ -1,6 +1,7 @@
 """Rebuilds cnnfast/tuning.json, the table behind backend=None, from bench/results/.
 
     python -m bench.tuning_table
+    python -m bench.tuning_table --local OUTDIR    (on the GPU machine, by device_check.sh)
 
 Per op. For each GPU, op and dtype with a benchmark against the op's baseline (PyTorch's own op;
 for the convolution, cuDNN's bare convolution, which does less work than the fused op), the
@@ -15,6 +16,7 @@ Each backend's cases (per op, or per layer and batch) come from the newest run t
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
 replaces its old figures.
 """
+import argparse
 import json
 import re
 import statistics
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from cnnfast.bench import layer_times
 from cnnfast.roofline import DTYPES
-from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend
+from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend, save_local_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -45,16 +47,24 @@ def run_order(path: Path):
     return (match.group(1), int(match.group(2)), path.name) if match else ("", 0, path.name)
 
 
-def run_files(results: Path, *patterns: str):
-    """Every run's files matching patterns, oldest run first."""
-    paths = [path for pattern in patterns for path in Path(results).glob(f"*/{pattern}")]
+RESULTS = ROOT / "bench" / "results"
+
+
+def runs_in(results: Path) -> list[Path]:
+    """The run folders under results."""
+    return [path for path in Path(results).iterdir() if path.is_dir()]
+
+
+def run_files(runs, *patterns: str):
+    """The files of the run folders matching patterns, oldest run first."""
+    paths = [path for run in runs for pattern in patterns for path in Path(run).glob(pattern)]
     return sorted(paths, key=lambda path: (run_order(path.parent), path.name))
 
 
-def measured_speedups(results=ROOT / "bench" / "results") -> dict:
+def measured_speedups(runs) -> dict:
     """{(gpu, op, dtype, backend): [speedup over the baseline per case]}, from the newest run of each."""
     speedups = {}
-    for path in run_files(results, "benchmarks*.json"):
+    for path in run_files(runs, "benchmarks*.json"):
         run = defaultdict(list)
         for bench in json.loads(path.read_text())["benchmarks"]:
             op, field = OP_OF_BENCHMARK.get(bench["name"].split("[")[0], (None, None))
@@ -66,12 +76,12 @@ def measured_speedups(results=ROOT / "bench" / "results") -> dict:
     return speedups
 
 
-def measured_layer_times(results=ROOT / "bench" / "results") -> dict:
+def measured_layer_times(runs) -> dict:
     """{(gpu, dtype, layer key, batch): {backend: ms}} of the conv layer benchmarks and of the
     `cnnfast tune --json` measurements (tune*.json) of the runs, each backend's time from the
     newest run that timed it on that layer and batch."""
     times = defaultdict(dict)
-    for path in run_files(results, "benchmarks*.json", "tune*.json"):
+    for path in run_files(runs, "benchmarks*.json", "tune*.json"):
         data = json.loads(path.read_text())
         if path.name.startswith("tune"):
             dtype = str(DTYPES[data["dtype"]]).removeprefix("torch.")
@@ -92,15 +102,17 @@ def measured_layer_times(results=ROOT / "bench" / "results") -> dict:
     return dict(times)
 
 
-def build_table(results=ROOT / "bench" / "results") -> dict:
+def build_table(results=RESULTS, runs=None) -> dict:
+    """The table the runs give (default: every run under results)."""
+    runs = runs_in(results) if runs is None else runs
     best = {}
-    for (gpu, op, dtype, backend), values in measured_speedups(results).items():
+    for (gpu, op, dtype, backend), values in measured_speedups(runs).items():
         if min(values) > 1 and statistics.median(values) > best.get((gpu, op, dtype), ("torch", 1.0))[1]:
             best[(gpu, op, dtype)] = (backend, statistics.median(values))
     table = defaultdict(lambda: defaultdict(dict))
     for (gpu, op, dtype), (backend, _) in sorted(best.items()):
         table[gpu][op][dtype] = backend
-    for (gpu, dtype, key, batch), times_ms in sorted(measured_layer_times(results).items()):
+    for (gpu, dtype, key, batch), times_ms in sorted(measured_layer_times(runs).items()):
         chosen = fastest_layer_backend(times_ms)
         if chosen is not None:
             table[gpu][CONV_LAYERS].setdefault(dtype, {}).setdefault(key, {})[str(batch)] = chosen
@@ -114,5 +126,17 @@ def write_table() -> dict:
     return table
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--local", metavar="RUN", type=Path,
+                        help="instead: merge what one device_check.sh output folder measured into this machine's "
+                        "local table (cnnfast.tuning.local_table_path()), which backend=None reads at once")
+    args = parser.parse_args(argv)
+    if args.local is None:
+        print(json.dumps(write_table(), indent=1, sort_keys=True))
+    else:
+        print(save_local_choices(build_table(runs=[args.local])))
+
+
 if __name__ == "__main__":
-    print(json.dumps(write_table(), indent=1, sort_keys=True))
+    main()

@@ -52,10 +52,13 @@ def names(rows):
 
 
 def test_steps_are_selected_by_name_or_prefix(tree):
-    assert names(run(tree, "gpu-tests")) == ["environment", "build", "gpu-tests-new", "gpu-tests-rest"]
+    assert names(run(tree, "gpu-tests")) == ["environment", "build", "gpu-tests-new", "gpu-tests-new-cuda",
+                                             "gpu-tests-rest"]
+    assert names(run(tree, "gpu-tests-new")) == ["environment", "build", "gpu-tests-new", "gpu-tests-new-cuda"]
     assert names(run(tree, "sanitizer")) == [
         "environment", "build", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck"]
-    assert names(run(tree, "benchmarks,report")) == ["environment", "build", "benchmarks", "benchmarks-cuda", "report"]
+    assert names(run(tree, "benchmarks,report")) == [
+        "environment", "build", "benchmarks", "benchmarks-cuda", "benchmarks-table", "report"]
     assert names(run(tree, "benchmarks-cuda")) == ["environment", "build", "benchmarks-cuda"]
     assert "model-benchmarks" in names(run(tree, "all"))
     assert names(run(tree, "tune")) == ["environment", "build", "tune"]

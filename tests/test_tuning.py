@@ -208,3 +208,22 @@ def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
         (folder / "tune_resnet50_b1.json").write_text(json.dumps(bench_result("NVIDIA H200", 1, times)))
     layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
     assert layers == {key0: {"1": "torch"}, key1: {"1": "cuda"}}
+
+
+def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path):
+    """device_check.sh's benchmarks-table step: the conv benchmarks of its own output folder become
+    local layer choices, which backend=None reads at once (the model benchmarks after it)."""
+    from bench import tuning_table
+
+    out = tmp_path / "out"
+    write_layer_run(out, [(64, 56, 64, 3, 1, 256, "torch", 1.0), (64, 56, 64, 3, 1, 256, "cuda", 0.5)])
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", str(tmp_path / "local.json"))
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    try:
+        tuning_table.main(["--local", str(out)])
+        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"
+    finally:
+        monkeypatch.undo()
+        tuning.tuning_table.cache_clear()
+        tuning._layer_backend.cache_clear()
