@@ -46,7 +46,9 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
     """Checks an explicit backend against the op and the tensor, or picks the default (for a
     convolution, layer = (weight shape, stride, padding, dilation) selects its per-layer entry)."""
     if backend is None:
-        return default_backend(op, x, layer)
+        chosen = default_backend(op, x, layer)
+        # A table measured with the CUDA extension, read where it is not built (or lacks the op).
+        return "torch" if chosen == "cuda" and op not in cuda_ops() else chosen
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
     if backend == "cuda":

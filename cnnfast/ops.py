@@ -68,47 +68,50 @@ def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple
 
 
 def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
-    """(x, weight, residual) as matrices when the conv is a plain matrix product: a 1x1 filter
-    (whatever its dilation), stride 1, no padding, one group, x and residual dense channels_last
-    ((N*H*W, C) and (N*H*W, K) views, no copy); else None."""
+    """(x, weight, residual) as matrices when a float16/bfloat16 conv is a plain matrix product: a
+    1x1 filter (whatever its dilation), stride 1, no padding, one group, x and residual dense
+    channels_last ((N*H*W, C) and (N*H*W, K) views, no copy); else None. (Float32 stays on the
+    convolution, whose TF32 setting, torch.backends.cudnn.allow_tf32, is not the GEMM's.)"""
     pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
     dense = [t for t in (x, residual) if t is not None]
-    if not pointwise or not all(t.is_contiguous(memory_format=torch.channels_last) for t in dense):
+    if (x.dtype not in (torch.float16, torch.bfloat16) or not pointwise
+            or not all(t.is_contiguous(memory_format=torch.channels_last) for t in dense)):
         return None
 
     def rows(t):
         return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
     return rows(x), weight.reshape(weight.shape[0], -1), None if residual is None else rows(residual)
 
 
 def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    """The layer on PyTorch's own ops, in x's dtype.
+    """The layer on PyTorch's own ops, in x's dtype, each step rounding (the fused kernels round once).
 
-    A 1x1, stride-1 conv on channels_last input (the bottleneck's reduce and expand layers, and
-    the fully connected layers run as 1x1 convs) is one matrix product on cuBLAS: with a bias and
-    no residual, torch._addmm_activation puts bias and ReLU in cuBLASLt's epilogue (one kernel);
-    with a residual, addmm adds it as the GEMM's C operand. Any other layer runs as eager PyTorch
-    runs a BN-folded one: cuDNN's convolution with its bias, then the residual add and the ReLU in
-    place. Float16/bfloat16 round after each step where the fused kernels round once; no float32
-    copy of the output is made, so this stays at least as fast as eager PyTorch when backend=None
-    picks it."""
-    bias = None if bias is None else bias.to(x.dtype)
+    A float16/bfloat16 1x1 stride-1 conv on channels_last input (the bottleneck's reduce and expand
+    layers, and the fully connected layers run as 1x1 convs) is one cuBLAS matrix product: addmm
+    with the bias (cuBLASLt adds it in the GEMM's epilogue) or with the residual as the GEMM's C.
+    Any other layer runs cuDNN's convolution, then adds the float32 bias and the residual in place.
+    ReLU is torch.relu_ (NaN stays NaN; cuBLASLt's ReLU epilogue is not used). No float32 copy of
+    the output is made, so this stays at least as fast as eager PyTorch when backend=None picks it."""
     gemm = _pointwise_gemm_operands(x, weight, residual, stride, padding, groups)
     if gemm is not None:
         rows, weight2d, residual_rows = gemm
-        if residual_rows is None and bias is not None and relu:
-            y = torch._addmm_activation(bias, rows, weight2d.t())
+        if residual_rows is not None:
+            y = torch.addmm(residual_rows, rows, weight2d.t())
+        elif bias is not None:
+            y = torch.addmm(bias.to(x.dtype), rows, weight2d.t())
         else:
-            y = torch.mm(rows, weight2d.t()) if residual_rows is None else torch.addmm(residual_rows, rows, weight2d.t())
-            if bias is not None:
-                y.add_(bias)
-            if relu:
-                y.relu_()
+            y = torch.mm(rows, weight2d.t())
         n, _, h, w = x.shape
-        return y.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    if residual is not None:
-        y.add_(residual)
+        y = y.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
+        if residual_rows is not None and bias is not None:
+            y.add_(bias.view(1, -1, 1, 1))
+    else:
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if bias is not None:
+            y.add_(bias.view(1, -1, 1, 1))  # a float32 bias adds in float32 and rounds once to x's dtype
+        if residual is not None:
+            y.add_(residual)
     return y.relu_() if relu else y
 
 
@@ -198,10 +201,11 @@ def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, 
         y = _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
         if out is not None:
             return out.copy_(y)
-        # PyTorch's result is returned as is when it has the fake output's strides (channels_last
-        # input, the usual case), else copied into that layout.
-        fake_strides = torch.empty_like(y, device="meta", memory_format=torch.channels_last).stride()
-        return y if y.stride() == fake_strides else _empty_conv2d_output(x, weight, stride, padding, dilation).copy_(y)
+        # PyTorch's result is returned as is when it has the fake output's (channels_last) strides,
+        # the usual case for channels_last input, else copied into that layout.
+        _, k, p, q = y.shape
+        channels_last = (p * q * k, 1, q * k, k)
+        return y if y.stride() == channels_last else _empty_conv2d_output(x, weight, stride, padding, dilation).copy_(y)
     if out is None:
         out = _empty_conv2d_output(x, weight, stride, padding, dilation)
     if backend == "triton":
@@ -264,11 +268,12 @@ def _(x_shape, w_shape, bias, residual, out, stride, padding, dilation, *args, o
 
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=False,
            out=None, backend=None):
-    """relu?(conv2d(x, weight) + bias + residual) in one kernel.
+    """relu?(conv2d(x, weight) + bias + residual) in one kernel (triton, cuda).
 
     x: (N, C, H, W), any strides (channels_last is the fast path); weight: (K, C/groups, R, S) in
     x's dtype; bias: (K,), float32 or x's dtype (a folded BatchNorm's shift, see fold_bn);
-    residual: (N, K, P, Q) in x's dtype. Accumulation and the epilogue run in float32.
+    residual: (N, K, P, Q) in x's dtype. Accumulation is float32; the triton and cuda epilogues
+    run in float32 and round once, the torch backend rounds after each of its steps.
     out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
     channels_last tensor works); otherwise a channels_last output is allocated.
     backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when

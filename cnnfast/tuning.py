@@ -65,10 +65,15 @@ def merged(base: dict, override: dict) -> dict:
     return result
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=None)
+def _table_at(local_path: str) -> dict:
+    return merged(read_table(TABLE_PATH), read_table(Path(local_path)))
+
+
 def tuning_table() -> dict:
-    """The packaged table with the local one (cnnfast tune's) over it."""
-    return merged(read_table(TABLE_PATH), read_table(local_table_path()))
+    """The packaged table with the local one (cnnfast tune's) over it; read once per local path
+    (save_local_choices rereads it)."""
+    return _table_at(str(local_table_path()))
 
 
 def save_local_choices(choices: dict) -> Path:
@@ -76,7 +81,7 @@ def save_local_choices(choices: dict) -> Path:
     path = local_table_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(merged(read_table(path), choices), indent=1, sort_keys=True) + "\n")
-    tuning_table.cache_clear()
+    _table_at.cache_clear()
     _layer_backend.cache_clear()
     return path
 
@@ -87,13 +92,27 @@ def _device_name(index: int) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layer_backend(gpu: str, dtype: str, key: str, batch: int) -> str | None:
+def _layer_backend(local_path: str, gpu: str, dtype: str, key: str, batch: int) -> str | None:
     by_batch = tuning_table().get(gpu, {}).get(CONV_LAYERS, {}).get(dtype, {}).get(key, {})
     distance = {measured: abs(math.log(max(batch, 1) / int(measured))) for measured in by_batch}
-    nearest = min(distance, key=distance.get, default=None)
+    # The nearest measured batch; of two as near, the smaller (a stable choice, whatever the file's order).
+    nearest = min(distance, key=lambda measured: (distance[measured], int(measured)), default=None)
     if nearest is None or distance[nearest] > math.log(MAX_BATCH_RATIO):
         return None
     return by_batch[nearest]
+
+
+@torch.compiler.assume_constant_result
+def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, batch: int) -> str:
+    """The table's backend for op on GPU device_index and dtype (and, for a convolution, its layer
+    and batch); "torch" when unmeasured. Plain values in and out, so that torch.compile takes the
+    answer as a constant of the graph instead of tracing the table's file reading and caches."""
+    gpu = _device_name(device_index)
+    if layer_key is not None:
+        chosen = _layer_backend(str(local_table_path()), gpu, dtype, layer_key, batch)
+        if chosen is not None:
+            return chosen
+    return tuning_table().get(gpu, {}).get(op, {}).get(dtype, "torch")
 
 
 def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str:
@@ -101,12 +120,8 @@ def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str
     layer: for conv2d, (weight shape, stride, padding, dilation) of the call."""
     if x.device.type != "cuda":
         return "torch"
-    gpu, dtype = _device_name(x.device.index or 0), str(x.dtype).removeprefix("torch.")
+    layer_key = None
     if layer is not None:
         (k, c, r, s), stride, padding, dilation = layer
-        n, _, h, w = x.shape
-        key = conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation)
-        chosen = _layer_backend(gpu, dtype, key, n)
-        if chosen is not None:
-            return chosen
-    return tuning_table().get(gpu, {}).get(op, {}).get(dtype, "torch")
+        layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation)
+    return table_choice(op, x.device.index or 0, str(x.dtype).removeprefix("torch."), layer_key, int(x.shape[0]))

@@ -191,6 +191,8 @@ EPILOGUES = {  # bias dtype ("input" = the input's), residual, relu
     "bias32": (torch.float32, False, False),
     "relu": (None, False, True),
     "residual": (None, True, False),
+    "bias-relu": ("input", False, True),
+    "bias32-relu": (torch.float32, False, True),
     "bias-residual-relu": ("input", True, True),
 }
 
@@ -215,23 +217,37 @@ POINTWISE = Conv(2, 40, 5, 7, 24, 1, 1)  # a bottleneck's 1x1 layer in miniature
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_torch_backend_runs_pointwise_convs_as_one_matrix_product(monkeypatch, epilogue, dtype):
-    """A 1x1 stride-1 conv on channels_last input is a GEMM on the torch backend: with a bias, ReLU
-    and no residual, one torch._addmm_activation call (cuBLASLt's bias + ReLU epilogue on a GPU);
-    otherwise mm or addmm (the residual as C), then bias and ReLU in place. Each epilogue and dtype
-    against the float64 reference; NCHW input takes the convolution path instead."""
-    fused = []
-    addmm_activation = torch._addmm_activation
-    monkeypatch.setattr(torch, "_addmm_activation", lambda *args: fused.append(args) or addmm_activation(*args))
+    """A float16/bfloat16 1x1 stride-1 conv on channels_last input is one GEMM on the torch backend
+    (addmm with the bias or the residual, or mm), float32 stays on the convolution; then bias and
+    ReLU as needed. Each epilogue and dtype against the float64 reference; NCHW input takes the
+    convolution path."""
+    products = []
+    for name in ("mm", "addmm"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, original=original: products.append(args) or original(*args))
     bias_dtype, residual, relu = EPILOGUES[epilogue]
     check_conv2d(POINTWISE, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual,
                  relu=relu, backend="torch")
-    assert len(fused) == (bias_dtype is not None and not residual and relu)
-    monkeypatch.setattr(torch, "mm", None)  # the NCHW case must not take the matrix path
-    monkeypatch.setattr(torch, "addmm", None)
+    assert len(products) == (dtype != torch.float32)
+    products.clear()
     x, weight, bias, res = make_inputs(POINTWISE, dtype, residual=residual)
     x, res = x.contiguous(), None if res is None else res.contiguous()
     out = ops.conv2d(x, weight, bias, residual=res, relu=relu, backend="torch")
     assert_close_to_reference(out, reference_conv2d(POINTWISE, x, weight, bias, res, relu), "conv")
+    assert not products
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", [POINTWISE, CHANNEL_BLOCKED], ids=["pointwise", "3x3"])
+def test_torch_backend_propagates_nan_through_bias_and_relu(conv, dtype):
+    """NaN in one input pixel reaches the outputs it touches as NaN, through the bias add and the
+    ReLU, on both torch paths (the GEMM and the convolution), as torch.relu does."""
+    torch.manual_seed(0)
+    x, weight, bias, _ = make_inputs(conv, dtype, residual=False)
+    x[0, :, 0, 0] = NAN
+    out = ops.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, relu=True, backend="torch")
+    expected = reference_conv2d(conv, x, weight, bias, None, relu=True)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
 
 
 def test_default_backend_on_cpu_is_torch():

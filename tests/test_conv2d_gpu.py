@@ -143,3 +143,23 @@ def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual):
     reference = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
     assert_close_to_reference(big[:, start : start + problem.K], reference, tolerance_kind(dtype))
     assert big[:, :start].isnan().all() and big[:, start + problem.K :].isnan().all()
+
+
+@pytest.mark.parametrize("kernel", [1, 3], ids=["pointwise-gemm", "3x3-cudnn"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_torch_backend_on_gpu(kernel, dtype):
+    """The torch backend's two GPU paths (cuBLAS addmm with the bias in cuBLASLt's epilogue for
+    1x1 layers; cuDNN then in-place adds otherwise) against float64, with a residual and without,
+    and NaN in one pixel propagated through bias and ReLU as torch.relu does."""
+    torch.manual_seed(0)
+    for residual in (False, True):
+        x = torch.randn(4, 64, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+        x[0, :, 3, 3] = float("nan")
+        w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
+        b = torch.randn(96, device="cuda")
+        res = torch.randn(4, 96, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+        res = res if residual else None
+        out = ops.conv2d(x, w, b, padding=kernel // 2, residual=res, relu=True, backend="torch")
+        expected = reference_conv2d(x, w, b, res, (1, 1), (kernel // 2, kernel // 2))
+        assert out.isnan().any()
+        assert_close_to_reference(out, expected, tolerance_kind(dtype))  # NaN where the reference has NaN

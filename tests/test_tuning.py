@@ -31,14 +31,10 @@ def test_gpu_default_comes_from_the_table(monkeypatch):
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: {"NVIDIA H200": {"add_relu": {"bfloat16": "triton"}}})
 
-    class FakeCudaTensor:
-        device = torch.device("cuda", 0)
-        dtype = torch.bfloat16
-
-    assert tuning.default_backend("add_relu", FakeCudaTensor()) == "triton"
-    assert tuning.default_backend("gap_linear", FakeCudaTensor()) == "torch"
-    FakeCudaTensor.dtype = torch.float16
-    assert tuning.default_backend("add_relu", FakeCudaTensor()) == "torch"
+    shape = (8, 64, 56, 56)
+    assert tuning.default_backend("add_relu", FakeCudaTensor(shape)) == "triton"
+    assert tuning.default_backend("gap_linear", FakeCudaTensor(shape)) == "torch"
+    assert tuning.default_backend("add_relu", FakeCudaTensor(shape, torch.float16)) == "torch"
 
 
 def write_run(folder, cases):
@@ -120,15 +116,54 @@ def test_conv_default_looks_up_the_layer_at_the_nearest_batch(monkeypatch):
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
     tuning._layer_backend.cache_clear()
-    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
-    choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in (1, 2, 32, 64, 200, 1024, 1025)}
-    # 2 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x below 8) and
-    # 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
-    assert choice == {1: "triton", 2: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda", 1025: "triton"}
-    other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
-    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
-    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
+    try:
+        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+        batches = (1, 2, 16, 32, 64, 200, 1024, 1025)
+        choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in batches}
+        # 2, 16 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x
+        # below 8) and 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
+        assert choice == {1: "triton", 2: "torch", 16: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda",
+                          1025: "triton"}
+        other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
+        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
+        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
+    finally:
+        tuning._layer_backend.cache_clear()
+
+
+def test_equally_near_batches_pick_the_smaller(monkeypatch):
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    # "32" sorts before "8" as text: the tie at 16 must not follow the file's key order.
+    table = {"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {key: {"32": "cuda", "8": "triton"}}}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
     tuning._layer_backend.cache_clear()
+    try:
+        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+        assert tuning.default_backend("conv2d", FakeCudaTensor((16, 64, 56, 56)), layer) == "triton"
+    finally:
+        tuning._layer_backend.cache_clear()
+
+
+def test_table_lookup_is_a_constant_under_torch_compile(monkeypatch):
+    """torch.compile(fullgraph=True) of a model on the default backends reaches the table lookup;
+    it must be taken as a constant, not traced (its file reading and caches cannot be)."""
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        return x + 1 if tuning.table_choice("add_relu", 0, "bfloat16", None, 1) == "triton" else x - 1
+
+    expected = 1 if tuning.table_choice("add_relu", 0, "bfloat16", None, 1) == "triton" else -1
+    assert pick(torch.zeros(2)).tolist() == [expected, expected]
+
+
+def test_default_backend_never_picks_a_missing_cuda_extension(monkeypatch):
+    monkeypatch.setattr("cnnfast.backends.default_backend", lambda op, x, layer=None: "cuda")
+    monkeypatch.setattr("cnnfast.backends.cuda_ops", lambda: ())
+    assert resolve_backend("conv2d", torch.empty(1), None) == "torch"
+    monkeypatch.setattr("cnnfast.backends.cuda_ops", lambda: ("conv2d",))
+    assert resolve_backend("conv2d", torch.empty(1), None) == "cuda"
 
 
 def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
@@ -176,7 +211,7 @@ def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_
         assert tuning.tuning_table()["NVIDIA H200"] == json.loads(tuning.TABLE_PATH.read_text())["NVIDIA H200"]
     finally:
         monkeypatch.undo()
-        tuning.tuning_table.cache_clear()
+        tuning._table_at.cache_clear()
         tuning._layer_backend.cache_clear()
 
 
@@ -225,5 +260,5 @@ def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path):
         assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"
     finally:
         monkeypatch.undo()
-        tuning.tuning_table.cache_clear()
+        tuning._table_at.cache_clear()
         tuning._layer_backend.cache_clear()
