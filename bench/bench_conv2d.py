@@ -8,8 +8,8 @@ computes the layer with its BatchNorm and ReLU:
 - eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
 - eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
 - torch:        cnnfast.ops.conv2d(backend="torch") with the folded BN: eager_folded's kernels,
-                except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM (with bias and
-                ReLU in cuBLASLt's epilogue when there is no residual),
+                except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM with the bias
+                in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
