@@ -23,9 +23,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from cnnfast.bench import layer_times
+from cnnfast.bench import layer_times, problem_key
 from cnnfast.roofline import DTYPES
-from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, fastest_layer_backend, save_local_choices
+from cnnfast.tuning import CONV_LAYERS, fastest_layer_backend, save_local_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -94,11 +94,8 @@ def measured_layer_times(runs) -> dict:
             backend = info.get("backend")
             if bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS or "problem" not in info:
                 continue
-            problem = info["problem"]
-            key = conv2d_layer_key(problem["C"], problem["H"], problem["W"], problem["K"], problem["R"], problem["S"],
-                                   problem["stride"], problem["padding"], problem["dilation"])
             dtype = str(DTYPES[info["dtype"]]).removeprefix("torch.")
-            times[(info["device"], dtype, key, info["batch"])][backend] = info["ms"]
+            times[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
     return dict(times)
 
 

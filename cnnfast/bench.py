@@ -2,9 +2,9 @@
 
 Backends, each computing relu(conv(x) with the BatchNorm folded into weight and bias):
 
-- ``torch``:        ``cnnfast.ops.conv2d(backend="torch")`` (PyTorch's conv with the bias, then
-  an in-place ReLU, in the layer's dtype, through the custom op);
-- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))``, the same kernels called directly;
+- ``torch``:        ``cnnfast.ops.conv2d(backend="torch")``: PyTorch's ops in the layer's dtype
+  (cuDNN's conv then in-place bias and ReLU; a float16/bfloat16 1x1 layer as one cuBLAS GEMM);
+- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))``;
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
@@ -252,11 +252,18 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
 TUNED_BACKENDS = ("torch", "triton", "cuda")
 
 
+def problem_key(problem: dict) -> str:
+    """The tuning table's key of a layer problem as the results record it ({"C", "H", "W", "K", "R",
+    "S", "stride", "padding"} and, from the conv benchmark, "dilation"; 1 when absent)."""
+    p = problem
+    return conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"],
+                            p.get("dilation", (1, 1)))
+
+
 def layer_times(layer) -> tuple[str, dict]:
     """(the tuning table's key, {backend: ms} of the tuned backends) of one "layers" row."""
-    p = layer["problem"]
-    key = conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"], (1, 1))
-    return key, {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
+    times = {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
+    return problem_key(layer["problem"]), times
 
 
 def layer_choice(layer) -> tuple[str, str | None]:

@@ -12,8 +12,8 @@ merges its choices into a local table, CNNFAST_TUNING_FILE (default
 
 A convolution looks its layer up first: same geometry (channels, input size, filter, stride,
 padding, dilation) and a measured batch within a factor of MAX_BATCH_RATIO of its own (the
-nearest one), where "torch" is a choice too; then the op's entry; then "torch". Anything else not in the table, and every CPU
-tensor, runs on the "torch" backend.
+nearest one), where "torch" is a choice too; then the op's entry; then "torch". Anything else
+not in the table, and every CPU tensor, runs on the "torch" backend.
 """
 import functools
 import json

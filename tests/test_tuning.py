@@ -1,11 +1,23 @@
 """backend=None: the tuning table and the rule that builds it from committed GPU results."""
 import json
 
+import pytest
 import torch
 
 from bench.tuning_table import build_table
 from cnnfast import ops, tuning
 from cnnfast.backends import resolve_backend
+
+
+@pytest.fixture
+def fresh_tables():
+    """Empties the table caches before and after a test that fakes a table or a local file
+    (after: before the test's monkeypatching is undone, so nothing it read stays cached)."""
+    tuning._table_at.cache_clear()
+    tuning._layer_backend.cache_clear()
+    yield
+    tuning._table_at.cache_clear()
+    tuning._layer_backend.cache_clear()
 
 
 def test_committed_table_is_the_one_the_results_give():
@@ -109,40 +121,32 @@ class FakeCudaTensor:
         self.device, self.dtype, self.shape = torch.device("cuda", 0), dtype, torch.Size(shape)
 
 
-def test_conv_default_looks_up_the_layer_at_the_nearest_batch(monkeypatch):
+def test_conv_default_looks_up_the_layer_at_the_nearest_batch(monkeypatch, fresh_tables):
     key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
     table = {"NVIDIA H200": {"conv2d": {"bfloat16": "triton"},
                              tuning.CONV_LAYERS: {"bfloat16": {key: {"256": "cuda", "8": "torch"}}}}}
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
-    tuning._layer_backend.cache_clear()
-    try:
-        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
-        batches = (1, 2, 16, 32, 64, 200, 1024, 1025)
-        choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in batches}
-        # 2, 16 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x
-        # below 8) and 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
-        assert choice == {1: "triton", 2: "torch", 16: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda",
-                          1025: "triton"}
-        other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
-        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
-        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
-    finally:
-        tuning._layer_backend.cache_clear()
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    batches = (1, 2, 16, 32, 64, 200, 1024, 1025)
+    choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in batches}
+    # 2, 16 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x
+    # below 8) and 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
+    assert choice == {1: "triton", 2: "torch", 16: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda",
+                      1025: "triton"}
+    other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
+    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
+    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
 
 
-def test_equally_near_batches_pick_the_smaller(monkeypatch):
+def test_equally_near_batches_pick_the_smaller(monkeypatch, fresh_tables):
     key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
     # "32" sorts before "8" as text: the tie at 16 must not follow the file's key order.
     table = {"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {key: {"32": "cuda", "8": "triton"}}}}}
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
-    tuning._layer_backend.cache_clear()
-    try:
-        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
-        assert tuning.default_backend("conv2d", FakeCudaTensor((16, 64, 56, 56)), layer) == "triton"
-    finally:
-        tuning._layer_backend.cache_clear()
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    assert tuning.default_backend("conv2d", FakeCudaTensor((16, 64, 56, 56)), layer) == "triton"
 
 
 def test_table_lookup_is_a_constant_under_torch_compile(monkeypatch):
@@ -184,7 +188,7 @@ def bench_result(device, batch, layer_times):
     return {"device": device, "dtype": "bf16", "batch": batch, "layers": layers}
 
 
-def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_path):
+def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_path, fresh_tables):
     from cnnfast.bench import layer_choices
 
     local = tmp_path / "cache" / "tuning.json"
@@ -199,20 +203,15 @@ def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_
     key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1))
     choices = layer_choices(result)
     assert choices == {"NVIDIA H100": {tuning.CONV_LAYERS: {"bfloat16": {key0: {"1": "triton"}, key1: {"1": "torch"}}}}}
-    try:
-        tuning.save_local_choices(choices)
-        tuning.save_local_choices(layer_choices(bench_result("NVIDIA H100", 64, [{"torch": 1.0, "cuda": 0.5}])))
-        saved = json.loads(local.read_text())["NVIDIA H100"][tuning.CONV_LAYERS]["bfloat16"]
-        assert saved == {key0: {"1": "triton", "64": "cuda"}, key1: {"1": "torch"}}  # merged, batch by batch
-        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
-        assert tuning.default_backend("conv2d", FakeCudaTensor((1, 64, 56, 56)), layer) == "triton"
-        assert tuning.default_backend("conv2d", FakeCudaTensor((64, 64, 56, 56)), layer) == "cuda"
-        # The packaged table is still read beneath the local one.
-        assert tuning.tuning_table()["NVIDIA H200"] == json.loads(tuning.TABLE_PATH.read_text())["NVIDIA H200"]
-    finally:
-        monkeypatch.undo()
-        tuning._table_at.cache_clear()
-        tuning._layer_backend.cache_clear()
+    tuning.save_local_choices(choices)
+    tuning.save_local_choices(layer_choices(bench_result("NVIDIA H100", 64, [{"torch": 1.0, "cuda": 0.5}])))
+    saved = json.loads(local.read_text())["NVIDIA H100"][tuning.CONV_LAYERS]["bfloat16"]
+    assert saved == {key0: {"1": "triton", "64": "cuda"}, key1: {"1": "torch"}}  # merged, batch by batch
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    assert tuning.default_backend("conv2d", FakeCudaTensor((1, 64, 56, 56)), layer) == "triton"
+    assert tuning.default_backend("conv2d", FakeCudaTensor((64, 64, 56, 56)), layer) == "cuda"
+    # The packaged table is still read beneath the local one.
+    assert tuning.tuning_table()["NVIDIA H200"] == json.loads(tuning.TABLE_PATH.read_text())["NVIDIA H200"]
 
 
 def test_layer_choices_of_a_real_cpu_run_keep_torch():
@@ -245,7 +244,7 @@ def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
     assert layers == {key0: {"1": "torch"}, key1: {"1": "cuda"}}
 
 
-def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path):
+def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path, fresh_tables):
     """device_check.sh's benchmarks-table step: the conv benchmarks of its own output folder become
     local layer choices, which backend=None reads at once (the model benchmarks after it)."""
     from bench import tuning_table
@@ -254,11 +253,6 @@ def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path):
     write_layer_run(out, [(64, 56, 64, 3, 1, 256, "torch", 1.0), (64, 56, 64, 3, 1, 256, "cuda", 0.5)])
     monkeypatch.setenv("CNNFAST_TUNING_FILE", str(tmp_path / "local.json"))
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
-    try:
-        tuning_table.main(["--local", str(out)])
-        layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
-        assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"
-    finally:
-        monkeypatch.undo()
-        tuning._table_at.cache_clear()
-        tuning._layer_backend.cache_clear()
+    tuning_table.main(["--local", str(out)])
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"

@@ -68,36 +68,32 @@ CHANNEL_BLOCKED_SPLIT_TILES = [
 FLAT_SPLIT_TILES = [(64, 64, 64, 4, 5, 2), (64, 64, 64, 4, 5, 4)]
 
 
-def hopper_config(block_m, block_n, block_k, warps, stages, split_k=1):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "SPLIT_K": split_k},
-                         num_warps=warps, num_stages=stages)
+def tile_config(block_m, block_n, block_k, warps, stages, split_k=1, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m, "SPLIT_K": split_k},
+        num_warps=warps, num_stages=stages,
+    )
 
 
 def conv2d_configs(flat: bool, interpreted: bool = INTERPRETED):
     """Autotuning candidates for one reduction order: Hopper tiles on a GPU, two small tiles under
     the interpreter."""
     if interpreted:
-        return [
-            triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "SPLIT_K": 1}, num_warps=4,
-                          num_stages=1),
-            triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 1, "SPLIT_K": 1}, num_warps=4,
-                          num_stages=1),
-        ]
-    return [hopper_config(*tile) for tile in (FLAT_TILES if flat else CHANNEL_BLOCKED_TILES)]
+        return [tile_config(32, 32, 16, 4, 1, group_m=4), tile_config(16, 64, 32, 4, 1, group_m=1)]
+    return [tile_config(*tile) for tile in (FLAT_TILES if flat else CHANNEL_BLOCKED_TILES)]
 
 
 def split_k_configs(flat: bool, interpreted: bool = INTERPRETED):
     """The split-K candidates of one reduction order (the interpreter's: 2 and 3 splits of a small
     tile, 3 so that the steps do not divide evenly)."""
     if interpreted:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "SPLIT_K": split_k},
-                              num_warps=4, num_stages=1) for split_k in (2, 3)]
-    return [hopper_config(*tile) for tile in (FLAT_SPLIT_TILES if flat else CHANNEL_BLOCKED_SPLIT_TILES)]
+        return [tile_config(32, 32, 16, 4, 1, split_k, group_m=4) for split_k in (2, 3)]
+    return [tile_config(*tile) for tile in (FLAT_SPLIT_TILES if flat else CHANNEL_BLOCKED_SPLIT_TILES)]
 
 
 @triton.jit
 def bias_residual_act_store(
-    acc, offs_m, offs_n, n, p, q, m_valid, n_valid,
+    acc, offs_n, n, p, q, m_valid, n_valid,
     bias_ptr, res_ptr, out_ptr,
     sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -233,7 +229,7 @@ def conv2d_bias_act_kernel(
             s = tl.where(next_row, 0, s)
             r = tl.where(next_row, r + 1, r)
 
-    epilogue_args = (offs_m, offs_n, n, p, q, m_valid, n_valid, bias_ptr, res_ptr, out_ptr,
+    epilogue_args = (offs_n, n, p, q, m_valid, n_valid, bias_ptr, res_ptr, out_ptr,
                      sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w, HAS_BIAS, HAS_RESIDUAL, RELU)
     if SPLIT_K == 1:
         bias_residual_act_store(acc, *epilogue_args)
