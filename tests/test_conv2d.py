@@ -7,6 +7,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -368,6 +369,37 @@ def test_split_k_workspace_fits_every_candidate():
     assert partials.shape == (8, 49, 100) and partials.dtype == torch.float32
     assert arrivals.shape == (4,) and torch.count_nonzero(arrivals) == 0
 
+
+
+@pytest.mark.parametrize("chosen_split", [False, True], ids=["tuner_keeps_one_split", "tuner_splits"])
+def test_tuned_choice_is_launched_directly(monkeypatch, chosen_split):
+    """The first call of a problem goes through the tuner, with a workspace for every candidate;
+    later calls launch the config it chose without the tuner, and allocate a workspace only when
+    that config splits K. Both give the reference result."""
+    split, whole = split_k_configs(False, interpreted=True)[0], conv2d_configs(False, interpreted=True)[0]
+    chosen = split if chosen_split else whole
+    # Pruning to the chosen config makes the tuner pick it without timing (the interpreter cannot time).
+    tuner = triton.autotune(configs=[whole, split], key=["N", "C", "K"],
+                            prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: [chosen]})(
+        conv2d_module.conv2d_bias_act_heuristic)
+    tuner_runs = []
+    tuned_run = tuner.run
+    monkeypatch.setattr(tuner, "run", lambda *args, **kwargs: tuner_runs.append(1) or tuned_run(*args, **kwargs))
+    monkeypatch.setattr(conv2d_module, "conv2d_bias_act_autotuned", {(False, False): tuner})
+    monkeypatch.setattr(conv2d_module, "chosen_configs", {})
+    made = recording_workspace(monkeypatch)
+
+    conv = Conv(2, 32, 6, 5, 40, 3, 3, padding=1)
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    reference = reference_conv2d(conv, x, weight, bias, res, relu=True)
+    for _ in range(3):
+        out = nan_output(conv.output_shape(), torch.float32)
+        conv2d_bias_act(x, weight, bias, res, out, [1, 1], [1, 1], [1, 1], True)
+        assert_close_to_reference(out, reference, "conv")
+    assert len(tuner_runs) == 1
+    assert list(conv2d_module.chosen_configs.values()) == [chosen]
+    assert made[0] is not None  # the tuner may pick the split candidate
+    assert all((workspace is not None) == chosen_split for workspace in made[1:])
 
 # ---------------------------------------------------------------- layouts and out=
 

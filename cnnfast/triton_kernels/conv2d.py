@@ -30,8 +30,9 @@ bumps the tile's arrival counter; the last to arrive sums the SPLIT_K partials i
 (so the result does not depend on which program came last: deterministic), runs the epilogue and
 resets the counter to zero for the next launch (the autotuner relaunches with the same counters).
 The launcher offers these configs to the autotuner only when the problem has fewer 64x64 tiles
-than the GPU has SMs; such a call also allocates the workspace and zeroes the counters (one small
-fill kernel), whichever config the tuner picks.
+than the GPU has SMs. The call that tunes a problem allocates the workspace and zeroes the counters
+(one small fill kernel) for every candidate; later calls launch the chosen config directly, with a
+workspace only if that config splits.
 
 The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
@@ -313,6 +314,13 @@ def split_k_workspace(configs, M: int, K: int, device: torch.device):
     return partials, torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
+# The config the autotuner chose for each problem this process has run. Later calls of the problem
+# launch it directly: no tuner lookup and, when it does not split K, no split-K workspace (whose
+# counter fill is a kernel launch of its own, one per conv in a batch-1 CUDA graph). The key holds
+# everything the tuner's key does, so the choice read back is the one the tuner would make.
+chosen_configs: dict[tuple, triton.Config] = {}
+
+
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
     allocated, (N, K, P, Q). `config` (a triton.Config) bypasses autotuning."""
@@ -322,10 +330,17 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     if out.numel() == 0:
         return out
     flat = use_flat_reduction(C)
-    split = split_k_helps(N * P * Q, K, x.device) if config is None else config.kwargs.get("SPLIT_K", 1) > 1
-    tuner = conv2d_bias_act_autotuned[(flat, split)]
-    workspace = split_k_workspace(tuner.configs if config is None else [config], N * P * Q, K, x.device)
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
+    problem = (x.device, x.dtype, weight.dtype, out.dtype, bias is not None, residual is not None, precision,
+               N, C, H, W, K, R, S, *stride, *padding, *dilation)
+    if config is None:
+        config = chosen_configs.get(problem)
+    if config is None:
+        tuner = conv2d_bias_act_autotuned[(flat, split_k_helps(N * P * Q, K, x.device))]
+        candidates = tuner.configs
+    else:
+        candidates = [config]
+    workspace = split_k_workspace(candidates, N * P * Q, K, x.device)
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     b = bias.contiguous() if bias is not None else out  # the kernel reads the bias at unit stride
     partials, arrivals = workspace if workspace is not None else (out, out)  # never read when SPLIT_K == 1
@@ -347,7 +362,7 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
             tuner[grid](*args, **flags)
+            chosen_configs[problem] = tuner.best_config
         else:
-            conv2d_bias_act_heuristic[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
-                                                           num_stages=config.num_stages)
+            conv2d_bias_act_heuristic[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
     return out
