@@ -80,9 +80,16 @@ def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
     from cnnfast.backends import cuda_extension
 
     if "conv2d" in cuda_extension().build_info()["ops"]:
-        # The CUTLASS conv: two kernels (ReLU, identity) per wgmma kind, float16, bfloat16 and tf32.
+        # The CUTLASS conv, by wgmma instruction (64 rows x the tile's width): 128-wide tiles with
+        # ReLU and without in float16, bfloat16 and tf32, and 64-wide tiles with ReLU in float16 and bfloat16.
         conv_kernels = [line for line in dump.splitlines() if "Function" in line and "ConvUniversal" in line]
-        for mma in ("F32F16F16_SS", "F32BF16BF16_SS", "F32TF32TF32_SS"):
-            assert sum(mma in line for line in conv_kernels) == 2, f"{mma}: {len(conv_kernels)} conv kernels"
+        expected = {"MMA_64x128x16_F32F16F16_SS": 2, "MMA_64x128x16_F32BF16BF16_SS": 2, "MMA_64x128x8_F32TF32TF32_SS": 2,
+                    "MMA_64x64x16_F32F16F16_SS": 1, "MMA_64x64x16_F32BF16BF16_SS": 1}
+        for mma, count in expected.items():
+            kernels = [line for line in conv_kernels if mma in line]
+            assert len(kernels) == count, f"{mma}: {len(kernels)} conv kernels, expected {count}"
+            if count == 1:  # the 64-wide tile is built with the ReLU epilogue only
+                assert "ReLu" in kernels[0]
+        assert len(conv_kernels) == sum(expected.values())
     usage = [line for line in dump.splitlines() if "REG:" in line]
     assert usage and all(" LOCAL:0 " in line and " STACK:0 " in line for line in usage)

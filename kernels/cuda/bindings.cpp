@@ -137,6 +137,13 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
   cnnfast::conv2d_cutlass(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// The CTA tile (M, N, K) conv2d runs for this dtype, output channel count and activation.
+py::tuple conv2d_tile(int dtype, int64_t K, bool relu) {
+  CNNFAST_CHECK(K > 0, "conv2d_tile needs K > 0, got " << K);
+  const cnnfast::Conv2dCutlassTile tile = cnnfast::conv2d_cutlass_tile(to_dtype(dtype), K, relu);
+  return py::make_tuple(tile.m, tile.n, tile.k);
+}
+
 py::dict build_info() {
   py::dict info;
   const int v = CUDART_VERSION;
@@ -180,5 +187,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_pixel_stride"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"), py::arg("dilation"),
         py::arg("relu"), py::arg("stream"));
+  m.def("conv2d_tile", &conv2d_tile,
+        "The (M, N, K) CTA tile conv2d runs for a dtype code, K output channels (as passed to conv2d, "
+        "after any padding) and the activation: N is 64 where that leaves fewer output channels idle.",
+        py::arg("dtype"), py::arg("K"), py::arg("relu"));
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }

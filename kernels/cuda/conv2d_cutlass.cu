@@ -64,13 +64,20 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
              "problem too large for 32-bit CUTLASS extents");
 }
 
+Conv2dCutlassTile conv2d_cutlass_tile(DType dtype, int64_t K, bool relu) {
+  const int k = dtype == DType::kFloat32 ? 32 : 64;  // 128 bytes of reduction per stage
+  const bool narrow = relu && dtype != DType::kFloat32 && K % 128 != 0 && K % 128 <= 64;
+  return {128, narrow ? 64 : 128, k};
+}
+
 void conv2d_cutlass(const Conv2dCutlassArgs& a, cudaStream_t stream) {
 #if defined(CNNFAST_WITH_CUTLASS)
   conv2d_cutlass_check(a);
   if (a.N == 0) return;
+  const bool narrow = conv2d_cutlass_tile(a.dtype, a.K, a.relu).n == 64;
   switch (a.dtype) {
-    case DType::kFloat16: conv2d_cutlass_f16(a, stream); break;
-    case DType::kBFloat16: conv2d_cutlass_bf16(a, stream); break;
+    case DType::kFloat16: narrow ? conv2d_cutlass_f16_n64_relu(a, stream) : conv2d_cutlass_f16(a, stream); break;
+    case DType::kBFloat16: narrow ? conv2d_cutlass_bf16_n64_relu(a, stream) : conv2d_cutlass_bf16(a, stream); break;
     case DType::kFloat32: conv2d_cutlass_tf32(a, stream); break;
   }
 #else

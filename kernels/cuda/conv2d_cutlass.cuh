@@ -1,6 +1,6 @@
 // The CUTLASS 3 sm90 implicit-GEMM fprop behind conv2d_cutlass, as a template over the element type
-// and the activation. Included only by conv2d_cutlass_{f16,bf16,tf32}.cu: each instantiation costs
-// minutes of nvcc time, so each element type gets its own translation unit (built in parallel).
+// and the activation. Included only by conv2d_cutlass_{f16,bf16,tf32,n64_relu}.cu: each instantiation
+// costs a minute of nvcc time, so they are spread over translation units that build in parallel.
 //
 // How CUTLASS 3 maps fprop to a GEMM (cutlass/conv/detail.hpp, get_transformed_problem_shape_MNKL):
 //   M = the output pixels (N, P, Q), N = the output channels K, K = the reduction (C, R, S), L = 1.
@@ -19,9 +19,14 @@
 // skipping them at run time costs nothing in the main loop and halves the instantiations.
 //
 // Schedule: KernelImplicitTmaWarpSpecializedSm90 (one producer warp group issuing TMA, one consumer
-// warp group issuing wgmma), 128x128x64 tile, 1x1x1 cluster, as many smem stages as fit beside the
-// epilogue's shared storage; epilogue TmaWarpSpecialized (TMA stores). CUTLASS 4.2 has no persistent
-// (cooperative / ping-pong) schedule for conv on sm90 (conv/dispatch_policy.hpp rejects them).
+// warp group issuing wgmma), a 128 x TileN x 64 tile (128 bytes of reduction per stage), 1x1x1
+// cluster, as many smem stages as fit beside the epilogue's shared storage; epilogue
+// TmaWarpSpecialized (TMA stores). CUTLASS 4.2 has no persistent (cooperative / ping-pong)
+// schedule for conv on sm90 (conv/dispatch_policy.hpp rejects them).
+//
+// TileN, the tile's width in output channels, is 128, or 64 where that covers K with fewer idle
+// columns (conv2d_cutlass_tile in conv2d_cutlass.cu): a 128-wide tile on ResNet's K = 64 layers
+// would spend half of every wgmma on channels that do not exist.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,7 +55,7 @@ namespace cutlass_conv {
 
 using namespace cute;
 
-template <typename Element, template <class> class Activation>
+template <typename Element, template <class> class Activation, int TileN>
 struct Sm90Fprop {
   static constexpr cutlass::conv::Operator kConvOp = cutlass::conv::Operator::kFprop;
   // 16 bytes per TMA access: 8 half / bfloat16 elements or 4 float, so C and K must be multiples of that.
@@ -62,7 +67,7 @@ struct Sm90Fprop {
   using ElementBias = float;
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC, filter KRSC, output NPQK
   // 128 bytes of reduction per stage: 64 channels of float16/bfloat16, 32 of float32 (TF32).
-  using TileShape = Shape<_128, _128, Shape<Int<1024 / cutlass::sizeof_bits<Element>::value>>>;
+  using TileShape = Shape<_128, Int<TileN>, Shape<Int<1024 / cutlass::sizeof_bits<Element>::value>>>;
   using ClusterShape = Shape<_1, _1, _1>;
 
   using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<
@@ -103,9 +108,9 @@ inline void check_cuda(cudaError_t err, const char* what) {
   throw std::runtime_error(std::string("conv2d (cuda/CUTLASS): ") + what + " failed: " + cudaGetErrorString(err));
 }
 
-template <typename Element, template <class> class Activation>
+template <typename Element, template <class> class Activation, int TileN>
 void run(const Conv2dCutlassArgs& a, cudaStream_t stream) {
-  using Fprop = Sm90Fprop<Element, Activation>;
+  using Fprop = Sm90Fprop<Element, Activation, TileN>;
   using Conv = typename Fprop::Conv;
   using ProblemShape = typename Fprop::ProblemShape;
 
@@ -159,10 +164,11 @@ void run(const Conv2dCutlassArgs& a, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
+// The 128-wide tile, both activations.
 template <typename Element>
 void run_for_activation(const Conv2dCutlassArgs& a, cudaStream_t stream) {
-  if (a.relu) run<Element, cutlass::epilogue::thread::ReLu>(a, stream);
-  else run<Element, cutlass::epilogue::thread::Identity>(a, stream);
+  if (a.relu) run<Element, cutlass::epilogue::thread::ReLu, 128>(a, stream);
+  else run<Element, cutlass::epilogue::thread::Identity, 128>(a, stream);
 }
 
 }  // namespace cutlass_conv

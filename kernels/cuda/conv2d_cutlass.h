@@ -7,7 +7,7 @@
 // branches); bias is float32, length K. float16 and bfloat16 are compiled, and float32 computed
 // as TF32.
 // The declarations below do not need the CUTLASS headers; the kernels live in
-// conv2d_cutlass_{f16,bf16,tf32}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
+// conv2d_cutlass_{f16,bf16,tf32,n64_relu}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -49,9 +49,22 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 // std::runtime_error saying so.
 void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
-// One per compiled element type (conv2d_cutlass_{f16,bf16,tf32}.cu); args already checked.
+// The CTA tile (M pixels, N output channels, K reduction elements per stage) conv2d_cutlass runs
+// for this dtype, K and activation: N is 128, or 64 for float16/bfloat16 with ReLU where 64-wide
+// tiles cover K with fewer idle channels (K mod 128 in 1..64: K = 64, 192, 320, ...). The 64-wide
+// tile is compiled for the ReLU epilogue only, which every such layer of the architectures has;
+// other convs keep the 128-wide tile, so each of the 64-wide kernels costs one compile, not two.
+struct Conv2dCutlassTile {
+  int m, n, k;
+};
+Conv2dCutlassTile conv2d_cutlass_tile(DType dtype, int64_t K, bool relu);
+
+// The kernels, args already checked. 128-wide tiles, both activations: conv2d_cutlass_{f16,bf16,tf32}.cu;
+// 64-wide tiles with ReLU: conv2d_cutlass_n64_relu.cu.
 void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream);
 void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream);
 void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream);
+void conv2d_cutlass_f16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream);
+void conv2d_cutlass_bf16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
 }  // namespace cnnfast

@@ -1,0 +1,15 @@
+// conv2d_cutlass with a 64-wide tile and the ReLU epilogue, float16 and bfloat16: the kernels
+// conv2d_cutlass_tile picks when K leaves most of a 128-wide tile's last column block idle.
+#include "conv2d_cutlass.cuh"
+
+namespace cnnfast {
+
+void conv2d_cutlass_f16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream) {
+  cutlass_conv::run<cutlass::half_t, cutlass::epilogue::thread::ReLu, 64>(args, stream);
+}
+
+void conv2d_cutlass_bf16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream) {
+  cutlass_conv::run<cutlass::bfloat16_t, cutlass::epilogue::thread::ReLu, 64>(args, stream);
+}
+
+}  // namespace cnnfast
