@@ -49,6 +49,15 @@ def reference_conv2d(x, w, b, residual, stride, padding):
     return torch.relu(y)
 
 
+@pytest.fixture
+def needs_cutlass():
+    """Skips a CUDA-backend conv test when cnnfast._C was built without the CUTLASS headers."""
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+
+
 def tolerance_kind(dtype):
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "conv"
 
@@ -104,14 +113,11 @@ CUDA_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize("problem, dtype, batch", CUDA_CASES)
 def test_cuda_every_layer(problem, dtype, batch):
     # The CUTLASS kernel on every layer (the C=3 stems through channel padding), with a residual on
     # the 1x1 layers (the bottleneck's expansion) and without on the others.
-    from cnnfast.backends import cuda_extension
-
-    if "conv2d" not in cuda_extension().build_info()["ops"]:
-        pytest.skip("cnnfast._C was built without CUTLASS")
     torch.manual_seed(0)
     x, w, b, res, out = make_problem(problem, batch, dtype)
     res = res if problem.R == 1 else None
@@ -120,16 +126,13 @@ def test_cuda_every_layer(problem, dtype, batch):
     assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
 
 
+@pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
 @pytest.mark.parametrize("k", [64, 192, 96, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
     # K = 64 and 192 run the 64-wide tile with ReLU and the 128-wide one without; 96 and 256 the
     # 128-wide tile either way (cnnfast._C.conv2d_tile). Each with a residual and without.
-    from cnnfast.backends import cuda_extension
-
-    if "conv2d" not in cuda_extension().build_info()["ops"]:
-        pytest.skip("cnnfast._C was built without CUTLASS")
     torch.manual_seed(0)
     x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(k, 64, 3, 3, device="cuda") / (64 * 9) ** 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -142,6 +145,7 @@ def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
         assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
 
 
+@pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize(
     "dtype, start, extra, residual",
     [(torch.bfloat16, 8, 16, False), (torch.bfloat16, 8, 16, True), (torch.float32, 4, 8, True),
@@ -151,10 +155,6 @@ def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
 def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual):
     # In place when the slice's start and pixel stride are 16-byte aligned (float32: 4 channels),
     # through scratch and a copy otherwise; the channels around the slice stay NaN.
-    from cnnfast.backends import cuda_extension
-
-    if "conv2d" not in cuda_extension().build_info()["ops"]:
-        pytest.skip("cnnfast._C was built without CUTLASS")
     problem = next(p for p in PROBLEMS if p.R == 3 and p.C % 8 == 0)
     x, w, b, res, out = make_problem(problem, 2, dtype)
     res = res if residual else None

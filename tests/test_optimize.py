@@ -420,7 +420,7 @@ def test_gpu_bfloat16_matches_original(name, backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS, ids=str)
-def test_cuda_graph_capture_and_replay(backend):
+def test_graph_capture_and_replay(backend):
     fused = cnnfast.optimize(build("resnet18").cuda(), dtype=torch.bfloat16, backend=backend)
     static_x = torch.randn(1, 3, 224, 224, device="cuda")
     with torch.no_grad():
