@@ -331,7 +331,7 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
         return out
     flat = use_flat_reduction(C)
     precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
-    problem = (x.device, x.dtype, weight.dtype, out.dtype, bias is not None, residual is not None, precision,
+    problem = (x.device, precision, *(t.dtype if t is not None else None for t in (x, weight, bias, residual, out)),
                N, C, H, W, K, R, S, *stride, *padding, *dilation)
     if config is None:
         config = chosen_configs.get(problem)
