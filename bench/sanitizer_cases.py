@@ -67,8 +67,8 @@ def conv2d_cases() -> int:
 
 def cutlass_conv2d_cases() -> int:
     """The CUTLASS conv on small problems: with and without residual, bias and ReLU, stride 2,
-    channel counts that are not multiples of 8, and both tile widths (64-wide for K=24 and 16 with
-    ReLU in float16/bfloat16, 128-wide for the others)."""
+    channel counts that are not multiples of 8, and both tile widths (64-wide in float16/bfloat16
+    for the ReLU cases with K=24 and the stem's K=13 padded to 16, 128-wide for the others)."""
     runs = 0
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # float32 as TF32
         # The last is a C=3 stem with K=13: both padded to 8 channels by the launcher.

@@ -370,7 +370,6 @@ def test_split_k_workspace_fits_every_candidate():
     assert arrivals.shape == (4,) and torch.count_nonzero(arrivals) == 0
 
 
-
 @pytest.mark.parametrize("chosen_split", [False, True], ids=["tuner_keeps_one_split", "tuner_splits"])
 def test_tuned_choice_is_launched_directly(monkeypatch, chosen_split):
     """The first call of a problem goes through the tuner, with a workspace for every candidate;
@@ -737,15 +736,15 @@ def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k,
 
 @pytest.mark.parametrize(
     "dtype, k, relu, tile",
-    [(2, 64, True, (128, 64, 64)), (1, 192, True, (128, 64, 64)), (2, 320, True, (128, 64, 64)),
+    [(2, 64, True, (128, 64, 64)), (1, 192, True, (128, 128, 64)), (2, 320, True, (128, 128, 64)),
      (2, 8, True, (128, 64, 64)), (2, 96, True, (128, 128, 64)), (1, 256, True, (128, 128, 64)),
      (2, 64, False, (128, 128, 64)), (0, 64, True, (128, 128, 32)), (0, 256, False, (128, 128, 32))],
     ids=["bf16-k64", "f16-k192", "bf16-k320", "bf16-k8", "bf16-k96", "f16-k256", "bf16-k64-no-relu",
          "tf32-k64", "tf32-k256"],
 )
 def test_cuda_conv_tile_leaves_few_output_channels_idle(dtype, k, relu, tile):
-    """The CUTLASS conv runs 64-wide tiles where they cover K with fewer idle output channels than
-    128-wide ones (K mod 128 in 1..64); they are compiled for float16/bfloat16 with ReLU only."""
+    """The CUTLASS conv runs 64-wide tiles for K <= 64, where 128-wide ones would leave half their
+    output channels idle; they are compiled for float16/bfloat16 with ReLU only."""
     from cnnfast.backends import cuda_extension
 
     assert cuda_extension().conv2d_tile(dtype, k, relu) == tile

@@ -128,21 +128,29 @@ def test_cuda_every_layer(problem, dtype, batch):
 
 @pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
-@pytest.mark.parametrize("k", [64, 192, 96, 256])
+@pytest.mark.parametrize("k", [40, 64, 96, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
-    # K = 64 and 192 run the 64-wide tile with ReLU and the 128-wide one without; 96 and 256 the
-    # 128-wide tile either way (cnnfast._C.conv2d_tile). Each with a residual and without.
+    # K = 40 and 64 run the 64-wide tile with ReLU and the 128-wide one without; 96 and 256 the
+    # 128-wide tile either way (cnnfast._C.conv2d_tile). Each with a residual and without; the
+    # profiler shows the kernel that ran has the wgmma width conv2d_tile names.
+    from cnnfast.backends import cuda_extension
+
     torch.manual_seed(0)
     x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(k, 64, 3, 3, device="cuda") / (64 * 9) ** 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(k, device="cuda")
     for residual in (None, torch.randn(3, k, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)):
         out = torch.full((3, k, 15, 13), float("nan"), device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        ops.conv2d(x, w, b, padding=1, residual=residual, relu=relu, out=out, backend="cuda")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            ops.conv2d(x, w, b, padding=1, residual=residual, relu=relu, out=out, backend="cuda")
+            torch.cuda.synchronize()
         expected = F.conv2d(x.double(), w.double(), b.double(), padding=1)
         expected = expected + residual.double() if residual is not None else expected
         assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
+        _, width, _ = cuda_extension().conv2d_tile(ops.CUDA_DTYPE_CODES[dtype], k, relu)
+        conv_kernels = [event.name for event in profile.events() if "ConvUniversal" in event.name]
+        assert conv_kernels and all(f"MMA_64x{width}x16" in name for name in conv_kernels), conv_kernels
 
 
 @pytest.mark.usefixtures("needs_cutlass")

@@ -66,7 +66,7 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
 
 Conv2dCutlassTile conv2d_cutlass_tile(DType dtype, int64_t K, bool relu) {
   const int k = dtype == DType::kFloat32 ? 32 : 64;  // 128 bytes of reduction per stage
-  const bool narrow = relu && dtype != DType::kFloat32 && K % 128 != 0 && K % 128 <= 64;
+  const bool narrow = relu && dtype != DType::kFloat32 && K <= 64;
   return {128, narrow ? 64 : 128, k};
 }
 

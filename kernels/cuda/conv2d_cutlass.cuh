@@ -24,9 +24,9 @@
 // TmaWarpSpecialized (TMA stores). CUTLASS 4.2 has no persistent (cooperative / ping-pong)
 // schedule for conv on sm90 (conv/dispatch_policy.hpp rejects them).
 //
-// TileN, the tile's width in output channels, is 128, or 64 where that covers K with fewer idle
-// columns (conv2d_cutlass_tile in conv2d_cutlass.cu): a 128-wide tile on ResNet's K = 64 layers
-// would spend half of every wgmma on channels that do not exist.
+// TileN, the tile's width in output channels, is 128, or 64 for K <= 64 (conv2d_cutlass_tile in
+// conv2d_cutlass.cu): a 128-wide tile on ResNet's K = 64 layers would spend half of every wgmma on
+// channels that do not exist.
 #pragma once
 
 #include <cuda_runtime.h>

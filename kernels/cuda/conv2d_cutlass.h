@@ -50,10 +50,12 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
 // The CTA tile (M pixels, N output channels, K reduction elements per stage) conv2d_cutlass runs
-// for this dtype, K and activation: N is 128, or 64 for float16/bfloat16 with ReLU where 64-wide
-// tiles cover K with fewer idle channels (K mod 128 in 1..64: K = 64, 192, 320, ...). The 64-wide
-// tile is compiled for the ReLU epilogue only, which every such layer of the architectures has;
-// other convs keep the 128-wide tile, so each of the 64-wide kernels costs one compile, not two.
+// for this dtype, K and activation: N is 128, or 64 for float16/bfloat16 with ReLU when K <= 64,
+// where a 128-wide tile would leave half or more of its columns idle. (For K = 192, 320, ... a
+// 64-wide tile would also idle fewer columns, but it reads each input tile more often; that trade
+// is left to a measurement.) The 64-wide tile is compiled for the ReLU epilogue only, that of the
+// conv+BN+ReLU layers; the K <= 64 convs without ReLU (the pre-activation blocks') keep the
+// 128-wide tile, so each 64-wide kernel costs one compile, not two.
 struct Conv2dCutlassTile {
   int m, n, k;
 };

@@ -1,5 +1,5 @@
 // conv2d_cutlass with a 64-wide tile and the ReLU epilogue, float16 and bfloat16: the kernels
-// conv2d_cutlass_tile picks when K leaves most of a 128-wide tile's last column block idle.
+// conv2d_cutlass_tile picks for K <= 64, where a 128-wide tile would leave half its columns idle.
 #include "conv2d_cutlass.cuh"
 
 namespace cnnfast {
