@@ -11,8 +11,8 @@ computes the layer with its BatchNorm and ReLU:
                 except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM with the bias
                 in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
-- cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels);
-                extra_info["tile"] says which CTA tile ran (64 output channels wide on K = 64 layers).
+- cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
+extra_info["kernel"] names what ran on triton (the tuned config) and cuda (the CUTLASS tile).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
-from cnnfast.bench import fold_layer, layer_function, layer_parts
+from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
@@ -96,11 +96,9 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
         speedup_vs_cudnn=cudnn_ms(batch, problem) / ms, percent_of_roofline=point["percent_of_bound"],
         bound_by=point["bound"],
     )
-    if backend == "cuda":  # which CUTLASS tile ran (its width follows K)
-        from cnnfast.backends import cuda_extension
-
-        tile = cuda_extension().conv2d_tile(ops.CUDA_DTYPE_CODES[torch.bfloat16], problem.K, True)
-        benchmark.extra_info["tile"] = "x".join(map(str, tile))
+    if backend in ("triton", "cuda"):
+        x, _, _, weight, bias = layer_tensors(batch, problem)
+        benchmark.extra_info["kernel"] = kernel_name(backend, problem, x, weight, bias)
 
 
 @cpu_smoke

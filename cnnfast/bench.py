@@ -17,7 +17,7 @@ End to end: the plain model (eager) and ``cnnfast.optimize(model)`` with its def
 (backend=None: cnnfast.tuning's choice per op and conv layer on a GPU, torch on a CPU), images/s
 and latency at the same batch.
 
-JSON (``run_bench``), schema "cnnfast.bench/1"::
+JSON (``run_bench``), schema "cnnfast.bench/2"::
 
     {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type" ("cpu" | "cuda"),
      "torch_version", "timer",
@@ -25,12 +25,14 @@ JSON (``run_bench``), schema "cnnfast.bench/1"::
      "layers": [{"layer": first layer name, "layers": [every layer with this problem],
                  "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding"},
                  "flops", "bytes",
-                 "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch"}}}],
+                 "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}}}],
      "end_to_end": [{"variant": "eager" | "cnnfast", "backend" ("torch" | "default"), "ms", "images_per_s",
                      "speedup_vs_eager"}]}
 
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
-is the torch backend's time over this backend's (null when torch was not timed);
+is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
+what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1") and cuda (the CUTLASS tile,
+"cutlass-128x64x64"), null for the PyTorch paths;
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
@@ -51,7 +53,7 @@ from cnnfast.roofline import (
 from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_name, fastest_layer_backend
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda")
-BENCH_SCHEMA = "cnnfast.bench/1"
+BENCH_SCHEMA = "cnnfast.bench/2"
 
 
 def default_device() -> torch.device:
@@ -120,6 +122,19 @@ def layer_function(backend, problem, x, weight, bias):
     return torch.compile(folded)
 
 
+def kernel_name(backend, problem, x, weight, bias) -> str | None:
+    """What layer_function(backend, ...) runs, once it has run: the tuned Triton config, or the
+    CUTLASS conv's CTA tile; None for the PyTorch paths (or a Triton layer not yet run)."""
+    if backend == "triton":
+        from cnnfast.triton_kernels.conv2d import config_name, tuned_config
+
+        config = tuned_config(x, weight, bias, None, x.dtype, problem.stride, problem.padding, (1, 1))
+        return config_name(config) if config is not None else None
+    if backend == "cuda":
+        return "cutlass-" + "x".join(map(str, ops.cuda_conv2d_tile(x.dtype, problem.K, relu=True)))
+    return None
+
+
 def progress(text: str, show: bool) -> None:
     if show:
         print(text, file=sys.stderr, flush=True)
@@ -144,6 +159,7 @@ def bench_layers(problems, batch, dtype, device, backends, show_progress=False) 
                 "flop_per_s": flops / (ms * 1e-3),
                 "bytes_per_s": traffic / (ms * 1e-3),
                 "speedup_vs_torch": times["torch"] / ms if "torch" in times else None,
+                "kernel": kernel_name(backend, problem, x, weight, bias),
             }
             for backend, ms in times.items()
         }

@@ -119,6 +119,17 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
 CUTLASS_CHANNEL_MULTIPLE = 8
 
 
+def _cutlass_channels(channels: int) -> int:
+    """A channel count rounded up to the multiple the CUTLASS kernel runs with (zero-padded)."""
+    return -(-channels // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
+
+
+def cuda_conv2d_tile(dtype: torch.dtype, out_channels: int, relu: bool) -> tuple[int, int, int]:
+    """The (M, N, K) CTA tile the CUDA backend's convolution runs for this dtype, number of output
+    channels (before the launcher pads them) and activation."""
+    return tuple(cuda_extension().conv2d_tile(CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels), relu))
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """Dense (channels_last when 4-D) and 16-byte aligned, as TMA reads and writes it."""
     layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
@@ -164,8 +175,7 @@ def _cutlass_operands(x, weight, bias, residual, out):
     write it in place (also a channel slice of a wider channels_last tensor: Inception's branches),
     otherwise a dense scratch tensor whose first K channels the caller copies into `out`."""
     (n, c, h, w), (k, _, r, s) = x.shape, weight.shape
-    c_pad = -(-c // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
-    k_pad = -(-k // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
+    c_pad, k_pad = _cutlass_channels(c), _cutlass_channels(k)
     x = _zero_padded(x, (n, c_pad, h, w))
     weight = _zero_padded(weight, (k_pad, c_pad, r, s))
     bias = _zero_padded(bias.float(), (k_pad,)) if bias is not None else None

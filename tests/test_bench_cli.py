@@ -14,7 +14,7 @@ BENCH_KEYS = {"schema", "arch", "batch", "input_size", "dtype", "device", "devic
               "backends", "skipped", "layers", "end_to_end"}
 LAYER_KEYS = {"layer", "layers", "problem", "flops", "bytes", "results"}
 PROBLEM_KEYS = {"C", "H", "W", "K", "R", "S", "stride", "padding"}
-RESULT_KEYS = {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch"}
+RESULT_KEYS = {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}
 END_TO_END_KEYS = {"variant", "backend", "ms", "images_per_s", "speedup_vs_eager"}
 
 
@@ -35,7 +35,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert code == 0
     result = json.loads(path.read_text())
     assert set(result) == BENCH_KEYS
-    assert result["schema"] == "cnnfast.bench/1"
+    assert result["schema"] == "cnnfast.bench/2"
     assert (result["arch"], result["batch"], result["input_size"]) == ("resnet18", 1, 32)
     assert (result["dtype"], result["device_type"]) == ("fp32", "cpu")
     assert result["backends"] == ["torch", "torch_folded", "compile"]
@@ -46,7 +46,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
         assert set(layer) == LAYER_KEYS and set(layer["problem"]) == PROBLEM_KEYS
         assert set(layer["results"]) == set(result["backends"])
         for figures in layer["results"].values():
-            assert set(figures) == RESULT_KEYS and figures["ms"] > 0
+            assert set(figures) == RESULT_KEYS and figures["ms"] > 0 and figures["kernel"] is None
         assert layer["results"]["torch"]["speedup_vs_torch"] == 1
     assert layer["layers"] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
     assert [row["variant"] for row in result["end_to_end"]] == ["eager", "cnnfast"]
@@ -99,3 +99,24 @@ def test_conv_benchmark_layers_compute_the_same_layer():
     for backend in ("eager_folded", "triton"):
         torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=3e-2, atol=3e-2)
     assert outputs["eager"].min() == 0 and outputs["eager"].max() > 0  # the ReLU ran, and not on all zeros
+
+
+@pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
+def test_kernel_name_says_what_ran(monkeypatch):
+    """The "kernel" of a layer's result: the config the Triton autotuner chose (once the layer has
+    run), and the CUTLASS tile the CUDA backend runs for the layer's K (64-wide for K = 64)."""
+    from cnnfast.bench import kernel_name, layer_function, layer_inputs
+    from cnnfast.triton_kernels import conv2d as conv2d_module
+
+    monkeypatch.setattr(conv2d_module, "chosen_configs", {})
+    problem = ConvProblem(C=16, H=6, W=5, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
+    x, weight, bias = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"))
+    assert kernel_name("triton", problem, x, weight, bias) is None  # not tuned yet
+    layer_function("triton", problem, x, weight, bias)()
+    first_config = conv2d_module.conv2d_configs(flat=False, interpreted=True)[0]
+    assert kernel_name("triton", problem, x, weight, bias) == conv2d_module.config_name(first_config)
+    assert kernel_name("torch", problem, x, weight, bias) is None
+    if "conv2d" in backends.cuda_ops():
+        assert kernel_name("cuda", problem, x, weight, bias) == "cutlass-128x64x64"
+        wide = ConvProblem(C=16, H=6, W=5, K=96, R=3, S=3, stride=(1, 1), padding=(1, 1))
+        assert kernel_name("cuda", wide, x, weight, bias) == "cutlass-128x128x64"

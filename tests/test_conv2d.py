@@ -16,8 +16,9 @@ from cnnfast.analysis import analyze_arch
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from cnnfast.triton_kernels.conv2d import conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction
-from tests.test_triton_compile import config_id
+from cnnfast.triton_kernels.conv2d import (
+    config_name, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
+)
 
 # The Triton backend runs CPU tensors only under the interpreter (conftest sets it when there is no GPU).
 pytestmark = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
@@ -285,7 +286,7 @@ CONFIG_CASES = (
 
 
 @pytest.mark.parametrize("index", range(len(CONFIG_CASES)),
-                         ids=[f"{name}-c{channels}-{config_id(config)}" for name, channels, config in CONFIG_CASES])
+                         ids=[f"{name}-c{channels}-{config_name(config)}" for name, channels, config in CONFIG_CASES])
 def test_autotune_config(index):
     """Each config of every set, called directly (the tuner would pick only one), in one of the
     three dtypes in turn."""

@@ -21,7 +21,7 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from cnnfast.triton_kernels.conv2d import conv2d_configs, pipeline_shared_memory, split_k_configs
+from cnnfast.triton_kernels.conv2d import config_name, conv2d_configs, pipeline_shared_memory, split_k_configs
 
 DTYPES = ("float16", "bfloat16", "float32")
 COMPILE_TIMEOUT_S = 600
@@ -32,12 +32,6 @@ def hopper_configs(problem: str):
     """The autotuning set of the problem's reduction order, split-K candidates included."""
     flat = problem == "flat"
     return conv2d_configs(flat=flat, interpreted=False) + split_k_configs(flat=flat, interpreted=False)
-
-
-def config_id(config) -> str:
-    meta = config.kwargs
-    return (f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-g{meta['GROUP_M']}-w{config.num_warps}"
-            f"-s{config.num_stages}-split{meta['SPLIT_K']}")
 
 
 # ---------------------------------------------------------------- the subprocess side
@@ -117,7 +111,7 @@ def compile_problem(dtype_name: str, problem: str) -> list[dict]:
     torch.backends.cudnn.allow_tf32 = True  # float32 compiles as TF32, as it runs by default
     reports = []
     for config in hopper_configs(problem):
-        report = {"dtype": dtype_name, "problem": problem, "config": config_id(config)}
+        report = {"dtype": dtype_name, "problem": problem, "config": config_name(config)}
         shared_estimate = pipeline_shared_memory(config, getattr(torch, dtype_name).itemsize)
         if shared_estimate > HOPPER_SHARED_MEMORY:  # the autotuner prunes it on Hopper: it never runs
             reports.append(report | {"pruned": shared_estimate})
@@ -170,12 +164,12 @@ def reports():
 
 @pytest.mark.parametrize(
     "dtype, problem, config",
-    [pytest.param(dtype, problem, config, id=f"{dtype}-{problem}-{config_id(config)}")
+    [pytest.param(dtype, problem, config, id=f"{dtype}-{problem}-{config_name(config)}")
      for dtype in DTYPES for problem in PROBLEMS for config in hopper_configs(problem)],
 )
 def test_compiles_for_hopper_without_spills(reports, dtype, problem, config):
     """Each config the autotuner keeps on Hopper compiles, fits the shared memory, and spills no register."""
-    report = reports[(dtype, problem, config_id(config))]
+    report = reports[(dtype, problem, config_name(config))]
     assert "error" not in report, report["error"]
     if "pruned" in report:
         pytest.skip(f"pruned on Hopper: needs {report['pruned']} bytes of shared memory, more than {HOPPER_SHARED_MEMORY}")
@@ -183,7 +177,7 @@ def test_compiles_for_hopper_without_spills(reports, dtype, problem, config):
         assert report["input_precision"] == "tf32"
     assert report["shared"] <= HOPPER_SHARED_MEMORY, "the pruning estimate let through a kernel that cannot launch"
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (
-        f"{dtype} {problem} {config_id(config)} spills: {report['spill_stores']} bytes stored, "
+        f"{dtype} {problem} {config_name(config)} spills: {report['spill_stores']} bytes stored, "
         f"{report['spill_loads']} loaded\n{report['ptxas_log']}"
     )
 

@@ -180,7 +180,7 @@ def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
 
 
 def bench_result(device, batch, layer_times):
-    """A cnnfast.bench/1 result with one 3x3 layer per entry of layer_times ({backend: ms})."""
+    """A cnnfast.bench/2 result with one 3x3 layer per entry of layer_times ({backend: ms})."""
     layers = [{"layer": f"conv{i}", "problem": {"C": 64, "H": 56 >> i, "W": 56 >> i, "K": 64, "R": 3, "S": 3,
                                                  "stride": [1, 1], "padding": [1, 1]},
                "results": {backend: {"ms": ms} for backend, ms in times.items()}}

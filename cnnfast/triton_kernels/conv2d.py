@@ -76,6 +76,13 @@ def tile_config(block_m, block_n, block_k, warps, stages, split_k=1, group_m=8):
     )
 
 
+def config_name(config) -> str:
+    """A config's short name: tile, group, warps, stages, splits ("128x128x64-g8-w8-s3-split1")."""
+    meta = config.kwargs
+    return (f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}-g{meta['GROUP_M']}-w{config.num_warps}"
+            f"-s{config.num_stages}-split{meta['SPLIT_K']}")
+
+
 def conv2d_configs(flat: bool, interpreted: bool = INTERPRETED):
     """Autotuning candidates for one reduction order: Hopper tiles on a GPU, two small tiles under
     the interpreter."""
@@ -321,6 +328,22 @@ def split_k_workspace(configs, M: int, K: int, device: torch.device):
 chosen_configs: dict[tuple, triton.Config] = {}
 
 
+def dot_precision(x) -> str:
+    """tl.dot's input precision: TF32 for float32 where cuDNN would use it (not in the interpreter)."""
+    return "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
+
+
+def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> tuple:
+    """chosen_configs' key: device, dot precision, every operand's dtype, sizes and geometry."""
+    dtypes = (t.dtype if t is not None else None for t in (x, weight, bias, residual))
+    return (x.device, dot_precision(x), *dtypes, out_dtype, *x.shape, *weight.shape, *stride, *padding, *dilation)
+
+
+def tuned_config(x, weight, bias, residual, out_dtype, stride, padding, dilation):
+    """The config the autotuner chose for this problem, once a call of it has run (else None)."""
+    return chosen_configs.get(problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation))
+
+
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
     allocated, (N, K, P, Q). `config` (a triton.Config) bypasses autotuning."""
@@ -330,9 +353,8 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     if out.numel() == 0:
         return out
     flat = use_flat_reduction(C)
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
-    problem = (x.device, precision, *(t.dtype if t is not None else None for t in (x, weight, bias, residual, out)),
-               N, C, H, W, K, R, S, *stride, *padding, *dilation)
+    precision = dot_precision(x)
+    problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         config = chosen_configs.get(problem)
     if config is None:
