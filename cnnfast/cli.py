@@ -163,8 +163,24 @@ def run_benchmarks(args):
     return 0
 
 
+def tune_table(result):
+    """(headers, rows) of `cnnfast tune`'s table: per layer its times, the backend=None choice and
+    the kernels that ran (the tuned Triton config, the CUTLASS tile)."""
+    from cnnfast.bench import layer_choice
+
+    headers = ("layer", "problem", *(f"{backend} ms" for backend in result["backends"]), "backend=None", "kernels")
+    rows = []
+    for layer in result["layers"]:
+        key, chosen = layer_choice(layer)
+        kernels = ", ".join(f"{backend} {figures['kernel']}" for backend, figures in layer["results"].items()
+                            if figures.get("kernel"))
+        rows.append((layer["layer"], key, *(f"{layer['results'][b]['ms']:.3f}" for b in result["backends"]),
+                     str(chosen), kernels))
+    return headers, rows
+
+
 def run_tune(args):
-    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choice, layer_choices
+    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices
     from cnnfast.tuning import save_local_choices
 
     if default_device().type != "cuda":
@@ -175,13 +191,8 @@ def run_tune(args):
     print(measured_on(result))
     for backend, reason in result["skipped"].items():
         print(f"skipped {backend}: {reason}")
-    headers = ("layer", "problem", *(f"{backend} ms" for backend in result["backends"]), "backend=None")
-    rows = []
-    for layer in result["layers"]:
-        key, chosen = layer_choice(layer)
-        rows.append((layer["layer"], key, *(f"{layer['results'][b]['ms']:.3f}" for b in result["backends"]), chosen))
     print()
-    print(text_table(headers, rows))
+    print(text_table(*tune_table(result)))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\n{args.json}")

@@ -256,3 +256,17 @@ def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path, fres
     tuning_table.main(["--local", str(out)])
     layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
     assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"
+
+
+def test_tune_table_shows_times_choice_and_kernels():
+    from cnnfast.cli import tune_table
+
+    result = bench_result("NVIDIA H100", 1, [{"torch": 1.0, "triton": 0.5, "cuda": 0.6}])
+    result["backends"] = ["torch", "triton", "cuda"]
+    figures = result["layers"][0]["results"]
+    figures["torch"]["kernel"], figures["triton"]["kernel"] = None, "64x64x64-g8-w4-s4-split4"
+    figures["cuda"]["kernel"] = "cutlass-128x64x64"
+    headers, rows = tune_table(result)
+    assert headers == ("layer", "problem", "torch ms", "triton ms", "cuda ms", "backend=None", "kernels")
+    assert rows == [("conv0", tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)), "1.000", "0.500",
+                     "0.600", "triton", "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-128x64x64")]
