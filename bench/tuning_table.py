@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cnnfast.bench import layer_times, problem_key
 from cnnfast.roofline import DTYPES
-from cnnfast.tuning import CONV_LAYERS, dtype_name, fastest_layer_backend, save_local_choices
+from cnnfast.tuning import CONV_LAYERS, dtype_key, fastest_layer_backend, save_local_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -70,7 +70,7 @@ def measured_speedups(runs) -> dict:
             op, field = OP_OF_BENCHMARK.get(bench["name"].split("[")[0], (None, None))
             info = bench["extra_info"]
             if op and field in info and info["backend"] not in BASELINES:
-                key = (info["device"], op, dtype_name(DTYPES[info["dtype"]]), info["backend"])
+                key = (info["device"], op, dtype_key(DTYPES[info["dtype"]]), info["backend"])
                 run[key].append(info[field])
         speedups.update(run)  # a newer run replaces what an older one measured of the same key
     return speedups
@@ -84,7 +84,7 @@ def measured_layer_times(runs) -> dict:
     for path in run_files(runs, "benchmarks*.json", "tune*.json"):
         data = json.loads(path.read_text())
         if path.name.startswith("tune"):
-            dtype = dtype_name(DTYPES[data["dtype"]])
+            dtype = dtype_key(DTYPES[data["dtype"]])
             for layer in data["layers"]:
                 key, layer_ms = layer_times(layer)
                 times[(data["device"], dtype, key, data["batch"])].update(layer_ms)
@@ -94,7 +94,7 @@ def measured_layer_times(runs) -> dict:
             backend = info.get("backend")
             if bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS or "problem" not in info:
                 continue
-            dtype = dtype_name(DTYPES[info["dtype"]])
+            dtype = dtype_key(DTYPES[info["dtype"]])
             times[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
     return dict(times)
 

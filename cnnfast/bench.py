@@ -50,7 +50,7 @@ from cnnfast.convert import optimize
 from cnnfast.roofline import (
     DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
 )
-from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_name, fastest_layer_backend
+from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_key, fastest_layer_backend
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda")
 BENCH_SCHEMA = "cnnfast.bench/2"
@@ -292,7 +292,7 @@ def layer_choice(layer) -> tuple[str, str | None]:
 def layer_choices(result) -> dict:
     """The tuning-table fragment of a bench result (``cnnfast.tuning``'s layout): per distinct conv
     layer timed on torch, the layer rule's backend at the result's batch."""
-    dtype = dtype_name(DTYPES[result["dtype"]])
+    dtype = dtype_key(DTYPES[result["dtype"]])
     layers = {key: {str(result["batch"]): chosen}
               for key, chosen in map(layer_choice, result["layers"]) if chosen is not None}
     return {result["device"]: {CONV_LAYERS: {dtype: layers}}}
@@ -301,7 +301,8 @@ def layer_choices(result) -> dict:
 def roofline_points(result, ceiling) -> list[dict]:
     """Each timed layer and backend of a bench result, placed under the roof of ceiling."""
     return [
-        roofline_point(layer["layer"], backend, layer["flops"], layer["bytes"], figures["ms"], ceiling)
+        roofline_point(layer["layer"], backend, layer["flops"], layer["bytes"], figures["ms"], ceiling,
+                       figures.get("kernel"))
         for layer in result["layers"]
         for backend, figures in layer["results"].items()
     ]

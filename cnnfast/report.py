@@ -432,7 +432,7 @@ def roofline_section(data):
     )
     skipped = [f"{backend} skipped: {reason}" for backend, reason in result["skipped"].items()]
     headers, rows = roofline_rows(points, rate)
-    align = "llrrrrrl"
+    align = "llrrrrrll"
     caption = f"Roofline of {ROOFLINE_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."
     html_skipped = "".join(f"<li>{html.escape(line)}</li>" for line in skipped)
     return Section(

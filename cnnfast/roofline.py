@@ -22,13 +22,16 @@ Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, ou
 Timing (``time_ms``): on a GPU, ``triton.testing.do_bench`` (CUDA events, median, L2 flushed);
 on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures are CPU figures.
 
-``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/1"::
+``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/2"::
 
     {"schema", "arch", "batch", "input_size", "dtype", "device",
      "ceilings": {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "measured_at"},
      "ridge_intensity",
      "points": [{"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound",
-                 "ms", "achieved_flop_per_s", "percent_of_bound"}]}
+                 "ms", "achieved_flop_per_s", "percent_of_bound", "kernel"}]}
+
+``kernel`` names what ran on the triton and cuda backends (the tuned Triton config, the CUTLASS
+tile; ``cnnfast.bench.kernel_name``), null for the PyTorch paths.
 """
 import datetime
 import json
@@ -44,7 +47,7 @@ import torch
 from cnnfast.ops import conv2d_flops, conv2d_output_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROOFLINE_SCHEMA = "cnnfast.roofline/1"
+ROOFLINE_SCHEMA = "cnnfast.roofline/2"
 # Square matmul size and copy size of the ceiling measurements (a CPU run takes ~0.1-0.3 s).
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -174,7 +177,8 @@ def bound_kind(flops: float, traffic: float, ceiling: dict) -> str:
     return "compute" if compute >= traffic / ceiling["copy_bytes_per_s"] else "memory"
 
 
-def roofline_point(layer: str, backend: str, flops: int, traffic: int, ms: float, ceiling: dict) -> dict:
+def roofline_point(layer: str, backend: str, flops: int, traffic: int, ms: float, ceiling: dict,
+                   kernel: str | None = None) -> dict:
     """One layer timed on one backend, placed under the roof (the "points" rows of roofline.json)."""
     bound_ms = bound_seconds(flops, traffic, ceiling) * 1e3
     return {
@@ -188,6 +192,7 @@ def roofline_point(layer: str, backend: str, flops: int, traffic: int, ms: float
         "ms": ms,
         "achieved_flop_per_s": flops / (ms * 1e-3),
         "percent_of_bound": 100 * bound_ms / ms,
+        "kernel": kernel,
     }
 
 
@@ -208,11 +213,12 @@ def roofline_json(arch: str, batch: int, input_size: int, ceiling: dict, points:
 def roofline_rows(points: list[dict], rate=("GFLOP/s", 1e9)) -> tuple[tuple, list[tuple]]:
     """(headers, rows) of the roofline table: one row per point."""
     unit, scale = rate
-    headers = ("layer", "backend", "FLOP/byte", "bound ms", "ms", f"achieved {unit}", "% of bound", "bound by")
+    headers = ("layer", "backend", "FLOP/byte", "bound ms", "ms", f"achieved {unit}", "% of bound", "bound by",
+               "kernel")
     rows = [
         (point["layer"], point["backend"], f"{point['intensity']:.1f}", f"{point['bound_ms']:.3f}",
          f"{point['ms']:.3f}", f"{point['achieved_flop_per_s'] / scale:,.1f}", f"{point['percent_of_bound']:.1f}",
-         point["bound"])
+         point["bound"], point["kernel"] or "")
         for point in points
     ]
     return headers, rows

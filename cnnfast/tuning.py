@@ -39,7 +39,7 @@ def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation) -> str:
             f"pad{padding[0]}x{padding[1]} dil{dilation[0]}x{dilation[1]}")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_key(dtype: torch.dtype) -> str:
     """The table's name for a dtype: "bfloat16" for torch.bfloat16."""
     return str(dtype).removeprefix("torch.")
 
@@ -129,4 +129,4 @@ def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str
     if layer is not None:
         (k, c, r, s), stride, padding, dilation = layer
         layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation)
-    return table_choice(op, x.device.index or 0, dtype_name(x.dtype), layer_key, int(x.shape[0]))
+    return table_choice(op, x.device.index or 0, dtype_key(x.dtype), layer_key, int(x.shape[0]))

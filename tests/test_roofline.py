@@ -17,7 +17,7 @@ ELEMENTS = 64 * 56 * 56 + 64 * 64 * 3 * 3 + 64 * 56 * 56  # input + weights + ou
 COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 10 FLOP/byte
 MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
 POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
-              "percent_of_bound"}
+              "percent_of_bound", "kernel"}
 CEILING_KEYS = {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "measured_at"}
 
 
@@ -63,10 +63,22 @@ def test_roofline_json_schema():
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
     assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
                          "points"}
-    assert data["schema"] == "cnnfast.roofline/1"
+    assert data["schema"] == "cnnfast.roofline/2"
     assert (data["dtype"], data["device"], data["ridge_intensity"]) == ("bf16", "CPU test", 10)
     assert set(data["ceilings"]) == CEILING_KEYS
     assert [set(p) for p in data["points"]] == [POINT_KEYS]
+
+
+def test_points_and_rows_name_the_kernel_that_ran():
+    from cnnfast.bench import roofline_points
+    from cnnfast.roofline import roofline_rows
+
+    result = {"layers": [{"layer": "conv1", "flops": 1000, "bytes": 100, "results": {
+        "torch": {"ms": 1.0, "kernel": None}, "cuda": {"ms": 0.5, "kernel": "cutlass-128x64x64"}}}]}
+    points = roofline_points(result, COMPUTE_BOUND)
+    assert [(p["backend"], p["kernel"]) for p in points] == [("torch", None), ("cuda", "cutlass-128x64x64")]
+    headers, rows = roofline_rows(points)
+    assert headers[-1] == "kernel" and [row[-1] for row in rows] == ["", "cutlass-128x64x64"]
 
 
 def test_ceilings_are_measured_once_and_read_back(tmp_path, monkeypatch):
