@@ -401,6 +401,7 @@ def test_tuned_choice_is_launched_directly(monkeypatch, chosen_split):
     assert made[0] is not None  # the tuner may pick the split candidate
     assert all((workspace is not None) == chosen_split for workspace in made[1:])
 
+
 # ---------------------------------------------------------------- layouts and out=
 
 

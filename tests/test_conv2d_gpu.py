@@ -133,9 +133,7 @@ def test_cuda_every_layer(problem, dtype, batch):
 def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
     # K = 40 and 64 run the 64-wide tile with ReLU and the 128-wide one without; 96 and 256 the
     # 128-wide tile either way (cnnfast._C.conv2d_tile). Each with a residual and without; the
-    # profiler shows the kernel that ran has the wgmma width conv2d_tile names.
-    from cnnfast.backends import cuda_extension
-
+    # profiler shows the kernel that ran has the wgmma width ops.cuda_conv2d_tile names.
     torch.manual_seed(0)
     x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(k, 64, 3, 3, device="cuda") / (64 * 9) ** 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -148,7 +146,7 @@ def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
         expected = F.conv2d(x.double(), w.double(), b.double(), padding=1)
         expected = expected + residual.double() if residual is not None else expected
         assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
-        _, width, _ = cuda_extension().conv2d_tile(ops.CUDA_DTYPE_CODES[dtype], k, relu)
+        _, width, _ = ops.cuda_conv2d_tile(dtype, k, relu)
         conv_kernels = [event.name for event in profile.events() if "ConvUniversal" in event.name]
         assert conv_kernels and all(f"MMA_64x{width}x16" in name for name in conv_kernels), conv_kernels
 
