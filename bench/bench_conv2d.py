@@ -12,7 +12,7 @@ computes the layer with its BatchNorm and ReLU:
                 in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
-extra_info["kernel"] names what ran on triton (the tuned config) and cuda (the CUTLASS tile).
+extra_info["kernel"] names what ran on triton (the tuned config) and cuda (the CUTLASS kernel and tile).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's

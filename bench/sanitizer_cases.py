@@ -67,13 +67,16 @@ def conv2d_cases() -> int:
 
 def cutlass_conv2d_cases() -> int:
     """The CUTLASS conv on small problems: with and without residual, bias and ReLU, stride 2,
-    channel counts that are not multiples of 8, and both tile widths (64-wide in float16/bfloat16
-    for the ReLU cases with K=24 and the stem's K=13 padded to 16, 128-wide for the others)."""
+    channel counts that are not multiples of 8, both tile widths (64-wide in float16/bfloat16
+    for the ReLU cases with K=24 and the stem's K=13 padded to 16, 128-wide for the others) and the
+    1x1 GEMM (float16/bfloat16, K=72 with ReLU; in float32 the fprop)."""
     runs = 0
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # float32 as TF32
-        # The last is a C=3 stem with K=13: both padded to 8 channels by the launcher.
+        # (3, 13, 7, ...): a C=3 stem with K=13, both padded to 8 channels by the launcher;
+        # (32, 72, 1, 1, 0, ...): a 1x1 stride-1 layer, the GEMM in float16/bfloat16.
         for c, k, kernel, stride, padding, residual in [(16, 24, 3, 1, 1, True), (24, 96, 3, 2, 1, True),
-                                                        (32, 16, 1, 2, 0, False), (3, 13, 7, 2, 3, True)]:
+                                                        (32, 16, 1, 2, 0, False), (3, 13, 7, 2, 3, True),
+                                                        (32, 72, 1, 1, 0, True)]:
             x = make_input((2, c, 9, 11), dtype, "cuda")
             w = torch.randn(k, c, kernel, kernel, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
             b = torch.randn(k, device="cuda")

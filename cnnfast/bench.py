@@ -31,8 +31,8 @@ JSON (``run_bench``), schema "cnnfast.bench/2"::
 
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
 is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
-what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1") and cuda (the CUTLASS tile,
-"cutlass-128x64x64"), null for the PyTorch paths;
+what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1") and cuda (the CUTLASS kernel
+and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64"), null for the PyTorch paths;
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
@@ -124,14 +124,14 @@ def layer_function(backend, problem, x, weight, bias):
 
 def kernel_name(backend, problem, x, weight, bias) -> str | None:
     """What layer_function(backend, ...) runs, once it has run: the tuned Triton config, or the
-    CUTLASS conv's CTA tile; None for the PyTorch paths (or a Triton layer not yet run)."""
+    CUTLASS kernel and its CTA tile; None for the PyTorch paths (or a Triton layer not yet run)."""
     if backend == "triton":
         from cnnfast.triton_kernels.conv2d import config_name, tuned_config
 
         config = tuned_config(x, weight, bias, None, x.dtype, problem.stride, problem.padding, (1, 1))
         return config_name(config) if config is not None else None
     if backend == "cuda":
-        return "cutlass-" + "x".join(map(str, ops.cuda_conv2d_tile(x.dtype, problem.K, relu=True)))
+        return ops.cuda_conv2d_kernel(x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu=True)
     return None
 
 

@@ -124,10 +124,14 @@ def _cutlass_channels(channels: int) -> int:
     return -(-channels // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
 
 
-def cuda_conv2d_tile(dtype: torch.dtype, out_channels: int, relu: bool) -> tuple[int, int, int]:
-    """The (M, N, K) CTA tile the CUDA backend's convolution runs for this dtype, number of output
-    channels (before the launcher pads them) and activation."""
-    return tuple(cuda_extension().conv2d_tile(CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels), relu))
+def cuda_conv2d_kernel(dtype: torch.dtype, out_channels: int, kernel_size, stride, padding, relu: bool) -> str:
+    """The CUTLASS kernel the CUDA backend's convolution runs for this dtype, number of output
+    channels (before the launcher pads them), (R, S), stride, padding and activation, by schedule and
+    CTA tile: "cutlass-fprop-128x64x64" (the implicit-GEMM conv) or "cutlass-gemm-pingpong-128x128x64"
+    (a 1x1 stride-1 ReLU layer as a GEMM)."""
+    schedule, *tile = cuda_extension().conv2d_kernel(
+        CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels), *kernel_size, tuple(padding), tuple(stride), relu)
+    return f"cutlass-{schedule}-" + "x".join(map(str, tile))
 
 
 def _tma_ready(t: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures ar
                  "ms", "achieved_flop_per_s", "percent_of_bound", "kernel"}]}
 
 ``kernel`` names what ran on the triton and cuda backends (the tuned Triton config, the CUTLASS
-tile; ``cnnfast.bench.kernel_name``), null for the PyTorch paths.
+kernel and tile; ``cnnfast.bench.kernel_name``), null for the PyTorch paths.
 """
 import datetime
 import json

@@ -104,7 +104,8 @@ def test_conv_benchmark_layers_compute_the_same_layer():
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
 def test_kernel_name_says_what_ran(monkeypatch):
     """The "kernel" of a layer's result: the config the Triton autotuner chose (once the layer has
-    run), and the CUTLASS tile the CUDA backend runs for the layer's K (64-wide for K = 64)."""
+    run), and the CUTLASS kernel the CUDA backend runs: the fprop 64-wide for K = 64 and 128-wide
+    above, and a 1x1 stride-1 layer with K > 64 as a GEMM."""
     from cnnfast.bench import kernel_name, layer_function, layer_inputs
     from cnnfast.triton_kernels import conv2d as conv2d_module
 
@@ -117,6 +118,8 @@ def test_kernel_name_says_what_ran(monkeypatch):
     assert kernel_name("triton", problem, x, weight, bias) == conv2d_module.config_name(first_config)
     assert kernel_name("torch", problem, x, weight, bias) is None
     if "conv2d" in backends.cuda_ops():
-        assert kernel_name("cuda", problem, x, weight, bias) == "cutlass-128x64x64"
+        assert kernel_name("cuda", problem, x, weight, bias) == "cutlass-fprop-128x64x64"
         wide = ConvProblem(C=16, H=6, W=5, K=96, R=3, S=3, stride=(1, 1), padding=(1, 1))
-        assert kernel_name("cuda", wide, x, weight, bias) == "cutlass-128x128x64"
+        assert kernel_name("cuda", wide, x, weight, bias) == "cutlass-fprop-128x128x64"
+        pointwise = ConvProblem(C=16, H=6, W=5, K=96, R=1, S=1, stride=(1, 1), padding=(0, 0))
+        assert kernel_name("cuda", pointwise, x, weight, bias) == "cutlass-gemm-pingpong-128x128x64"

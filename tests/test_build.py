@@ -91,5 +91,12 @@ def test_every_kernel_is_in_the_sm90a_cubin_without_local_memory():
             if count == 1:  # the 64-wide tile is built with the ReLU epilogue only
                 assert "ReLu" in kernels[0]
         assert len(conv_kernels) == sum(expected.values())
+        # The 1x1 convs' GEMM: one persistent ping-pong kernel with ReLU per 16-bit dtype.
+        gemm_kernels = [line for line in dump.splitlines() if "Function" in line and "GemmUniversal" in line]
+        for mma in ("MMA_64x128x16_F32F16F16_SS", "MMA_64x128x16_F32BF16BF16_SS"):
+            kernels = [line for line in gemm_kernels if mma in line]
+            assert len(kernels) == 1, f"{mma}: {len(kernels)} GEMM kernels, expected 1"
+            assert "KernelTmaWarpSpecializedPingpong" in kernels[0] and "ReLu" in kernels[0]
+        assert len(gemm_kernels) == 2
     usage = [line for line in dump.splitlines() if "REG:" in line]
     assert usage and all(" LOCAL:0 " in line and " STACK:0 " in line for line in usage)

@@ -1,6 +1,7 @@
 """conv2d: the Triton kernel (under the interpreter on a CPU) and the torch backend against a
 float64 reference, on every real conv layer and on odd shapes; layouts, out=, NaN, integer
 values, every autotune config, torch.compile, FLOP counting, and the bad-input contract."""
+import itertools
 import math
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnfast import backends, ops
-from cnnfast.analysis import analyze_arch
+from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels import conv2d as conv2d_module
@@ -736,20 +737,47 @@ def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k,
                                 True, 0)
 
 
-@pytest.mark.parametrize(
-    "dtype, k, relu, tile",
-    [(2, 64, True, (128, 64, 64)), (1, 192, True, (128, 128, 64)), (2, 320, True, (128, 128, 64)),
-     (2, 8, True, (128, 64, 64)), (2, 96, True, (128, 128, 64)), (1, 256, True, (128, 128, 64)),
-     (2, 64, False, (128, 128, 64)), (0, 64, True, (128, 128, 32)), (0, 256, False, (128, 128, 32))],
-    ids=["bf16-k64", "f16-k192", "bf16-k320", "bf16-k8", "bf16-k96", "f16-k256", "bf16-k64-no-relu",
-         "tf32-k64", "tf32-k256"],
-)
-def test_cuda_conv_tile_leaves_few_output_channels_idle(dtype, k, relu, tile):
-    """The CUTLASS conv runs 64-wide tiles for K <= 64, where 128-wide ones would leave half their
-    output channels idle; they are compiled for float16/bfloat16 with ReLU only."""
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the call would launch on fake pointers")
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cutlass_accepts_every_layer_without_a_gpu(arch):
+    """Every distinct conv layer of the architecture (C and K padded to 8 as the launcher pads them),
+    at batch 1 and 256, in every dtype, with and without ReLU and a residual: the extension's checks
+    and CUTLASS's own host-side can_implement of the kernel it picks (fprop or the 1x1 GEMM) accept
+    it, so only the missing GPU stops the call. Fake 16-byte aligned pointers stand in for tensors."""
     from cnnfast.backends import cuda_extension
 
-    assert cuda_extension().conv2d_tile(dtype, k, relu) == tile
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    for problem in conv_problems(analyze_arch(arch)):
+        c, k = ops._cutlass_channels(problem.C), ops._cutlass_channels(problem.K)
+        for batch, dtype, relu, residual in itertools.product((1, 256), (0, 1, 2), (True, False), (0, 256)):
+            with pytest.raises(RuntimeError, match="no CUDA device"):
+                cuda_extension().conv2d(256, 256, 256, residual, 256, k, dtype, batch, c, problem.H, problem.W, k,
+                                        problem.R, problem.S, problem.padding, problem.stride, (1, 1), relu, 0)
+
+
+@pytest.mark.parametrize(
+    "dtype, k, kernel, stride, padding, relu, expected",
+    [(2, 64, 3, 1, 1, True, ("fprop", 128, 64, 64)), (1, 192, 3, 1, 1, True, ("fprop", 128, 128, 64)),
+     (2, 320, 3, 2, 1, True, ("fprop", 128, 128, 64)), (2, 8, 7, 2, 3, True, ("fprop", 128, 64, 64)),
+     (2, 96, 3, 1, 1, True, ("fprop", 128, 128, 64)), (2, 64, 3, 1, 1, False, ("fprop", 128, 128, 64)),
+     (0, 64, 3, 1, 1, True, ("fprop", 128, 128, 32)), (0, 256, 1, 1, 0, False, ("fprop", 128, 128, 32)),
+     (1, 256, 1, 1, 0, True, ("gemm-pingpong", 128, 128, 64)), (2, 72, 1, 1, 0, True, ("gemm-pingpong", 128, 128, 64)),
+     (2, 64, 1, 1, 0, True, ("fprop", 128, 64, 64)), (2, 256, 1, 1, 0, False, ("fprop", 128, 128, 64)),
+     (2, 512, 1, 2, 0, True, ("fprop", 128, 128, 64)), (2, 256, 1, 1, 1, True, ("fprop", 128, 128, 64)),
+     (0, 256, 1, 1, 0, True, ("fprop", 128, 128, 32))],
+    ids=["bf16-k64", "f16-k192", "bf16-k320-s2", "bf16-stem-k8", "bf16-k96", "bf16-k64-no-relu", "tf32-k64",
+         "tf32-1x1", "f16-1x1-k256", "bf16-1x1-k72", "bf16-1x1-k64", "bf16-1x1-no-relu", "bf16-1x1-stride2",
+         "bf16-1x1-padded", "tf32-1x1-relu"],
+)
+def test_cuda_conv_kernel_choice(dtype, k, kernel, stride, padding, relu, expected):
+    """The CUTLASS conv runs 64-wide tiles for K <= 64, where 128-wide ones would leave half their
+    output channels idle (compiled for float16/bfloat16 with ReLU only), and a 1x1 stride-1
+    unpadded ReLU layer with K > 64 in float16/bfloat16 as a GEMM on the persistent ping-pong kernel."""
+    from cnnfast.backends import cuda_extension
+
+    choice = cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu)
+    assert choice == expected
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -129,39 +129,45 @@ def test_cuda_every_layer(problem, dtype, batch):
 @pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
 @pytest.mark.parametrize("k", [40, 64, 96, 256])
+@pytest.mark.parametrize("kernel", [3, 1], ids=["3x3", "1x1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_cuda_tile_widths_and_epilogues(dtype, k, relu):
-    # K = 40 and 64 run the 64-wide tile with ReLU and the 128-wide one without; 96 and 256 the
-    # 128-wide tile either way (cnnfast._C.conv2d_tile). Each with a residual and without; the
-    # profiler shows the kernel that ran has the wgmma width ops.cuda_conv2d_tile names.
+def test_cuda_kernel_choice_and_epilogues(dtype, kernel, k, relu):
+    # K = 40 and 64 run the fprop's 64-wide tile with ReLU and its 128-wide one without; 96 and 256
+    # the 128-wide fprop, except 1x1 with ReLU: the ping-pong GEMM (ops.cuda_conv2d_kernel). Each
+    # with a residual and without; the profiler shows that the kernel that ran is the one named:
+    # CUTLASS's conv or GEMM kernel, with the named tile width in its wgmma shape.
     torch.manual_seed(0)
     x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
-    w = (torch.randn(k, 64, 3, 3, device="cuda") / (64 * 9) ** 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5
+    w = w.to(dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(k, device="cuda")
+    padding = kernel // 2
+    name = ops.cuda_conv2d_kernel(dtype, k, (kernel, kernel), (1, 1), (padding, padding), relu)
+    schedule, width = ("GemmUniversal" if "gemm" in name else "ConvUniversal"), name.split("x")[-2]
     for residual in (None, torch.randn(3, k, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)):
         out = torch.full((3, k, 15, 13), float("nan"), device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            ops.conv2d(x, w, b, padding=1, residual=residual, relu=relu, out=out, backend="cuda")
+            ops.conv2d(x, w, b, padding=padding, residual=residual, relu=relu, out=out, backend="cuda")
             torch.cuda.synchronize()
-        expected = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        expected = F.conv2d(x.double(), w.double(), b.double(), padding=padding)
         expected = expected + residual.double() if residual is not None else expected
         assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
-        _, width, _ = ops.cuda_conv2d_tile(dtype, k, relu)
-        conv_kernels = [event.name for event in profile.events() if "ConvUniversal" in event.name]
-        assert conv_kernels and all(f"MMA_64x{width}x16" in name for name in conv_kernels), conv_kernels
+        ran = [event.name for event in profile.events() if "ConvUniversal" in event.name or "GemmUniversal" in event.name]
+        assert ran and all(schedule in kernel_name and f"MMA_64x{width}x16" in kernel_name for kernel_name in ran), ran
 
 
 @pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize(
-    "dtype, start, extra, residual",
-    [(torch.bfloat16, 8, 16, False), (torch.bfloat16, 8, 16, True), (torch.float32, 4, 8, True),
-     (torch.bfloat16, 4, 16, False)],
-    ids=["bf16", "bf16-residual", "fp32-pitch-4", "bf16-misaligned-scratch"],
+    "dtype, start, extra, residual, kernel",
+    [(torch.bfloat16, 8, 16, False, 3), (torch.bfloat16, 8, 16, True, 3), (torch.float32, 4, 8, True, 3),
+     (torch.bfloat16, 4, 16, False, 3), (torch.float16, 8, 16, True, 1), (torch.bfloat16, 8, 24, False, 1)],
+    ids=["bf16", "bf16-residual", "fp32-pitch-4", "bf16-misaligned-scratch", "f16-1x1-gemm-residual", "bf16-1x1-gemm"],
 )
-def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual):
+def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual, kernel):
     # In place when the slice's start and pixel stride are 16-byte aligned (float32: 4 channels),
-    # through scratch and a copy otherwise; the channels around the slice stay NaN.
-    problem = next(p for p in PROBLEMS if p.R == 3 and p.C % 8 == 0)
+    # through scratch and a copy otherwise; the channels around the slice stay NaN. The 1x1 cases
+    # (K > 64, stride 1) run the GEMM, as GoogLeNet's 1x1 branches do.
+    problem = next(p for p in PROBLEMS if p.R == kernel and p.C % 8 == 0 and p.stride == (1, 1) and p.K > 64)
     x, w, b, res, out = make_problem(problem, 2, dtype)
     res = res if residual else None
     big = torch.full((2, problem.K + extra, *out.shape[2:]), float("nan"), device="cuda", dtype=dtype)

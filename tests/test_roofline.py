@@ -74,11 +74,11 @@ def test_points_and_rows_name_the_kernel_that_ran():
     from cnnfast.roofline import roofline_rows
 
     result = {"layers": [{"layer": "conv1", "flops": 1000, "bytes": 100, "results": {
-        "torch": {"ms": 1.0, "kernel": None}, "cuda": {"ms": 0.5, "kernel": "cutlass-128x64x64"}}}]}
+        "torch": {"ms": 1.0, "kernel": None}, "cuda": {"ms": 0.5, "kernel": "cutlass-fprop-128x64x64"}}}]}
     points = roofline_points(result, COMPUTE_BOUND)
-    assert [(p["backend"], p["kernel"]) for p in points] == [("torch", None), ("cuda", "cutlass-128x64x64")]
+    assert [(p["backend"], p["kernel"]) for p in points] == [("torch", None), ("cuda", "cutlass-fprop-128x64x64")]
     headers, rows = roofline_rows(points)
-    assert headers[-1] == "kernel" and [row[-1] for row in rows] == ["", "cutlass-128x64x64"]
+    assert headers[-1] == "kernel" and [row[-1] for row in rows] == ["", "cutlass-fprop-128x64x64"]
 
 
 def test_ceilings_are_measured_once_and_read_back(tmp_path, monkeypatch):

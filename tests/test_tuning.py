@@ -265,8 +265,8 @@ def test_tune_table_shows_times_choice_and_kernels():
     result["backends"] = ["torch", "triton", "cuda"]
     figures = result["layers"][0]["results"]
     figures["torch"]["kernel"], figures["triton"]["kernel"] = None, "64x64x64-g8-w4-s4-split4"
-    figures["cuda"]["kernel"] = "cutlass-128x64x64"
+    figures["cuda"]["kernel"] = "cutlass-fprop-128x64x64"
     headers, rows = tune_table(result)
     assert headers == ("layer", "problem", "torch ms", "triton ms", "cuda ms", "backend=None", "kernels")
     assert rows == [("conv0", tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)), "1.000", "0.500",
-                     "0.600", "triton", "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-128x64x64")]
+                     "0.600", "triton", "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-fprop-128x64x64")]

@@ -106,7 +106,8 @@ void add_relu(uintptr_t x, uintptr_t y, uintptr_t out, int dtype, const Dims& si
   cnnfast::add_relu(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, fp16/bf16/tf32).
+// out = relu?(conv2d(x, weight) + bias + residual) on CUTLASS (sm90 implicit GEMM, or a GEMM for 1x1
+// layers; fp16/bf16/tf32).
 // x dense NHWC (N, H, W, C), weight dense KRSC (K, R, S, C), bias float32 (K,) or 0, residual dense
 // (N, P, Q, K), out (N, P, Q, K) with pixels out_pixel_stride elements apart; pointers 16-byte
 // aligned. Padding, stride, dilation as (h, w) pairs.
@@ -137,11 +138,22 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
   cnnfast::conv2d_cutlass(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// The CTA tile (M, N, K) conv2d runs for this dtype, output channel count and activation.
-py::tuple conv2d_tile(int dtype, int64_t K, bool relu) {
-  CNNFAST_CHECK(K > 0, "conv2d_tile needs K > 0, got " << K);
-  const cnnfast::Conv2dCutlassTile tile = cnnfast::conv2d_cutlass_tile(to_dtype(dtype), K, relu);
-  return py::make_tuple(tile.m, tile.n, tile.k);
+// The kernel conv2d runs for these arguments: (schedule name, M, N, K of its CTA tile).
+py::tuple conv2d_kernel(int dtype, int64_t K, int64_t R, int64_t S, const std::array<int64_t, 2>& padding,
+                        const std::array<int64_t, 2>& stride, bool relu) {
+  CNNFAST_CHECK(K > 0 && R > 0 && S > 0, "conv2d_kernel needs positive K, R, S, got K=" << K << " R=" << R << " S=" << S);
+  cnnfast::Conv2dCutlassArgs args{};
+  args.dtype = to_dtype(dtype);
+  args.K = K;
+  args.R = R;
+  args.S = S;
+  args.pad_h = padding[0];
+  args.pad_w = padding[1];
+  args.stride_h = stride[0];
+  args.stride_w = stride[1];
+  args.relu = relu;
+  const cnnfast::Conv2dCutlassKernel kernel = cnnfast::conv2d_cutlass_kernel(args);
+  return py::make_tuple(cnnfast::conv2d_cutlass_schedule_name(kernel.schedule), kernel.m, kernel.n, kernel.k);
 }
 
 py::dict build_info() {
@@ -179,7 +191,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("x"), py::arg("y"), py::arg("out"), py::arg("dtype"), py::arg("sizes"), py::arg("x_strides"),
         py::arg("y_strides"), py::arg("out_strides"), py::arg("relu"), py::arg("stream"));
   m.def("conv2d", &conv2d,
-        "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 implicit GEMM: float16/bfloat16, or "
+        "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 (conv2d_kernel says which kernel): float16/bfloat16, or "
         "float32 computed as TF32; x NHWC and weight KRSC dense, C and K filling 16-byte rows, groups 1, "
         "bias float32 or 0, residual (dense) or 0, out's pixels out_pixel_stride elements apart. "
         "Raises ValueError for what it does not support, RuntimeError when built without CUTLASS.",
@@ -187,9 +199,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_pixel_stride"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"), py::arg("dilation"),
         py::arg("relu"), py::arg("stream"));
-  m.def("conv2d_tile", &conv2d_tile,
-        "The (M, N, K) CTA tile conv2d runs for a dtype code, K output channels (as passed to conv2d, "
-        "after any padding) and the activation: N is 64 where that leaves fewer output channels idle.",
-        py::arg("dtype"), py::arg("K"), py::arg("relu"));
+  m.def("conv2d_kernel", &conv2d_kernel,
+        "(schedule, M, N, K): the CUTLASS kernel conv2d runs for a dtype code, K output channels (as passed to "
+        "conv2d, after any padding), filter R x S, padding, stride and activation, and its CTA tile: 'fprop' "
+        "(implicit GEMM; N is 64 where that leaves fewer output channels idle) or 'gemm-pingpong' (1x1 stride-1 "
+        "ReLU convs with K > 64 in float16/bfloat16).",
+        py::arg("dtype"), py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"),
+        py::arg("relu"));
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }

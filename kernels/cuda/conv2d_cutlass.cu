@@ -1,6 +1,6 @@
-// conv2d_cutlass: checks what the CUTLASS sm90 fprop supports and dispatches on the element type.
+// conv2d_cutlass: checks what the CUTLASS kernels support, picks one (conv2d_cutlass_kernel) and runs it.
 // This file does not include CUTLASS (it compiles in seconds); the kernels are in
-// conv2d_cutlass_{f16,bf16,tf32}.cu, built only when CMake found the CUTLASS headers.
+// conv2d_cutlass_*.cu, built only when CMake found the CUTLASS headers.
 #include "conv2d_cutlass.h"
 
 #include <sstream>
@@ -17,6 +17,30 @@ namespace cnnfast {
       throw std::invalid_argument(os_.str());                                  \
     }                                                                          \
   } while (0)
+
+#if defined(CNNFAST_WITH_CUTLASS)
+namespace {
+// The kernel conv2d_cutlass_kernel picks: launched, or (launch = false) only asked can_implement.
+void run_kernel(const Conv2dCutlassArgs& a, cudaStream_t stream, bool launch) {
+  const Conv2dCutlassKernel kernel = conv2d_cutlass_kernel(a);
+  const bool f16 = a.dtype == DType::kFloat16;
+  if (kernel.schedule == Conv2dCutlassSchedule::kGemmPingpong) {
+    f16 ? conv2d_cutlass_gemm_f16_relu(a, stream, launch) : conv2d_cutlass_gemm_bf16_relu(a, stream, launch);
+    return;
+  }
+  const bool narrow = kernel.n == 64;
+  switch (a.dtype) {
+    case DType::kFloat16:
+      narrow ? conv2d_cutlass_f16_n64_relu(a, stream, launch) : conv2d_cutlass_f16(a, stream, launch);
+      break;
+    case DType::kBFloat16:
+      narrow ? conv2d_cutlass_bf16_n64_relu(a, stream, launch) : conv2d_cutlass_bf16(a, stream, launch);
+      break;
+    case DType::kFloat32: conv2d_cutlass_tf32(a, stream, launch); break;
+  }
+}
+}  // namespace
+#endif
 
 // The limits of the sm90 implicit GEMM (TMA im2col on a 2-D convolution, see
 // CollectiveConv::can_implement in cutlass/conv/collective/sm90_implicit_gemm_gmma_ss_warpspecialized.hpp),
@@ -62,24 +86,29 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
   const int64_t kIntMax = 2147483647;
   CONV_CHECK(a.N * P * Q <= kIntMax && a.N * a.H * a.W <= kIntMax && a.K * a.R * a.S * a.C <= kIntMax,
              "problem too large for 32-bit CUTLASS extents");
+#if defined(CNNFAST_WITH_CUTLASS)
+  // Anything these checks missed, CUTLASS's own (host-side) can_implement names before a launch.
+  if (a.N > 0) run_kernel(a, /*stream=*/nullptr, /*launch=*/false);
+#endif
 }
 
-Conv2dCutlassTile conv2d_cutlass_tile(DType dtype, int64_t K, bool relu) {
-  const int k = dtype == DType::kFloat32 ? 32 : 64;  // 128 bytes of reduction per stage
-  const bool narrow = relu && dtype != DType::kFloat32 && K <= 64;
-  return {128, narrow ? 64 : 128, k};
+Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& a) {
+  const bool sixteen_bit = a.dtype != DType::kFloat32;
+  const int k = sixteen_bit ? 64 : 32;  // 128 bytes of reduction per stage
+  if (sixteen_bit && a.relu && a.K <= 64) return {Conv2dCutlassSchedule::kFprop, 128, 64, k};
+  const bool pointwise = a.R == 1 && a.S == 1 && a.stride_h == 1 && a.stride_w == 1 && a.pad_h == 0 && a.pad_w == 0;
+  if (sixteen_bit && a.relu && pointwise) return {Conv2dCutlassSchedule::kGemmPingpong, 128, 128, 64};
+  return {Conv2dCutlassSchedule::kFprop, 128, 128, k};
+}
+
+const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule) {
+  return schedule == Conv2dCutlassSchedule::kGemmPingpong ? "gemm-pingpong" : "fprop";
 }
 
 void conv2d_cutlass(const Conv2dCutlassArgs& a, cudaStream_t stream) {
 #if defined(CNNFAST_WITH_CUTLASS)
   conv2d_cutlass_check(a);
-  if (a.N == 0) return;
-  const bool narrow = conv2d_cutlass_tile(a.dtype, a.K, a.relu).n == 64;
-  switch (a.dtype) {
-    case DType::kFloat16: narrow ? conv2d_cutlass_f16_n64_relu(a, stream) : conv2d_cutlass_f16(a, stream); break;
-    case DType::kBFloat16: narrow ? conv2d_cutlass_bf16_n64_relu(a, stream) : conv2d_cutlass_bf16(a, stream); break;
-    case DType::kFloat32: conv2d_cutlass_tf32(a, stream); break;
-  }
+  if (a.N > 0) run_kernel(a, stream, /*launch=*/true);
 #else
   (void)a;
   (void)stream;

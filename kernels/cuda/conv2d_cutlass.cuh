@@ -9,14 +9,7 @@
 // A per-output-channel bias is therefore one value per GEMM *column*, broadcast down the rows:
 // fusion::LinCombPerColBiasEltAct (Sm90RowBroadcast of a length-N vector), not PerRowBias.
 //
-// Epilogue, all in float32 (ElementCompute = float):
-//   D = act(alpha * acc + beta * C + bias[k]),   alpha = 1,
-//   beta = 1 with C = the residual when there is one, beta = 0 otherwise (CUTLASS then never reads C;
-//   C points at `out` only so that its TMA descriptor is built from a valid address),
-//   bias = nullptr reads as 0 (Sm90RowBroadcast's null default), act = ReLu or Identity.
-// ReLU is a template parameter (cutlass::epilogue::thread::ReLu, which propagates NaN as torch.relu
-// does: max.NaN.f32); the residual and the bias are runtime choices (beta, a null pointer), since
-// skipping them at run time costs nothing in the main loop and halves the instantiations.
+// The epilogue (bias, residual, ReLU in float32) is BiasResidualAct of conv2d_cutlass_common.cuh.
 //
 // Schedule: KernelImplicitTmaWarpSpecializedSm90 (one producer warp group issuing TMA, one consumer
 // warp group issuing wgmma), a 128 x TileN x 64 tile (128 bytes of reduction per stage), 1x1x1
@@ -24,16 +17,12 @@
 // TmaWarpSpecialized (TMA stores). CUTLASS 4.2 has no persistent (cooperative / ping-pong)
 // schedule for conv on sm90 (conv/dispatch_policy.hpp rejects them).
 //
-// TileN, the tile's width in output channels, is 128, or 64 for K <= 64 (conv2d_cutlass_tile in
+// TileN, the tile's width in output channels, is 128, or 64 for K <= 64 (conv2d_cutlass_kernel in
 // conv2d_cutlass.cu): a 128-wide tile on ResNet's K = 64 layers would spend half of every wgmma on
 // channels that do not exist.
 #pragma once
 
 #include <cuda_runtime.h>
-
-#include <sstream>
-#include <stdexcept>
-#include <string>
 
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
@@ -45,10 +34,9 @@
 #include "cutlass/conv/dispatch_policy.hpp"
 #include "cutlass/conv/kernel/conv_universal.hpp"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/operations.hpp"
 #include "cutlass/epilogue/thread/activation.h"
 
-#include "conv2d_cutlass.h"
+#include "conv2d_cutlass_common.cuh"
 
 namespace cnnfast {
 namespace cutlass_conv {
@@ -64,14 +52,12 @@ struct Sm90Fprop {
 
   using ElementAccumulator = float;
   using ElementCompute = float;
-  using ElementBias = float;
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC, filter KRSC, output NPQK
   // 128 bytes of reduction per stage: 64 channels of float16/bfloat16, 32 of float32 (TF32).
   using TileShape = Shape<_128, Int<TileN>, Shape<Int<1024 / cutlass::sizeof_bits<Element>::value>>>;
   using ClusterShape = Shape<_1, _1, _1>;
 
-  using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltAct<
-      Activation, Element, ElementCompute, ElementBias, /*ElementSource=*/Element, /*ElementScalar=*/ElementCompute>;
+  using FusionOp = BiasResidualAct<Element, Activation>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -93,23 +79,8 @@ struct Sm90Fprop {
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
 };
 
-inline void check_cutlass(cutlass::Status status, const char* what) {
-  if (status == cutlass::Status::kSuccess) return;
-  std::ostringstream os;
-  os << "conv2d (cuda/CUTLASS): " << what << " failed: " << cutlass::cutlassGetStatusString(status);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) os << " (" << cudaGetErrorString(err) << ")";
-  throw std::runtime_error(os.str());
-}
-
-inline void check_cuda(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return;
-  cudaGetLastError();
-  throw std::runtime_error(std::string("conv2d (cuda/CUTLASS): ") + what + " failed: " + cudaGetErrorString(err));
-}
-
 template <typename Element, template <class> class Activation, int TileN>
-void run(const Conv2dCutlassArgs& a, cudaStream_t stream) {
+void run(const Conv2dCutlassArgs& a, cudaStream_t stream, bool launch) {
   using Fprop = Sm90Fprop<Element, Activation, TileN>;
   using Conv = typename Fprop::Conv;
   using ProblemShape = typename Fprop::ProblemShape;
@@ -137,38 +108,19 @@ void run(const Conv2dCutlassArgs& a, cudaStream_t stream) {
     cute::get<0, i>(stride_d) = dense / a.K * a.out_pixel_stride;
   });
 
-  auto* out = reinterpret_cast<Element*>(a.out);
-  const auto* source = a.has_residual ? reinterpret_cast<const Element*>(a.residual) : out;
-
   typename Conv::Arguments arguments{
       problem,
       {reinterpret_cast<const Element*>(a.x), reinterpret_cast<const Element*>(a.weight)},
-      {{}, source, stride_c, out, stride_d}};
-  auto& fusion = arguments.epilogue.thread;
-  fusion.alpha = 1.f;
-  fusion.beta = a.has_residual ? 1.f : 0.f;
-  fusion.bias_ptr = reinterpret_cast<const float*>(a.bias);  // nullptr: no bias
-
-  Conv conv;
-  check_cutlass(conv.can_implement(arguments), "can_implement (unsupported problem)");
-  const size_t workspace_bytes = Conv::get_workspace_size(arguments);
-  void* workspace = nullptr;
-  if (workspace_bytes > 0) check_cuda(cudaMallocAsync(&workspace, workspace_bytes, stream), "workspace allocation");
-  struct FreeWorkspace {
-    void* p;
-    cudaStream_t s;
-    ~FreeWorkspace() { if (p) cudaFreeAsync(p, s); }
-  } free_workspace{workspace, stream};
-  check_cutlass(conv.initialize(arguments, workspace, stream), "initialize");
-  check_cutlass(conv.run(stream), "run");
-  check_cuda(cudaGetLastError(), "kernel launch");
+      {{}, epilogue_source<Element>(a), stride_c, reinterpret_cast<Element*>(a.out), stride_d}};
+  set_bias_residual(arguments.epilogue.thread, a);
+  check_and_launch<Conv>(arguments, stream, launch);
 }
 
 // The 128-wide tile, both activations.
 template <typename Element>
-void run_for_activation(const Conv2dCutlassArgs& a, cudaStream_t stream) {
-  if (a.relu) run<Element, cutlass::epilogue::thread::ReLu, 128>(a, stream);
-  else run<Element, cutlass::epilogue::thread::Identity, 128>(a, stream);
+void run_for_activation(const Conv2dCutlassArgs& a, cudaStream_t stream, bool launch) {
+  if (a.relu) run<Element, cutlass::epilogue::thread::ReLu, 128>(a, stream, launch);
+  else run<Element, cutlass::epilogue::thread::Identity, 128>(a, stream, launch);
 }
 
 }  // namespace cutlass_conv

@@ -7,7 +7,7 @@
 // branches); bias is float32, length K. float16 and bfloat16 are compiled, and float32 computed
 // as TF32.
 // The declarations below do not need the CUTLASS headers; the kernels live in
-// conv2d_cutlass_{f16,bf16,tf32,n64_relu}.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
+// conv2d_cutlass_*.cu, which are only built when CUTLASS is found (CNNFAST_WITH_CUTLASS).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,7 +41,8 @@ inline int64_t conv2d_cutlass_out_extent(int64_t in, int64_t pad, int64_t stride
 }
 
 // Throws std::invalid_argument naming the first thing the kernel does not support (dtype, C or K not
-// a multiple of 16 bytes, misaligned pointers, TMA im2col limits on stride/padding/dilation); needs no GPU.
+// a multiple of 16 bytes, misaligned pointers, TMA im2col limits on stride/padding/dilation), then
+// asks CUTLASS's can_implement of the kernel conv2d_cutlass_kernel picks (host-side); needs no GPU.
 void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 
 // Checks what the kernel supports (throws std::invalid_argument naming the problem), then runs it
@@ -49,24 +50,36 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 // std::runtime_error saying so.
 void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
-// The CTA tile (M pixels, N output channels, K reduction elements per stage) conv2d_cutlass runs
-// for this dtype, K and activation: N is 128, or 64 for float16/bfloat16 with ReLU when K <= 64,
-// where a 128-wide tile would leave half or more of its columns idle. (For K = 192, 320, ... a
-// 64-wide tile would also idle fewer columns, but it reads each input tile more often; that trade
-// is left to a measurement.) The 64-wide tile is compiled for the ReLU epilogue only, that of the
-// conv+BN+ReLU layers; the K <= 64 convs without ReLU (the pre-activation blocks') keep the
-// 128-wide tile, so each 64-wide kernel costs one compile, not two.
-struct Conv2dCutlassTile {
+// Which CUTLASS kernel conv2d_cutlass runs, and its CTA tile (M pixels, N output channels, K
+// reduction elements per stage):
+//   kFprop: the sm90 implicit-GEMM convolution (conv2d_cutlass.cuh), N = 128, or 64 for
+//     float16/bfloat16 with ReLU when K <= 64, where a 128-wide tile would leave half or more of
+//     its columns idle. (For K = 192, 320, ... a 64-wide tile would also idle fewer columns, but it
+//     reads each input tile more often; that trade is left to a measurement.) The 64-wide tile is
+//     compiled for the ReLU epilogue only, that of the conv+BN+ReLU layers; the K <= 64 convs without
+//     ReLU (the pre-activation blocks') keep the 128-wide tile, so each 64-wide kernel costs one
+//     compile, not two.
+//   kGemmPingpong: 1x1, stride-1, unpadded convolutions with ReLU and K > 64 in float16/bfloat16, a
+//     GEMM on the persistent ping-pong kernel (conv2d_cutlass_gemm.cuh), 128 x 128 x 64 per warp group.
+// Reads dtype, K, R, S, stride, padding and relu of args; needs no pointers and no GPU.
+enum class Conv2dCutlassSchedule { kFprop, kGemmPingpong };
+struct Conv2dCutlassKernel {
+  Conv2dCutlassSchedule schedule;
   int m, n, k;
 };
-Conv2dCutlassTile conv2d_cutlass_tile(DType dtype, int64_t K, bool relu);
+Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& args);
+const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule);  // "fprop", "gemm-pingpong"
 
-// The kernels, args already checked. 128-wide tiles, both activations: conv2d_cutlass_{f16,bf16,tf32}.cu;
-// 64-wide tiles with ReLU: conv2d_cutlass_n64_relu.cu.
-void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream);
-void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream);
-void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream);
-void conv2d_cutlass_f16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream);
-void conv2d_cutlass_bf16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream);
+// The kernels, args already checked: with launch = false they only ask CUTLASS's can_implement (on
+// the host), and throw std::invalid_argument if it refuses. The fprop with 128-wide tiles, both activations:
+// conv2d_cutlass_{f16,bf16,tf32}.cu; with 64-wide tiles and ReLU: conv2d_cutlass_n64_relu.cu; the 1x1
+// GEMM with ReLU: conv2d_cutlass_gemm_{f16,bf16}.cu.
+void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_f16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_bf16_n64_relu(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_gemm_f16_relu(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
+void conv2d_cutlass_gemm_bf16_relu(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);
 
 }  // namespace cnnfast

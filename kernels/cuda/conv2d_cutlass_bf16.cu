@@ -3,8 +3,8 @@
 
 namespace cnnfast {
 
-void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream) {
-  cutlass_conv::run_for_activation<cutlass::bfloat16_t>(args, stream);
+void conv2d_cutlass_bf16(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch) {
+  cutlass_conv::run_for_activation<cutlass::bfloat16_t>(args, stream, launch);
 }
 
 }  // namespace cnnfast

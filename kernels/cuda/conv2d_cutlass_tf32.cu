@@ -5,8 +5,8 @@
 
 namespace cnnfast {
 
-void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream) {
-  cutlass_conv::run_for_activation<float>(args, stream);
+void conv2d_cutlass_tf32(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch) {
+  cutlass_conv::run_for_activation<float>(args, stream, launch);
 }
 
 }  // namespace cnnfast
