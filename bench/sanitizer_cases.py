@@ -73,10 +73,11 @@ def cutlass_conv2d_cases() -> int:
     runs = 0
     for dtype in (torch.float16, torch.bfloat16, torch.float32):  # float32 as TF32
         # (3, 13, 7, ...): a C=3 stem with K=13, both padded to 8 channels by the launcher;
-        # (32, 72, 1, 1, 0, ...): a 1x1 stride-1 layer, the GEMM in float16/bfloat16.
-        for c, k, kernel, stride, padding, residual in [(16, 24, 3, 1, 1, True), (24, 96, 3, 2, 1, True),
-                                                        (32, 16, 1, 2, 0, False), (3, 13, 7, 2, 3, True),
-                                                        (32, 72, 1, 1, 0, True)]:
+        # (32, 72, 1, 1, 0, ...): a 1x1 stride-1 layer, the GEMM in float16/bfloat16, with the
+        # residual and without (beta = 0: C is never read).
+        for c, k, kernel, stride, padding, residual, relu in [
+            (16, 24, 3, 1, 1, True, True), (24, 96, 3, 2, 1, True, True), (32, 16, 1, 2, 0, False, False),
+            (3, 13, 7, 2, 3, True, True), (32, 72, 1, 1, 0, True, True), (32, 72, 1, 1, 0, False, True)]:
             x = make_input((2, c, 9, 11), dtype, "cuda")
             w = torch.randn(k, c, kernel, kernel, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
             b = torch.randn(k, device="cuda")
@@ -87,11 +88,11 @@ def cutlass_conv2d_cases() -> int:
             big = torch.full((2, k + 16, *reference.shape[2:]), float("nan"), device="cuda", dtype=dtype)
             big = big.contiguous(memory_format=torch.channels_last)
             out = big[:, 8 : 8 + k]
-            ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=residual, out=out, backend="cuda")
+            ops.conv2d(x, w, b, stride=stride, padding=padding, residual=res, relu=relu, out=out, backend="cuda")
             if res is not None:
                 reference = reference + res.double()
             kind = "tf32" if dtype == torch.float32 else "conv"
-            assert_close_to_reference(out, torch.relu(reference) if residual else reference, kind)
+            assert_close_to_reference(out, torch.relu(reference) if relu else reference, kind)
             assert big[:, :8].isnan().all() and big[:, 8 + k :].isnan().all()
             runs += 1
     return runs

@@ -750,10 +750,12 @@ def test_cutlass_accepts_every_layer_without_a_gpu(arch):
         pytest.skip("cnnfast._C was built without CUTLASS")
     for problem in conv_problems(analyze_arch(arch)):
         c, k = ops._cutlass_channels(problem.C), ops._cutlass_channels(problem.K)
-        for batch, dtype, relu, residual in itertools.product((1, 256), (0, 1, 2), (True, False), (0, 256)):
+        cases = itertools.product((1, 256), (0, 1, 2), (True, False), (0, 256), (k, k + 8))
+        for batch, dtype, relu, residual, pixel_stride in cases:  # k + 8: a channel slice (Inception)
             with pytest.raises(RuntimeError, match="no CUDA device"):
-                cuda_extension().conv2d(256, 256, 256, residual, 256, k, dtype, batch, c, problem.H, problem.W, k,
-                                        problem.R, problem.S, problem.padding, problem.stride, (1, 1), relu, 0)
+                cuda_extension().conv2d(256, 256, 256, residual, 256, pixel_stride, dtype, batch, c, problem.H,
+                                        problem.W, k, problem.R, problem.S, problem.padding, problem.stride, (1, 1),
+                                        relu, 0)
 
 
 @pytest.mark.parametrize(
@@ -778,6 +780,21 @@ def test_cuda_conv_kernel_choice(dtype, k, kernel, stride, padding, relu, expect
 
     choice = cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu)
     assert choice == expected
+
+
+@pytest.mark.parametrize(
+    "k, kernel, stride, padding, expected",
+    [(60, (1, 1), (1, 1), (0, 0), "cutlass-fprop-128x64x64"), (65, (1, 1), (1, 1), (0, 0), "cutlass-gemm-pingpong-128x128x64"),
+     (96, (1, 1), (1, 2), (0, 0), "cutlass-fprop-128x128x64"), (96, (1, 1), (1, 1), (0, 1), "cutlass-fprop-128x128x64"),
+     (96, (1, 3), (1, 1), (0, 1), "cutlass-fprop-128x128x64")],
+    ids=["k60-pads-to-64", "k65-pads-to-72", "stride-1x2", "padding-0x1", "1x3"],
+)
+def test_cuda_conv_kernel_name_follows_the_launcher(k, kernel, stride, padding, expected):
+    """ops.cuda_conv2d_kernel names the kernel for K as the launcher pads it (to a multiple of 8),
+    and only a 1x1 filter with stride 1 and no padding in both directions is a GEMM."""
+    if "conv2d" not in backends.cuda_ops():
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    assert ops.cuda_conv2d_kernel(torch.bfloat16, k, kernel, stride, padding, relu=True) == expected
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -167,7 +167,10 @@ def test_cuda_writes_into_a_channel_slice(dtype, start, extra, residual, kernel)
     # In place when the slice's start and pixel stride are 16-byte aligned (float32: 4 channels),
     # through scratch and a copy otherwise; the channels around the slice stay NaN. The 1x1 cases
     # (K > 64, stride 1) run the GEMM, as GoogLeNet's 1x1 branches do.
-    problem = next(p for p in PROBLEMS if p.R == kernel and p.C % 8 == 0 and p.stride == (1, 1) and p.K > 64)
+    problem = next(p for p in PROBLEMS if p.R == kernel and p.C % 8 == 0 and p.stride == (1, 1) and p.K > 64
+                   and (kernel == 3 or p.padding == (0, 0)))
+    name = ops.cuda_conv2d_kernel(dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, True)
+    assert ("gemm-pingpong" in name) == (kernel == 1), name
     x, w, b, res, out = make_problem(problem, 2, dtype)
     res = res if residual else None
     big = torch.full((2, problem.K + extra, *out.shape[2:]), float("nan"), device="cuda", dtype=dtype)
