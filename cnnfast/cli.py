@@ -165,7 +165,7 @@ def run_benchmarks(args):
 
 def tune_table(result):
     """(headers, rows) of `cnnfast tune`'s table: per layer its times, the backend=None choice and
-    the kernels that ran (the tuned Triton config, the CUTLASS tile)."""
+    the kernels that ran (the tuned Triton config, the CUTLASS kernel and tile)."""
     from cnnfast.bench import layer_choice
 
     headers = ("layer", "problem", *(f"{backend} ms" for backend in result["backends"]), "backend=None", "kernels")
