@@ -102,21 +102,23 @@ def test_split_k_100_runs_are_bitwise_identical(config_index):
 # ---------------------------------------------------------------- past 2^31 elements
 
 
-@pytest.mark.parametrize("backend", ("triton", "cuda"))
-def test_conv2d_past_2_31_elements(backend):
-    """700 x 64 x 224 x 224 bfloat16 in and out (2.25e9 elements each, 4.5 GB): the first and last
-    two images, random, must match PyTorch run on those images alone; the zero images in between
-    must give exactly the bias through the ReLU."""
-    conv = Conv(700, 64, 224, 224, 64, 3, 3, padding=1)
+@pytest.mark.parametrize("backend, kernel, k", [("triton", 3, 64), ("cuda", 3, 64), ("cuda", 1, 96)],
+                         ids=["triton", "cuda", "cuda-1x1-gemm"])
+def test_conv2d_past_2_31_elements(backend, kernel, k):
+    """700 x 64 x 224 x 224 bfloat16 in (2.25e9 elements, 4.5 GB) and 700 x K x 224 x 224 out: the
+    first and last two images, random, must match PyTorch run on those images alone; the zero
+    images in between must give exactly the bias through the ReLU. On the CUDA backend the 3x3
+    layer runs the 64-wide fprop and the 1x1 one with K = 96 the GEMM (3.4e9 output elements)."""
+    conv = Conv(700, 64, 224, 224, k, kernel, kernel, padding=kernel // 2)
     x = torch.zeros(conv.n, conv.c, conv.h, conv.w, device="cuda", dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     for index in (0, -2, -1):
         x[index] = torch.randn(conv.c, conv.h, conv.w, device="cuda").to(torch.bfloat16)
-    weight = (torch.randn(conv.k, conv.c, 3, 3, device="cuda") / (9 * conv.c) ** 0.5).to(torch.bfloat16)
-    weight = weight.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(conv.k, conv.c, kernel, kernel, device="cuda") / (kernel * kernel * conv.c) ** 0.5
+    weight = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(conv.k, device="cuda")
-    out = ops.conv2d(x, weight, bias, padding=1, relu=True, backend=backend)
+    out = ops.conv2d(x, weight, bias, padding=kernel // 2, relu=True, backend=backend)
     for part in (slice(0, 1), slice(-2, None)):
         assert_close_to_reference(out[part], reference_conv2d(conv, x[part], weight, bias, relu=True), "conv")
     expected = torch.relu(bias).to(torch.bfloat16).view(1, -1, 1, 1).expand(conv.n - 3, -1, conv.h, conv.w)
