@@ -11,8 +11,11 @@ computes the layer with its BatchNorm and ReLU:
                 except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM with the bias
                 in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
-- cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels).
-extra_info["kernel"] names what ran on triton (the tuned config) and cuda (the CUTLASS kernel and tile).
+- cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels),
+- cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
+                CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
+extra_info["kernel"] names what ran on triton (the tuned config) and cuda and cuda_fprop (the CUTLASS
+kernel and tile).
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
@@ -33,12 +36,17 @@ from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
 BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda")
+FUSED_BACKENDS = ("torch", "triton", "cuda", "cuda_fprop")  # each checked against eager_folded before timing
+
+
+def pointwise(problem) -> bool:
+    return (problem.R, problem.S, problem.stride, problem.padding) == (1, 1, (1, 1), (0, 0))
 
 
 def problem_cases():
     for arch, batch in BATCH.items():
         for problem, layers in conv_problems(analyze_arch(arch)).items():
-            for backend in BACKENDS:
+            for backend in BACKENDS + (("cuda_fprop",) if pointwise(problem) else ()):
                 yield pytest.param(arch, batch, problem, backend, id=f"{arch}.{layers[0]}-b{batch}-{backend}")
 
 
@@ -58,6 +66,13 @@ def layer_fn(backend, batch, problem, device="cuda"):
         return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
     if backend == "eager":
         return lambda: torch.relu(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)))
+    if backend == "cuda_fprop":
+        def forced_fprop():
+            out = ops._empty_conv2d_output(x, weight, problem.stride, problem.padding, (1, 1))
+            ops._conv2d_cuda(x, weight, bias, None, out, problem.stride, problem.padding, (1, 1), True, schedule="fprop")
+            return out
+
+        return forced_fprop
     return layer_function("torch_folded" if backend == "eager_folded" else backend, problem, x, weight, bias)
 
 
@@ -74,7 +89,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     import triton.testing
 
     fn = layer_fn(backend, batch, problem)
-    if backend in ("torch", "triton", "cuda"):  # a broken kernel is not timed: compare with the folded eager result
+    if backend in FUSED_BACKENDS:  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
 
@@ -96,9 +111,12 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
         speedup_vs_cudnn=cudnn_ms(batch, problem) / ms, percent_of_roofline=point["percent_of_bound"],
         bound_by=point["bound"],
     )
+    x, _, _, weight, bias = layer_tensors(batch, problem)
     if backend in ("triton", "cuda"):
-        x, _, _, weight, bias = layer_tensors(batch, problem)
         benchmark.extra_info["kernel"] = kernel_name(backend, problem, x, weight, bias)
+    elif backend == "cuda_fprop":
+        benchmark.extra_info["kernel"] = ops.cuda_conv2d_kernel(
+            x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, True, schedule="fprop")
 
 
 @cpu_smoke

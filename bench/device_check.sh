@@ -106,7 +106,7 @@ step gpu-tests-rest 120 "${TESTS_ENV[@]}" "$PYTHON" -m pytest tests -m gpu -q -n
 # and the CUDA head have not run on a GPU before) would leave a CUDA context that fails every case after it.
 step benchmarks 125 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k "not cuda" \
   --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks.json"
-step benchmarks-cuda 60 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k cuda \
+step benchmarks-cuda 75 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k cuda \
   --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks_cuda.json"
 step benchmarks-table 60 bash -c "\"$PYTHON\" -m bench.tuning_table --local \"$OUT\" && cp \"\$CNNFAST_TUNING_FILE\" \"$OUT/tuning_local.json\""
 

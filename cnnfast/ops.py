@@ -124,14 +124,16 @@ def _cutlass_channels(channels: int) -> int:
     return -(-channels // CUTLASS_CHANNEL_MULTIPLE) * CUTLASS_CHANNEL_MULTIPLE
 
 
-def cuda_conv2d_kernel(dtype: torch.dtype, out_channels: int, kernel_size, stride, padding, relu: bool) -> str:
+def cuda_conv2d_kernel(dtype: torch.dtype, out_channels: int, kernel_size, stride, padding, relu: bool,
+                       schedule: str = "auto") -> str:
     """The CUTLASS kernel the CUDA backend's convolution runs for this dtype, number of output
     channels (before the launcher pads them), (R, S), stride, padding and activation, by schedule and
     CTA tile: "cutlass-fprop-128x64x64" (the implicit-GEMM conv) or "cutlass-gemm-pingpong-128x128x64"
-    (a 1x1 stride-1 ReLU layer as a GEMM)."""
-    schedule, *tile = cuda_extension().conv2d_kernel(
-        CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels), *kernel_size, tuple(padding), tuple(stride), relu)
-    return f"cutlass-{schedule}-" + "x".join(map(str, tile))
+    (a 1x1 stride-1 ReLU layer as a GEMM). schedule "fprop" or "gemm-pingpong" forces one, as
+    _conv2d_cuda's does."""
+    name, *tile = cuda_extension().conv2d_kernel(CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels),
+                                                 *kernel_size, tuple(padding), tuple(stride), relu, schedule)
+    return f"cutlass-{name}-" + "x".join(map(str, tile))
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -192,7 +194,9 @@ def _cutlass_operands(x, weight, bias, residual, out):
     return x, weight, bias, residual, scratch, k_pad
 
 
-def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu):
+def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu, schedule="auto"):
+    """The CUDA backend's launcher. schedule "auto" lets the extension pick its kernel
+    (cuda_conv2d_kernel); "fprop" or "gemm-pingpong" force one, for measuring them against each other."""
     x, weight, bias, residual, kernel_out, pixel_stride = _cutlass_operands(x, weight, bias, residual, out)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
@@ -202,7 +206,7 @@ def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu
             residual.data_ptr() if residual is not None else 0, kernel_out.data_ptr(), pixel_stride,
             CUDA_DTYPE_CODES[x.dtype],
             n, c, h, w, k, r, s, tuple(padding), tuple(stride), tuple(dilation), relu,
-            torch.cuda.current_stream(x.device).cuda_stream,
+            torch.cuda.current_stream(x.device).cuda_stream, schedule,
         )
     if kernel_out is not out:
         out.copy_(kernel_out[:, : out.shape[1]])

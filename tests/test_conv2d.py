@@ -783,6 +783,44 @@ def test_cuda_conv_kernel_choice(dtype, k, kernel, stride, padding, relu, expect
 
 
 @pytest.mark.parametrize(
+    "dtype, k, kernel, stride, padding, relu, schedule, expected",
+    [(2, 256, 1, 1, 0, True, "fprop", ("fprop", 128, 128, 64)), (1, 64, 1, 1, 0, True, "fprop", ("fprop", 128, 64, 64)),
+     (2, 96, 3, 1, 1, True, "fprop", ("fprop", 128, 128, 64)), (2, 256, 1, 1, 0, True, "auto", ("gemm-pingpong", 128, 128, 64)),
+     (1, 72, 1, 1, 0, True, "gemm-pingpong", ("gemm-pingpong", 128, 128, 64))],
+    ids=["1x1-forced-fprop", "1x1-k64-forced-fprop", "3x3-forced-fprop", "1x1-auto", "1x1-forced-gemm"],
+)
+def test_cuda_conv_schedule_can_be_forced(dtype, k, kernel, stride, padding, relu, schedule, expected):
+    """A schedule passed to the extension overrides its rule: the fprop always applies (with the
+    rule's tile width), the GEMM where a 1x1 stride-1 layer allows it."""
+    from cnnfast.backends import cuda_extension
+
+    assert cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu,
+                                          schedule) == expected
+
+
+@pytest.mark.parametrize(
+    "k, kernel, stride, padding, relu, dtype, match",
+    [(96, 3, 1, 1, True, 2, "got 3x3 stride 1x1 padding 1x1 K=96"), (64, 1, 1, 0, True, 2, "got 1x1 stride 1x1 padding 0x0 K=64"),
+     (96, 1, 2, 0, True, 1, "stride 2x2"), (96, 1, 1, 0, False, 2, "without ReLU"), (96, 1, 1, 0, True, 0, "in float32")],
+    ids=["3x3", "k64", "stride-2", "no-relu", "float32"],
+)
+def test_cuda_conv_refuses_a_forced_gemm_where_it_does_not_apply(k, kernel, stride, padding, relu, dtype, match):
+    # Both the kernel query and the conv itself (whose checks run before it looks for a GPU).
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    with pytest.raises(ValueError, match=f"gemm-pingpong kernel runs only 1x1.*{match}"):
+        cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu,
+                                       "gemm-pingpong")
+    with pytest.raises(ValueError, match=f"gemm-pingpong kernel runs only 1x1.*{match}"):
+        cuda_extension().conv2d(256, 256, 0, 0, 256, k, dtype, 2, 64, 8, 8, k, kernel, kernel, (padding, padding),
+                                (stride, stride), (1, 1), relu, 0, "gemm-pingpong")
+    with pytest.raises(ValueError, match="unknown conv2d schedule 'gemm' \\(auto, fprop, gemm-pingpong\\)"):
+        cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu, "gemm")
+
+
+@pytest.mark.parametrize(
     "k, kernel, stride, padding, expected",
     [(60, (1, 1), (1, 1), (0, 0), "cutlass-fprop-128x64x64"), (65, (1, 1), (1, 1), (0, 0), "cutlass-gemm-pingpong-128x128x64"),
      (96, (1, 1), (1, 2), (0, 0), "cutlass-fprop-128x128x64"), (96, (1, 1), (1, 1), (0, 1), "cutlass-fprop-128x128x64"),

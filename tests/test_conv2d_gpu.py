@@ -133,7 +133,8 @@ def test_cuda_every_layer(problem, dtype, batch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_kernel_choice_and_epilogues(dtype, kernel, k, relu):
     # K = 40 and 64 run the fprop's 64-wide tile with ReLU and its 128-wide one without; 96 and 256
-    # the 128-wide fprop, except 1x1 with ReLU: the ping-pong GEMM (ops.cuda_conv2d_kernel). Each
+    # the 128-wide fprop, except 1x1 with ReLU: the ping-pong GEMM (ops.cuda_conv2d_kernel), which
+    # is also run with the fprop forced (the schedule the conv benchmark's cuda_fprop times). Each
     # with a residual and without; the profiler shows that the kernel that ran is the one named:
     # CUTLASS's conv or GEMM kernel, with the named tile width in its wgmma shape.
     torch.manual_seed(0)
@@ -141,19 +142,25 @@ def test_cuda_kernel_choice_and_epilogues(dtype, kernel, k, relu):
     w = torch.randn(k, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5
     w = w.to(dtype).contiguous(memory_format=torch.channels_last)
     b = torch.randn(k, device="cuda")
-    padding = kernel // 2
-    name = ops.cuda_conv2d_kernel(dtype, k, (kernel, kernel), (1, 1), (padding, padding), relu)
-    schedule, width = ("GemmUniversal" if "gemm" in name else "ConvUniversal"), name.split("x")[-2]
-    for residual in (None, torch.randn(3, k, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)):
-        out = torch.full((3, k, 15, 13), float("nan"), device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-            ops.conv2d(x, w, b, padding=padding, residual=residual, relu=relu, out=out, backend="cuda")
-            torch.cuda.synchronize()
-        expected = F.conv2d(x.double(), w.double(), b.double(), padding=padding)
-        expected = expected + residual.double() if residual is not None else expected
-        assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
-        ran = [event.name for event in profile.events() if "ConvUniversal" in event.name or "GemmUniversal" in event.name]
-        assert ran and all(schedule in kernel_name and f"MMA_64x{width}x16" in kernel_name for kernel_name in ran), ran
+    padding = (kernel // 2, kernel // 2)
+    gemm = "gemm" in ops.cuda_conv2d_kernel(dtype, k, (kernel, kernel), (1, 1), padding, relu)
+    for schedule in ("auto", "fprop") if gemm else ("auto",):
+        name = ops.cuda_conv2d_kernel(dtype, k, (kernel, kernel), (1, 1), padding, relu, schedule)
+        cutlass_kernel, width = ("GemmUniversal" if "gemm" in name else "ConvUniversal"), name.split("x")[-2]
+        for residual in (None, torch.randn(3, k, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)):
+            out = torch.full((3, k, 15, 13), float("nan"), device="cuda", dtype=dtype)
+            out = out.contiguous(memory_format=torch.channels_last)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                if schedule == "auto":  # the public op
+                    ops.conv2d(x, w, b, padding=padding, residual=residual, relu=relu, out=out, backend="cuda")
+                else:
+                    ops._conv2d_cuda(x, w, b, residual, out, (1, 1), padding, (1, 1), relu, schedule)
+                torch.cuda.synchronize()
+            expected = F.conv2d(x.double(), w.double(), b.double(), padding=padding)
+            expected = expected + residual.double() if residual is not None else expected
+            assert_close_to_reference(out, torch.relu(expected) if relu else expected, "conv")
+            ran = [event.name for event in profile.events() if "ConvUniversal" in event.name or "GemmUniversal" in event.name]
+            assert ran and all(cutlass_kernel in ran_name and f"MMA_64x{width}x16" in ran_name for ran_name in ran), ran
 
 
 @pytest.mark.usefixtures("needs_cutlass")

@@ -48,6 +48,15 @@ void require_cuda_device() {
   }
 }
 
+cnnfast::Conv2dCutlassSchedule to_schedule(const std::string& name) {
+  for (auto schedule : {cnnfast::Conv2dCutlassSchedule::kAuto, cnnfast::Conv2dCutlassSchedule::kFprop,
+                        cnnfast::Conv2dCutlassSchedule::kGemmPingpong}) {
+    if (name == cnnfast::conv2d_cutlass_schedule_name(schedule)) return schedule;
+  }
+  CNNFAST_CHECK(false, "unknown conv2d schedule '" << name << "' (auto, fprop, gemm-pingpong)");
+  return cnnfast::Conv2dCutlassSchedule::kAuto;
+}
+
 cnnfast::DType to_dtype(int code) {
   CNNFAST_CHECK(code >= 0 && code <= 2, "unknown dtype code " << code << " (0=float32, 1=float16, 2=bfloat16)");
   return static_cast<cnnfast::DType>(code);
@@ -115,7 +124,7 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
             int64_t out_pixel_stride, int dtype,
             int64_t N, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R, int64_t S,
             const std::array<int64_t, 2>& padding, const std::array<int64_t, 2>& stride,
-            const std::array<int64_t, 2>& dilation, bool relu, uintptr_t stream) {
+            const std::array<int64_t, 2>& dilation, bool relu, uintptr_t stream, const std::string& schedule) {
   CHECK_NONNEGATIVE(N);
   CNNFAST_CHECK(C > 0 && H > 0 && W > 0 && K > 0 && R > 0 && S > 0,
                 "conv2d needs positive C, H, W, K, R, S, got C=" << C << " H=" << H << " W=" << W << " K=" << K
@@ -130,7 +139,8 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
   const cnnfast::Conv2dCutlassArgs args{element_type, x, weight, bias, residual, out,
                                         N, C, H, W, K, R, S,
                                         padding[0], padding[1], stride[0], stride[1], dilation[0], dilation[1],
-                                        out_pixel_stride, /*has_residual=*/residual != 0, relu};
+                                        out_pixel_stride, /*has_residual=*/residual != 0, relu,
+                                        to_schedule(schedule)};
 #if defined(CNNFAST_WITH_CUTLASS)
   cnnfast::conv2d_cutlass_check(args);  // argument errors first: they need no GPU
   require_cuda_device();
@@ -140,7 +150,7 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
 
 // The kernel conv2d runs for these arguments: (schedule name, M, N, K of its CTA tile).
 py::tuple conv2d_kernel(int dtype, int64_t K, int64_t R, int64_t S, const std::array<int64_t, 2>& padding,
-                        const std::array<int64_t, 2>& stride, bool relu) {
+                        const std::array<int64_t, 2>& stride, bool relu, const std::string& schedule) {
   CNNFAST_CHECK(K > 0 && R > 0 && S > 0, "conv2d_kernel needs positive K, R, S, got K=" << K << " R=" << R << " S=" << S);
   cnnfast::Conv2dCutlassArgs args{};
   args.dtype = to_dtype(dtype);
@@ -152,6 +162,7 @@ py::tuple conv2d_kernel(int dtype, int64_t K, int64_t R, int64_t S, const std::a
   args.stride_h = stride[0];
   args.stride_w = stride[1];
   args.relu = relu;
+  args.schedule = to_schedule(schedule);
   const cnnfast::Conv2dCutlassKernel kernel = cnnfast::conv2d_cutlass_kernel(args);
   return py::make_tuple(cnnfast::conv2d_cutlass_schedule_name(kernel.schedule), kernel.m, kernel.n, kernel.k);
 }
@@ -194,17 +205,18 @@ PYBIND11_MODULE(_C, m) {
         "out = relu?(conv2d(x, weight) + bias + residual), CUTLASS sm90 (conv2d_kernel says which kernel): float16/bfloat16, or "
         "float32 computed as TF32; x NHWC and weight KRSC dense, C and K filling 16-byte rows, groups 1, "
         "bias float32 or 0, residual (dense) or 0, out's pixels out_pixel_stride elements apart. "
+        "schedule: 'auto' (conv2d_kernel's rule), or 'fprop' / 'gemm-pingpong' to force one kernel. "
         "Raises ValueError for what it does not support, RuntimeError when built without CUTLASS.",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("out"),
         py::arg("out_pixel_stride"), py::arg("dtype"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"),
         py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"), py::arg("dilation"),
-        py::arg("relu"), py::arg("stream"));
+        py::arg("relu"), py::arg("stream"), py::arg("schedule") = "auto");
   m.def("conv2d_kernel", &conv2d_kernel,
         "(schedule, M, N, K): the CUTLASS kernel conv2d runs for a dtype code, K output channels (as passed to "
         "conv2d, after any padding), filter R x S, padding, stride and activation, and its CTA tile: 'fprop' "
         "(implicit GEMM; N is 64 where that leaves fewer output channels idle) or 'gemm-pingpong' (1x1 stride-1 "
-        "ReLU convs with K > 64 in float16/bfloat16).",
+        "ReLU convs with K > 64 in float16/bfloat16); schedule forces one, as conv2d's does.",
         py::arg("dtype"), py::arg("K"), py::arg("R"), py::arg("S"), py::arg("padding"), py::arg("stride"),
-        py::arg("relu"));
+        py::arg("relu"), py::arg("schedule") = "auto");
   m.def("build_info", &build_info, "CUDA runtime version and the GPU architectures compiled in.");
 }

@@ -95,14 +95,28 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
 Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& a) {
   const bool sixteen_bit = a.dtype != DType::kFloat32;
   const int k = sixteen_bit ? 64 : 32;  // 128 bytes of reduction per stage
-  if (sixteen_bit && a.relu && a.K <= 64) return {Conv2dCutlassSchedule::kFprop, 128, 64, k};
   const bool pointwise = a.R == 1 && a.S == 1 && a.stride_h == 1 && a.stride_w == 1 && a.pad_h == 0 && a.pad_w == 0;
-  if (sixteen_bit && a.relu && pointwise) return {Conv2dCutlassSchedule::kGemmPingpong, 128, 128, 64};
+  const bool gemm_applies = sixteen_bit && a.relu && a.K > 64 && pointwise;
+  const Conv2dCutlassKernel gemm{Conv2dCutlassSchedule::kGemmPingpong, 128, 128, 64};
+  if (a.schedule == Conv2dCutlassSchedule::kGemmPingpong) {
+    CONV_CHECK(gemm_applies, "the gemm-pingpong kernel runs only 1x1, stride-1, unpadded float16/bfloat16 convs "
+                             "with ReLU and K > 64, got "
+                                 << a.R << "x" << a.S << " stride " << a.stride_h << "x" << a.stride_w << " padding "
+                                 << a.pad_h << "x" << a.pad_w << " K=" << a.K << (a.relu ? "" : " without ReLU")
+                                 << (sixteen_bit ? "" : " in float32"));
+    return gemm;
+  }
+  if (sixteen_bit && a.relu && a.K <= 64) return {Conv2dCutlassSchedule::kFprop, 128, 64, k};
+  if (gemm_applies && a.schedule == Conv2dCutlassSchedule::kAuto) return gemm;
   return {Conv2dCutlassSchedule::kFprop, 128, 128, k};
 }
 
 const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule) {
-  return schedule == Conv2dCutlassSchedule::kGemmPingpong ? "gemm-pingpong" : "fprop";
+  switch (schedule) {
+    case Conv2dCutlassSchedule::kFprop: return "fprop";
+    case Conv2dCutlassSchedule::kGemmPingpong: return "gemm-pingpong";
+    default: return "auto";
+  }
 }
 
 void conv2d_cutlass(const Conv2dCutlassArgs& a, cudaStream_t stream) {

@@ -18,6 +18,9 @@
 
 namespace cnnfast {
 
+// The CUTLASS kernels conv2d_cutlass can run (see conv2d_cutlass_kernel); kAuto lets it choose.
+enum class Conv2dCutlassSchedule { kAuto, kFprop, kGemmPingpong };
+
 struct Conv2dCutlassArgs {
   DType dtype;
   uintptr_t x;         // (N, H, W, C) dense, dtype
@@ -33,6 +36,9 @@ struct Conv2dCutlassArgs {
   int64_t out_pixel_stride;
   bool has_residual;
   bool relu;
+  // kAuto: the rule of conv2d_cutlass_kernel. kFprop or kGemmPingpong force that kernel (for
+  // measuring one against the other); the GEMM only where it applies, else invalid_argument.
+  Conv2dCutlassSchedule schedule = Conv2dCutlassSchedule::kAuto;
 };
 
 // Output extent of one spatial dimension (PyTorch's formula, symmetric padding).
@@ -61,14 +67,15 @@ void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
 //     compile, not two.
 //   kGemmPingpong: 1x1, stride-1, unpadded convolutions with ReLU and K > 64 in float16/bfloat16, a
 //     GEMM on the persistent ping-pong kernel (conv2d_cutlass_gemm.cuh), 128 x 128 x 64 per warp group.
-// Reads dtype, K, R, S, stride, padding and relu of args; needs no pointers and no GPU.
-enum class Conv2dCutlassSchedule { kFprop, kGemmPingpong };
+// A schedule requested in args overrides the rule: kFprop always applies (with the tile width
+// above); kGemmPingpong only where the GEMM does, else std::invalid_argument says why.
+// Reads dtype, K, R, S, stride, padding, relu and schedule of args; needs no pointers and no GPU.
 struct Conv2dCutlassKernel {
   Conv2dCutlassSchedule schedule;
   int m, n, k;
 };
 Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& args);
-const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule);  // "fprop", "gemm-pingpong"
+const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule);  // "auto", "fprop", "gemm-pingpong"
 
 // The kernels, args already checked: with launch = false they only ask CUTLASS's can_implement (on
 // the host), and throw std::invalid_argument if it refuses. The fprop with 128-wide tiles, both activations:
