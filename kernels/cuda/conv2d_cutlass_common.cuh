@@ -61,7 +61,8 @@ inline void check_cuda(cudaError_t err, const char* what) {
 }
 
 // Asks CUTLASS whether it can run these arguments (can_implement: host-side checks of the problem
-// shape, strides and alignment, no GPU needed); then, when `run`, builds the TMA descriptors
+// shape against the kernel's alignment and TMA limits, no GPU needed; the GEMM's does not look at
+// the stride values); then, when `run`, builds the TMA descriptors
 // (initialize) and launches. The workspace, if the operator needs one, is stream-ordered memory
 // freed on the same stream (also when a later step throws), so a CUDA graph capture records it as
 // a memory node instead of failing.
