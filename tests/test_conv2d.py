@@ -737,6 +737,16 @@ def test_cuda_kernel_refuses_what_it_does_not_support_without_a_gpu(dtype, c, k,
                                 True, 0)
 
 
+def test_cuda_kernel_refuses_a_dilation_past_int_range():
+    # A 1x1 filter passes the dilated-extent checks with any dilation; CUTLASS holds it as int.
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    with pytest.raises(ValueError, match=r"dilation 2147483648x1 is outside 1..2\^31-1"):
+        cuda_extension().conv2d(16, 16, 0, 0, 16, 16, 1, 1, 16, 8, 8, 16, 1, 1, (0, 0), (1, 1), (2**31, 1), True, 0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the call would launch on fake pointers")
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cutlass_accepts_every_layer_without_a_gpu(arch):

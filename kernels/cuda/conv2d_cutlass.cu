@@ -69,7 +69,9 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
   CONV_CHECK(!a.has_residual || a.residual != 0, "has_residual is set but the residual pointer is null");
   CONV_CHECK(a.stride_h >= 1 && a.stride_w >= 1 && a.stride_h <= 8 && a.stride_w <= 8,
              "stride " << a.stride_h << "x" << a.stride_w << " is outside 1..8 (TMA im2col traversal stride)");
-  CONV_CHECK(a.dilation_h >= 1 && a.dilation_w >= 1, "dilation must be >= 1");
+  // CUTLASS holds dilation as int (a 1-tap filter passes the extent checks below with any dilation).
+  CONV_CHECK(a.dilation_h >= 1 && a.dilation_w >= 1 && a.dilation_h <= 2147483647 && a.dilation_w <= 2147483647,
+             "dilation " << a.dilation_h << "x" << a.dilation_w << " is outside 1..2^31-1");
   CONV_CHECK(a.pad_h >= 0 && a.pad_w >= 0 && a.pad_h <= 127 && a.pad_w <= 127,
              "padding " << a.pad_h << "x" << a.pad_w << " is outside 0..127 (TMA im2col corner limit)");
   // Filter offsets of TMA im2col are 8-bit per spatial dimension in 2-D: (R-1)*dilation < 255.

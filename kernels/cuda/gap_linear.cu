@@ -86,6 +86,7 @@ constexpr int kTileC = 32;     // channels per shared-memory stage
 constexpr int kSkew = 8;       // keeps wmma rows 16-byte aligned while spreading them over banks
 constexpr int kChunk = 8;      // elements per 16-byte load
 constexpr int kWmmaThreads = 128;
+static_assert(kTileN == kTileO, "one staging loop fills a_tile and b_tile row for row");
 
 // Eight consecutive elements of row `row` of a dense (rows, C) matrix from column `col` into dst,
 // zeros past the matrix's edge.
