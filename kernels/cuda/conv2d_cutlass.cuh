@@ -113,7 +113,7 @@ void run(const Conv2dCutlassArgs& a, cudaStream_t stream, bool launch) {
       {reinterpret_cast<const Element*>(a.x), reinterpret_cast<const Element*>(a.weight)},
       {{}, epilogue_source<Element>(a), stride_c, reinterpret_cast<Element*>(a.out), stride_d}};
   set_bias_residual(arguments.epilogue.thread, a);
-  check_and_launch<Conv>(arguments, stream, launch);
+  check_or_launch<Conv>(arguments, stream, launch);
 }
 
 // The 128-wide tile, both activations.

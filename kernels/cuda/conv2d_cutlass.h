@@ -78,7 +78,8 @@ Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& args);
 const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule);  // "auto", "fprop", "gemm-pingpong"
 
 // The kernels, args already checked: with launch = false they only ask CUTLASS's can_implement (on
-// the host), and throw std::invalid_argument if it refuses. The fprop with 128-wide tiles, both activations:
+// the host), and throw std::invalid_argument if it refuses; with launch = true they run, trusting
+// that check (conv2d_cutlass_check makes it just before). The fprop with 128-wide tiles, both activations:
 // conv2d_cutlass_{f16,bf16,tf32}.cu; with 64-wide tiles and ReLU: conv2d_cutlass_n64_relu.cu; the 1x1
 // GEMM with ReLU: conv2d_cutlass_gemm_{f16,bf16}.cu.
 void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);

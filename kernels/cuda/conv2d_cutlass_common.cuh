@@ -60,20 +60,22 @@ inline void check_cuda(cudaError_t err, const char* what) {
   throw std::runtime_error(std::string("conv2d (cuda/CUTLASS): ") + what + " failed: " + cudaGetErrorString(err));
 }
 
-// Asks CUTLASS whether it can run these arguments (can_implement: host-side checks of the problem
-// shape against the kernel's alignment and TMA limits, no GPU needed; the GEMM's does not look at
-// the stride values); then, when `run`, builds the TMA descriptors
-// (initialize) and launches. The workspace, if the operator needs one, is stream-ordered memory
-// freed on the same stream (also when a later step throws), so a CUDA graph capture records it as
-// a memory node instead of failing.
+// launch = false: asks CUTLASS whether it can run these arguments (can_implement: host-side checks
+// of the problem shape against the kernel's alignment and TMA limits, no GPU needed; the GEMM's does
+// not look at the stride values). launch = true: builds the TMA descriptors (initialize) and
+// launches; conv2d_cutlass has just run the check (conv2d_cutlass_check), so it is not repeated.
+// The workspace, if the operator needs one, is stream-ordered memory freed on the same stream (also
+// when a later step throws), so a CUDA graph capture records it as a memory node instead of failing.
 template <class Operator>
-void check_and_launch(const typename Operator::Arguments& arguments, cudaStream_t stream, bool run) {
-  const cutlass::Status implementable = Operator::can_implement(arguments);
-  if (implementable != cutlass::Status::kSuccess) {
-    throw std::invalid_argument(std::string("conv2d (cuda/CUTLASS): the kernel cannot run this problem (can_implement: ") +
-                                cutlass::cutlassGetStatusString(implementable) + ")");
+void check_or_launch(const typename Operator::Arguments& arguments, cudaStream_t stream, bool launch) {
+  if (!launch) {
+    const cutlass::Status implementable = Operator::can_implement(arguments);
+    if (implementable != cutlass::Status::kSuccess) {
+      throw std::invalid_argument(std::string("conv2d (cuda/CUTLASS): the kernel cannot run this problem (can_implement: ") +
+                                  cutlass::cutlassGetStatusString(implementable) + ")");
+    }
+    return;
   }
-  if (!run) return;
   Operator op;
   const size_t workspace_bytes = Operator::get_workspace_size(arguments);
   void* workspace = nullptr;

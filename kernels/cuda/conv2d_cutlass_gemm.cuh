@@ -102,7 +102,7 @@ void run_gemm_1x1_relu(const Conv2dCutlassArgs& a, cudaStream_t stream, bool lau
       hw_info};
   set_bias_residual(arguments.epilogue.thread, a);
 
-  check_and_launch<Gemm>(arguments, stream, launch);
+  check_or_launch<Gemm>(arguments, stream, launch);
 }
 
 }  // namespace cutlass_conv
