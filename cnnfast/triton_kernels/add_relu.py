@@ -48,7 +48,7 @@ def add_relu_strided_configs(interpreted: bool = INTERPRETED):
         ]
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=warps)
-        for block_m, block_c, warps in [(64, 64, 4), (32, 128, 4), (128, 32, 4), (128, 64, 8), (16, 256, 4)]
+        for block_m, block_c, warps in [(64, 64, 4), (32, 128, 4), (128, 32, 8), (128, 64, 8), (16, 256, 4)]
     ]
 
 

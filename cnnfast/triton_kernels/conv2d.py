@@ -53,12 +53,13 @@ from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 # the compute-bound 3x3 layers, shallow pipelines for 1x1 layers whose reduction is one or two
 # blocks long. The flat order decodes (r, s, c) per element, which costs registers: only the tiles
 # that compile without spills on sm_90a (tests/test_triton_compile.py checks every one; 128x256
-# and 256x128 tiles spill in both orders).
+# and 256x128 tiles spill in both orders) under triton 3.8 and under the GPU image's 3.6, where a
+# 64x64x64 flat tile needs 8 warps (with 4 it spills 8 to 244 bytes).
 CHANNEL_BLOCKED_TILES = [
     (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (128, 64, 32, 4, 5),
     (64, 256, 32, 8, 4), (64, 32, 64, 4, 5), (128, 64, 64, 4, 2), (64, 64, 64, 4, 2),
 ]
-FLAT_TILES = [(64, 64, 64, 4, 5), (64, 64, 64, 4, 2), (64, 256, 32, 8, 4), (64, 32, 64, 4, 5)]
+FLAT_TILES = [(64, 64, 64, 8, 5), (64, 64, 64, 8, 2), (64, 64, 32, 4, 5), (64, 256, 32, 8, 4), (64, 32, 64, 4, 5)]
 
 
 # Split-K candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K): small tiles, since they
@@ -66,7 +67,7 @@ FLAT_TILES = [(64, 64, 64, 4, 5), (64, 64, 64, 4, 2), (64, 256, 32, 8, 4), (64, 
 CHANNEL_BLOCKED_SPLIT_TILES = [
     (64, 64, 64, 4, 4, 2), (64, 64, 64, 4, 4, 4), (64, 64, 64, 4, 4, 8), (64, 128, 64, 4, 4, 4), (64, 32, 64, 4, 5, 8),
 ]
-FLAT_SPLIT_TILES = [(64, 64, 64, 4, 5, 2), (64, 64, 64, 4, 5, 4)]
+FLAT_SPLIT_TILES = [(64, 64, 64, 8, 5, 2), (64, 64, 64, 8, 5, 4)]
 
 
 def tile_config(block_m, block_n, block_k, warps, stages, split_k=1, group_m=8):

@@ -145,7 +145,7 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
   cnnfast::conv2d_cutlass_check(args);  // argument errors first: they need no GPU
   require_cuda_device();
 #endif
-  cnnfast::conv2d_cutlass(args, reinterpret_cast<cudaStream_t>(stream));
+  cnnfast::conv2d_cutlass_launch(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
 // The kernel conv2d runs for these arguments: (schedule name, M, N, K of its CTA tile).

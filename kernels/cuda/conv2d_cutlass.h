@@ -18,7 +18,7 @@
 
 namespace cnnfast {
 
-// The CUTLASS kernels conv2d_cutlass can run (see conv2d_cutlass_kernel); kAuto lets it choose.
+// The CUTLASS kernels conv2d_cutlass_launch can run (see conv2d_cutlass_kernel); kAuto lets it choose.
 enum class Conv2dCutlassSchedule { kAuto, kFprop, kGemmPingpong };
 
 struct Conv2dCutlassArgs {
@@ -51,12 +51,13 @@ inline int64_t conv2d_cutlass_out_extent(int64_t in, int64_t pad, int64_t stride
 // asks CUTLASS's can_implement of the kernel conv2d_cutlass_kernel picks (host-side); needs no GPU.
 void conv2d_cutlass_check(const Conv2dCutlassArgs& args);
 
-// Checks what the kernel supports (throws std::invalid_argument naming the problem), then runs it
-// on `stream`. CUTLASS errors become std::runtime_error. A build without CUTLASS throws
-// std::runtime_error saying so.
-void conv2d_cutlass(const Conv2dCutlassArgs& args, cudaStream_t stream);
+// Runs the kernel conv2d_cutlass_kernel picks on `stream`, for args that conv2d_cutlass_check has
+// accepted (the caller checks first, so that argument errors come before "no GPU" errors, and the
+// checks, CUTLASS's can_implement among them, run once a call). CUTLASS errors become
+// std::runtime_error. A build without CUTLASS throws std::runtime_error saying so.
+void conv2d_cutlass_launch(const Conv2dCutlassArgs& args, cudaStream_t stream);
 
-// Which CUTLASS kernel conv2d_cutlass runs, and its CTA tile (M pixels, N output channels, K
+// Which CUTLASS kernel conv2d_cutlass_launch runs, and its CTA tile (M pixels, N output channels, K
 // reduction elements per stage):
 //   kFprop: the sm90 implicit-GEMM convolution (conv2d_cutlass.cuh), N = 128, or 64 for
 //     float16/bfloat16 with ReLU when K <= 64, where a 128-wide tile would leave half or more of
@@ -78,8 +79,8 @@ Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& args);
 const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule);  // "auto", "fprop", "gemm-pingpong"
 
 // The kernels, args already checked: with launch = false they only ask CUTLASS's can_implement (on
-// the host), and throw std::invalid_argument if it refuses; with launch = true they run, trusting
-// that check (conv2d_cutlass_check makes it just before). The fprop with 128-wide tiles, both activations:
+// the host), and throw std::invalid_argument if it refuses (conv2d_cutlass_check's last step); with
+// launch = true they run, trusting that check. The fprop with 128-wide tiles, both activations:
 // conv2d_cutlass_{f16,bf16,tf32}.cu; with 64-wide tiles and ReLU: conv2d_cutlass_n64_relu.cu; the 1x1
 // GEMM with ReLU: conv2d_cutlass_gemm_{f16,bf16}.cu.
 void conv2d_cutlass_f16(const Conv2dCutlassArgs& args, cudaStream_t stream, bool launch);

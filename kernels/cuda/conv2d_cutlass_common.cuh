@@ -63,7 +63,7 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // launch = false: asks CUTLASS whether it can run these arguments (can_implement: host-side checks
 // of the problem shape against the kernel's alignment and TMA limits, no GPU needed; the GEMM's does
 // not look at the stride values). launch = true: builds the TMA descriptors (initialize) and
-// launches; conv2d_cutlass has just run the check (conv2d_cutlass_check), so it is not repeated.
+// launches, trusting that check (conv2d_cutlass_check, which the caller runs first), not repeating it.
 // The workspace, if the operator needs one, is stream-ordered memory freed on the same stream (also
 // when a later step throws), so a CUDA graph capture records it as a memory node instead of failing.
 template <class Operator>
