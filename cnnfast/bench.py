@@ -36,8 +36,10 @@ and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64"), null f
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
+import shutil
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -135,16 +137,61 @@ def kernel_name(backend, problem, x, weight, bias) -> str | None:
     return None
 
 
-def progress(text: str, show: bool) -> None:
-    if show:
-        print(text, file=sys.stderr, flush=True)
+def clock(seconds: float) -> str:
+    """Seconds as m:ss (h:mm:ss past an hour)."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def bench_layers(problems, batch, dtype, device, backends, show_progress=False) -> list[dict]:
-    """The "layers" rows: every (problem, names) of problems timed on each backend."""
+def progress_text(done: int, total: int, label: str, elapsed_s: float, bar_width: int = 0) -> str:
+    """Where a run stands as it starts step done + 1 of total: its label, the time so far and, once
+    a step has finished, the time left at the mean pace so far; led by a bar of bar_width cells
+    (the share done) when bar_width > 0, else by "[step/total]"."""
+    pace = f"{clock(elapsed_s)} elapsed" + (f", ~{clock(elapsed_s / done * (total - done))} left" if done else "")
+    if bar_width <= 0:
+        return f"[{done + 1}/{total}] {label} ({pace})"
+    filled = bar_width * done // total
+    return f"[{'#' * filled}{'.' * (bar_width - filled)}] {done + 1}/{total} {label}  {pace}"
+
+
+class Progress:
+    """The progress of a long run on stderr: a bar redrawn in place on a terminal, one line per
+    step elsewhere (a log, CI); nothing when show is false."""
+
+    def __init__(self, total: int, show: bool, stream=None):
+        self.total, self.show, self.stream = total, show, stream or sys.stderr
+        self.in_place = show and self.stream.isatty()
+        self.done, self.start = 0, time.monotonic()
+
+    def step(self, label: str) -> None:
+        """Announces the next step."""
+        if self.show:
+            elapsed = time.monotonic() - self.start
+            if self.in_place:
+                columns = shutil.get_terminal_size().columns
+                # One terminal row, so that the carriage return redraws it instead of a wrapped tail.
+                text = progress_text(self.done, self.total, label, elapsed, bar_width=20)[: columns - 1]
+                self.stream.write("\r" + text.ljust(columns - 1))
+            else:
+                self.stream.write(progress_text(self.done, self.total, label, elapsed) + "\n")
+            self.stream.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        """Ends the bar's row (on a terminal), so that what is printed next starts a line of its own."""
+        if self.in_place and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def bench_layers(problems, batch, dtype, device, backends, progress=None) -> list[dict]:
+    """The "layers" rows: every (problem, names) of problems timed on each backend; each layer is a
+    step of progress (a Progress), when given."""
     rows = []
-    for index, (problem, names) in enumerate(problems.items(), 1):
-        progress(f"[{index}/{len(problems)}] {names[0]}: {', '.join(backends)}", show_progress)
+    for problem, names in problems.items():
+        if progress is not None:
+            progress.step(f"{names[0]}: {', '.join(backends)}")
         x, weight, bias = layer_inputs(problem, batch, dtype, device)
         flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, dtype.itemsize)
         times = {}
@@ -202,9 +249,13 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
     timed = [backend for backend in backends if backend not in skipped]
     problems = conv_problems(analyze_arch(arch, input_size=input_size))
     problems = dict(list(problems.items())[:max_layers])
-    layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, show_progress)
+    progress = Progress(len(problems) + end_to_end, show_progress)
+    layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, progress)
+    end_to_end_rows = []
     if end_to_end:
-        progress(f"end to end: {arch} eager and cnnfast.optimize", show_progress)
+        progress.step(f"end to end: {arch} eager and cnnfast.optimize")
+        end_to_end_rows = bench_model(arch, batch, DTYPES[dtype], device, input_size)
+    progress.close()
     return {
         "schema": BENCH_SCHEMA,
         "arch": arch,
@@ -218,7 +269,7 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
         "backends": timed,
         "skipped": skipped,
         "layers": layers,
-        "end_to_end": bench_model(arch, batch, DTYPES[dtype], device, input_size) if end_to_end else [],
+        "end_to_end": end_to_end_rows,
     }
 
 

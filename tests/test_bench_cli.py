@@ -1,5 +1,8 @@
 """`cnnfast bench` and `cnnfast roofline` on the CPU: skipped backends with reasons, the JSON schemas, the chart."""
+import io
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -7,6 +10,7 @@ import torch.nn.functional as F
 
 from cnnfast import backends
 from cnnfast.analysis.counter import ConvProblem
+from cnnfast.bench import Progress, clock, progress_text
 from cnnfast.cli import main
 
 SMALL = ("resnet18", "--batch", "1", "--input-size", "32", "--max-layers", "2")
@@ -54,7 +58,9 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert "CPU timings" in out
     assert "skipped triton: needs a CUDA device" in out and "skipped cuda:" in out
     assert "layer1.0.conv1" in out  # --layers: the per-layer table
-    assert "[2/2] layer1.0.conv1" in err  # progress on stderr
+    # Progress on stderr, a line per step off a terminal: two layers, then the whole model.
+    assert "[2/3] layer1.0.conv1: torch, torch_folded, compile (" in err
+    assert "[3/3] end to end: resnet18 eager and cnnfast.optimize" in err and "\r" not in err
 
 
 def test_bench_prints_only_the_summary_without_layers(capsys):
@@ -123,3 +129,46 @@ def test_kernel_name_says_what_ran(monkeypatch):
         assert kernel_name("cuda", wide, x, weight, bias) == "cutlass-fprop-128x128x64"
         pointwise = ConvProblem(C=16, H=6, W=5, K=96, R=1, S=1, stride=(1, 1), padding=(0, 0))
         assert kernel_name("cuda", pointwise, x, weight, bias) == "cutlass-gemm-pingpong-128x128x64"
+
+
+def test_progress_text_says_the_step_the_time_and_what_is_left():
+    assert clock(5) == "0:05" and clock(754) == "12:34" and clock(3725) == "1:02:05"
+    # Nothing finished yet: no estimate.
+    assert progress_text(0, 4, "conv1", 2.0) == "[1/4] conv1 (0:02 elapsed)"
+    # 3 of 4 steps took 90 s: the last one is expected to take 30 more.
+    assert progress_text(3, 4, "fc", 90.0) == "[4/4] fc (1:30 elapsed, ~0:30 left)"
+    assert progress_text(3, 4, "fc", 90.0, bar_width=8) == "[######..] 4/4 fc  1:30 elapsed, ~0:30 left"
+    assert progress_text(1, 3, "x", 10.0, bar_width=6) == "[##....] 2/3 x  0:10 elapsed, ~0:20 left"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_progress_redraws_one_row_on_a_terminal_and_writes_lines_elsewhere(terminal, monkeypatch):
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: os.terminal_size((40, 24)))
+    stream = Terminal() if terminal else io.StringIO()
+    progress = Progress(3, show=True, stream=stream)
+    for label in ("conv1", "layer1.0.conv1", "a label far too long to fit on one forty-column row"):
+        progress.step(label)
+    progress.close()
+    text = stream.getvalue()
+    if terminal:
+        rows = text.split("\r")[1:]
+        assert len(rows) == 3 and text.endswith("\n") and text.count("\n") == 1
+        assert all(len(row.rstrip("\n")) == 39 for row in rows)  # padded or cut to the terminal's width
+        assert rows[0].startswith("[" + "." * 20 + "] 1/3 conv1")
+        assert rows[2].startswith("[" + "#" * 13 + "." * 7 + "] 3/3 a label")
+    else:
+        assert text.splitlines()[0] == "[1/3] conv1 (0:00 elapsed)" and len(text.splitlines()) == 3
+        assert text.splitlines()[2].startswith("[3/3] a label far too long to fit on one forty-column row (")
+
+
+def test_progress_shows_nothing_when_not_asked():
+    stream = Terminal()
+    progress = Progress(2, show=False, stream=stream)
+    progress.step("conv1")
+    progress.close()
+    assert stream.getvalue() == ""
