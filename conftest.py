@@ -47,6 +47,14 @@ def cuda_context_error() -> str | None:
 
 # Set by the teardown of the case after which the CUDA context was found broken.
 broken_context: str | None = None
+# Whether this process is a pytest-xdist worker (it has workerinput; an inherited environment
+# variable would also mark a pytest run started from inside a worker).
+xdist_worker = False
+
+
+def pytest_configure(config):
+    global xdist_worker
+    xdist_worker = hasattr(config, "workerinput")
 
 
 @pytest.hookimpl(trylast=True)
@@ -64,6 +72,6 @@ def pytest_runtest_logfinish(nodeid, location):
     fresh worker takes the remaining cases); a run without workers stops."""
     if broken_context is None:
         return
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if xdist_worker:
         os._exit(3)
     pytest.exit(f"{broken_context}; stopping (the remaining cases would fail on the same error)", returncode=1)

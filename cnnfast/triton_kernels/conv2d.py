@@ -32,7 +32,9 @@ resets the counter to zero for the next launch (the autotuner relaunches with th
 The launcher offers these configs to the autotuner only when the problem has fewer 64x64 tiles
 than the GPU has SMs. The call that tunes a problem allocates the workspace and zeroes the counters
 (one small fill kernel) for every candidate; later calls launch the chosen config directly, with a
-workspace only if that config splits.
+workspace only if that config splits. Before the autotuner times the candidates, the tuning call
+compiles them all at once on a thread pool (parallel_compile.py): the autotuner alone would compile
+them one after another.
 
 The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
@@ -47,6 +49,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.triton_kernels.parallel_compile import compile_in_parallel
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for Hopper. The channel-blocked order: large tiles for
@@ -384,6 +387,8 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
+            if not INTERPRETED:  # the tuner would compile its candidates one by one as it times them
+                compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}), args, flags)
             tuner[grid](*args, **flags)
             chosen_configs[problem] = tuner.best_config
         else:

@@ -1,0 +1,95 @@
+"""The conv launcher compiles its autotuning candidates in parallel before the autotuner times them
+(cnnfast.triton_kernels.parallel_compile), checked without a GPU: the launcher and Triton's real
+autotuner run on CPU tensors against a stand-in driver that compiles for sm_90a and launches
+nothing. Every candidate must be compiled on the pool's threads, and the autotuner's own launches
+must find each one compiled (no compile on the calling thread).
+
+conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the check runs in a
+subprocess, this file as a script without that variable (as tests/test_triton_compile.py does).
+"""
+import json
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from tests.test_triton_compile import compile_in_subprocesses
+
+TIMEOUT_S = 600
+
+
+class StandInDriver:
+    """The parts of Triton's active driver that compiling and launching use: an sm_90a target, and a
+    launcher that does nothing."""
+
+    class utils:
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132}
+
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return None, None, 0, 0, 1024
+
+    @staticmethod
+    def launcher_cls(src, metadata):
+        return lambda *args: None
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def tune_one_problem(dtype_name: str) -> dict:
+    """Runs the launcher's tuning call on a ResNet 3x3 layer and reports where each compile ran."""
+    import torch
+    import triton.compiler
+    from triton.runtime.driver import driver
+
+    driver.set_active(StandInDriver())
+    from cnnfast.triton_kernels import conv2d
+
+    conv2d.config_fits = lambda config, dtype, device: True  # the real one asks the GPU for its shared memory
+    timed = []
+    for tuner in conv2d.conv2d_bias_act_autotuned.values():
+        tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
+    compiles = []
+    real_compile = triton.compiler.compile
+
+    def recording_compile(*args, **kwargs):
+        compiles.append(threading.current_thread() is threading.main_thread())
+        return real_compile(*args, **kwargs)
+
+    triton.compiler.compile = recording_compile  # the jit function takes it at its first launch
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.empty(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv2d.conv2d_bias_act(x, weight, torch.randn(64), None, out, (1, 1), (1, 1), (1, 1), True)
+    candidates = conv2d.conv2d_bias_act_autotuned[(False, False)].configs
+    return {"candidates": len(candidates), "timed": len(timed), "compiles_on_main_thread": sum(compiles),
+            "compiles_on_pool": len(compiles) - sum(compiles)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_candidates_compile_on_the_pool_and_the_autotuner_finds_them_compiled(dtype):
+    (report,) = compile_in_subprocesses(__file__, [(dtype,)], TIMEOUT_S).values()
+    assert report["candidates"] >= 2 and report["timed"] == report["candidates"]
+    assert report["compiles_on_pool"] == report["candidates"]
+    assert report["compiles_on_main_thread"] == 0
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile afresh, not from an earlier run's cache
+    os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
+    print(json.dumps(tune_one_problem(sys.argv[1])))
