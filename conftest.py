@@ -8,7 +8,6 @@ every later case in that process would fail on the error. So after each case tha
 checked; if it is broken, a pytest-xdist worker ends itself (xdist reports the case as crashed and starts a
 fresh worker for the remaining cases), and a run without workers stops, naming the case."""
 import os
-import sys
 
 import pytest
 import torch
