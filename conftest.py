@@ -27,21 +27,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def cuda_context_error() -> str | None:
-    """The error of a CUDA context that an earlier kernel left unusable, else None. Faults during a
-    kernel (illegal address, illegal instruction, launch failure) are sticky: every later call
-    repeats them. A call that fails once and then succeeds was not such an error."""
+def cuda_errors() -> list[str]:
+    """The CUDA errors that synchronizing reports now: none; one, an error of the work just done
+    that a second synchronize no longer repeats; or two, a context that an earlier kernel left
+    unusable (faults during a kernel, an illegal address or instruction, are sticky: every later
+    call repeats them). Nothing is asked where CUDA was never initialised."""
     if not (HAS_CUDA and torch.cuda.is_initialized()):
-        return None
+        return []
     errors = []
     for _ in range(2):
         try:
             torch.cuda.synchronize()
         except RuntimeError as error:  # torch.AcceleratorError in recent versions
-            errors.append(str(error))
+            errors.append(str(error).splitlines()[0])
         else:
-            return None
-    return errors[-1]
+            break
+    return errors
 
 
 # Set by the teardown of the case after which the CUDA context was found broken.
@@ -56,14 +57,24 @@ def pytest_configure(config):
     xdist_worker = hasattr(config, "workerinput")
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """After the case's own teardown: a broken context is an error of this case, named in its report."""
+    """Around the case's teardown (its fixtures' finalizers included): a CUDA error is an error of
+    this case, named in its report; a broken context also ends the process below."""
     global broken_context
-    error = cuda_context_error()
-    if error is not None:
-        broken_context = f"the CUDA context is unusable after {item.nodeid}: {error.splitlines()[0]}"
+    try:
+        result = yield
+    except BaseException:  # the teardown failed on its own: keep its error, still look at the context
+        if len(cuda_errors()) == 2:
+            broken_context = f"the CUDA context is unusable after {item.nodeid}"
+        raise
+    errors = cuda_errors()
+    if len(errors) == 2:
+        broken_context = f"the CUDA context is unusable after {item.nodeid}: {errors[-1]}"
         raise RuntimeError(broken_context)
+    if errors:
+        raise RuntimeError(f"a CUDA error surfaced after {item.nodeid}: {errors[0]}")
+    return result
 
 
 def pytest_runtest_logfinish(nodeid, location):

@@ -36,6 +36,7 @@ and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64"), null f
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
+import os
 import shutil
 import statistics
 import sys
@@ -155,6 +156,14 @@ def progress_text(done: int, total: int, label: str, elapsed_s: float, bar_width
     return f"[{'#' * filled}{'.' * (bar_width - filled)}] {done + 1}/{total} {label}  {pace}"
 
 
+def terminal_columns(stream) -> int:
+    """The width of the terminal that stream writes to (stderr's, when stdout is redirected)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):  # not a terminal file, or no file at all
+        return shutil.get_terminal_size().columns
+
+
 class Progress:
     """The progress of a long run on stderr: a bar redrawn in place on a terminal, one line per
     step elsewhere (a log, CI); nothing when show is false."""
@@ -169,7 +178,7 @@ class Progress:
         if self.show:
             elapsed = time.monotonic() - self.start
             if self.in_place:
-                columns = shutil.get_terminal_size().columns
+                columns = terminal_columns(self.stream)
                 # One terminal row, so that the carriage return redraws it instead of a wrapped tail.
                 text = progress_text(self.done, self.total, label, elapsed, bar_width=20)[: columns - 1]
                 self.stream.write("\r" + text.ljust(columns - 1))
@@ -250,12 +259,14 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
     problems = conv_problems(analyze_arch(arch, input_size=input_size))
     problems = dict(list(problems.items())[:max_layers])
     progress = Progress(len(problems) + end_to_end, show_progress)
-    layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, progress)
-    end_to_end_rows = []
-    if end_to_end:
-        progress.step(f"end to end: {arch} eager and cnnfast.optimize")
-        end_to_end_rows = bench_model(arch, batch, DTYPES[dtype], device, input_size)
-    progress.close()
+    try:
+        layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, progress)
+        end_to_end_rows = []
+        if end_to_end:
+            progress.step(f"end to end: {arch} eager and cnnfast.optimize")
+            end_to_end_rows = bench_model(arch, batch, DTYPES[dtype], device, input_size)
+    finally:  # an error's traceback, too, starts on a line of its own
+        progress.close()
     return {
         "schema": BENCH_SCHEMA,
         "arch": arch,

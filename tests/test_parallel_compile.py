@@ -48,8 +48,9 @@ class StandInDriver:
         return GPUTarget("cuda", 90, 32)
 
 
-def tune_one_problem(dtype_name: str) -> dict:
-    """Runs the launcher's tuning call on a ResNet 3x3 layer and reports where each compile ran."""
+def tuning_reports(dtype_name: str) -> dict:
+    """Runs the launcher's tuning call in three situations and reports, for each, where the compiles
+    ran and how many configs the autotuner timed."""
     import torch
     import triton.compiler
     from triton.runtime.driver import driver
@@ -58,33 +59,55 @@ def tune_one_problem(dtype_name: str) -> dict:
     from cnnfast.triton_kernels import conv2d
 
     conv2d.config_fits = lambda config, dtype, device: True  # the real one asks the GPU for its shared memory
-    timed = []
+    timed, compiles, fail_next_pool_compile = [], [], []
     for tuner in conv2d.conv2d_bias_act_autotuned.values():
         tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
-    compiles = []
     real_compile = triton.compiler.compile
 
     def recording_compile(*args, **kwargs):
-        compiles.append(threading.current_thread() is threading.main_thread())
+        on_main = threading.current_thread() is threading.main_thread()
+        compiles.append(on_main)
+        if not on_main and fail_next_pool_compile:
+            fail_next_pool_compile.clear()
+            raise RuntimeError("a compile that fails once")
         return real_compile(*args, **kwargs)
 
     triton.compiler.compile = recording_compile  # the jit function takes it at its first launch
     dtype = getattr(torch, dtype_name)
-    x = torch.randn(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    out = torch.empty(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    conv2d.conv2d_bias_act(x, weight, torch.randn(64), None, out, (1, 1), (1, 1), (1, 1), True)
-    candidates = conv2d.conv2d_bias_act_autotuned[(False, False)].configs
-    return {"candidates": len(candidates), "timed": len(timed), "compiles_on_main_thread": sum(compiles),
-            "compiles_on_pool": len(compiles) - sum(compiles)}
+
+    def tune(kernel_size, padding):
+        """A 64-channel layer on a 14x14 map."""
+        out_size = 14 + 2 * padding - kernel_size + 1
+        x = torch.randn(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(64, 64, kernel_size, kernel_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        out = torch.empty(4, 64, out_size, out_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        timed.clear()
+        compiles.clear()
+        conv2d.conv2d_bias_act(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), True)
+        return {"timed": len(timed), "compiles_on_main_thread": sum(compiles),
+                "compiles_on_pool": len(compiles) - sum(compiles)}
+
+    return {
+        "candidates": len(conv2d.conv2d_bias_act_autotuned[(False, False)].configs),
+        "new_problem": tune(3, padding=1),
+        # The same autotuner key (it leaves out the padding): it runs its choice, compiled for the
+        # new specialization; nothing is timed, so nothing should be compiled ahead.
+        "tuner_already_chose": tune(3, padding=0),
+        # A new key (1x1), and a compile on the pool fails: the autotuner must compile that config
+        # again, not reuse the failure.
+        "a_pool_compile_fails": fail_next_pool_compile.append(True) or tune(1, padding=0),
+    }
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_candidates_compile_on_the_pool_and_the_autotuner_finds_them_compiled(dtype):
     (report,) = compile_in_subprocesses(__file__, [(dtype,)], TIMEOUT_S).values()
-    assert report["candidates"] >= 2 and report["timed"] == report["candidates"]
-    assert report["compiles_on_pool"] == report["candidates"]
-    assert report["compiles_on_main_thread"] == 0
+    candidates = report["candidates"]
+    assert candidates >= 2
+    assert report["new_problem"] == {"timed": candidates, "compiles_on_pool": candidates, "compiles_on_main_thread": 0}
+    assert report["tuner_already_chose"] == {"timed": 0, "compiles_on_pool": 0, "compiles_on_main_thread": 1}
+    assert report["a_pool_compile_fails"] == {"timed": candidates, "compiles_on_pool": candidates,
+                                              "compiles_on_main_thread": 1}
 
 
 if __name__ == "__main__":
@@ -92,4 +115,4 @@ if __name__ == "__main__":
 
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile afresh, not from an earlier run's cache
     os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
-    print(json.dumps(tune_one_problem(sys.argv[1])))
+    print(json.dumps(tuning_reports(sys.argv[1])))

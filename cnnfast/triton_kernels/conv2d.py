@@ -49,7 +49,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
-from cnnfast.triton_kernels.parallel_compile import compile_in_parallel
+from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for Hopper. The channel-blocked order: large tiles for
@@ -387,7 +387,9 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            if not INTERPRETED:  # the tuner would compile its candidates one by one as it times them
+            # The tuner would compile its candidates one by one as it times them (unless it already
+            # chose for its key, which leaves out padding, bias and ReLU).
+            if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
                 compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}), args, flags)
             tuner[grid](*args, **flags)
             chosen_configs[problem] = tuner.best_config

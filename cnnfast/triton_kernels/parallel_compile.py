@@ -10,16 +10,36 @@ of that config looks up, so the autotuner then only times them.
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from triton.runtime._async_compile import AsyncCompileMode
+from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
+from triton.runtime.jit import JITFunction
+
+
+def autotuner_has_choice(tuner, args, kwargs) -> bool:
+    """Whether the autotuner already holds a choice for these launch arguments, so that it will time
+    (and compile) nothing more. Its in-memory cache is keyed as Autotuner.run builds the key: the
+    values of its key arguments, then the dtype of every argument that has one."""
+    named = {name: value for name, value in {**dict(zip(tuner.arg_names, args)), **kwargs}.items()
+             if name in tuner.arg_names}
+    key = [named[name] for name in tuner.keys if name in named]
+    key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
+    return tuple(key) in tuner.cache
 
 
 def compile_in_parallel(kernel, configs, args, kwargs) -> None:
     """Compiles kernel (a jit function, or a triton.heuristics wrapper of one) for each of configs
     with the launch arguments args and kwargs, as many at once as this machine has cores. A config
-    that fails to compile is left out: the autotuner compiles it again itself and, as usual, drops
-    it if it is out of resources."""
+    that fails to compile is left out of the JIT's cache: the autotuner compiles it again itself
+    and, as usual, drops it if it is out of resources."""
     if not configs:
         return
     with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1)) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for config in configs:
             kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+    # Some Triton versions (3.8) file the pending compile at once: one that failed would stay there
+    # and raise its error at every later launch, instead of being compiled again.
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    for kernel_cache, *_ in kernel.device_caches.values():
+        failed = [key for key, value in kernel_cache.items() if isinstance(value, FutureKernel) and value.kernel is None]
+        for key in failed:
+            del kernel_cache[key]
