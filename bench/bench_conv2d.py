@@ -12,6 +12,7 @@ computes the layer with its BatchNorm and ReLU:
                 in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels),
+- cudnn_fused:  cnnfast.ops.conv2d(backend="cudnn_fused"): cuDNN's runtime-fused conv + bias + ReLU,
 - cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
 extra_info["kernel"] names what ran on triton (the tuned config) and cuda and cuda_fprop (the CUTLASS
@@ -35,8 +36,8 @@ from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
-BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda")
-FUSED_BACKENDS = ("torch", "triton", "cuda", "cuda_fprop")  # each checked against eager_folded before timing
+BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "cudnn_fused")
+FUSED_BACKENDS = ("torch", "triton", "cuda", "cudnn_fused", "cuda_fprop")  # each checked against eager_folded before timing
 
 
 def pointwise(problem) -> bool:

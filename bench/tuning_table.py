@@ -10,7 +10,7 @@ median speedup); when none is, the op stays on torch and is left out of the tabl
 
 Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
 bench/bench_conv2d.py or `cnnfast tune --json` (a run's tune*.json) timed, the fastest of torch,
-triton and cuda by cnnfast.tuning's layer rule (a kernel must beat torch by 3 %).
+triton, cuda and cudnn_fused by cnnfast.tuning's layer rule (a kernel must beat torch by 3 %).
 
 Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
@@ -23,6 +23,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cnnfast.backends import backends_of
 from cnnfast.bench import layer_times, problem_key
 from cnnfast.roofline import DTYPES
 from cnnfast.tuning import CONV_LAYERS, dtype_key, fastest_layer_backend, save_local_choices
@@ -38,7 +39,7 @@ OP_OF_BENCHMARK = {
 # The benchmarks' own backends that are not cnnfast.ops backends (PyTorch paths).
 BASELINES = {"torch", "cudnn", "eager", "eager_folded"}
 # The conv benchmark's cases that are choices for a layer: cnnfast.ops backends.
-LAYER_BACKENDS = ("torch", "triton", "cuda")
+LAYER_BACKENDS = backends_of("conv2d")
 
 
 def run_order(path: Path):

@@ -1,5 +1,7 @@
 """Which backend runs an op: "triton" (cnnfast.triton_kernels), "cuda" (cnnfast._C), "torch"
-(PyTorch's own ops: cuDNN and cuBLAS on a GPU, oneDNN on a CPU).
+(PyTorch's own ops: cuDNN and cuBLAS on a GPU, oneDNN on a CPU), and, for the convolution alone,
+"cudnn_fused" (cuDNN's runtime-fused convolution + bias + residual + ReLU, which PyTorch exposes
+as torch.cudnn_convolution_relu and torch.cudnn_convolution_add_relu).
 
 A backend the caller names either runs or raises; `None` picks the backend measured fastest for
 the op on the tensor's GPU and dtype, and for a convolution its layer (cnnfast.tuning), "torch"
@@ -12,7 +14,16 @@ import torch
 
 from cnnfast.tuning import default_backend
 
-BACKENDS = ("triton", "cuda", "torch")
+BACKENDS = ("triton", "cuda", "cudnn_fused", "torch")
+# The ops each backend has a kernel for, where it is not every op.
+BACKEND_OPS = {"cudnn_fused": ("conv2d",)}
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    """The backends that have a kernel for op (whether or not they can run on this machine)."""
+    return tuple(backend for backend in BACKENDS if op in BACKEND_OPS.get(backend, (op,)))
+
+
 # Triton runs CPU tensors only under its interpreter (the tests' CPU path).
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,10 +66,16 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
         cuda_extension()  # raises, saying why, when the extension is not built
         if op not in cuda_ops():
             raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
+    if op not in BACKEND_OPS.get(backend, (op,)):
+        raise NotImplementedError(
+            f"{op}: backend {backend!r} has no kernel for this op (it runs {', '.join(BACKEND_OPS[backend])} only)"
+        )
     if x.device.type == "meta":  # shapes only (cnnfast.analysis): the op's fake implementation runs
         return backend
-    if backend == "cuda" and x.device.type != "cuda":
-        raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got a tensor on {x.device}")
+    if backend in ("cuda", "cudnn_fused") and x.device.type != "cuda":
+        raise RuntimeError(f"{op}: backend {backend!r} needs CUDA tensors, got a tensor on {x.device}")
+    if backend == "cudnn_fused" and not torch.backends.cudnn.is_available():
+        raise RuntimeError(f"{op}: backend 'cudnn_fused' needs cuDNN, which this PyTorch build lacks")
     if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:
         raise RuntimeError(
             f"{op}: backend 'triton' needs CUDA tensors, got a tensor on {x.device} "

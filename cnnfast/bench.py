@@ -8,7 +8,9 @@ Backends, each computing relu(conv(x) with the BatchNorm folded into weight and 
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
-- ``cuda``:         the compiled extension's conv, when ``cnnfast._C`` has one.
+- ``cuda``:         the compiled extension's conv, when ``cnnfast._C`` has one;
+- ``cudnn_fused``:  ``cnnfast.ops.conv2d(backend="cudnn_fused")``: cuDNN's runtime-fused
+  conv + bias + ReLU; needs a CUDA device.
 
 A backend that cannot run here is listed in ``skipped`` with the reason, never dropped silently.
 Inputs are channels_last. Times: ``cnnfast.roofline.time_ms`` (GPU: CUDA events, median, L2
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
-from cnnfast.backends import cuda_ops
+from cnnfast.backends import backends_of, cuda_ops
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.convert import optimize
 from cnnfast.roofline import (
@@ -55,8 +57,10 @@ from cnnfast.roofline import (
 )
 from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_key, fastest_layer_backend
 
-BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda")
+BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "cudnn_fused")
 BENCH_SCHEMA = "cnnfast.bench/2"
+# The backends that are cnnfast.ops.conv2d's own: what `cnnfast tune` times and backend=None chooses from.
+TUNED_BACKENDS = backends_of("conv2d")
 
 
 def default_device() -> torch.device:
@@ -72,6 +76,8 @@ def skip_reason(backend: str, device) -> str | None:
     on_gpu = torch.device(device).type == "cuda"
     if backend == "triton" and not on_gpu:
         return "needs a CUDA device (the Triton interpreter runs on a CPU but is not a timing backend)"
+    if backend == "cudnn_fused" and not on_gpu:
+        return "needs a CUDA device (cuDNN's fused convolution)"
     if backend == "cuda":
         if "conv2d" not in cuda_ops():
             return f"cnnfast._C has no conv2d kernel (its ops: {', '.join(cuda_ops()) or 'none, not built'})"
@@ -112,7 +118,7 @@ def layer_inputs(problem, batch, dtype, device):
 def layer_function(backend, problem, x, weight, bias):
     """A no-argument callable that computes the layer on backend."""
     stride, padding = problem.stride, problem.padding
-    if backend in ("torch", "triton", "cuda"):
+    if backend in TUNED_BACKENDS:
         return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend=backend)
     bias_in_dtype = bias.to(x.dtype)
 
@@ -327,7 +333,6 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
     return headers, rows
 
 
-TUNED_BACKENDS = ("torch", "triton", "cuda")
 
 
 def problem_key(problem: dict) -> str:

@@ -19,6 +19,7 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.models.resnet import ResNet as TvResNet
 
+from cnnfast.backends import BACKEND_OPS, BACKENDS
 from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
@@ -67,8 +68,9 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
 
     The model must be in eval mode with running BatchNorm statistics (BN is folded, once, in
     float32). dtype: the compute dtype of the result (default: the model's own); backend: the
-    cnnfast backend of every fused op (None: the default of the input's device). What was fused
-    and what was left alone is in `model.cnnfast_report` (printed with verbose=True).
+    cnnfast backend of every fused op, "triton", "cuda" or "torch" (None: the default of the input's
+    device, per op and conv layer, "cudnn_fused" among its choices for a conv). What was fused and
+    what was left alone is in `model.cnnfast_report` (printed with verbose=True).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
@@ -83,6 +85,13 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
             raise RuntimeError(f"optimize: BatchNorm {name!r} has no running statistics (track_running_stats=False)")
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"optimize: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"optimize: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    if backend is not None and backend in BACKEND_OPS:
+        raise ValueError(
+            f"optimize: backend {backend!r} runs only {', '.join(BACKEND_OPS[backend])} (with a ReLU), not every "
+            "fused op of a model; backend=None uses it for each conv layer where it was measured fastest"
+        )
     if not inplace:
         model = copy.deepcopy(model)
     report = FusionReport()

@@ -115,6 +115,20 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
     return y.relu_() if relu else y
 
 
+def _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation):
+    """relu(conv2d(x, weight) + bias + residual) as one cuDNN operation graph (conv, then pointwise
+    adds and the ReLU in float32, rounded once), the runtime fusion PyTorch reaches through
+    torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu; cuDNN picks the engine by
+    its heuristics, or by timing them when torch.backends.cudnn.benchmark is set. The bias is
+    given in x's dtype, the form PyTorch's own callers of these ops pass (a float32 bias on a
+    half-precision graph is not a combination PyTorch uses)."""
+    bias = bias.to(x.dtype) if bias is not None else None
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, 1)
+
+
 # The CUTLASS kernel reads channels in 16-byte TMA boxes: C and K in multiples of 8 elements.
 CUTLASS_CHANNEL_MULTIPLE = 8
 
@@ -215,8 +229,11 @@ def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu
 def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
     """Runs the layer on backend into out, or into a new channels_last tensor when out is None;
     returns the result."""
-    if backend == "torch":
-        y = _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    if backend in ("torch", "cudnn_fused"):
+        if backend == "torch":
+            y = _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        else:
+            y = _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation)
         if out is not None:
             return out.copy_(y)
         # PyTorch's result is returned as is when it has the fake output's (channels_last) strides,
@@ -297,7 +314,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when
     torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
     which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
-    pixels are not 16-byte aligned), "torch", or None for the default of x's device.
+    pixels are not 16-byte aligned), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
+    CUDA tensors and relu=True only; the bias is rounded to x's dtype first, and `out` gets a copy
+    of cuDNN's result), "torch", or None for the default of x's device.
     """
     op = "conv2d"
     check_float_tensor(op, "x", x)
@@ -338,11 +357,18 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
     requested, backend = backend, resolve_backend(op, x, backend, (tuple(weight.shape), stride, padding, dilation))
     ieee_float32_on_tf32 = backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    if requested is None and (groups != 1 or ieee_float32_on_tf32):
-        # The table measured groups=1 layers (and float32 on CUTLASS as TF32): the rest stays on cuDNN.
+    unfused_epilogue = backend == "cudnn_fused" and not relu
+    if requested is None and (groups != 1 or ieee_float32_on_tf32 or unfused_epilogue):
+        # The table measured groups=1 layers with a ReLU (and float32 on CUTLASS as TF32): the rest
+        # stays on PyTorch's own ops.
         backend = "torch"
     if groups != 1 and backend != "torch":
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
+    if backend == "cudnn_fused" and not relu:
+        raise NotImplementedError(
+            f"{op}: backend 'cudnn_fused' runs layers that end in a ReLU only (PyTorch exposes cuDNN's fused "
+            "convolution with its ReLU); use backend='torch' for relu=False"
+        )
     if backend == "cuda" and ieee_float32_on_tf32:
         raise NotImplementedError(
             f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "

@@ -6,7 +6,7 @@ import torch
 
 from bench.tuning_table import build_table
 from cnnfast import ops, tuning
-from cnnfast.backends import resolve_backend
+from cnnfast.backends import backends_of, resolve_backend
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_table_entries_name_real_backends():
         for op, dtypes in by_op.items():
             if op == tuning.CONV_LAYERS:
                 choices = {c for layers in dtypes.values() for batches in layers.values() for c in batches.values()}
-                assert choices <= {"triton", "cuda", "torch"}
+                assert choices <= set(backends_of("conv2d"))
             else:
                 assert set(dtypes.values()) <= {"triton", "cuda"}
 
@@ -101,6 +101,7 @@ def test_layer_rule_picks_the_fastest_backend_per_layer_and_batch(tmp_path):
         (64, 56, 64, 3, 1, 256, "cuda", 0.70), (64, 56, 64, 3, 1, 256, "cudnn", 0.60),  # bare conv: not a choice
         (64, 56, 64, 3, 1, 256, "eager_folded", 0.65),  # a PyTorch baseline of the benchmark: not a choice
         (64, 56, 256, 1, 1, 256, "torch", 1.00), (64, 56, 256, 1, 1, 256, "cuda", 0.98),  # within 3 %
+        (64, 56, 256, 1, 1, 256, "cudnn_fused", 0.90),  # cuDNN's fused conv is a choice too
         (256, 56, 128, 1, 2, 256, "triton", 0.5),  # torch not timed: no decision
     ])
     write_layer_run(tmp_path / "h200-2026-04-02-run1", [
@@ -110,7 +111,7 @@ def test_layer_rule_picks_the_fastest_backend_per_layer_and_batch(tmp_path):
     layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
     key3x3 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
     key1x1 = tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1))
-    assert layers == {key3x3: {"256": "triton", "8": "triton"}, key1x1: {"256": "torch"}}
+    assert layers == {key3x3: {"256": "triton", "8": "triton"}, key1x1: {"256": "cudnn_fused"}}
     assert "conv2d" not in build_table(tmp_path)["NVIDIA H200"]  # no backend beat bare cuDNN everywhere
 
 

@@ -1,0 +1,222 @@
+"""backend="cudnn_fused": cuDNN's runtime-fused conv + bias + residual + ReLU behind cnnfast.ops.conv2d.
+
+On the CPU: which ops and inputs it takes and the errors for the rest, backend=None's rule for
+layers without a ReLU, and the launcher's plumbing, with stand-ins for PyTorch's two cuDNN ops
+(they run on CUDA tensors only) that compute in float32 and round once, as cuDNN's graph does.
+On the GPU (marked gpu): every conv layer of every architecture against float64, NaN, out= slices,
+NCHW inputs, and backend=None choosing it from a table.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnfast import ops, optimize, tuning
+from cnnfast.backends import backends_of
+from cnnfast.models import get_model
+from cnnfast.testing import assert_close_to_reference
+from tests.test_conv2d_gpu import PROBLEMS, make_problem, reference_conv2d, tolerance_kind
+
+CHANNELS_LAST = torch.channels_last
+
+
+def test_it_is_a_backend_of_the_convolution_only():
+    assert "cudnn_fused" in backends_of("conv2d")
+    for op in ("add_relu", "global_avg_pool", "gap_linear"):
+        assert "cudnn_fused" not in backends_of(op) and "torch" in backends_of(op)
+
+
+@pytest.mark.parametrize("op, call", [
+    ("add_relu", lambda: ops.add_relu(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), backend="cudnn_fused")),
+    ("global_avg_pool", lambda: ops.global_avg_pool(torch.zeros(1, 2, 3, 3), backend="cudnn_fused")),
+    ("gap_linear", lambda: ops.gap_linear(torch.zeros(2, 6, 3, 3), torch.zeros(10, 6), backend="cudnn_fused")),
+])
+def test_other_ops_refuse_it(op, call):
+    with pytest.raises(NotImplementedError, match=rf"{op}: backend 'cudnn_fused' has no kernel for this op \(it runs conv2d only\)"):
+        call()
+
+
+def test_it_needs_cuda_tensors():
+    with pytest.raises(RuntimeError, match="conv2d: backend 'cudnn_fused' needs CUDA tensors, got a tensor on cpu"):
+        ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), relu=True, backend="cudnn_fused")
+
+
+def test_it_refuses_a_layer_without_relu():
+    # Meta tensors pass the device check (shapes only), so the ReLU rule is what refuses.
+    x, w = torch.empty(1, 8, 5, 5, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
+    assert ops.conv2d(x, w, relu=True, backend="cudnn_fused").shape == (1, 8, 3, 3)
+    with pytest.raises(NotImplementedError, match="backend 'cudnn_fused' runs layers that end in a ReLU only"):
+        ops.conv2d(x, w, backend="cudnn_fused")
+
+
+def test_default_runs_a_layer_without_relu_on_torch(monkeypatch):
+    # The table's choice for a layer geometry was measured with a ReLU; the same geometry without one
+    # (a downsample conv) cannot run on cuDNN's fused op and goes to torch.
+    chosen = []
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend or "cudnn_fused")
+    monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: chosen.append(args[-1]) or torch.empty(0))
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3)
+    ops.conv2d(x, w, relu=True)
+    ops.conv2d(x, w)
+    assert chosen == ["cudnn_fused", "torch"]
+
+
+@pytest.mark.parametrize("backend", ["cudnn_fused", "cudnn"])
+def test_optimize_refuses_it_and_unknown_backends(backend):
+    model = get_model("resnet18").eval()
+    message = "runs only conv2d" if backend == "cudnn_fused" else "unknown backend 'cudnn'"
+    with pytest.raises(ValueError, match=message):
+        optimize(model, backend=backend)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """PyTorch's cuDNN ops replaced by CPU versions that record their arguments; the device check
+    is lifted so the launcher runs on CPU tensors."""
+    calls = []
+
+    def fused(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        y = F.conv2d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding, dilation, groups)
+        y = y if z is None else y + alpha * z.float()
+        return torch.relu(y).to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+
+    def convolution_relu(x, weight, bias, stride, padding, dilation, groups):
+        calls.append(dict(op="relu", bias=bias, stride=stride, padding=padding, dilation=dilation, groups=groups))
+        return fused(x, weight, None, None, bias, stride, padding, dilation, groups)
+
+    def convolution_add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+        calls.append(dict(op="add_relu", z=z, alpha=alpha, bias=bias, stride=stride, padding=padding,
+                          dilation=dilation, groups=groups))
+        return fused(x, weight, z, alpha, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", convolution_relu)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", convolution_add_relu)
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend)
+    return calls
+
+
+def reference(x, w, b, residual, stride, padding, dilation):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
+    return torch.relu(y if residual is None else y + residual.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
+@pytest.mark.parametrize("bias", [None, torch.float32, "input"], ids=["no-bias", "f32-bias", "input-dtype-bias"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_launcher_passes_the_layer_to_cudnn(stand_ins, dtype, residual, bias, layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 7).to(dtype)
+    x = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
+    w = (torch.randn(10, 6, 3, 2) / 6).to(dtype)
+    b = None if bias is None else torch.randn(10).to(dtype if bias == "input" else bias)
+    stride, padding, dilation = (2, 1), (1, 0), (1, 2)
+    p, q = ops.conv2d_output_size("conv2d", x.shape, w.shape, stride, padding, dilation)
+    res = torch.randn(2, 10, p, q).to(dtype) if residual else None
+    y = ops.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, residual=res, relu=True,
+                   backend="cudnn_fused")
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
+    # The bias reaches cuDNN rounded to x's dtype; the reference adds that rounded bias.
+    expected = reference(x, w, None if b is None else b.to(dtype), res, stride, padding, dilation)
+    assert_close_to_reference(y, expected, "conv")
+    (call,) = stand_ins
+    assert call["op"] == ("add_relu" if residual else "relu")
+    assert call["bias"] is None if b is None else call["bias"].dtype == dtype
+    assert (call["stride"], call["padding"], call["dilation"], call["groups"]) == ([2, 1], [1, 0], [1, 2], 1)
+    if residual:
+        assert call["z"] is res and call["alpha"] == 1.0
+
+
+def test_launcher_writes_into_a_channel_slice(stand_ins):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=CHANNELS_LAST)
+    w, b = torch.randn(5, 8, 3, 3) / 8, torch.randn(5)
+    res = torch.randn(2, 5, 6, 6)
+    big = torch.full((2, 12, 6, 6), float("nan")).contiguous(memory_format=CHANNELS_LAST)
+    out = ops.conv2d(x, w, b, padding=1, residual=res, relu=True, out=big[:, 3:8], backend="cudnn_fused")
+    assert out.data_ptr() == big[:, 3:8].data_ptr()
+    assert_close_to_reference(big[:, 3:8], reference(x, w, b, res, (1, 1), (1, 1), (1, 1)), "conv")
+    assert big[:, :3].isnan().all() and big[:, 8:].isnan().all()
+
+
+def test_batch_zero(stand_ins):
+    y = ops.conv2d(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3), relu=True, backend="cudnn_fused")
+    assert y.shape == (0, 6, 3, 3)
+
+
+# ------------------------------------------------------------------------------------- on the GPU
+
+# Every distinct layer of every architecture at batch 2 in bfloat16 and float16, every fourth in
+# float32 (TF32 when torch.backends.cudnn.allow_tf32 is set); a residual on the 1x1 layers.
+GPU_CASES = [
+    pytest.param(problem, dtype, id=f"{name}-{str(dtype)[6:]}")
+    for i, (problem, name) in enumerate(PROBLEMS.items())
+    for dtype in [torch.bfloat16, torch.float16] + ([torch.float32] if i % 4 == 0 else [])
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem, dtype", GPU_CASES)
+def test_every_layer(problem, dtype):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    res = res if problem.R == 1 else None
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True, out=out,
+               backend="cudnn_fused")
+    # The reference takes the bias as cuDNN gets it, rounded to the layer's dtype.
+    expected = reference_conv2d(x, w, b.to(dtype).float(), res, problem.stride, problem.padding)
+    assert_close_to_reference(out, expected, tolerance_kind(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nan_and_layouts_on_gpu(kernel, dtype):
+    """NaN in one input pixel comes out as NaN through bias, residual and ReLU, as torch.relu
+    leaves it; an NCHW input and an NCHW residual give a channels_last result."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype)
+    x[1, :, 4, 5] = float("nan")
+    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
+    b = torch.randn(96, device="cuda")
+    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype)
+    padding = (kernel // 2, kernel // 2)
+    for layout in ("nchw", "channels_last"):
+        xi = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
+        for residual in (None, res):
+            y = ops.conv2d(xi, w, b, padding=padding, residual=residual, relu=True, backend="cudnn_fused")
+            assert y.is_contiguous(memory_format=CHANNELS_LAST)
+            expected = reference_conv2d(x, w, b.to(dtype).float(), residual, (1, 1), padding)
+            assert y.isnan().any()
+            assert_close_to_reference(y, expected, "conv")  # NaN exactly where the reference has NaN
+
+
+@pytest.mark.gpu
+def test_writes_into_a_channel_slice_on_gpu():
+    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
+    x, w, b, res, out = make_problem(problem, 2, torch.bfloat16)
+    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=CHANNELS_LAST)
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+               out=big[:, 8 : 8 + problem.K], backend="cudnn_fused")
+    expected = reference_conv2d(x, w, b.to(torch.bfloat16).float(), res, problem.stride, problem.padding)
+    assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
+    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
+
+
+@pytest.mark.gpu
+def test_default_backend_runs_it_where_the_table_says(monkeypatch):
+    tuning._layer_backend.cache_clear()
+    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
+    key = tuning.conv2d_layer_key(problem.C, problem.H, problem.W, problem.K, problem.R, problem.S,
+                                  problem.stride, problem.padding, (1, 1))
+    table = {torch.cuda.get_device_name(): {tuning.CONV_LAYERS: {"bfloat16": {key: {"2": "cudnn_fused"}}}}}
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+    x, w, b, _, _ = make_problem(problem, 2, torch.bfloat16)
+    ran, cudnn_fused = [], ops._conv2d_cudnn_fused
+    monkeypatch.setattr(ops, "_conv2d_cudnn_fused", lambda *args: ran.append(args) or cudnn_fused(*args))
+    try:
+        ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, relu=True)
+        ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding)  # no ReLU: torch
+    finally:
+        tuning._layer_backend.cache_clear()
+    assert len(ran) == 1
