@@ -220,3 +220,13 @@ def test_default_backend_runs_it_where_the_table_says(monkeypatch):
     finally:
         tuning._layer_backend.cache_clear()
     assert len(ran) == 1
+
+
+def test_conv_benchmark_does_not_time_a_relu_that_zeroes_nan(monkeypatch):
+    # The check the conv benchmark runs once per backend before timing it (here on CPU tensors).
+    from bench.bench_conv2d import relu_keeps_nan
+
+    assert relu_keeps_nan.__wrapped__("torch", "cpu")
+    conv2d = ops.conv2d
+    monkeypatch.setattr(ops, "conv2d", lambda *args, **kwargs: conv2d(*args, **kwargs).nan_to_num_(0.0))
+    assert not relu_keeps_nan.__wrapped__("torch", "cpu")
