@@ -14,7 +14,7 @@ import torch
 
 from cnnfast.tuning import default_backend
 
-BACKENDS = ("triton", "cuda", "cudnn_fused", "torch")
+BACKENDS = ("torch", "triton", "cuda", "cudnn_fused")
 # The ops each backend has a kernel for, where it is not every op.
 BACKEND_OPS = {"cudnn_fused": ("conv2d",)}
 
