@@ -1,5 +1,6 @@
 """The GPU half of the reliability checks: the fixed problem list of tests/test_conv2d.py (the odd
-shapes) through the public op in every dtype and several layouts on both GPU backends, results
+shapes) through the public op in every dtype and several layouts on the GPU backends (cuDNN's fused
+convolution too, which backend=None may choose for a layer), results of cnnfast's own kernels
 repeated bit for bit over 100 runs, and a convolution over 2^31 elements against PyTorch run on a
 slice of the batch. (Every real layer on the GPU is in tests/test_conv2d_gpu.py; the memory-bound
 ops' 2^31 cases sit in their own test files.)
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.gpu
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_LAYOUTS = ("channels_last", "nchw", "channel_slice")
 # (float32 on the CUTLASS kernel is TF32, which torch.backends.cudnn.allow_tf32, True by default, allows.)
-BACKEND_DTYPES = [(backend, dtype) for backend in ("triton", "cuda") for dtype in DTYPES]
+BACKEND_DTYPES = [(backend, dtype) for backend in ("triton", "cuda", "cudnn_fused") for dtype in DTYPES]
 
 
 def to_cuda(t):
@@ -36,6 +37,7 @@ def test_odd_shapes(conv, backend, dtype, layout):
     out = nan_output(conv.output_shape(), dtype).cuda()
     ops.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, residual=res,
                relu=True, out=out, backend=backend)
+    bias = bias.to(dtype) if backend == "cudnn_fused" and bias is not None else bias  # the bias cuDNN is given
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), tolerance_kind(dtype))
 
 
@@ -102,13 +104,14 @@ def test_split_k_100_runs_are_bitwise_identical(config_index):
 # ---------------------------------------------------------------- past 2^31 elements
 
 
-@pytest.mark.parametrize("backend, kernel, k", [("triton", 3, 64), ("cuda", 3, 64), ("cuda", 1, 96)],
-                         ids=["triton", "cuda", "cuda-1x1-gemm"])
+@pytest.mark.parametrize("backend, kernel, k", [("triton", 3, 64), ("cuda", 3, 64), ("cuda", 1, 96), ("cudnn_fused", 3, 64)],
+                         ids=["triton", "cuda", "cuda-1x1-gemm", "cudnn_fused"])
 def test_conv2d_past_2_31_elements(backend, kernel, k):
     """700 x 64 x 224 x 224 bfloat16 in (2.25e9 elements, 4.5 GB) and 700 x K x 224 x 224 out: the
     first and last two images, random, must match PyTorch run on those images alone; the zero
     images in between must give exactly the bias through the ReLU. On the CUDA backend the 3x3
-    layer runs the 64-wide fprop and the 1x1 one with K = 96 the GEMM (3.4e9 output elements)."""
+    layer runs the 64-wide fprop and the 1x1 one with K = 96 the GEMM (3.4e9 output elements).
+    (cudnn_fused rounds the bias to bfloat16 first: the ReLU of the rounded bias is the same.)"""
     conv = Conv(700, 64, 224, 224, k, kernel, kernel, padding=kernel // 2)
     x = torch.zeros(conv.n, conv.c, conv.h, conv.w, device="cuda", dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)
