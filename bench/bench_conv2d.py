@@ -17,8 +17,9 @@ computes the layer with its BatchNorm and ReLU:
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
 extra_info["kernel"] names what ran on triton (the tuned config) and cuda and cuda_fprop (the CUTLASS
 kernel and tile). Before a fused backend is timed on a layer, its result is compared with
-eager_folded's, and (once per backend) its ReLU is checked to leave NaN as NaN: a case that fails
-either is not timed, so the tuning table cannot choose it.
+eager_folded's, and (once per backend, cnnfast.bench.relu_keeps_nan, as `cnnfast tune` does) its
+ReLU is checked to leave NaN as NaN: a case that fails either is not timed, so the tuning table
+built from these benchmarks cannot choose it.
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
-from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts
+from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, relu_keeps_nan
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
@@ -80,18 +81,6 @@ def layer_fn(backend, batch, problem, device="cuda"):
 
 
 @functools.lru_cache(maxsize=None)
-def relu_keeps_nan(backend, device="cuda") -> bool:
-    """Whether backend's conv + ReLU leaves NaN wherever a NaN input pixel reaches, as torch.relu
-    does (an epilogue's max(x, 0) would turn it into 0): a backend that breaks this is not timed,
-    so the tuning table never picks it."""
-    x = torch.randn(1, 64, 6, 6, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    x[0, :, 2, 3] = float("nan")
-    w = torch.randn(64, 64, 3, 3, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    y = ops.conv2d(x, w, torch.zeros(64, device=device), padding=1, relu=True, backend=backend)
-    return bool(y[0, :, 1:4, 2:5].isnan().all())
-
-
-@functools.lru_cache(maxsize=None)
 def cudnn_ms(batch, problem):
     import triton.testing
 
@@ -107,7 +96,8 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
     if backend in FUSED_BACKENDS:  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
-        assert backend == "cuda_fprop" or relu_keeps_nan(backend), f"{backend}'s ReLU turns NaN into 0"
+        if backend != "cuda_fprop":
+            assert relu_keeps_nan(backend, torch.device("cuda")), f"{backend}'s ReLU turns NaN into 0"
 
     def run():
         fn()

@@ -93,14 +93,19 @@ NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_cudnn_fused.py tests/test_rel
 selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
 selected gpu-tests-new-cuda && rm -f "$OUT/gpu_tests_new_cuda.xml"
 selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
+selected gpu-tests-cudnn && rm -f "$OUT/gpu_tests_cudnn.xml"
 # The CUDA extension's cases (ids with "cuda") in a step of their own: a fault in a kernel that has
 # never run on a GPU leaves its worker's CUDA context failing every case after it.
-step gpu-tests-new 150 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "not cuda" -q -n 4 -p no:cacheprovider \
+step gpu-tests-new 150 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "not cuda and not cudnn_fused" -q -n 4 -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_new.xml"
 step gpu-tests-new-cuda 100 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k cuda -q -n 4 -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_new_cuda.xml"
 step gpu-tests-rest 120 "${TESTS_ENV[@]}" "$PYTHON" -m pytest tests -m gpu -q -n 4 -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \
   --junitxml="$OUT/gpu_tests_rest.xml"
+# cuDNN's fused convolution (ids with "cudnn_fused"): its runtime-fusion engines may compile a
+# kernel per new layer shape, so its cases get a time limit of their own, after the others.
+step gpu-tests-cudnn 90 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k cudnn_fused -q -n 4 -p no:cacheprovider \
+  --junitxml="$OUT/gpu_tests_cudnn.xml"
 
 # The CUDA extension's cases run in a process of their own: a kernel fault there (the CUTLASS conv
 # and the CUDA head have not run on a GPU before) would leave a CUDA context that fails every case after it.

@@ -36,8 +36,6 @@ OP_OF_BENCHMARK = {
     "test_gap_linear_gpu": ("gap_linear", "speedup_vs_torch"),
     "test_conv2d_layer": ("conv2d", "speedup_vs_cudnn"),
 }
-# The benchmarks' own backends that are not cnnfast.ops backends (PyTorch paths).
-BASELINES = {"torch", "cudnn", "eager", "eager_folded"}
 # The conv benchmark's cases that are choices for a layer: cnnfast.ops backends.
 LAYER_BACKENDS = backends_of("conv2d")
 
@@ -70,7 +68,9 @@ def measured_speedups(runs) -> dict:
         for bench in json.loads(path.read_text())["benchmarks"]:
             op, field = OP_OF_BENCHMARK.get(bench["name"].split("[")[0], (None, None))
             info = bench["extra_info"]
-            if op and field in info and info["backend"] not in BASELINES:
+            # Only an op's own backends are choices: not PyTorch (the baseline), nor the benchmarks'
+            # other variants (eager, cudnn's bare conv, cuda_fprop's forced schedule).
+            if op and field in info and info["backend"] in backends_of(op) and info["backend"] != "torch":
                 key = (info["device"], op, dtype_key(DTYPES[info["dtype"]]), info["backend"])
                 run[key].append(info[field])
         speedups.update(run)  # a newer run replaces what an older one measured of the same key

@@ -24,6 +24,8 @@ def backends_of(op: str) -> tuple[str, ...]:
     return tuple(backend for backend in BACKENDS if op in BACKEND_OPS.get(backend, (op,)))
 
 
+# Read once: torch.compile cannot trace the query.
+CUDNN_AVAILABLE = torch.backends.cudnn.is_available()
 # Triton runs CPU tensors only under its interpreter (the tests' CPU path).
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -74,7 +76,7 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
         return backend
     if backend in ("cuda", "cudnn_fused") and x.device.type != "cuda":
         raise RuntimeError(f"{op}: backend {backend!r} needs CUDA tensors, got a tensor on {x.device}")
-    if backend == "cudnn_fused" and not torch.backends.cudnn.is_available():
+    if backend == "cudnn_fused" and not CUDNN_AVAILABLE:
         raise RuntimeError(f"{op}: backend 'cudnn_fused' needs cuDNN, which this PyTorch build lacks")
     if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:
         raise RuntimeError(

@@ -38,6 +38,7 @@ and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64"), null f
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
+import functools
 import os
 import shutil
 import statistics
@@ -72,7 +73,8 @@ def default_dtype(device) -> str:
 
 
 def skip_reason(backend: str, device) -> str | None:
-    """Why backend cannot be timed on device, or None when it can."""
+    """Why backend cannot be timed on device, or None when it can. A kernel whose ReLU turns NaN
+    into 0 is not timed either, so that `cnnfast tune` never makes it backend=None's choice."""
     on_gpu = torch.device(device).type == "cuda"
     if backend == "triton" and not on_gpu:
         return "needs a CUDA device (the Triton interpreter runs on a CPU but is not a timing backend)"
@@ -83,7 +85,21 @@ def skip_reason(backend: str, device) -> str | None:
             return f"cnnfast._C has no conv2d kernel (its ops: {', '.join(cuda_ops()) or 'none, not built'})"
         if not on_gpu:
             return "needs a CUDA device"
+    if backend in TUNED_BACKENDS and backend != "torch" and not relu_keeps_nan(backend, torch.device(device)):
+        return "its ReLU turns NaN into 0, where torch.relu keeps NaN"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def relu_keeps_nan(backend: str, device) -> bool:
+    """Whether backend's conv + ReLU leaves NaN wherever a NaN input pixel reaches, as torch.relu
+    does (an epilogue's max(x, 0) would give 0 there); checked once per backend and device."""
+    x = torch.randn(1, 64, 6, 6, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x[0, :, 2, 3] = float("nan")
+    w = torch.randn(64, 64, 3, 3, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = ops.conv2d(x, w, torch.zeros(64, device=device), padding=1, relu=True, backend=backend)
+    return bool(y[0, :, 1:4, 2:5].isnan().all())
 
 
 def layer_parts(problem, batch, dtype, device):

@@ -116,17 +116,36 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
 
 
 def _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation):
-    """relu(conv2d(x, weight) + bias + residual) as one cuDNN operation graph (conv, then pointwise
-    adds and the ReLU in float32, rounded once), the runtime fusion PyTorch reaches through
-    torch.cudnn_convolution_relu / torch.cudnn_convolution_add_relu; cuDNN picks the engine by
-    its heuristics, or by timing them when torch.backends.cudnn.benchmark is set. The bias is
-    given in x's dtype, the form PyTorch's own callers of these ops pass (a float32 bias on a
-    half-precision graph is not a combination PyTorch uses)."""
+    """relu(conv2d(x, weight) + bias + residual) as one cuDNN operation graph (on PyTorch's default
+    cuDNN v8 API path: the conv, then pointwise adds and the ReLU in float32, rounded once), the
+    runtime fusion PyTorch reaches through torch.cudnn_convolution_relu / _add_relu; cuDNN picks
+    the engine by its heuristics, or by timing them when torch.backends.cudnn.benchmark is set.
+    The bias is given in x's dtype, the form PyTorch's own callers of these ops pass (a float32
+    bias on a half-precision graph is not a combination PyTorch uses)."""
     bias = bias.to(x.dtype) if bias is not None else None
     stride, padding, dilation = list(stride), list(padding), list(dilation)
-    if residual is None:
-        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)
-    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, 1)
+    try:
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, 1)
+        return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, 1)
+    except RuntimeError as error:  # e.g. no cuDNN engine takes this fused graph
+        raise RuntimeError(
+            f"conv2d: backend 'cudnn_fused' could not run the layer (input {tuple(x.shape)} {x.dtype}, weight "
+            f"{tuple(weight.shape)}, stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}, "
+            f"residual {residual is not None}): {error}"
+        ) from error
+
+
+@torch.compiler.assume_constant_result
+def cudnn_fused_refusal() -> str:
+    """Why the user's cuDNN settings rule out cuDNN's fused convolution ("" when they do not): PyTorch's
+    fused op runs whatever torch.backends.cudnn.enabled says and never asks for deterministic
+    algorithms. A plain value, so that torch.compile takes it as a constant of the graph."""
+    if not torch.backends.cudnn.enabled:
+        return "torch.backends.cudnn.enabled is False"
+    if torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled():
+        return "deterministic algorithms are asked for, and PyTorch's fused cuDNN op does not select them"
+    return ""
 
 
 # The CUTLASS kernel reads channels in 16-byte TMA boxes: C and K in multiples of 8 elements.
@@ -315,8 +334,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
     which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
     pixels are not 16-byte aligned), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
-    CUDA tensors and relu=True only; the bias is rounded to x's dtype first, and `out` gets a copy
-    of cuDNN's result), "torch", or None for the default of x's device.
+    CUDA tensors and relu=True only, not while cuDNN is disabled or deterministic algorithms are
+    asked for; the bias is rounded to x's dtype first, and `out` gets a copy of cuDNN's result),
+    "torch", or None for the default of x's device.
     """
     op = "conv2d"
     check_float_tensor(op, "x", x)
@@ -358,9 +378,10 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     requested, backend = backend, resolve_backend(op, x, backend, (tuple(weight.shape), stride, padding, dilation))
     ieee_float32_on_tf32 = backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     unfused_epilogue = backend == "cudnn_fused" and not relu
-    if requested is None and (groups != 1 or ieee_float32_on_tf32 or unfused_epilogue):
-        # The table measured groups=1 layers with a ReLU (and float32 on CUTLASS as TF32): the rest
-        # stays on PyTorch's own ops.
+    cudnn_settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
+    if requested is None and (groups != 1 or ieee_float32_on_tf32 or unfused_epilogue or cudnn_settings):
+        # The table measured groups=1 layers with a ReLU (and float32 on CUTLASS as TF32, cuDNN under
+        # its default settings): the rest stays on PyTorch's own ops.
         backend = "torch"
     if groups != 1 and backend != "torch":
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
@@ -369,6 +390,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             f"{op}: backend 'cudnn_fused' runs layers that end in a ReLU only (PyTorch exposes cuDNN's fused "
             "convolution with its ReLU); use backend='torch' for relu=False"
         )
+    if backend == "cudnn_fused" and cudnn_settings:
+        raise RuntimeError(f"{op}: backend 'cudnn_fused' cannot run here: {cudnn_settings}")
     if backend == "cuda" and ieee_float32_on_tf32:
         raise NotImplementedError(
             f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "

@@ -31,7 +31,7 @@ def test_table_entries_name_real_backends():
                 choices = {c for layers in dtypes.values() for batches in layers.values() for c in batches.values()}
                 assert choices <= set(backends_of("conv2d"))
             else:
-                assert set(dtypes.values()) <= {"triton", "cuda"}
+                assert set(dtypes.values()) <= set(backends_of(op)) - {"torch"}
 
 
 def test_cpu_and_meta_tensors_default_to_torch():
@@ -64,6 +64,7 @@ def test_table_rule_every_case_faster_and_newest_run_wins(tmp_path):
         (*gap, "triton", 0.2), (*gap, "triton", 0.3),  # the old kernel: slower than torch
         (*conv, "triton", 1.2), (*conv, "triton", 0.9),  # faster on one layer only: stays on torch
         (*conv, "eager", 2.0),  # a PyTorch path of the benchmark, never a choice
+        (*conv, "cuda_fprop", 1.5), (*conv, "cuda_fprop", 1.6),  # a forced schedule, not a backend of the op
     ])
     write_run(tmp_path / "h200-2026-02-01-run1", [
         (*gap, "triton", 1.1), (*gap, "triton", 1.3), (*gap, "cuda", 1.2), (*gap, "cuda", 1.25),
