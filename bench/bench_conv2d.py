@@ -40,7 +40,8 @@ from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
 BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "cudnn_fused")
-FUSED_BACKENDS = ("torch", "triton", "cuda", "cudnn_fused", "cuda_fprop")  # each checked against eager_folded before timing
+# Each checked against eager_folded before timing.
+FUSED_BACKENDS = ("torch", "triton", "cuda", "cudnn_fused", "cuda_fprop")
 
 
 def pointwise(problem) -> bool:

@@ -349,8 +349,6 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
     return headers, rows
 
 
-
-
 def problem_key(problem: dict) -> str:
     """The tuning table's key of a layer problem as the results record it ({"C", "H", "W", "K", "R",
     "S", "stride", "padding"} and, from the conv benchmark, "dilation"; 1 when absent)."""
