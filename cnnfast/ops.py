@@ -5,6 +5,7 @@ picks a backend, the launcher allocates the output and runs the kernel on the cu
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnfast.backends import cuda_extension, resolve_backend
 
@@ -115,6 +116,28 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
     return y.relu_() if relu else y
 
 
+# Modules keep the folded BatchNorm shift in float32, and cuDNN's fused graph takes the bias in x's
+# dtype: rounding it on every call would add a kernel per layer (at batch 1, a good part of the
+# layer's time). So a bias's rounded copy is kept while that bias lives and its version counter
+# says it is unchanged.
+_rounded_biases = WeakIdKeyDictionary()
+
+
+def _bias_in(dtype: torch.dtype, bias):
+    """bias in dtype, rounded once per bias and version. Not kept for an inference tensor (it has
+    no version counter) nor while a CUDA graph is being captured (the copy would hold its values
+    only once the graph is replayed)."""
+    if bias is None or bias.dtype == dtype:
+        return bias
+    if bias.is_inference() or (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return bias.to(dtype)
+    version, rounded = _rounded_biases.get(bias, (None, None))
+    if version != bias._version or rounded.dtype != dtype:
+        rounded = bias.to(dtype)
+        _rounded_biases[bias] = (bias._version, rounded)
+    return rounded
+
+
 def _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation):
     """relu(conv2d(x, weight) + bias + residual) as one cuDNN operation graph (on PyTorch's default
     cuDNN v8 API path: the conv, then pointwise adds and the ReLU in float32, rounded once), the
@@ -122,7 +145,7 @@ def _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation):
     the engine by its heuristics, or by timing them when torch.backends.cudnn.benchmark is set.
     The bias is given in x's dtype, the form PyTorch's own callers of these ops pass (a float32
     bias on a half-precision graph is not a combination PyTorch uses)."""
-    bias = bias.to(x.dtype) if bias is not None else None
+    bias = _bias_in(x.dtype, bias)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     try:
         if residual is None:
@@ -335,7 +358,8 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
     pixels are not 16-byte aligned), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
     CUDA tensors and relu=True only, not while cuDNN is disabled or deterministic algorithms are
-    asked for; the bias is rounded to x's dtype first, and `out` gets a copy of cuDNN's result),
+    asked for; the bias is rounded to x's dtype, once while it is unchanged, and `out` gets a copy
+    of cuDNN's result),
     "torch", or None for the default of x's device.
     """
     op = "conv2d"

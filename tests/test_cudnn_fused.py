@@ -173,6 +173,25 @@ def test_launcher_writes_into_a_channel_slice(stand_ins):
     assert big[:, :3].isnan().all() and big[:, 8:].isnan().all()
 
 
+def test_the_rounded_bias_is_kept_while_the_bias_is_unchanged(stand_ins):
+    x, w, b = torch.randn(1, 4, 5, 5).bfloat16(), torch.randn(6, 4, 3, 3).bfloat16(), torch.randn(6)
+    kept = len(ops._rounded_biases)
+    for _ in range(2):
+        ops.conv2d(x, w, b, relu=True, backend="cudnn_fused")
+    assert stand_ins[0]["bias"] is stand_ins[1]["bias"] and torch.equal(stand_ins[1]["bias"], b.bfloat16())
+    b.add_(1.0)  # in place: the version counter moves, so the bias is rounded again
+    ops.conv2d(x, w, b, relu=True, backend="cudnn_fused")
+    assert stand_ins[2]["bias"] is not stand_ins[1]["bias"] and torch.equal(stand_ins[2]["bias"], b.bfloat16())
+    with torch.inference_mode():
+        frozen = torch.randn(6)  # an inference tensor has no version counter: rounded on every call
+        for _ in range(2):
+            ops.conv2d(x, w, frozen, relu=True, backend="cudnn_fused")
+    assert stand_ins[3]["bias"] is not stand_ins[4]["bias"] and torch.equal(stand_ins[4]["bias"], frozen.bfloat16())
+    assert len(ops._rounded_biases) == kept + 1
+    del b
+    assert len(ops._rounded_biases) == kept  # kept only while its bias lives
+
+
 def test_batch_zero(stand_ins):
     y = ops.conv2d(torch.randn(0, 4, 5, 5), torch.randn(6, 4, 3, 3), relu=True, backend="cudnn_fused")
     assert y.shape == (0, 6, 3, 3)
@@ -235,6 +254,29 @@ def test_writes_into_a_channel_slice_on_gpu():
     expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
     assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
     assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_with_a_bias_not_yet_rounded():
+    """A bias first seen during capture is rounded inside the graph, not kept (the copy would hold
+    its values only after a replay); replays and later eager calls are right."""
+    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
+    x, w, b, _, _ = make_problem(problem, 2, torch.bfloat16)
+    layer = dict(stride=problem.stride, padding=problem.padding, relu=True, backend="cudnn_fused")
+    expected = reference_conv2d(x, w, b, None, problem.stride, problem.padding)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.conv2d(x, w, b.clone(), **layer)  # cuDNN's plan for this layer, with another bias
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.conv2d(x, w, b, **layer)
+    assert b not in ops._rounded_biases
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(y, expected, "conv")
+    assert_close_to_reference(ops.conv2d(x, w, b, **layer), expected, "conv")
 
 
 @pytest.mark.gpu
