@@ -11,6 +11,9 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
                   the backend cnnfast/tuning.json measured fastest on this GPU (what a user gets),
 - cnnfast_triton: the same with backend="triton" everywhere,
 - cnnfast_cuda:   the same with backend="cuda" (the CUTLASS conv and the hand-written CUDA kernels),
+- cnnfast_cudnn:  the same with every conv (and fully connected layer) that ends in a ReLU on
+                  cuDNN's fused convolution (backend="cudnn_fused") and every other op on torch:
+                  what cuDNN's own fusion gives the model, whatever the tuning table says,
 - cnnfast_graph, cnnfast_triton_graph, cnnfast_cuda_graph: those three captured in a CUDA graph
                   and replayed (batch 1, where launch overhead is most of the time).
 extra_info has ms, images/s and the speedup over eager (timed once per model and batch).
@@ -24,9 +27,10 @@ import torch
 import cnnfast
 from bench.harness import needs_gpu
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
+from cnnfast.nn import ConvBNReLU, LinearReLU
 
 ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
-VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_cuda")
+VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_cudnn", "cnnfast_cuda")
 GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph")  # batch 1 only
 # Order: the CUDA extension's variants after the others (a fault in a kernel that never ran on a
 # GPU before would fail every case after it in this process), and torch.compile's case last (its
@@ -73,6 +77,17 @@ def cuda_graph(fn, x):
     return replay
 
 
+def on_cudnn_fused(model):
+    """Puts each fused conv or linear layer that ends in a ReLU on backend "cudnn_fused" and every
+    other fused op on "torch" (cuDNN's fused op has no form without ReLU, and no other ops)."""
+    for module in model.modules():
+        if isinstance(module, (ConvBNReLU, LinearReLU)):
+            module.backend = "cudnn_fused" if module.relu else "torch"
+        elif hasattr(module, "backend"):
+            module.backend = "torch"
+    return model
+
+
 def build(arch, batch, variant):
     size = DEFAULT_INPUT_SIZE[arch]
     x = torch.randn(batch, 3, size, size, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -83,6 +98,8 @@ def build(arch, batch, variant):
         return torch.compile(eager, mode="max-autotune"), x
     backend = {"cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(variant.removesuffix("_graph"))
     fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend=backend).cuda()
+    if variant == "cnnfast_cudnn":
+        on_cudnn_fused(fast)
     if variant.endswith("_graph"):
         return cuda_graph(fast, x), x
     return fast, x

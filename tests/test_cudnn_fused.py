@@ -197,6 +197,21 @@ def test_batch_zero(stand_ins):
     assert y.shape == (0, 6, 3, 3)
 
 
+def test_model_benchmark_variant_puts_relu_layers_on_cudnn_fused():
+    # bench/bench_models.py's cnnfast_cudnn variant: convs and FC layers with a ReLU on cudnn_fused,
+    # the rest (downsample convs, the last FC layer, the GAP head) on torch.
+    from bench.bench_models import on_cudnn_fused
+    from cnnfast.nn import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
+
+    for arch in ("resnet50", "vgg16"):
+        model = on_cudnn_fused(optimize(get_model(arch).eval()))
+        fused = {name: m for name, m in model.named_modules() if isinstance(m, (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear))}
+        assert {m.backend for m in fused.values()} == {"cudnn_fused", "torch"}
+        for name, m in fused.items():
+            assert m.backend == ("cudnn_fused" if getattr(m, "relu", False) else "torch"), name
+    assert model.classifier[0].backend == "cudnn_fused" and model.classifier[-1].backend == "torch"
+
+
 # ------------------------------------------------------------------------------------- on the GPU
 
 # Every distinct layer of every architecture at batch 2 in bfloat16, every fourth in float16 and
