@@ -1,10 +1,12 @@
 """backend="cudnn_fused": cuDNN's runtime-fused conv + bias + residual + ReLU behind cnnfast.ops.conv2d.
 
-On the CPU: which ops and inputs it takes and the errors for the rest, backend=None's rule for
-layers without a ReLU, and the launcher's plumbing, with stand-ins for PyTorch's two cuDNN ops
-(they run on CUDA tensors only) that compute in float32 and round once, as cuDNN's graph does.
-On the GPU (marked gpu): every conv layer of every architecture against float64, NaN, out= slices,
-NCHW inputs, and backend=None choosing it from a table.
+On the CPU: which ops, inputs and cuDNN settings it takes and the errors for the rest,
+backend=None's fallbacks to torch, the launcher's plumbing and its reuse of the rounded bias, with
+stand-ins for PyTorch's two cuDNN ops (they run on CUDA tensors only) that compute in float32,
+round once and return PyTorch's layout; the NaN check that keeps a backend out of the timings,
+and the model benchmark's cudnn_fused variant. On the GPU (marked gpu): every conv layer of every
+architecture against float64, NaN, NCHW inputs, out= slices, CUDA-graph capture, and
+backend=None choosing it from a table.
 """
 import pytest
 import torch
