@@ -55,6 +55,12 @@ def cuda_ops():
     return tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
 
 
+def check_backend_name(where: str, backend) -> None:
+    """Raises a ValueError naming `where` when backend is neither one of BACKENDS nor None."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+
+
 def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = None):
     """Checks an explicit backend against the op and the tensor, or picks the default (for a
     convolution, layer = (weight shape, stride, padding, dilation) selects its per-layer entry)."""
@@ -62,13 +68,12 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
         chosen = default_backend(op, x, layer)
         # A table measured with the CUDA extension, read where it is not built (or lacks the op).
         return "torch" if chosen == "cuda" and op not in cuda_ops() else chosen
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    check_backend_name(op, backend)
     if backend == "cuda":
         cuda_extension()  # raises, saying why, when the extension is not built
         if op not in cuda_ops():
             raise NotImplementedError(f"{op}: backend 'cuda' has no kernel for this op")
-    if op not in BACKEND_OPS.get(backend, (op,)):
+    if backend not in backends_of(op):
         raise NotImplementedError(
             f"{op}: backend {backend!r} has no kernel for this op (it runs {', '.join(BACKEND_OPS[backend])} only)"
         )

@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.models.resnet import ResNet as TvResNet
 
-from cnnfast.backends import BACKEND_OPS, BACKENDS
+from cnnfast.backends import BACKEND_OPS, check_backend_name
 from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
@@ -85,9 +85,8 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
             raise RuntimeError(f"optimize: BatchNorm {name!r} has no running statistics (track_running_stats=False)")
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"optimize: dtype must be float32, float16 or bfloat16, got {dtype}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"optimize: unknown backend {backend!r}; expected one of {BACKENDS} or None")
-    if backend is not None and backend in BACKEND_OPS:
+    check_backend_name("optimize", backend)
+    if backend in BACKEND_OPS:
         raise ValueError(
             f"optimize: backend {backend!r} runs only {', '.join(BACKEND_OPS[backend])} (with a ReLU), not every "
             "fused op of a model; backend=None uses it for each conv layer where it was measured fastest"
