@@ -16,6 +16,8 @@ from cnnfast import ops, optimize, tuning
 from cnnfast.backends import backends_of
 from cnnfast.models import get_model
 from cnnfast.testing import assert_close_to_reference
+from tests.test_conv2d import Conv
+from tests.test_conv2d import reference_conv2d as conv2d_reference
 from tests.test_conv2d_gpu import PROBLEMS, make_problem, reference_conv2d, tolerance_kind
 
 CHANNELS_LAST = torch.channels_last
@@ -132,11 +134,6 @@ def stand_ins(monkeypatch):
     return calls
 
 
-def reference(x, w, b, residual, stride, padding, dilation):
-    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation)
-    return torch.relu(y if residual is None else y + residual.double())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["no-residual", "residual"])
 @pytest.mark.parametrize("bias", [None, torch.float32, "input"], ids=["no-bias", "f32-bias", "input-dtype-bias"])
@@ -147,14 +144,13 @@ def test_launcher_passes_the_layer_to_cudnn(stand_ins, dtype, residual, bias, la
     x = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
     w = (torch.randn(10, 6, 3, 2) / 6).to(dtype)
     b = None if bias is None else torch.randn(10).to(dtype if bias == "input" else bias)
-    stride, padding, dilation = (2, 1), (1, 0), (1, 2)
-    p, q = ops.conv2d_output_size("conv2d", x.shape, w.shape, stride, padding, dilation)
-    res = torch.randn(2, 10, p, q).to(dtype) if residual else None
-    y = ops.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation, residual=res, relu=True,
-                   backend="cudnn_fused")
+    conv = Conv(2, 6, 9, 7, 10, 3, 2, stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    res = torch.randn(conv.output_shape()).to(dtype) if residual else None
+    y = ops.conv2d(x, w, b, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, residual=res,
+                   relu=True, backend="cudnn_fused")
     assert y.is_contiguous(memory_format=CHANNELS_LAST)
     # (The bias reaches cuDNN rounded to x's dtype: within the tolerance of the float64 reference.)
-    assert_close_to_reference(y, reference(x, w, b, res, stride, padding, dilation), "conv")
+    assert_close_to_reference(y, conv2d_reference(conv, x, w, b, res, relu=True), "conv")
     (call,) = stand_ins
     assert call["op"] == ("add_relu" if residual else "relu")
     assert call["bias"] is None if b is None else call["bias"].dtype == dtype
@@ -171,7 +167,8 @@ def test_launcher_writes_into_a_channel_slice(stand_ins):
     big = torch.full((2, 12, 6, 6), float("nan")).contiguous(memory_format=CHANNELS_LAST)
     out = ops.conv2d(x, w, b, padding=1, residual=res, relu=True, out=big[:, 3:8], backend="cudnn_fused")
     assert out.data_ptr() == big[:, 3:8].data_ptr()
-    assert_close_to_reference(big[:, 3:8], reference(x, w, b, res, (1, 1), (1, 1), (1, 1)), "conv")
+    expected = conv2d_reference(Conv(2, 8, 6, 6, 5, 3, 3, padding=1), x, w, b, res, relu=True)
+    assert_close_to_reference(big[:, 3:8], expected, "conv")
     assert big[:, :3].isnan().all() and big[:, 8:].isnan().all()
 
 
