@@ -12,6 +12,8 @@ computes the layer with its BatchNorm and ReLU:
                 in cuBLASLt's epilogue, then ReLU,
 - triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels),
+- torch_triton: cnnfast.ops.conv2d(backend="torch_triton"): torch's convolution (or GEMM) without
+                the bias, then bias and ReLU in one Triton pass over its result,
 - cudnn_fused:  cnnfast.ops.conv2d(backend="cudnn_fused"): cuDNN's runtime-fused conv + bias + ReLU,
 - cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
@@ -39,9 +41,9 @@ from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, 
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 
 BATCH = {"resnet50": 256, "vgg16": 64}
-BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "cudnn_fused")
+BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "torch_triton", "cudnn_fused")
 # Each checked against eager_folded before timing.
-FUSED_BACKENDS = ("torch", "triton", "cuda", "cudnn_fused", "cuda_fprop")
+FUSED_BACKENDS = ("torch", "triton", "cuda", "torch_triton", "cudnn_fused", "cuda_fprop")
 
 
 def pointwise(problem) -> bool:
@@ -127,7 +129,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
 
 
 @cpu_smoke
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "torch_triton"])
 def test_conv2d_cpu_smoke(benchmark, backend):
     x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 16, 3, 3)

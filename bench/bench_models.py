@@ -11,6 +11,9 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
                   the backend cnnfast/tuning.json measured fastest on this GPU (what a user gets),
 - cnnfast_triton: the same with backend="triton" everywhere,
 - cnnfast_cuda:   the same with backend="cuda" (the CUTLASS conv and the hand-written CUDA kernels),
+- cnnfast_torch_triton: the same with every conv (and fully connected layer) on backend
+                  "torch_triton" (PyTorch's convolution, then one Triton pass for bias, residual
+                  and ReLU) and every other op on torch: what the epilogue fusion alone gives,
 - cnnfast_cudnn:  the same with every conv (and fully connected layer) that ends in a ReLU on
                   cuDNN's fused convolution (backend="cudnn_fused") and every other op on torch:
                   what cuDNN's own fusion gives the model, whatever the tuning table says,
@@ -30,7 +33,9 @@ from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.nn import ConvBNReLU, LinearReLU
 
 ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
-VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_cudnn", "cnnfast_cuda")
+VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda")
+# The variants that put the conv and linear layers on one conv-only backend, and the rest on torch.
+CONV_ONLY_VARIANTS = {"cnnfast_torch_triton": "torch_triton", "cnnfast_cudnn": "cudnn_fused"}
 GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph")  # batch 1 only
 # Order: the CUDA extension's variants after the others (a fault in a kernel that never ran on a
 # GPU before would fail every case after it in this process), and torch.compile's case last (its
@@ -77,12 +82,13 @@ def cuda_graph(fn, x):
     return replay
 
 
-def on_cudnn_fused(model):
-    """Puts each fused conv or linear layer that ends in a ReLU on backend "cudnn_fused" and every
-    other fused op on "torch" (cuDNN's fused op has no form without ReLU, and no other ops)."""
+def convs_on(model, backend):
+    """Puts each fused conv or linear layer on `backend`, a backend of the convolution only, and
+    every other fused op on "torch"; for "cudnn_fused" only the layers that end in a ReLU (cuDNN's
+    fused op has no form without one)."""
     for module in model.modules():
-        if isinstance(module, (ConvBNReLU, LinearReLU)):
-            module.backend = "cudnn_fused" if module.relu else "torch"
+        if isinstance(module, (ConvBNReLU, LinearReLU)) and (backend != "cudnn_fused" or module.relu):
+            module.backend = backend
         elif hasattr(module, "backend"):
             module.backend = "torch"
     return model
@@ -98,8 +104,8 @@ def build(arch, batch, variant):
         return torch.compile(eager, mode="max-autotune"), x
     backend = {"cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(variant.removesuffix("_graph"))
     fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend=backend).cuda()
-    if variant == "cnnfast_cudnn":
-        on_cudnn_fused(fast)
+    if variant in CONV_ONLY_VARIANTS:
+        convs_on(fast, CONV_ONLY_VARIANTS[variant])
     if variant.endswith("_graph"):
         return cuda_graph(fast, x), x
     return fast, x

@@ -10,7 +10,8 @@ median speedup); when none is, the op stays on torch and is left out of the tabl
 
 Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
 bench/bench_conv2d.py or `cnnfast tune --json` (a run's tune*.json) timed, the fastest of torch,
-triton, cuda and cudnn_fused by cnnfast.tuning's layer rule (a kernel must beat torch by 3 %).
+triton, cuda, torch_triton and cudnn_fused by cnnfast.tuning's layer rule (a kernel must beat torch
+by 3 %).
 
 Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again

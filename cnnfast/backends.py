@@ -1,5 +1,6 @@
 """Which backend runs an op: "triton" (cnnfast.triton_kernels), "cuda" (cnnfast._C), "torch"
 (PyTorch's own ops: cuDNN and cuBLAS on a GPU, oneDNN on a CPU), and, for the convolution alone,
+"torch_triton" (PyTorch's convolution, then bias + residual + ReLU in one Triton pass) and
 "cudnn_fused" (cuDNN's runtime-fused convolution + bias + residual + ReLU, which PyTorch exposes
 as torch.cudnn_convolution_relu and torch.cudnn_convolution_add_relu).
 
@@ -14,9 +15,9 @@ import torch
 
 from cnnfast.tuning import default_backend
 
-BACKENDS = ("torch", "triton", "cuda", "cudnn_fused")
+BACKENDS = ("torch", "triton", "cuda", "torch_triton", "cudnn_fused")
 # The ops each backend has a kernel for, where it is not every op.
-BACKEND_OPS = {"cudnn_fused": ("conv2d",)}
+BACKEND_OPS = {"torch_triton": ("conv2d",), "cudnn_fused": ("conv2d",)}
 
 
 def backends_of(op: str) -> tuple[str, ...]:
@@ -83,9 +84,9 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
         raise RuntimeError(f"{op}: backend {backend!r} needs CUDA tensors, got a tensor on {x.device}")
     if backend == "cudnn_fused" and not CUDNN_AVAILABLE:
         raise RuntimeError(f"{op}: backend 'cudnn_fused' needs cuDNN, which this PyTorch build lacks")
-    if backend == "triton" and x.device.type != "cuda" and not TRITON_INTERPRETED:
+    if backend in ("triton", "torch_triton") and x.device.type != "cuda" and not TRITON_INTERPRETED:
         raise RuntimeError(
-            f"{op}: backend 'triton' needs CUDA tensors, got a tensor on {x.device} "
+            f"{op}: backend {backend!r} needs CUDA tensors, got a tensor on {x.device} "
             "(CPU tensors run only under TRITON_INTERPRET=1)"
         )
     return backend

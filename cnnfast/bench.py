@@ -9,6 +9,8 @@ Backends, each computing relu(conv(x) with the BatchNorm folded into weight and 
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
 - ``cuda``:         the compiled extension's conv, when ``cnnfast._C`` has one;
+- ``torch_triton``: ``cnnfast.ops.conv2d(backend="torch_triton")``: PyTorch's conv, then bias
+  and ReLU in one Triton pass; needs a CUDA device (as triton);
 - ``cudnn_fused``:  ``cnnfast.ops.conv2d(backend="cudnn_fused")``: cuDNN's runtime-fused
   conv + bias + ReLU; needs a CUDA device.
 
@@ -58,7 +60,7 @@ from cnnfast.roofline import (
 )
 from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_key, fastest_layer_backend
 
-BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "cudnn_fused")
+BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
 BENCH_SCHEMA = "cnnfast.bench/2"
 # The backends that are cnnfast.ops.conv2d's own: what `cnnfast tune` times and backend=None chooses from.
 TUNED_BACKENDS = backends_of("conv2d")
@@ -76,7 +78,7 @@ def skip_reason(backend: str, device) -> str | None:
     """Why backend cannot be timed on device, or None when it can. A kernel whose ReLU turns NaN
     into 0 is not timed either, so that `cnnfast tune` never makes it backend=None's choice."""
     on_gpu = torch.device(device).type == "cuda"
-    if backend == "triton" and not on_gpu:
+    if backend in ("triton", "torch_triton") and not on_gpu:
         return "needs a CUDA device (the Triton interpreter runs on a CPU but is not a timing backend)"
     if backend == "cudnn_fused" and not on_gpu:
         return "needs a CUDA device (cuDNN's fused convolution)"

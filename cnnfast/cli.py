@@ -238,8 +238,8 @@ def add_measurement_options(command, backends=True):
     if backends:
         command.add_argument(
             "--backends", type=backend_list, metavar="LIST",
-            help="comma-separated, from torch,torch_folded,compile,triton,cuda,cudnn_fused (default: all; any "
-            "that cannot run here is listed as skipped, with the reason)",
+            help="comma-separated, from torch,torch_folded,compile,triton,cuda,torch_triton,cudnn_fused "
+            "(default: all; any that cannot run here is listed as skipped, with the reason)",
         )
     command.add_argument(
         "--input-size", type=positive_int, metavar="N", help="image height and width (default: the architecture's own)"
@@ -304,7 +304,8 @@ def build_parser():
 
     tune = commands.add_parser(
         "tune",
-        help="time each distinct conv layer on torch, triton, cuda and cudnn_fused and keep the fastest for backend=None",
+        help="time each distinct conv layer on torch, triton, cuda, torch_triton and cudnn_fused and keep the fastest "
+        "for backend=None",
     )
     add_measurement_options(tune, backends=False)
     tune.add_argument("--dry-run", action="store_true", help="print the choices without saving them")

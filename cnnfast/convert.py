@@ -69,7 +69,7 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     The model must be in eval mode with running BatchNorm statistics (BN is folded, once, in
     float32). dtype: the compute dtype of the result (default: the model's own); backend: the
     cnnfast backend of every fused op, "triton", "cuda" or "torch" (None: the default of the input's
-    device, per op and conv layer, "cudnn_fused" among its choices for a conv). What was fused and
+    device, per op and conv layer, "torch_triton" and "cudnn_fused" among its choices for a conv). What was fused and
     what was left alone is in `model.cnnfast_report` (printed with verbose=True).
     """
     if not isinstance(model, nn.Module):
@@ -88,7 +88,7 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     check_backend_name("optimize", backend)
     if backend in BACKEND_OPS:
         raise ValueError(
-            f"optimize: backend {backend!r} runs only {', '.join(BACKEND_OPS[backend])} (with a ReLU), not every "
+            f"optimize: backend {backend!r} runs only {', '.join(BACKEND_OPS[backend])}, not every "
             "fused op of a model; backend=None uses it for each conv layer where it was measured fastest"
         )
     if not inplace:

@@ -116,6 +116,27 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
     return y.relu_() if relu else y
 
 
+def _conv2d_torch_triton(x, weight, bias, residual, out, stride, padding, dilation, groups, relu):
+    """PyTorch's convolution without its bias (cuDNN's convolution, or for a float16/bfloat16 1x1
+    stride-1 channels_last layer one cuBLAS matrix product, as in _conv2d_torch), then bias,
+    residual and ReLU in one Triton pass (triton_kernels.add_relu) that reads the convolution's
+    result once and writes the layer's output: in place over that result, or straight into `out`
+    (a channel slice too) or a channels_last tensor when the result is not one. The torch backend
+    spends up to three passes on the same epilogue, and rounds after each."""
+    from cnnfast.triton_kernels.add_relu import add_relu as epilogue
+
+    gemm = _pointwise_gemm_operands(x, weight, None, stride, padding, groups)
+    if gemm is not None:
+        rows, weight2d, _ = gemm
+        n, _, h, w = x.shape
+        y = torch.mm(rows, weight2d.t()).view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
+    else:
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if out is None:
+        out = y if _is_channels_last_output(y) else torch.empty_like(y, memory_format=torch.channels_last)
+    return epilogue(y, residual, out, relu, bias=bias)
+
+
 # Modules keep the folded BatchNorm shift in float32, and cuDNN's fused graph takes the bias in x's
 # dtype: rounding it on every call would add a kernel per layer (at batch 1, a good part of the
 # layer's time). So a bias's rounded copy is kept while that bias lives and its version counter
@@ -268,9 +289,17 @@ def _conv2d_cuda(x, weight, bias, residual, out, stride, padding, dilation, relu
         out.copy_(kernel_out[:, : out.shape[1]])
 
 
+def _is_channels_last_output(y: torch.Tensor) -> bool:
+    """Whether y has exactly the strides of the op's (fake) output: dense channels_last."""
+    _, k, p, q = y.shape
+    return y.stride() == (p * q * k, 1, q * k, k)
+
+
 def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
     """Runs the layer on backend into out, or into a new channels_last tensor when out is None;
     returns the result."""
+    if backend == "torch_triton":
+        return _conv2d_torch_triton(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
     if backend in ("torch", "cudnn_fused"):
         if backend == "torch":
             y = _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
@@ -280,9 +309,7 @@ def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, 
             return out.copy_(y)
         # PyTorch's result is returned as is when it has the fake output's (channels_last) strides,
         # the usual case for channels_last input, else copied into that layout.
-        _, k, p, q = y.shape
-        channels_last = (p * q * k, 1, q * k, k)
-        return y if y.stride() == channels_last else _empty_conv2d_output(x, weight, stride, padding, dilation).copy_(y)
+        return y if _is_channels_last_output(y) else _empty_conv2d_output(x, weight, stride, padding, dilation).copy_(y)
     if out is None:
         out = _empty_conv2d_output(x, weight, stride, padding, dilation)
     if backend == "triton":
@@ -350,13 +377,15 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     x: (N, C, H, W), any strides (channels_last is the fast path); weight: (K, C/groups, R, S) in
     x's dtype; bias: (K,), float32 or x's dtype (a folded BatchNorm's shift, see fold_bn);
     residual: (N, K, P, Q) in x's dtype. Accumulation is float32; the triton and cuda epilogues
-    run in float32 and round once, the torch backend rounds after each of its steps.
+    run in float32 and round once, torch_triton rounds the convolution's result and then once more
+    after its epilogue, and the torch backend rounds after each of its steps.
     out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
     channels_last tensor works); otherwise a channels_last output is allocated.
     backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when
     torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
     which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
-    pixels are not 16-byte aligned), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
+    pixels are not 16-byte aligned), "torch_triton" (PyTorch's convolution, then bias, residual and
+    ReLU in one Triton pass; any groups), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
     CUDA tensors and relu=True only, not while cuDNN is disabled or deterministic algorithms are
     asked for; the bias is rounded to x's dtype, once while it is unchanged, and `out` gets a copy
     of cuDNN's result),
@@ -407,7 +436,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
         # The table measured groups=1 layers with a ReLU (and float32 on CUTLASS as TF32, cuDNN under
         # its default settings): the rest stays on PyTorch's own ops.
         backend = "torch"
-    if groups != 1 and backend != "torch":
+    if groups != 1 and backend not in ("torch", "torch_triton"):
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
     if backend == "cudnn_fused" and not relu:
         raise NotImplementedError(

@@ -25,6 +25,8 @@ from cnnfast.triton_kernels.conv2d import (
 pytestmark = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The conv backends that run CPU tensors (triton and torch_triton under the interpreter).
+HOST_BACKENDS = ["triton", "torch", "torch_triton"]
 CHANNELS_LAST = torch.channels_last
 NAN = float("nan")
 
@@ -454,7 +456,7 @@ def test_layouts_give_the_same_result(conv, layout, dtype):
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_out_into_channel_slice(dtype, backend):
     """out= a channel slice of a larger NaN-filled channels_last tensor: the slice is written in
@@ -470,7 +472,7 @@ def test_out_into_channel_slice(dtype, backend):
     assert big[:, :3].isnan().all() and big[:, 3 + k :].isnan().all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("out_layout", ["nchw", "spatial_stride"])
 def test_out_with_other_strides(out_layout, backend):
     conv = Conv(1, 6, 7, 5, 11, 3, 3, stride=2, padding=1)
@@ -481,7 +483,7 @@ def test_out_with_other_strides(out_layout, backend):
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias), "conv")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_batch_zero_with_out(backend):
     conv = Conv(0, 8, 4, 4, 5, 3, 3, padding=1)
     x, weight, bias, res = make_inputs(conv, torch.float32)
@@ -570,7 +572,7 @@ class TinyConvNet(nn.Module):
         return ops.conv2d(y, self.weight2, residual=y, backend=self.backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     torch.manual_seed(0)
     model = TinyConvNet(backend)
@@ -582,7 +584,7 @@ def test_torch_compile_fullgraph(backend):
     assert_close_to_reference(compiled(x), expected, "conv")
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("with_out", [False, True], ids=["functional", "out"])
 def test_flop_counter_counts_the_op(with_out, backend):
     conv = Conv(2, 6, 9, 7, 5, 3, 3, stride=2, padding=1)
@@ -637,7 +639,7 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
 }
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_input(name, backend):
     changes, error, match = BAD_INPUTS[name]
@@ -646,7 +648,7 @@ def test_bad_input(name, backend):
         ops.conv2d(args.pop("x"), args.pop("weight"), **args)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("victim", ["x", "residual"])
 def test_out_overlapping_an_input(victim, backend):
     x = torch.randn(1, 6, 5, 5)
@@ -658,14 +660,14 @@ def test_out_overlapping_an_input(victim, backend):
         ops.conv2d(x, torch.randn(3, 6, 3, 3), padding=1, out=x[:, 2:5], backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 def test_expanded_out_rejected(backend):
     out = torch.empty(1, 6, 1, 5).expand(1, 6, 5, 5)
     with pytest.raises(ValueError, match="out has stride 0"):
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), padding=1, out=out, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("name", ["x", "weight", "bias", "residual"])
 def test_requires_grad_rejected(name, backend):
     args = valid_args() | {"residual": torch.randn(1, 6, 5, 5)}
@@ -683,14 +685,15 @@ def test_groups_on_triton_not_implemented():
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "torch_triton"])
 @pytest.mark.parametrize("groups", [2, 4])
-def test_groups_on_torch_match_reference(groups):
+def test_groups_match_reference(groups, backend):
     conv = Conv(2, 8, 5, 6, 12, 3, 3, padding=1)
     torch.manual_seed(0)
     x = torch.randn(2, 8, 5, 6)
     weight = torch.randn(12, 8 // groups, 3, 3)
     bias, res = torch.randn(12), torch.randn(2, 12, 5, 6)
-    out = ops.conv2d(x, weight, bias, padding=1, groups=groups, residual=res, relu=True, backend="torch")
+    out = ops.conv2d(x, weight, bias, padding=1, groups=groups, residual=res, relu=True, backend=backend)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True, groups=groups), "conv")
 
 

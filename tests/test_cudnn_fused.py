@@ -199,11 +199,11 @@ def test_batch_zero(stand_ins):
 def test_model_benchmark_variant_puts_relu_layers_on_cudnn_fused():
     # bench/bench_models.py's cnnfast_cudnn variant: convs and FC layers with a ReLU on cudnn_fused,
     # the rest (downsample convs, the last FC layer, the GAP head) on torch.
-    from bench.bench_models import on_cudnn_fused
+    from bench.bench_models import convs_on
     from cnnfast.nn import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
 
     for arch in ("resnet50", "vgg16"):
-        model = on_cudnn_fused(optimize(get_model(arch).eval()))
+        model = convs_on(optimize(get_model(arch).eval()), "cudnn_fused")
         fused = {name: m for name, m in model.named_modules() if isinstance(m, (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear))}
         assert {m.backend for m in fused.values()} == {"cudnn_fused", "torch"}
         for name, m in fused.items():
@@ -271,7 +271,7 @@ def test_writes_into_a_channel_slice_on_gpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_with_a_bias_not_yet_rounded():
+def test_graph_capture_with_a_bias_not_yet_rounded():
     """A bias first seen during capture is rounded inside the graph, not kept (the copy would hold
     its values only after a replay); replays and later eager calls are right."""
     problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)

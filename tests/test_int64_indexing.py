@@ -57,6 +57,17 @@ def add_relu_launch(flat: bool, config_index: int = 0, dtype=F16):
     return recorded(kernel_fn, lambda: module.add_relu(x, y, out, True, config=config))
 
 
+def conv_epilogue_launch(config_index: int = 0, dtype=F16):
+    """add_relu's strided kernel as the torch_triton conv's epilogue: a float32 bias, no residual,
+    written in place over the convolution's result."""
+    from cnnfast.triton_kernels import add_relu as module
+
+    conv_result, bias = torch.empty(8, 64, 14, 14, dtype=dtype, memory_format=CHANNELS_LAST), torch.empty(64)
+    config = module.add_relu_strided_configs(False)[config_index]
+    return recorded(module.add_relu_strided_kernel,
+                    lambda: module.add_relu(conv_result, None, conv_result, True, config=config, bias=bias))
+
+
 def global_avg_pool_launch(config_index: int = 0, dtype=F16):
     from cnnfast.triton_kernels import global_avg_pool as module
 
@@ -88,6 +99,7 @@ KERNELS = {
     "conv2d_split_k": (lambda: conv2d_launch("channel_blocked_masked", split_k=True), ("sx_n", "sr_n", "so_n")),
     "add_relu_flat": (lambda: add_relu_launch(flat=True), ()),
     "add_relu_strided": (lambda: add_relu_launch(flat=False), ("sx_n", "sy_n", "so_n")),
+    "conv_epilogue": (conv_epilogue_launch, ("sx_n", "so_n")),
     "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),
     "gap_linear_product": (linear_bias_launch, ("sa_n", "so_n")),
 }

@@ -83,13 +83,14 @@ def test_fused_builder_returns_a_fused_model(name):
 
 @pytest.fixture
 def large_interpreter_tiles(monkeypatch):
-    """Every conv and linear layer with one 16x128x128 tile. Under the interpreter a small-input
+    """Every conv and linear layer with one 16x256x256 tile. Under the interpreter a small-input
     model's time is set by its weights, not its input: each BLOCK_N x BLOCK_K tile of a weight is one
     interpreted loop iteration, and with the interpreter's default 32x32x16 tile ResNet-18 takes
-    70 s and AlexNet (whose classifier holds 55M weights) 400 s; with this tile, 4 s and 14 s. The
-    tile does not change what these tests check (the wiring of fused models through the Triton
-    kernels); test_conv2d runs every autotune config, and test_nn the default one. Counts the calls."""
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=1)
+    70 s and AlexNet (whose classifier holds 55M weights) 400 s; with a 16x128x128 tile VGG-16
+    (103M weights in its first FC layer) takes 80 s, with this one 35 s. The tile does not change
+    what these tests check (the wiring of fused models through the Triton kernels); test_conv2d
+    runs every autotune config, and test_nn the default one. Counts the calls."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=1)
     launch, calls = triton_conv2d.conv2d_bias_act, []
 
     def counted(*args, **kwargs):

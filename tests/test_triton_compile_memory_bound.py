@@ -1,5 +1,5 @@
 """Every Hopper autotune config of the memory-bound Triton kernels (add_relu's flat and strided
-kernels, global_avg_pool, gap_linear's product) compiles for sm_90a in each dtype without a register spill,
+kernels, the strided one also as torch_triton's conv epilogue, global_avg_pool, gap_linear's product) compiles for sm_90a in each dtype without a register spill,
 checked with triton's bundled ptxas as tests/test_triton_compile.py checks the conv kernel.
 
 The compiles run in one subprocess per kernel (conftest sets TRITON_INTERPRET=1, under which
@@ -14,7 +14,9 @@ import torch
 from cnnfast.triton_kernels.add_relu import add_relu_flat_configs, add_relu_strided_configs
 from cnnfast.triton_kernels.gap_linear import linear_bias_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool_configs
-from tests.test_int64_indexing import TIMEOUT_S, add_relu_launch, global_avg_pool_launch, linear_bias_launch
+from tests.test_int64_indexing import (
+    TIMEOUT_S, add_relu_launch, conv_epilogue_launch, global_avg_pool_launch, linear_bias_launch,
+)
 from tests.test_triton_compile import compile_for_hopper, compile_in_subprocesses, ptxas_report
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -22,6 +24,7 @@ DTYPES = ("float16", "bfloat16", "float32")
 KERNELS = {
     "add_relu_flat": (lambda i, dtype: add_relu_launch(True, i, dtype), lambda dtype: add_relu_flat_configs(False)),
     "add_relu_strided": (lambda i, dtype: add_relu_launch(False, i, dtype), lambda dtype: add_relu_strided_configs(False)),
+    "conv_epilogue": (conv_epilogue_launch, lambda dtype: add_relu_strided_configs(False)),
     "global_avg_pool": (global_avg_pool_launch, lambda dtype: global_avg_pool_configs(False)),
     "gap_linear_product": (linear_bias_launch, lambda dtype: linear_bias_configs(False, float32=dtype == "float32")),
 }

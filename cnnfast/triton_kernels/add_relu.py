@@ -1,4 +1,6 @@
-"""Residual add with optional ReLU: out = relu?(x + y), one memory-bound Triton kernel.
+"""Residual add with optional ReLU: out = relu?(x + y), one memory-bound Triton kernel; with a
+per-channel bias, and y optional, it is also the convolution's epilogue of the torch_triton
+backend: out = relu?(conv + bias + residual) in one pass after PyTorch's convolution.
 
 The op reads two tensors and writes one, so its speed is the memory bandwidth it reaches. Two
 kernels, chosen by the launcher:
@@ -12,10 +14,11 @@ kernels, chosen by the launcher:
   channels_last y). out is channels_last (cnnfast.ops allocates it so), and the kernel walks it
   in BLOCK_M x BLOCK_C tiles of (pixel, channel): axis 0 of the 2-D grid picks the BLOCK_M output
   pixels m = (n, h, w), axis 1 the BLOCK_C channels. Each pixel's (n, h, w) is decoded once per
-  row, not per element, and x and y are read through their own strides.
+  row, not per element, and x and y are read through their own strides. A bias, or a missing y,
+  also takes this kernel: a tile's channels are explicit, so bias[c] is one load per column.
 
 The sum is taken in float32 and rounded once into out's dtype (as torch.add does for float16 and
-bfloat16). The ReLU is a select, so NaN passes through as in torch.relu. Offsets are int64:
+bfloat16). out may be x itself (each element is read and written by the same thread). The ReLU is a select, so NaN passes through as in torch.relu. Offsets are int64:
 N*C*H*W passes 2^31 for large batches.
 """
 import contextlib
@@ -71,16 +74,17 @@ def add_relu_flat_kernel(
 
 @triton.jit
 def add_relu_strided_kernel(
-    # pointers
-    x_ptr, y_ptr, out_ptr,
+    # pointers (y_ptr and bias_ptr are not read without HAS_Y and HAS_BIAS)
+    x_ptr, y_ptr, bias_ptr, out_ptr,
     # sizes
     N, C, H, W,
     # strides, in elements, of the logical (N, C, H, W) tensors
     sx_n, sx_c, sx_h, sx_w,
     sy_n, sy_c, sy_h, sy_w,
     so_n, so_c, so_h, so_w,
+    s_bias,
     # meta-parameters
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_valid = offs_m < N * H * W
@@ -88,10 +92,15 @@ def add_relu_strided_kernel(
     h = (offs_m // W) % H
     w = offs_m % W
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = m_valid[:, None] & (offs_c < C)[None, :]
+    c_valid = offs_c < C
+    mask = m_valid[:, None] & c_valid[None, :]
     x = tl.load((x_ptr + n * sx_n + h * sx_h + w * sx_w)[:, None] + (offs_c * sx_c)[None, :], mask=mask)
-    y = tl.load((y_ptr + n * sy_n + h * sy_h + w * sy_w)[:, None] + (offs_c * sy_c)[None, :], mask=mask)
-    v = x.to(tl.float32) + y.to(tl.float32)
+    v = x.to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + offs_c * s_bias, mask=c_valid).to(tl.float32)[None, :]
+    if HAS_Y:
+        y = tl.load((y_ptr + n * sy_n + h * sy_h + w * sy_w)[:, None] + (offs_c * sy_c)[None, :], mask=mask)
+        v += y.to(tl.float32)
     if RELU:
         v = tl.where(v < 0, 0.0, v)
     out_ptrs = (out_ptr + n * so_n + h * so_h + w * so_w)[:, None] + (offs_c * so_c)[None, :]
@@ -105,7 +114,8 @@ add_relu_flat_autotuned = triton.autotune(
     do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
 )(add_relu_flat_kernel)
 add_relu_strided_autotuned = triton.autotune(
-    configs=add_relu_strided_configs()[:1] if INTERPRETED else add_relu_strided_configs(), key=["N", "C", "H", "W"],
+    configs=add_relu_strided_configs()[:1] if INTERPRETED else add_relu_strided_configs(),
+    key=["N", "C", "H", "W", "HAS_Y", "HAS_BIAS"],
     do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
 )(add_relu_strided_kernel)
 
@@ -118,26 +128,32 @@ def is_flat(x, y, out) -> bool:
     )
 
 
-def add_relu(x, y, out, relu, config=None):
-    """Launches out = relu?(x + y). Inputs are already checked (cnnfast.ops.add_relu): x, y and out
-    are (N, C, H, W) of one dtype and device; out is allocated and does not overlap x or y.
+def add_relu(x, y, out, relu, config=None, bias=None):
+    """Launches out = relu?(x + y + bias). Inputs are already checked (by cnnfast.ops): x, out and y
+    (None: no residual) are (N, C, H, W) of one dtype and device; bias (None: none) is (C,),
+    float32 or that dtype; out is allocated and is x itself or overlaps none of them.
     `config` (a triton.Config of the kernel that the layouts select) bypasses autotuning."""
     if out.numel() == 0:
         return out
-    flat = is_flat(x, y, out)
+    flat = y is not None and bias is None and is_flat(x, y, out)
     if flat:
         args = (x, y, out, out.numel())
         kernel, autotuned = add_relu_flat_kernel, add_relu_flat_autotuned
         grid = lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),)
+        flags = {"RELU": relu}
     else:
         N, C, H, W = out.shape
-        args = (x, y, out, N, C, H, W, *x.stride(), *y.stride(), *out.stride())
+        y_strides = y.stride() if y is not None else (0, 0, 0, 0)
+        # An absent operand's pointer is never read: x stands in for it.
+        args = (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(), *y_strides,
+                *out.stride(), 0 if bias is None else bias.stride(0))
         kernel, autotuned = add_relu_strided_kernel, add_relu_strided_autotuned
         grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+        flags = {"RELU": relu, "HAS_Y": y is not None, "HAS_BIAS": bias is not None}
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            autotuned[grid](*args, RELU=relu)
+            autotuned[grid](*args, **flags)
         else:
-            kernel[grid(config.kwargs)](*args, RELU=relu, **config.kwargs, num_warps=config.num_warps,
+            kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
     return out

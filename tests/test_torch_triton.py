@@ -1,0 +1,247 @@
+"""backend="torch_triton": PyTorch's convolution, then bias + residual + ReLU in one Triton pass.
+
+On the CPU (oneDNN's convolution, the epilogue under the Triton interpreter): every distinct conv
+layer of every architecture and the odd shapes against float64, each epilogue, the 1x1 layers'
+matrix product, NCHW and strided inputs, out= slices, NaN and Inf, integer values exactly, that
+the epilogue writes over the convolution's own result (one pass, no copy), and which ops take the
+backend. The cases it shares with the other backends (out= strides, batch 0, torch.compile, FLOP
+counting, the bad-input contract, groups) are in tests/test_conv2d.py. On the GPU (marked gpu):
+every layer against float64, NaN and layouts, a channel slice, and CUDA-graph capture.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.bench_models import convs_on
+from cnnfast import backends, ops, optimize
+from cnnfast.backends import backends_of
+from cnnfast.models import get_model
+from cnnfast.nn import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
+from cnnfast.testing import assert_close_to_reference
+from tests.test_conv2d import (
+    DTYPES, EPILOGUES, INTEGER_SHAPES, LAYOUTS, NAN, ODD_SHAPES, POINTWISE, REAL_LAYERS, Conv, conv_id, in_layout,
+    layer_id, make_inputs, nan_output, real_layer_problem, reference_conv2d, run_conv2d,
+)
+from tests.test_conv2d_gpu import PROBLEMS, make_problem, tolerance_kind
+from tests.test_conv2d_gpu import reference_conv2d as gpu_reference_conv2d
+
+CHANNELS_LAST = torch.channels_last
+on_host = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton epilogue on CPU tensors")
+
+
+def check(conv, dtype, *, bias_dtype=torch.float32, residual=True, relu=True, out=False, seed=0):
+    torch.manual_seed(seed)
+    x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
+    target = nan_output(conv.output_shape(), dtype) if out else None
+    y = run_conv2d(conv, x, weight, bias, res, relu, backend="torch_triton", out=target)
+    assert y.dtype == dtype and y.shape == conv.output_shape() and y.is_contiguous(memory_format=CHANNELS_LAST)
+    assert target is None or y is target
+    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu), "conv")
+
+
+def test_it_is_a_backend_of_the_convolution_only():
+    assert "torch_triton" in backends_of("conv2d")
+    for op in ("add_relu", "global_avg_pool", "gap_linear"):
+        assert "torch_triton" not in backends_of(op)
+    with pytest.raises(NotImplementedError, match=r"add_relu: backend 'torch_triton' has no kernel .*conv2d only"):
+        ops.add_relu(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), backend="torch_triton")
+
+
+def test_it_needs_cuda_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="conv2d: backend 'torch_triton' needs CUDA tensors, got a tensor on cpu"):
+        ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), relu=True, backend="torch_triton")
+
+
+# Every distinct layer in every dtype: float32 bias and ReLU, a residual on every other one, and
+# every other one into a NaN-filled out= (the rest in place over the convolution's result).
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index", range(len(REAL_LAYERS)), ids=[layer_id(layer) for layer in REAL_LAYERS])
+def test_real_layer(index, dtype):
+    check(real_layer_problem(*REAL_LAYERS[index]), dtype, residual=index % 2 == 1, out=index % 4 < 2, seed=index)
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", ODD_SHAPES, ids=conv_id)
+def test_odd_shape(conv, dtype):
+    check(conv, dtype)
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("conv", [Conv(2, 5, 7, 7, 7, 5, 5, padding=2), POINTWISE], ids=["5x5", "pointwise"])
+def test_epilogue(conv, epilogue, dtype):
+    bias_dtype, residual, relu = EPILOGUES[epilogue]
+    check(conv, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual, relu=relu)
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pointwise_layers_are_one_matrix_product(monkeypatch, dtype):
+    """A float16/bfloat16 1x1 stride-1 channels_last layer is one torch.mm (no bias, no residual in
+    it: the epilogue adds them); float32 and NCHW input stay on the convolution."""
+    products = []
+    monkeypatch.setattr(torch, "mm", lambda *args, mm=torch.mm: products.append(args) or mm(*args))
+    check(POINTWISE, dtype)
+    assert len(products) == (dtype != torch.float32)
+    products.clear()
+    x, weight, bias, res = make_inputs(POINTWISE, dtype)
+    y = ops.conv2d(x.contiguous(), weight, bias, residual=res, relu=True, backend="torch_triton")
+    assert_close_to_reference(y, reference_conv2d(POINTWISE, x, weight, bias, res, relu=True), "conv")
+    assert not products
+
+
+@on_host
+@pytest.mark.parametrize("conv", [Conv(2, 16, 6, 7, 12, 3, 3, padding=1), POINTWISE], ids=["3x3", "pointwise"])
+def test_the_epilogue_writes_over_the_convolutions_result(monkeypatch, conv):
+    """One pass after the convolution: the layer's output is the buffer PyTorch's convolution (or
+    matrix product) returned, with bias, residual and ReLU applied in place."""
+    results = []
+    for module, name in ((F, "conv2d"), (torch, "mm")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, original=original: results.append(original(*args)) or results[-1])
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, torch.bfloat16)
+    y = ops.conv2d(x, weight, bias, residual=res, relu=True, padding=conv.padding, backend="torch_triton")
+    (result,) = results
+    assert y.data_ptr() == result.data_ptr()
+    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+@on_host
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layouts(layout, dtype):
+    """x and residual in `layout` (an NCHW convolution result is written into a new channels_last
+    output by the same pass), a strided bias: a channels_last result that matches the reference."""
+    conv = Conv(2, 12, 6, 7, 10, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x, res = in_layout(x, layout), in_layout(res, layout)
+    strided_bias = torch.full((2 * conv.k,), NAN)[::2]
+    strided_bias.copy_(bias)
+    y = run_conv2d(conv, x, weight, strided_bias, res, relu=True, backend="torch_triton")
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
+    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_and_inf_propagate_like_torch(dtype):
+    """NaN and Inf in x reach the outputs whose receptive field holds them, through bias, residual
+    and ReLU (NaN stays NaN, -Inf becomes 0); a NaN in the residual reaches its own output."""
+    conv = Conv(2, 6, 9, 8, 5, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x[0, 1, 0, 0] = NAN
+    x[0, 0, 5, 1] = float("inf")
+    x[-1, 0, 1, 3] = float("-inf")
+    res[1, 2, 4, 4] = NAN
+    y = run_conv2d(conv, x, weight, bias, res, relu=True, backend="torch_triton")
+    expected = reference_conv2d(conv, x, weight, bias, res, relu=True)
+    assert expected.isnan().any() and expected.isinf().any() and not expected.isnan().all()
+    assert_close_to_reference(y, expected, "conv")
+
+
+@on_host
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conv", INTEGER_SHAPES, ids=conv_id)
+def test_integer_values_exact(conv, dtype):
+    torch.manual_seed(0)
+    x = torch.randint(-1, 2, (conv.n, conv.c, conv.h, conv.w)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randint(-1, 2, (conv.k, conv.c, conv.r, conv.s)).to(dtype)
+    bias = torch.randint(-2, 3, (conv.k,)).float()
+    res = torch.randint(-2, 3, conv.output_shape()).to(dtype)
+    y = run_conv2d(conv, x, weight, bias, res, relu=True, backend="torch_triton")
+    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv", exact=True)
+
+
+def test_model_benchmark_variant_puts_every_conv_on_torch_triton():
+    # bench/bench_models.py's cnnfast_torch_triton variant: every conv and FC layer (with or without
+    # ReLU) on torch_triton, the other fused ops (the GAP head) on torch.
+    for arch in ("resnet50", "vgg16"):
+        model = convs_on(optimize(get_model(arch).eval()), "torch_triton")
+        for name, m in model.named_modules():
+            if isinstance(m, (ConvBNReLU, LinearReLU)):
+                assert m.backend == "torch_triton", name
+            elif isinstance(m, GlobalAvgPoolLinear):
+                assert m.backend == "torch", name
+
+
+# ------------------------------------------------------------------------------------- on the GPU
+
+# Every distinct layer of every architecture at batch 2 in bfloat16, every fourth in float16 and
+# float32; a residual on the 1x1 layers; into a NaN-filled out= on every other layer.
+GPU_CASES = [
+    pytest.param(problem, dtype, i % 2 == 0, id=f"{name}-{str(dtype)[6:]}")
+    for i, (problem, name) in enumerate(PROBLEMS.items())
+    for dtype in [torch.bfloat16] + ([torch.float16, torch.float32] if i % 4 == 0 else [])
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem, dtype, into_out", GPU_CASES)
+def test_every_layer_on_gpu(problem, dtype, into_out):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    res = res if problem.R == 1 else None
+    y = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+                   out=out if into_out else None, backend="torch_triton")
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
+    assert_close_to_reference(y, gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nan_and_layouts_on_gpu(kernel, dtype):
+    """NaN in one input pixel comes out as NaN through bias, residual and ReLU; NCHW and
+    channels_last inputs (cuDNN's result in either layout) give a channels_last result."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype)
+    x[1, :, 4, 5] = float("nan")
+    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
+    b = torch.randn(96, device="cuda")
+    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype)
+    padding = (kernel // 2, kernel // 2)
+    for layout in ("nchw", "channels_last"):
+        xi = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
+        for residual in (None, res):
+            y = ops.conv2d(xi, w, b, padding=padding, residual=residual, relu=True, backend="torch_triton")
+            assert y.is_contiguous(memory_format=CHANNELS_LAST) and y.isnan().any()
+            assert_close_to_reference(y, gpu_reference_conv2d(x, w, b, residual, (1, 1), padding), "conv")
+
+
+@pytest.mark.gpu
+def test_writes_into_a_channel_slice_on_gpu():
+    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
+    x, w, b, res, out = make_problem(problem, 2, torch.bfloat16)
+    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=CHANNELS_LAST)
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+               out=big[:, 8 : 8 + problem.K], backend="torch_triton")
+    expected = gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding)
+    assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
+    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
+
+
+@pytest.mark.gpu
+def test_graph_capture_on_gpu():
+    problem = next(p for p in PROBLEMS if p.R == 1 and p.C == 64 and p.K == 256)
+    x, w, b, res, _ = make_problem(problem, 2, torch.bfloat16)
+    layer = dict(stride=problem.stride, padding=problem.padding, residual=res, relu=True, backend="torch_triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.conv2d(x, w, b, **layer)  # compiles and tunes the epilogue outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.conv2d(x, w, b, **layer)
+    x.copy_(torch.randn_like(x))  # a replay reads the new input
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(y, gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
