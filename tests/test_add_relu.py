@@ -160,6 +160,18 @@ def test_triton_strided_every_config(device, config, layouts):
     assert_close_to_reference(out, reference_add_relu(x, y, relu=False), "elementwise")
 
 
+@pytest.mark.parametrize("device, config", triton_config_cases(add_relu_strided_configs))
+@pytest.mark.parametrize("residual", [False, True], ids=["bias", "bias-residual"])
+def test_triton_conv_epilogue_every_config(device, config, residual):
+    """The strided kernel as torch_triton's conv epilogue: a strided float32 bias per channel, a
+    residual or none, ReLU, written in place over x (the convolution's result)."""
+    x, y = (make_input((3, 130, 5, 7), torch.bfloat16, device, "channels_last") for _ in range(2))
+    bias = torch.randn(2 * 130, device=device)[::2]
+    expected = torch.relu(x.double() + bias.double().view(1, -1, 1, 1) + (y.double() if residual else 0))
+    add_relu_triton(x, y if residual else None, x, relu=True, config=config, bias=bias)
+    assert_close_to_reference(x, expected, "elementwise")
+
+
 @INTERPRETER_ONLY
 def test_triton_backend_runs_triton(monkeypatch):
     def forbidden(*args, **kwargs):

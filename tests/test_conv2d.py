@@ -524,15 +524,16 @@ INTEGER_SHAPES = [  # C*R*S <= 252: every sum of products of values in [-1, 1], 
 ]
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch_triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conv", INTEGER_SHAPES, ids=conv_id)
-def test_integer_values_exact(conv, dtype):
+def test_integer_values_exact(conv, dtype, backend):
     torch.manual_seed(0)
     x = torch.randint(-1, 2, (conv.n, conv.c, conv.h, conv.w)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
     weight = torch.randint(-1, 2, (conv.k, conv.c, conv.r, conv.s)).to(dtype)
     bias = torch.randint(-2, 3, (conv.k,)).float()
     res = torch.randint(-2, 3, conv.output_shape()).to(dtype)
-    out = run_conv2d(conv, x, weight, bias, res, relu=True)
+    out = run_conv2d(conv, x, weight, bias, res, relu=True, backend=backend)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv", exact=True)
 
 

@@ -1,4 +1,6 @@
-"""conv2d on a GPU: every distinct conv layer of every architecture, at its real size, against float64.
+"""conv2d on a GPU: every distinct conv layer of every architecture, at its real size, against float64,
+on the Triton and CUTLASS kernels and on the two backends built on PyTorch's convolution
+(torch_triton and cudnn_fused); the CUTLASS kernel choice and channel slices; the torch backend.
 
 Weights are scaled by 1/sqrt(fan_in) as in a trained network, so outputs are O(1) and the
 tolerance table applies as written (TF32 included) whatever the reduction length.
@@ -207,3 +209,64 @@ def test_torch_backend_on_gpu(kernel, dtype):
         expected = reference_conv2d(x, w, b, res, (1, 1), (kernel // 2, kernel // 2))
         assert out.isnan().any()
         assert_close_to_reference(out, expected, tolerance_kind(dtype))  # NaN where the reference has NaN
+
+
+# ---------------------------------------------------------------- the backends built on PyTorch's convolution
+
+# torch_triton (PyTorch's convolution, then one Triton epilogue pass) and cudnn_fused (cuDNN's
+# runtime fusion): every distinct layer at batch 2 in bfloat16, every fourth in float16 and float32
+# (TF32 when torch.backends.cudnn.allow_tf32 is set), a residual on the 1x1 layers; into a
+# NaN-filled out= on every other layer, into a new output on the rest.
+PYTORCH_CONV_BACKENDS = ("torch_triton", "cudnn_fused")
+PYTORCH_CONV_CASES = [
+    pytest.param(backend, problem, dtype, i % 2 == 0, id=f"{backend}-{name}-{str(dtype)[6:]}")
+    for backend in PYTORCH_CONV_BACKENDS
+    for i, (problem, name) in enumerate(PROBLEMS.items())
+    for dtype in [torch.bfloat16] + ([torch.float16, torch.float32] if i % 4 == 0 else [])
+]
+
+
+@pytest.mark.parametrize("backend, problem, dtype, into_out", PYTORCH_CONV_CASES)
+def test_pytorch_conv_backends_every_layer(backend, problem, dtype, into_out):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    res = res if problem.R == 1 else None
+    y = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+                   out=out if into_out else None, backend=backend)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(y, reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", PYTORCH_CONV_BACKENDS)
+def test_pytorch_conv_backends_nan_and_layouts(backend, dtype, kernel):
+    """NaN in one input pixel comes out as NaN through bias, residual and ReLU, as torch.relu
+    leaves it; NCHW and channels_last inputs (and so cuDNN results in either layout), with an NCHW
+    residual or none, give a channels_last result."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype)
+    x[1, :, 4, 5] = float("nan")
+    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
+    b = torch.randn(96, device="cuda")
+    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype)
+    padding = (kernel // 2, kernel // 2)
+    for layout in ("nchw", "channels_last"):
+        xi = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        for residual in (None, res):
+            y = ops.conv2d(xi, w, b, padding=padding, residual=residual, relu=True, backend=backend)
+            assert y.is_contiguous(memory_format=torch.channels_last) and y.isnan().any()
+            assert_close_to_reference(y, reference_conv2d(x, w, b, residual, (1, 1), padding), "conv")
+
+
+@pytest.mark.parametrize("backend", PYTORCH_CONV_BACKENDS)
+def test_pytorch_conv_backends_write_into_a_channel_slice(backend):
+    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
+    x, w, b, res, out = make_problem(problem, 2, torch.bfloat16)
+    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=torch.channels_last)
+    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+               out=big[:, 8 : 8 + problem.K], backend=backend)
+    expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
+    assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
+    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()

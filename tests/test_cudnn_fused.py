@@ -4,9 +4,10 @@ On the CPU: which ops, inputs and cuDNN settings it takes and the errors for the
 backend=None's fallbacks to torch, the launcher's plumbing and its reuse of the rounded bias, with
 stand-ins for PyTorch's two cuDNN ops (they run on CUDA tensors only) that compute in float32,
 round once and return PyTorch's layout; the NaN check that keeps a backend out of the timings,
-and the model benchmark's cudnn_fused variant. On the GPU (marked gpu): every conv layer of every
-architecture against float64, NaN, NCHW inputs, out= slices, CUDA-graph capture, and
-backend=None choosing it from a table.
+and the model benchmark's cudnn_fused variant. On the GPU (marked gpu): CUDA-graph capture of a
+bias not yet rounded, and backend=None choosing it from a table; every conv layer of every
+architecture against float64, NaN, NCHW inputs and out= slices are in tests/test_conv2d_gpu.py,
+with torch_triton's.
 """
 import pytest
 import torch
@@ -18,7 +19,7 @@ from cnnfast.models import get_model
 from cnnfast.testing import assert_close_to_reference
 from tests.test_conv2d import Conv
 from tests.test_conv2d import reference_conv2d as conv2d_reference
-from tests.test_conv2d_gpu import PROBLEMS, make_problem, reference_conv2d, tolerance_kind
+from tests.test_conv2d_gpu import PROBLEMS, make_problem, reference_conv2d
 
 CHANNELS_LAST = torch.channels_last
 
@@ -212,63 +213,6 @@ def test_model_benchmark_variant_puts_relu_layers_on_cudnn_fused():
 
 
 # ------------------------------------------------------------------------------------- on the GPU
-
-# Every distinct layer of every architecture at batch 2 in bfloat16, every fourth in float16 and
-# float32 (TF32 when torch.backends.cudnn.allow_tf32 is set); a residual on the 1x1 layers.
-GPU_CASES = [
-    pytest.param(problem, dtype, id=f"{name}-{str(dtype)[6:]}")
-    for i, (problem, name) in enumerate(PROBLEMS.items())
-    for dtype in [torch.bfloat16] + ([torch.float16, torch.float32] if i % 4 == 0 else [])
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("problem, dtype", GPU_CASES)
-def test_every_layer(problem, dtype):
-    torch.manual_seed(0)
-    x, w, b, res, out = make_problem(problem, 2, dtype)
-    res = res if problem.R == 1 else None
-    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True, out=out,
-               backend="cudnn_fused")
-    expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
-    assert_close_to_reference(out, expected, tolerance_kind(dtype))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [1, 3, 7])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_nan_and_layouts_on_gpu(kernel, dtype):
-    """NaN in one input pixel comes out as NaN through bias, residual and ReLU, as torch.relu
-    leaves it; an NCHW input and an NCHW residual give a channels_last result."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype)
-    x[1, :, 4, 5] = float("nan")
-    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
-    b = torch.randn(96, device="cuda")
-    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype)
-    padding = (kernel // 2, kernel // 2)
-    for layout in ("nchw", "channels_last"):
-        xi = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
-        for residual in (None, res):
-            y = ops.conv2d(xi, w, b, padding=padding, residual=residual, relu=True, backend="cudnn_fused")
-            assert y.is_contiguous(memory_format=CHANNELS_LAST)
-            expected = reference_conv2d(x, w, b, residual, (1, 1), padding)
-            assert y.isnan().any()
-            assert_close_to_reference(y, expected, "conv")  # NaN exactly where the reference has NaN
-
-
-@pytest.mark.gpu
-def test_writes_into_a_channel_slice_on_gpu():
-    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
-    x, w, b, res, out = make_problem(problem, 2, torch.bfloat16)
-    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
-    big = big.contiguous(memory_format=CHANNELS_LAST)
-    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
-               out=big[:, 8 : 8 + problem.K], backend="cudnn_fused")
-    expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
-    assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
-    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
-
 
 @pytest.mark.gpu
 def test_graph_capture_with_a_bias_not_yet_rounded():

@@ -2,11 +2,12 @@
 
 On the CPU (oneDNN's convolution, the epilogue under the Triton interpreter): every distinct conv
 layer of every architecture and the odd shapes against float64, each epilogue, the 1x1 layers'
-matrix product, NCHW and strided inputs, out= slices, NaN and Inf, integer values exactly, that
-the epilogue writes over the convolution's own result (one pass, no copy), and which ops take the
-backend. The cases it shares with the other backends (out= strides, batch 0, torch.compile, FLOP
+matrix product, NCHW and strided inputs, out= slices, NaN and Inf, that the epilogue writes over
+the convolution's own result (one pass, no copy), and which ops take the backend. The cases it
+shares with the other backends (out= strides, batch 0, integer values exactly, torch.compile, FLOP
 counting, the bad-input contract, groups) are in tests/test_conv2d.py. On the GPU (marked gpu):
-every layer against float64, NaN and layouts, a channel slice, and CUDA-graph capture.
+CUDA-graph capture here; every layer against float64, NaN and layouts, and a channel slice in
+tests/test_conv2d_gpu.py, with cudnn_fused's.
 """
 import pytest
 import torch
@@ -19,10 +20,10 @@ from cnnfast.models import get_model
 from cnnfast.nn import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
 from cnnfast.testing import assert_close_to_reference
 from tests.test_conv2d import (
-    DTYPES, EPILOGUES, INTEGER_SHAPES, LAYOUTS, NAN, ODD_SHAPES, POINTWISE, REAL_LAYERS, Conv, conv_id, in_layout,
-    layer_id, make_inputs, nan_output, real_layer_problem, reference_conv2d, run_conv2d,
+    DTYPES, EPILOGUES, LAYOUTS, NAN, ODD_SHAPES, POINTWISE, REAL_LAYERS, Conv, conv_id, in_layout, layer_id,
+    make_inputs, nan_output, real_layer_problem, reference_conv2d, run_conv2d,
 )
-from tests.test_conv2d_gpu import PROBLEMS, make_problem, tolerance_kind
+from tests.test_conv2d_gpu import PROBLEMS, make_problem
 from tests.test_conv2d_gpu import reference_conv2d as gpu_reference_conv2d
 
 CHANNELS_LAST = torch.channels_last
@@ -146,19 +147,6 @@ def test_nan_and_inf_propagate_like_torch(dtype):
     assert_close_to_reference(y, expected, "conv")
 
 
-@on_host
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("conv", INTEGER_SHAPES, ids=conv_id)
-def test_integer_values_exact(conv, dtype):
-    torch.manual_seed(0)
-    x = torch.randint(-1, 2, (conv.n, conv.c, conv.h, conv.w)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
-    weight = torch.randint(-1, 2, (conv.k, conv.c, conv.r, conv.s)).to(dtype)
-    bias = torch.randint(-2, 3, (conv.k,)).float()
-    res = torch.randint(-2, 3, conv.output_shape()).to(dtype)
-    y = run_conv2d(conv, x, weight, bias, res, relu=True, backend="torch_triton")
-    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv", exact=True)
-
-
 def test_model_benchmark_variant_puts_every_conv_on_torch_triton():
     # bench/bench_models.py's cnnfast_torch_triton variant: every conv and FC layer (with or without
     # ReLU) on torch_triton, the other fused ops (the GAP head) on torch.
@@ -172,61 +160,6 @@ def test_model_benchmark_variant_puts_every_conv_on_torch_triton():
 
 
 # ------------------------------------------------------------------------------------- on the GPU
-
-# Every distinct layer of every architecture at batch 2 in bfloat16, every fourth in float16 and
-# float32; a residual on the 1x1 layers; into a NaN-filled out= on every other layer.
-GPU_CASES = [
-    pytest.param(problem, dtype, i % 2 == 0, id=f"{name}-{str(dtype)[6:]}")
-    for i, (problem, name) in enumerate(PROBLEMS.items())
-    for dtype in [torch.bfloat16] + ([torch.float16, torch.float32] if i % 4 == 0 else [])
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("problem, dtype, into_out", GPU_CASES)
-def test_every_layer_on_gpu(problem, dtype, into_out):
-    torch.manual_seed(0)
-    x, w, b, res, out = make_problem(problem, 2, dtype)
-    res = res if problem.R == 1 else None
-    y = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
-                   out=out if into_out else None, backend="torch_triton")
-    assert y.is_contiguous(memory_format=CHANNELS_LAST)
-    assert_close_to_reference(y, gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", [1, 3, 7])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_nan_and_layouts_on_gpu(kernel, dtype):
-    """NaN in one input pixel comes out as NaN through bias, residual and ReLU; NCHW and
-    channels_last inputs (cuDNN's result in either layout) give a channels_last result."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype)
-    x[1, :, 4, 5] = float("nan")
-    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
-    b = torch.randn(96, device="cuda")
-    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype)
-    padding = (kernel // 2, kernel // 2)
-    for layout in ("nchw", "channels_last"):
-        xi = x.contiguous(memory_format=CHANNELS_LAST) if layout == "channels_last" else x
-        for residual in (None, res):
-            y = ops.conv2d(xi, w, b, padding=padding, residual=residual, relu=True, backend="torch_triton")
-            assert y.is_contiguous(memory_format=CHANNELS_LAST) and y.isnan().any()
-            assert_close_to_reference(y, gpu_reference_conv2d(x, w, b, residual, (1, 1), padding), "conv")
-
-
-@pytest.mark.gpu
-def test_writes_into_a_channel_slice_on_gpu():
-    problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
-    x, w, b, res, out = make_problem(problem, 2, torch.bfloat16)
-    big = torch.full((2, problem.K + 16, *out.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
-    big = big.contiguous(memory_format=CHANNELS_LAST)
-    ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
-               out=big[:, 8 : 8 + problem.K], backend="torch_triton")
-    expected = gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding)
-    assert_close_to_reference(big[:, 8 : 8 + problem.K], expected, "conv")
-    assert big[:, :8].isnan().all() and big[:, 8 + problem.K :].isnan().all()
-
 
 @pytest.mark.gpu
 def test_graph_capture_on_gpu():
