@@ -87,8 +87,8 @@ fi
 # step that hits its limit still keeps the cases that ran. Four pytest-xdist workers share the
 # GPU: most of these tests' time is Triton compiling on the host's CPU cores (four, not more:
 # each worker's caching allocator keeps what its 2^31-element cases took, up to about 13 GB).
-NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_torch_triton.py tests/test_cudnn_fused.py tests/test_reliability_gpu.py
-  tests/test_gap_linear.py tests/test_optimize.py tests/test_global_avg_pool.py)
+NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_torch_triton.py tests/test_cudnn_fused.py
+  tests/test_reliability_gpu.py tests/test_gap_linear.py tests/test_optimize.py tests/test_global_avg_pool.py)
 # A step's result file from an earlier run into the same folder would be summed with this run's.
 selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
 selected gpu-tests-new-cuda && rm -f "$OUT/gpu_tests_new_cuda.xml"

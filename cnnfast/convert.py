@@ -69,8 +69,8 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     The model must be in eval mode with running BatchNorm statistics (BN is folded, once, in
     float32). dtype: the compute dtype of the result (default: the model's own); backend: the
     cnnfast backend of every fused op, "triton", "cuda" or "torch" (None: the default of the input's
-    device, per op and conv layer, "torch_triton" and "cudnn_fused" among its choices for a conv). What was fused and
-    what was left alone is in `model.cnnfast_report` (printed with verbose=True).
+    device, per op and conv layer, "torch_triton" and "cudnn_fused" among its choices for a conv).
+    What was fused and what was left alone is in `model.cnnfast_report` (printed with verbose=True).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")

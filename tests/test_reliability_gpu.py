@@ -1,9 +1,9 @@
 """The GPU half of the reliability checks: the fixed problem list of tests/test_conv2d.py (the odd
-shapes) through the public op in every dtype and several layouts on the GPU backends (in bfloat16
-on torch_triton and cuDNN's fused convolution too, which backend=None may choose for a layer),
-results of cnnfast's own kernels repeated bit for bit over 100 runs, and a convolution over 2^31 elements against PyTorch run on a
-slice of the batch. (Every real layer on the GPU is in tests/test_conv2d_gpu.py; the memory-bound
-ops' 2^31 cases sit in their own test files.)
+shapes) through the public op in every dtype and several layouts on the GPU backends (in bfloat16 on
+torch_triton and cuDNN's fused convolution too, which backend=None may choose for a layer), results
+of cnnfast's own kernels repeated bit for bit over 100 runs, and a convolution over 2^31 elements
+against PyTorch run on a slice of the batch. (Every real layer on the GPU is in
+tests/test_conv2d_gpu.py; the memory-bound ops' 2^31 cases sit in their own test files.)
 """
 import pytest
 import torch
@@ -105,7 +105,8 @@ def test_split_k_100_runs_are_bitwise_identical(config_index):
 
 
 @pytest.mark.parametrize(
-    "backend, kernel, k", [("triton", 3, 64), ("cuda", 3, 64), ("cuda", 1, 96), ("torch_triton", 3, 64), ("cudnn_fused", 3, 64)],
+    "backend, kernel, k",
+    [("triton", 3, 64), ("cuda", 3, 64), ("cuda", 1, 96), ("torch_triton", 3, 64), ("cudnn_fused", 3, 64)],
     ids=["triton", "cuda", "cuda-1x1-gemm", "torch_triton", "cudnn_fused"])
 def test_conv2d_past_2_31_elements(backend, kernel, k):
     """700 x 64 x 224 x 224 bfloat16 in (2.25e9 elements, 4.5 GB) and 700 x K x 224 x 224 out: the

@@ -54,11 +54,18 @@ def test_it_needs_cuda_tensors_without_the_interpreter(monkeypatch):
         ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3), relu=True, backend="torch_triton")
 
 
-# Every distinct layer in every dtype: float32 bias and ReLU, a residual on every other one, and
-# every other one into a NaN-filled out= (the rest in place over the convolution's result).
+# Every distinct layer in bfloat16, every third in float16 and float32: float32 bias and ReLU, a
+# residual on every other one, and every other pair into a NaN-filled out= (the rest in place over
+# the convolution's result).
+REAL_LAYER_CASES = [
+    pytest.param(index, dtype, id=f"{layer_id(layer)}-{str(dtype)[6:]}")
+    for index, layer in enumerate(REAL_LAYERS)
+    for dtype in [torch.bfloat16] + ([torch.float16, torch.float32] if index % 3 == 0 else [])
+]
+
+
 @on_host
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("index", range(len(REAL_LAYERS)), ids=[layer_id(layer) for layer in REAL_LAYERS])
+@pytest.mark.parametrize("index, dtype", REAL_LAYER_CASES)
 def test_real_layer(index, dtype):
     check(real_layer_problem(*REAL_LAYERS[index]), dtype, residual=index % 2 == 1, out=index % 4 < 2, seed=index)
 
@@ -101,9 +108,14 @@ def test_the_epilogue_writes_over_the_convolutions_result(monkeypatch, conv):
     """One pass after the convolution: the layer's output is the buffer PyTorch's convolution (or
     matrix product) returned, with bias, residual and ReLU applied in place."""
     results = []
+    def recording(original):
+        def call(*args):
+            results.append(original(*args))
+            return results[-1]
+        return call
+
     for module, name in ((F, "conv2d"), (torch, "mm")):
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *args, original=original: results.append(original(*args)) or results[-1])
+        monkeypatch.setattr(module, name, recording(getattr(module, name)))
     torch.manual_seed(0)
     x, weight, bias, res = make_inputs(conv, torch.bfloat16)
     y = ops.conv2d(x, weight, bias, residual=res, relu=True, padding=conv.padding, backend="torch_triton")

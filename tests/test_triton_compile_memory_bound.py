@@ -1,6 +1,7 @@
 """Every Hopper autotune config of the memory-bound Triton kernels (add_relu's flat and strided
-kernels, the strided one also as torch_triton's conv epilogue, global_avg_pool, gap_linear's product) compiles for sm_90a in each dtype without a register spill,
-checked with triton's bundled ptxas as tests/test_triton_compile.py checks the conv kernel.
+kernels, the strided one also as torch_triton's conv epilogue, global_avg_pool, gap_linear's
+product) compiles for sm_90a in each dtype without a register spill, checked with triton's
+bundled ptxas as tests/test_triton_compile.py checks the conv kernel.
 
 The compiles run in one subprocess per kernel (conftest sets TRITON_INTERPRET=1, under which
 triton does not compile), each running this file as a script without that variable.

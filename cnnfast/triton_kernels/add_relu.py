@@ -11,15 +11,17 @@ kernels, chosen by the launcher:
   few thousand elements, so each thread moves several 16-byte vectors and the only index math is
   one add. A storage offset is part of the data pointer and costs nothing.
 - strided: any other strides (a channel slice, an expanded batch, an NCHW x beside a
-  channels_last y). out is channels_last (cnnfast.ops allocates it so), and the kernel walks it
-  in BLOCK_M x BLOCK_C tiles of (pixel, channel): axis 0 of the 2-D grid picks the BLOCK_M output
-  pixels m = (n, h, w), axis 1 the BLOCK_C channels. Each pixel's (n, h, w) is decoded once per
-  row, not per element, and x and y are read through their own strides. A bias, or a missing y,
-  also takes this kernel: a tile's channels are explicit, so bias[c] is one load per column.
+  channels_last y). out is channels_last (cnnfast.ops allocates it so, unless a conv's caller passed
+  its own out=), and the kernel walks it in BLOCK_M x BLOCK_C tiles of (pixel, channel): axis 0 of
+  the 2-D grid picks the BLOCK_M output pixels m = (n, h, w), axis 1 the BLOCK_C channels. Each
+  pixel's (n, h, w) is decoded once per row, not per element, and x and y are read through their own
+  strides. A bias, or a missing y, also takes this kernel: a tile's channels are explicit, so
+  bias[c] is one load per column.
 
 The sum is taken in float32 and rounded once into out's dtype (as torch.add does for float16 and
-bfloat16). out may be x itself (each element is read and written by the same thread). The ReLU is a select, so NaN passes through as in torch.relu. Offsets are int64:
-N*C*H*W passes 2^31 for large batches.
+bfloat16). out may be x itself: each element is read and written by the same thread. The ReLU is
+a select, so NaN passes through as in torch.relu. Offsets are int64: N*C*H*W passes 2^31 for
+large batches.
 """
 import contextlib
 import functools
