@@ -12,6 +12,7 @@ tests/test_conv2d_gpu.py, with cudnn_fused's.
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from bench.bench_models import convs_on
 from cnnfast import backends, ops, optimize
@@ -125,6 +126,35 @@ def test_the_epilogue_writes_over_the_convolutions_result(monkeypatch, conv):
 
 
 @on_host
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "bias-residual"])
+def test_tuning_in_place_adds_the_epilogue_once(monkeypatch, epilogue):
+    """The first call of a shape tunes the epilogue, running each config several times; in place,
+    each run would add the bias and residual again. The interpreter's tuners hold one config (no
+    timing), so here they get two and a timer that runs each three times, as on a GPU; the bias-only
+    case takes the strided kernel, the residual-only one the flat kernel."""
+    from cnnfast.triton_kernels import add_relu as module
+
+    def run_three_times(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0] * len(quantiles)
+
+    for name, kernel, configs in (
+        ("add_relu_strided_autotuned", module.add_relu_strided_kernel, module.add_relu_strided_configs(True)),
+        ("add_relu_flat_autotuned", module.add_relu_flat_kernel, module.add_relu_flat_configs(True)),
+    ):
+        tuner = getattr(module, name)
+        monkeypatch.setattr(module, name, triton.autotune(configs=configs, key=tuner.keys, do_bench=run_three_times)(kernel))
+    conv = Conv(2, 16, 6, 7, 24, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, torch.float32)
+    bias, res = (bias if "bias" in epilogue else None), (res if "residual" in epilogue else None)
+    for _ in range(2):  # tuned, then the choice read back
+        y = run_conv2d(conv, x, weight, bias, res, relu=False, backend="torch_triton")
+        assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res), "conv")
+
+
+@on_host
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layouts(layout, dtype):
@@ -178,11 +208,13 @@ def test_graph_capture_on_gpu():
     problem = next(p for p in PROBLEMS if p.R == 1 and p.C == 64 and p.K == 256)
     x, w, b, res, _ = make_problem(problem, 2, torch.bfloat16)
     layer = dict(stride=problem.stride, padding=problem.padding, residual=res, relu=True, backend="torch_triton")
+    expected = gpu_reference_conv2d(x, w, b, res, problem.stride, problem.padding)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        ops.conv2d(x, w, b, **layer)  # compiles and tunes the epilogue outside the capture
+        warm_up = ops.conv2d(x, w, b, **layer)  # compiles and tunes the epilogue outside the capture
     torch.cuda.current_stream().wait_stream(side)
+    assert_close_to_reference(warm_up, expected, "conv")  # tuning in place added the epilogue once
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = ops.conv2d(x, w, b, **layer)

@@ -19,7 +19,8 @@ kernels, chosen by the launcher:
   bias[c] is one load per column.
 
 The sum is taken in float32 and rounded once into out's dtype (as torch.add does for float16 and
-bfloat16). out may be x itself: each element is read and written by the same thread. The ReLU is
+bfloat16). out may be x itself: each element is read and written by the same thread (and
+autotuning, which runs a kernel many times, then writes into a scratch output). The ReLU is
 a select, so NaN passes through as in torch.relu. Offsets are int64: N*C*H*W passes 2^31 for
 large batches.
 """
@@ -32,6 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice
 
 
 def add_relu_flat_configs(interpreted: bool = INTERPRETED):
@@ -139,7 +141,7 @@ def add_relu(x, y, out, relu, config=None, bias=None):
         return out
     flat = y is not None and bias is None and is_flat(x, y, out)
     if flat:
-        args = (x, y, out, out.numel())
+        arguments = lambda out: (x, y, out, out.numel())
         kernel, autotuned = add_relu_flat_kernel, add_relu_flat_autotuned
         grid = lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),)
         flags = {"RELU": relu}
@@ -147,13 +149,20 @@ def add_relu(x, y, out, relu, config=None, bias=None):
         N, C, H, W = out.shape
         y_strides = y.stride() if y is not None else (0, 0, 0, 0)
         # An absent operand's pointer is never read: x stands in for it.
-        args = (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(), *y_strides,
-                *out.stride(), 0 if bias is None else bias.stride(0))
+        arguments = lambda out: (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(),
+                                 *y_strides, *out.stride(), 0 if bias is None else bias.stride(0))
         kernel, autotuned = add_relu_strided_kernel, add_relu_strided_autotuned
         grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
         flags = {"RELU": relu, "HAS_Y": y is not None, "HAS_BIAS": bias is not None}
+    args = arguments(out)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
+            if (out.data_ptr() == x.data_ptr() and len(autotuned.configs) > 1
+                    and not autotuner_has_choice(autotuned, args, flags)):
+                # Tuning times each config by running it many times: in place, every run would add
+                # the bias and residual again. So the choice is made writing into a scratch output
+                # (same strides, so the same compiled kernels), and the launch below then finds it.
+                autotuned[grid](*arguments(torch.empty_like(out)), **flags)
             autotuned[grid](*args, **flags)
         else:
             kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
