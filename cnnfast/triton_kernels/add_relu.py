@@ -119,7 +119,8 @@ add_relu_flat_autotuned = triton.autotune(
 )(add_relu_flat_kernel)
 add_relu_strided_autotuned = triton.autotune(
     configs=add_relu_strided_configs()[:1] if INTERPRETED else add_relu_strided_configs(),
-    key=["N", "C", "H", "W", "HAS_Y", "HAS_BIAS"],
+    # The channel strides tell the layouts apart (1: channels_last; H*W: NCHW), which move the best tile.
+    key=["N", "C", "H", "W", "sx_c", "sy_c", "so_c", "HAS_Y", "HAS_BIAS"],
     do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
 )(add_relu_strided_kernel)
 
