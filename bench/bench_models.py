@@ -17,8 +17,9 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
 - cnnfast_cudnn:  the same with every conv (and fully connected layer) that ends in a ReLU on
                   cuDNN's fused convolution (backend="cudnn_fused") and every other op on torch:
                   what cuDNN's own fusion gives the model, whatever the tuning table says,
-- cnnfast_graph, cnnfast_triton_graph, cnnfast_cuda_graph: those three captured in a CUDA graph
-                  and replayed (batch 1, where launch overhead is most of the time).
+- cnnfast_graph, cnnfast_triton_graph, cnnfast_torch_triton_graph, cnnfast_cuda_graph: those four
+                  captured in a CUDA graph and replayed (batch 1, where launch overhead is most of
+                  the time).
 extra_info has ms, images/s and the speedup over eager (timed once per model and batch).
 """
 import copy
@@ -36,7 +37,7 @@ ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
 VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda")
 # The variants that put the conv and linear layers on one conv-only backend, and the rest on torch.
 CONV_ONLY_VARIANTS = {"cnnfast_torch_triton": "torch_triton", "cnnfast_cudnn": "cudnn_fused"}
-GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph")  # batch 1 only
+GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_torch_triton_graph", "cnnfast_cuda_graph")  # batch 1
 # Order: the CUDA extension's variants after the others (a fault in a kernel that never ran on a
 # GPU before would fail every case after it in this process), and torch.compile's case last (its
 # autotuning takes minutes; a time limit that cuts it short leaves every other case measured).
@@ -102,10 +103,11 @@ def build(arch, batch, variant):
         return eager, x
     if variant == "compile":  # measured on ResNet-50 at batch 256 only (minutes of autotuning)
         return torch.compile(eager, mode="max-autotune"), x
-    backend = {"cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(variant.removesuffix("_graph"))
+    eager_variant = variant.removesuffix("_graph")
+    backend = {"cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(eager_variant)
     fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend=backend).cuda()
-    if variant in CONV_ONLY_VARIANTS:
-        convs_on(fast, CONV_ONLY_VARIANTS[variant])
+    if eager_variant in CONV_ONLY_VARIANTS:
+        convs_on(fast, CONV_ONLY_VARIANTS[eager_variant])
     if variant.endswith("_graph"):
         return cuda_graph(fast, x), x
     return fast, x

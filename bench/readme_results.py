@@ -21,7 +21,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 MODEL_BENCHMARK = "test_model"  # bench/bench_models.py
 MODEL_VARIANTS = (
     "eager", "compile", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda",
-    "cnnfast_graph", "cnnfast_triton_graph", "cnnfast_cuda_graph",
+    "cnnfast_graph", "cnnfast_triton_graph", "cnnfast_torch_triton_graph", "cnnfast_cuda_graph",
 )
 
 
