@@ -17,8 +17,8 @@ computes the layer with its BatchNorm and ReLU:
 - cudnn_fused:  cnnfast.ops.conv2d(backend="cudnn_fused"): cuDNN's runtime-fused conv + bias + ReLU,
 - cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
-extra_info["kernel"] names what ran on triton (the tuned config) and cuda and cuda_fprop (the CUTLASS
-kernel and tile). Before a fused backend is timed on a layer, its result is compared with
+extra_info["kernel"] names what ran on triton (the tuned config), cuda and cuda_fprop (the CUTLASS
+kernel and tile) and torch_triton (its epilogue's tuned tile). Before a fused backend is timed on a layer, its result is compared with
 eager_folded's, and (once per backend, cnnfast.bench.relu_keeps_nan, as `cnnfast tune` does) its
 ReLU is checked to leave NaN as NaN: a case that fails either is not timed, so the tuning table
 built from these benchmarks cannot choose it.
@@ -121,7 +121,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
         bound_by=point["bound"],
     )
     x, _, _, weight, bias = layer_tensors(batch, problem)
-    if backend in ("triton", "cuda"):
+    if backend in ("triton", "cuda", "torch_triton"):
         benchmark.extra_info["kernel"] = kernel_name(backend, problem, x, weight, bias)
     elif backend == "cuda_fprop":
         benchmark.extra_info["kernel"] = ops.cuda_conv2d_kernel(

@@ -35,8 +35,9 @@ JSON (``run_bench``), schema "cnnfast.bench/2"::
 
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
 is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
-what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1") and cuda (the CUTLASS kernel
-and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64"), null for the PyTorch paths;
+what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1"), cuda (the CUTLASS kernel
+and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64") and torch_triton (its
+epilogue's tuned tile, "torch+epilogue-strided-64x64-w4"), null for the PyTorch paths;
 ``end_to_end`` is empty when the model was not timed.
 """
 import copy
@@ -150,8 +151,9 @@ def layer_function(backend, problem, x, weight, bias):
 
 
 def kernel_name(backend, problem, x, weight, bias) -> str | None:
-    """What layer_function(backend, ...) runs, once it has run: the tuned Triton config, or the
-    CUTLASS kernel and its CTA tile; None for the PyTorch paths (or a Triton layer not yet run)."""
+    """What layer_function(backend, ...) runs, once it has run: the tuned Triton config, the CUTLASS
+    kernel and its CTA tile, or torch_triton's epilogue tile; None for the PyTorch paths (or a
+    Triton layer not yet run)."""
     if backend == "triton":
         from cnnfast.triton_kernels.conv2d import config_name, tuned_config
 
@@ -159,6 +161,12 @@ def kernel_name(backend, problem, x, weight, bias) -> str | None:
         return config_name(config) if config is not None else None
     if backend == "cuda":
         return ops.cuda_conv2d_kernel(x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu=True)
+    if backend == "torch_triton":  # PyTorch's convolution, then the epilogue over its channels_last result
+        from cnnfast.triton_kernels.add_relu import tuned_config_name
+
+        conv_result = ops._empty_conv2d_output(x.to("meta"), weight.to("meta"), problem.stride, problem.padding, (1, 1))
+        name = tuned_config_name(conv_result, None, conv_result, True, bias.to("meta"))
+        return f"torch+epilogue-{name}" if name is not None else None
     return None
 
 

@@ -30,8 +30,9 @@ on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures ar
      "points": [{"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound",
                  "ms", "achieved_flop_per_s", "percent_of_bound", "kernel"}]}
 
-``kernel`` names what ran on the triton and cuda backends (the tuned Triton config, the CUTLASS
-kernel and tile; ``cnnfast.bench.kernel_name``), null for the PyTorch paths.
+``kernel`` names what ran on the triton, cuda and torch_triton backends (the tuned Triton config,
+the CUTLASS kernel and tile, the epilogue's tuned tile; ``cnnfast.bench.kernel_name``), null for
+the PyTorch paths.
 """
 import datetime
 import json

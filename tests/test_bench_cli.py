@@ -110,10 +110,13 @@ def test_conv_benchmark_layers_compute_the_same_layer():
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
 def test_kernel_name_says_what_ran(monkeypatch):
     """The "kernel" of a layer's result: the config the Triton autotuner chose (once the layer has
-    run), and the CUTLASS kernel the CUDA backend runs: the fprop 64-wide for K = 64 and 128-wide
-    above, and a 1x1 stride-1 layer with K > 64 as a GEMM."""
+    run), the tile of torch_triton's epilogue (likewise), and the CUTLASS kernel the CUDA backend
+    runs: the fprop 64-wide for K = 64 and 128-wide above, and a 1x1 stride-1 layer with K > 64 as a
+    GEMM."""
     from cnnfast.bench import kernel_name, layer_function, layer_inputs
+    from cnnfast.triton_kernels import add_relu as add_relu_module
     from cnnfast.triton_kernels import conv2d as conv2d_module
+    from tests.test_torch_triton import tuners_that_time
 
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
     problem = ConvProblem(C=16, H=6, W=5, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
@@ -123,6 +126,13 @@ def test_kernel_name_says_what_ran(monkeypatch):
     first_config = conv2d_module.conv2d_configs(flat=False, interpreted=True)[0]
     assert kernel_name("triton", problem, x, weight, bias) == conv2d_module.config_name(first_config)
     assert kernel_name("torch", problem, x, weight, bias) is None
+    # torch_triton: the epilogue's tile, once its tuner has chosen (two configs, so it times them).
+    tuners_that_time(monkeypatch)
+    assert kernel_name("torch_triton", problem, x, weight, bias) is None
+    layer_function("torch_triton", problem, x, weight, bias)()
+    chosen = add_relu_module.add_relu_strided_autotuned.best_config
+    assert kernel_name("torch_triton", problem, x, weight, bias) == (
+        f"torch+epilogue-strided-{chosen.kwargs['BLOCK_M']}x{chosen.kwargs['BLOCK_C']}-w{chosen.num_warps}")
     if "conv2d" in backends.cuda_ops():
         assert kernel_name("cuda", problem, x, weight, bias) == "cutlass-fprop-128x64x64"
         wide = ConvProblem(C=16, H=6, W=5, K=96, R=3, S=3, stride=(1, 1), padding=(1, 1))

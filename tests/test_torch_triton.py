@@ -125,13 +125,9 @@ def test_the_epilogue_writes_over_the_convolutions_result(monkeypatch, conv):
     assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
 
 
-@on_host
-@pytest.mark.parametrize("epilogue", ["bias", "residual", "bias-residual"])
-def test_tuning_in_place_adds_the_epilogue_once(monkeypatch, epilogue):
-    """The first call of a shape tunes the epilogue, running each config several times; in place,
-    each run would add the bias and residual again. The interpreter's tuners hold one config (no
-    timing), so here they get two and a timer that runs each three times, as on a GPU; the bias-only
-    case takes the strided kernel, the residual-only one the flat kernel."""
+def tuners_that_time(monkeypatch):
+    """Gives add_relu's two tuners the interpreter's two configs each and a timer that runs a config
+    three times, as timing on a GPU does (the interpreter's tuners hold one config and never time)."""
     from cnnfast.triton_kernels import add_relu as module
 
     def run_three_times(kernel_call, quantiles):
@@ -145,6 +141,15 @@ def test_tuning_in_place_adds_the_epilogue_once(monkeypatch, epilogue):
     ):
         tuner = getattr(module, name)
         monkeypatch.setattr(module, name, triton.autotune(configs=configs, key=tuner.keys, do_bench=run_three_times)(kernel))
+
+
+@on_host
+@pytest.mark.parametrize("epilogue", ["bias", "residual", "bias-residual"])
+def test_tuning_in_place_adds_the_epilogue_once(monkeypatch, epilogue):
+    """The first call of a shape tunes the epilogue, running each config several times; in place,
+    each run would add the bias and residual again. The bias-only case takes the strided kernel,
+    the residual-only one the flat kernel."""
+    tuners_that_time(monkeypatch)
     conv = Conv(2, 16, 6, 7, 24, 3, 3, padding=1)
     torch.manual_seed(0)
     x, weight, bias, res = make_inputs(conv, torch.float32)

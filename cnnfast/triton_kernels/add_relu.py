@@ -33,7 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
-from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice
+from cnnfast.triton_kernels.parallel_compile import autotuner_choice, autotuner_has_choice
 
 
 def add_relu_flat_configs(interpreted: bool = INTERPRETED):
@@ -133,6 +133,22 @@ def is_flat(x, y, out) -> bool:
     )
 
 
+def launch_plan(x, y, out, relu, bias):
+    """(kernel, its autotuner, arguments(out) -> the launch arguments, grid, flags) for these operands."""
+    if y is not None and bias is None and is_flat(x, y, out):
+        arguments = lambda out: (x, y, out, out.numel())
+        grid = lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),)
+        return add_relu_flat_kernel, add_relu_flat_autotuned, arguments, grid, {"RELU": relu}
+    N, C, H, W = out.shape
+    y_strides = y.stride() if y is not None else (0, 0, 0, 0)
+    # An absent operand's pointer is never read: x stands in for it.
+    arguments = lambda out: (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(),
+                             *y_strides, *out.stride(), 0 if bias is None else bias.stride(0))
+    grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+    flags = {"RELU": relu, "HAS_Y": y is not None, "HAS_BIAS": bias is not None}
+    return add_relu_strided_kernel, add_relu_strided_autotuned, arguments, grid, flags
+
+
 def add_relu(x, y, out, relu, config=None, bias=None):
     """Launches out = relu?(x + y + bias). Inputs are already checked (by cnnfast.ops): x, out and y
     (None: no residual) are (N, C, H, W) of one dtype and device; bias (None: none) is (C,),
@@ -140,21 +156,7 @@ def add_relu(x, y, out, relu, config=None, bias=None):
     `config` (a triton.Config of the kernel that the layouts select) bypasses autotuning."""
     if out.numel() == 0:
         return out
-    flat = y is not None and bias is None and is_flat(x, y, out)
-    if flat:
-        arguments = lambda out: (x, y, out, out.numel())
-        kernel, autotuned = add_relu_flat_kernel, add_relu_flat_autotuned
-        grid = lambda meta: (triton.cdiv(out.numel(), meta["BLOCK"]),)
-        flags = {"RELU": relu}
-    else:
-        N, C, H, W = out.shape
-        y_strides = y.stride() if y is not None else (0, 0, 0, 0)
-        # An absent operand's pointer is never read: x stands in for it.
-        arguments = lambda out: (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(),
-                                 *y_strides, *out.stride(), 0 if bias is None else bias.stride(0))
-        kernel, autotuned = add_relu_strided_kernel, add_relu_strided_autotuned
-        grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-        flags = {"RELU": relu, "HAS_Y": y is not None, "HAS_BIAS": bias is not None}
+    kernel, autotuned, arguments, grid, flags = launch_plan(x, y, out, relu, bias)
     args = arguments(out)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
@@ -169,3 +171,17 @@ def add_relu(x, y, out, relu, config=None, bias=None):
             kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
     return out
+
+
+def tuned_config_name(x, y, out, relu, bias=None) -> str | None:
+    """The kernel and config the tuner chose for these operands ("strided-64x64-w4",
+    "flat-4096-w8") once a launch of them has run; None before (or for an empty output)."""
+    kernel, autotuned, arguments, _, flags = launch_plan(x, y, out, relu, bias)
+    if not out.numel():
+        return None
+    # A tuner with one candidate (the interpreter's) runs it without timing or caching a choice.
+    config = autotuned.configs[0] if len(autotuned.configs) == 1 else autotuner_choice(autotuned, arguments(out), flags)
+    if config is None:
+        return None
+    tile = "x".join(str(config.kwargs[name]) for name in ("BLOCK", "BLOCK_M", "BLOCK_C") if name in config.kwargs)
+    return f"{'flat' if kernel is add_relu_flat_kernel else 'strided'}-{tile}-w{config.num_warps}"

@@ -14,15 +14,20 @@ from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
 from triton.runtime.jit import JITFunction
 
 
-def autotuner_has_choice(tuner, args, kwargs) -> bool:
-    """Whether the autotuner already holds a choice for these launch arguments, so that it will time
-    (and compile) nothing more. Its in-memory cache is keyed as Autotuner.run builds the key: the
-    values of its key arguments, then the dtype of every argument that has one."""
+def autotuner_choice(tuner, args, kwargs):
+    """The config the autotuner holds for these launch arguments, or None when it has none yet (it
+    would then time, and compile, its candidates). Its in-memory cache is keyed as Autotuner.run
+    builds the key: the values of its key arguments, then the dtype of every argument that has one."""
     named = {name: value for name, value in {**dict(zip(tuner.arg_names, args)), **kwargs}.items()
              if name in tuner.arg_names}
     key = [named[name] for name in tuner.keys if name in named]
     key += [str(value.dtype) for value in named.values() if hasattr(value, "dtype")]
-    return tuple(key) in tuner.cache
+    return tuner.cache.get(tuple(key))
+
+
+def autotuner_has_choice(tuner, args, kwargs) -> bool:
+    """Whether the autotuner already holds a choice for these launch arguments."""
+    return autotuner_choice(tuner, args, kwargs) is not None
 
 
 def compile_in_parallel(kernel, configs, args, kwargs) -> None:
