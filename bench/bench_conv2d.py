@@ -18,10 +18,11 @@ computes the layer with its BatchNorm and ReLU:
 - cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
 extra_info["kernel"] names what ran on triton (the tuned config), cuda and cuda_fprop (the CUTLASS
-kernel and tile) and torch_triton (its epilogue's tuned tile). Before a fused backend is timed on a layer, its result is compared with
-eager_folded's, and (once per backend, cnnfast.bench.relu_keeps_nan, as `cnnfast tune` does) its
-ReLU is checked to leave NaN as NaN: a case that fails either is not timed, so the tuning table
-built from these benchmarks cannot choose it.
+kernel and tile) and torch_triton (its epilogue's tuned tile). Before a fused backend is timed on
+a layer, its result is compared with eager_folded's, and (once per backend,
+cnnfast.bench.relu_keeps_nan, as `cnnfast tune` does) its ReLU is checked to leave NaN as NaN: a
+case that fails either is not timed, so the tuning table built from these benchmarks cannot
+choose it.
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's

@@ -37,7 +37,8 @@ ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
 VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda")
 # The variants that put the conv and linear layers on one conv-only backend, and the rest on torch.
 CONV_ONLY_VARIANTS = {"cnnfast_torch_triton": "torch_triton", "cnnfast_cudnn": "cudnn_fused"}
-GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_torch_triton_graph", "cnnfast_cuda_graph")  # batch 1
+# Batch 1 only:
+GRAPH_VARIANTS = ("cnnfast_graph", "cnnfast_triton_graph", "cnnfast_torch_triton_graph", "cnnfast_cuda_graph")
 # Order: the CUDA extension's variants after the others (a fault in a kernel that never ran on a
 # GPU before would fail every case after it in this process), and torch.compile's case last (its
 # autotuning takes minutes; a time limit that cuts it short leaves every other case measured).

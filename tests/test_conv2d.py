@@ -112,12 +112,16 @@ def run_conv2d(conv: Conv, x, weight, bias=None, residual=None, relu=False, back
                       residual=residual, relu=relu, out=out, backend=backend)
 
 
-def check_conv2d(conv: Conv, dtype, *, bias_dtype=torch.float32, residual=True, relu=False, backend="triton"):
-    torch.manual_seed(0)
+def check_conv2d(conv: Conv, dtype, *, bias_dtype=torch.float32, residual=True, relu=False, backend="triton",
+                 into_out=False, seed=0):
+    """One call of the public op against the reference; into_out: into a NaN-filled out=."""
+    torch.manual_seed(seed)
     x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
-    out = run_conv2d(conv, x, weight, bias, res, relu, backend)
+    target = nan_output(conv.output_shape(), dtype) if into_out else None
+    out = run_conv2d(conv, x, weight, bias, res, relu, backend, out=target)
     assert out.dtype == dtype and out.shape == conv.output_shape()
     assert out.is_contiguous(memory_format=CHANNELS_LAST)
+    assert target is None or out is target
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu), "conv")
 
 

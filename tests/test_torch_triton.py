@@ -22,23 +22,13 @@ from cnnfast.nn import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
 from cnnfast.testing import assert_close_to_reference
 from tests.test_conv2d import (
     DTYPES, EPILOGUES, LAYOUTS, NAN, ODD_SHAPES, POINTWISE, REAL_LAYERS, Conv, conv_id, in_layout, layer_id,
-    make_inputs, nan_output, real_layer_problem, reference_conv2d, run_conv2d,
+    check_conv2d, make_inputs, real_layer_problem, reference_conv2d, run_conv2d,
 )
 from tests.test_conv2d_gpu import PROBLEMS, make_problem
 from tests.test_conv2d_gpu import reference_conv2d as gpu_reference_conv2d
 
 CHANNELS_LAST = torch.channels_last
 on_host = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton epilogue on CPU tensors")
-
-
-def check(conv, dtype, *, bias_dtype=torch.float32, residual=True, relu=True, out=False, seed=0):
-    torch.manual_seed(seed)
-    x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
-    target = nan_output(conv.output_shape(), dtype) if out else None
-    y = run_conv2d(conv, x, weight, bias, res, relu, backend="torch_triton", out=target)
-    assert y.dtype == dtype and y.shape == conv.output_shape() and y.is_contiguous(memory_format=CHANNELS_LAST)
-    assert target is None or y is target
-    assert_close_to_reference(y, reference_conv2d(conv, x, weight, bias, res, relu), "conv")
 
 
 def test_it_is_a_backend_of_the_convolution_only():
@@ -68,14 +58,15 @@ REAL_LAYER_CASES = [
 @on_host
 @pytest.mark.parametrize("index, dtype", REAL_LAYER_CASES)
 def test_real_layer(index, dtype):
-    check(real_layer_problem(*REAL_LAYERS[index]), dtype, residual=index % 2 == 1, out=index % 4 < 2, seed=index)
+    check_conv2d(real_layer_problem(*REAL_LAYERS[index]), dtype, residual=index % 2 == 1, relu=True,
+                 backend="torch_triton", into_out=index % 4 < 2, seed=index)
 
 
 @on_host
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conv", ODD_SHAPES, ids=conv_id)
 def test_odd_shape(conv, dtype):
-    check(conv, dtype)
+    check_conv2d(conv, dtype, relu=True, backend="torch_triton")
 
 
 @on_host
@@ -84,7 +75,8 @@ def test_odd_shape(conv, dtype):
 @pytest.mark.parametrize("conv", [Conv(2, 5, 7, 7, 7, 5, 5, padding=2), POINTWISE], ids=["5x5", "pointwise"])
 def test_epilogue(conv, epilogue, dtype):
     bias_dtype, residual, relu = EPILOGUES[epilogue]
-    check(conv, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual, relu=relu)
+    check_conv2d(conv, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual, relu=relu,
+                 backend="torch_triton")
 
 
 @on_host
@@ -94,7 +86,7 @@ def test_pointwise_layers_are_one_matrix_product(monkeypatch, dtype):
     it: the epilogue adds them); float32 and NCHW input stay on the convolution."""
     products = []
     monkeypatch.setattr(torch, "mm", lambda *args, mm=torch.mm: products.append(args) or mm(*args))
-    check(POINTWISE, dtype)
+    check_conv2d(POINTWISE, dtype, relu=True, backend="torch_triton")
     assert len(products) == (dtype != torch.float32)
     products.clear()
     x, weight, bias, res = make_inputs(POINTWISE, dtype)

@@ -176,9 +176,9 @@ def add_relu(x, y, out, relu, config=None, bias=None):
 def tuned_config_name(x, y, out, relu, bias=None) -> str | None:
     """The kernel and config the tuner chose for these operands ("strided-64x64-w4",
     "flat-4096-w8") once a launch of them has run; None before (or for an empty output)."""
-    kernel, autotuned, arguments, _, flags = launch_plan(x, y, out, relu, bias)
     if not out.numel():
         return None
+    kernel, autotuned, arguments, _, flags = launch_plan(x, y, out, relu, bias)
     # A tuner with one candidate (the interpreter's) runs it without timing or caching a choice.
     config = autotuned.configs[0] if len(autotuned.configs) == 1 else autotuner_choice(autotuned, arguments(out), flags)
     if config is None:
