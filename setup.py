@@ -4,7 +4,11 @@ CNNFAST_BUILD_CUDA=auto (default) builds the extension when nvcc is found and sa
 is not; =1 fails when it cannot build; =0 installs the pure-Python package.
 CMAKE_CUDA_ARCHITECTURES (default 90a) and CMAKE_BUILD_PARALLEL_LEVEL pass through to CMake.
 The CUTLASS convolution is built when nvidia-cutlass (cutlass_library) is installed, and left out
-(with a message) when it is not.
+(with a message) when it is not. CNNFAST_PREBUILT_KERNELS=PATH links the kernels from an archive
+compiled earlier (bench/kernels_archive.py) and compiles only the bindings.
+
+CMake builds in build/cmake-<interpreter>/ of the source tree, kept between installs, so that a
+rebuild compiles only the kernels whose sources changed (the CUTLASS ones take minutes each).
 """
 import importlib.util
 import os
@@ -41,40 +45,56 @@ def find_cutlass_include_dirs():
     return dirs
 
 
+def cmake_build_dir() -> Path:
+    """Where CMake builds for this interpreter; it holds libcnnfast_kernels.a, the kernels' archive."""
+    return ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
 
 
-class CMakeBuild(build_ext):
-    def build_extension(self, ext):
-        import pybind11
+def cmake_configure_args(library_dir: Path) -> list[str]:
+    """CMake's arguments for building cnnfast._C into library_dir, as the environment asks."""
+    import pybind11
 
-        nvcc = find_nvcc()
-        target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            f"-DCMAKE_CUDA_COMPILER={nvcc}",
-            f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
-            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
-        ]
+    args = [
+        f"-DCMAKE_CUDA_COMPILER={find_nvcc()}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={library_dir}",
+        f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+    ]
+    prebuilt = os.environ.get("CNNFAST_PREBUILT_KERNELS")
+    if prebuilt:  # its kernels are compiled already, with or without CUTLASS
+        args.append(f"-DCNNFAST_PREBUILT_KERNELS={Path(prebuilt).resolve()}")
+    else:
+        # Both always passed: a kept build folder must not hold on to an earlier configure's values.
         cutlass_dirs = find_cutlass_include_dirs()
-        if cutlass_dirs:
-            args.append(f"-DCUTLASS_INCLUDE_DIRS={';'.join(str(d) for d in cutlass_dirs)}")
-        else:
-            args.append("-DCUTLASS_INCLUDE_DIRS=")
+        args.append("-DCNNFAST_PREBUILT_KERNELS=")
+        args.append(f"-DCUTLASS_INCLUDE_DIRS={';'.join(str(d) for d in cutlass_dirs or [])}")
+        if not cutlass_dirs:
             print("cnnfast: nvidia-cutlass (cutlass_library) not found; building without the CUTLASS conv",
                   file=sys.stderr)
-        if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
-            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
-        if shutil.which("ninja"):
-            args.append("-GNinja")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
-        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+    if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
+    if shutil.which("ninja"):
+        args.append("-GNinja")
+    return args
+
+
+def cmake_build(build_dir: Path, library_dir: Path) -> None:
+    """Configures and builds cnnfast._C in build_dir, the module landing in library_dir."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *cmake_configure_args(library_dir)], check=True)
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+    subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        cmake_build(cmake_build_dir(), Path(self.get_ext_fullpath(ext.name)).resolve().parent)
 
 
 def cuda_extensions():

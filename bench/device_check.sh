@@ -74,13 +74,36 @@ sources_hash() {
     echo "${CMAKE_CUDA_ARCHITECTURES:-}"
   } | sha256sum | cut -d' ' -f1
 }
+# build_extension STEP LIMIT [VAR=VALUE...]: pip's build of cnnfast._C with those variables set,
+# then an import of it (a module that links but misses a symbol fails there, not in the tests).
+build_extension() {
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" env CNNFAST_BUILD_CUDA=1 "$@" bash -c \
+    '"$0" -m pip install -v --no-build-isolation --no-deps -e . && "$0" -c "import cnnfast._C"' "$PYTHON"
+}
+# Kernels compiled before the lease (`python -m bench.kernels_archive pack`, into the git-ignored
+# .prebuilt/ named in the device call's carry list) stand in for compiling kernels/cuda/*.cu when
+# they were built from these sources with this nvcc release: the build then compiles bindings.cpp
+# alone, seconds instead of minutes. If that build or its import fails, the full build runs.
+PREBUILT=.prebuilt
+prebuilt_fits() {
+  [ -f "$PREBUILT/libcnnfast_kernels.a" ] || return 1
+  local verdict rc
+  verdict=$("$PYTHON" -m bench.kernels_archive check "$PREBUILT" 2>&1)
+  rc=$?
+  echo "$verdict" | tee -a "$LOG"
+  return $rc
+}
 if compgen -G "cnnfast/_C*.so" >/dev/null && [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$(sources_hash)" ]; then
   echo "=== build: cnnfast/_C matches its sources ($BUILD_STAMP), not rebuilt" | tee -a "$LOG"
   printf 'build\tcached\t0\n' >>"$STEPS"
 else
   rm -f "$BUILD_STAMP"  # a failed or interrupted build must not leave a stamp behind
-  step build 600 env CNNFAST_BUILD_CUDA=1 "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . &&
+  if { prebuilt_fits && build_extension build-prebuilt 300 CNNFAST_PREBUILT_KERNELS="$PWD/$PREBUILT/libcnnfast_kernels.a"; } ||
+    build_extension build 600; then
     sources_hash >"$BUILD_STAMP"
+  fi
 fi
 
 # Two steps, so that the files with GPU cases that have never run get their own time limit; each

@@ -1,18 +1,14 @@
 """The build switch of setup.py (CNNFAST_BUILD_CUDA) and what the installed extension reports."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.kernels_archive import load_setup_py
 
 
 @pytest.fixture
 def setup_module():
-    spec = importlib.util.spec_from_file_location("cnnfast_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_setup_py()
 
 
 def test_build_cuda_0_installs_pure_python(setup_module, monkeypatch):
@@ -49,8 +45,9 @@ def test_extension_built_for_hopper():
     assert "90a" in cuda_extension().build_info()["architectures"]
 
 
-def cuobjdump_resource_usage() -> str:
-    """cuobjdump (the copy triton ships) over the built extension: every kernel with its resources."""
+def cuobjdump_resource_usage(library=None) -> str:
+    """cuobjdump (the copy triton ships) over a library, by default the installed extension: every
+    kernel with its resources."""
     import subprocess
 
     import triton
@@ -58,7 +55,7 @@ def cuobjdump_resource_usage() -> str:
     from cnnfast.backends import cuda_extension
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    library = cuda_extension().__file__
+    library = library or cuda_extension().__file__
     return "".join(
         subprocess.run([str(tool), flag, library], capture_output=True, text=True, check=True).stdout
         for flag in ("--list-elf", "--dump-resource-usage")

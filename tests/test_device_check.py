@@ -11,9 +11,16 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "device_check.sh"
 STUB = """#!/bin/sh
-# Stands in for Python: records its arguments; `-m pip` fails when FAIL_BUILD is set.
-echo "$@" >> "$STUB_LOG"
-case "$*" in *"-m pip"*) [ -z "$FAIL_BUILD" ] || exit 1 ;; esac
+# Stands in for Python: records its arguments (and the kernels archive a build is given). `-m pip`
+# fails when FAIL_BUILD is set, or FAIL_PREBUILT and it is given an archive; the archive check
+# fails when ARCHIVE_MISMATCH is set, the import of the built module when FAIL_IMPORT is.
+echo "$@ ${CNNFAST_PREBUILT_KERNELS:+(archive $CNNFAST_PREBUILT_KERNELS)}" >> "$STUB_LOG"
+case "$*" in
+  *"-m pip"*) [ -z "$FAIL_BUILD" ] || exit 1
+              [ -z "$FAIL_PREBUILT" ] || [ -z "$CNNFAST_PREBUILT_KERNELS" ] || exit 1 ;;
+  *"kernels_archive check"*) [ -z "$ARCHIVE_MISMATCH" ] || { echo "does not fit"; exit 1; } ;;
+  *"import cnnfast._C"*) [ -z "$FAIL_IMPORT" ] || exit 1 ;;
+esac
 exit 0
 """
 
@@ -80,3 +87,33 @@ def test_a_failed_build_leaves_no_stamp(tree):
     assert run(tree, "report", FAIL_BUILD="1")[1] == ("build", "FAILED (exit 1)")
     assert not (tree / "cnnfast" / ".build-sources.sha256").exists()
     assert run(tree, "report")[1] == ("build", "ok")
+
+
+def test_a_kernels_archive_that_fits_is_linked_and_any_failure_falls_back_to_the_full_build(tree):
+    (tree / ".prebuilt").mkdir()
+    (tree / ".prebuilt" / "libcnnfast_kernels.a").write_text("")
+    log = tree / "stub.log"
+    assert run(tree, "tune")[1:] == [("build-prebuilt", "ok"), ("tune", "ok")]
+    builds = [line for line in log.read_text().splitlines() if "-m pip" in line]
+    assert builds == [f"-m pip install -v --no-build-isolation --no-deps -e . (archive {tree}/.prebuilt/libcnnfast_kernels.a)"]
+    assert run(tree, "tune")[1] == ("build", "cached")  # the stamp holds for a build from the archive too
+
+    def rows_after_a_source_change(**env):
+        (tree / "kernels" / "cuda" / "kernel.cu").write_text(f"// {env}")
+        return run(tree, "tune", **env)[1:3]
+
+    # The archive's check refuses it: the full build, without the archive.
+    assert rows_after_a_source_change(ARCHIVE_MISMATCH="1") == [("build", "ok"), ("tune", "ok")]
+    assert "does not fit" in (tree / "out" / "device_check.log").read_text()
+    assert [line for line in log.read_text().splitlines() if "-m pip" in line][-1].endswith("-e . ")
+    # The build from the archive, or the import of what it built, fails: the full build follows.
+    assert rows_after_a_source_change(FAIL_PREBUILT="1") == [("build-prebuilt", "FAILED (exit 1)"), ("build", "ok")]
+    assert (tree / "cnnfast" / ".build-sources.sha256").is_file()
+    assert rows_after_a_source_change(FAIL_IMPORT="1") == [("build-prebuilt", "FAILED (exit 1)"),
+                                                           ("build", "FAILED (exit 1)")]
+    assert not (tree / "cnnfast" / ".build-sources.sha256").exists()
+    # No archive: no check, the full build.
+    (tree / ".prebuilt" / "libcnnfast_kernels.a").unlink()
+    checks = log.read_text().count("kernels_archive check")
+    assert rows_after_a_source_change() == [("build", "ok"), ("tune", "ok")]
+    assert log.read_text().count("kernels_archive check") == checks

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "add_relu.h"
+#include "build_info.h"
 #include "conv2d_cutlass.h"
 #include "dtype.h"
 #include "gap_linear.h"
@@ -141,10 +142,10 @@ void conv2d(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t residual, u
                                         padding[0], padding[1], stride[0], stride[1], dilation[0], dilation[1],
                                         out_pixel_stride, /*has_residual=*/residual != 0, relu,
                                         to_schedule(schedule)};
-#if defined(CNNFAST_WITH_CUTLASS)
-  cnnfast::conv2d_cutlass_check(args);  // argument errors first: they need no GPU
-  require_cuda_device();
-#endif
+  if (cnnfast::kernels_with_cutlass()) {  // else the launch says that the build has no CUTLASS
+    cnnfast::conv2d_cutlass_check(args);   // argument errors first: they need no GPU
+    require_cuda_device();
+  }
   cnnfast::conv2d_cutlass_launch(args, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -169,16 +170,15 @@ py::tuple conv2d_kernel(int dtype, int64_t K, int64_t R, int64_t S, const std::a
 
 py::dict build_info() {
   py::dict info;
-  const int v = CUDART_VERSION;
+  const int v = cnnfast::kernels_cuda_runtime_version();
   info["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-  info["architectures"] = std::string(CNNFAST_CUDA_ARCHITECTURES);
-#if defined(CNNFAST_WITH_CUTLASS)
-  info["ops"] = py::make_tuple("add_relu", "conv2d", "gap_linear", "global_avg_pool");
-  info["cutlass"] = true;
-#else
-  info["ops"] = py::make_tuple("add_relu", "gap_linear", "global_avg_pool");
-  info["cutlass"] = false;
-#endif
+  info["architectures"] = std::string(cnnfast::kernels_cuda_architectures());
+  info["cutlass"] = cnnfast::kernels_with_cutlass();
+  if (cnnfast::kernels_with_cutlass()) {
+    info["ops"] = py::make_tuple("add_relu", "conv2d", "gap_linear", "global_avg_pool");
+  } else {
+    info["ops"] = py::make_tuple("add_relu", "gap_linear", "global_avg_pool");
+  }
   return info;
 }
 
