@@ -12,6 +12,7 @@ from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add
 from cnnfast.triton_kernels.conv2d import (
     config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
 )
+from cnnfast.triton_kernels import conv2d_pointwise
 from cnnfast.triton_kernels.gap_linear import gap_linear, linear_bias_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from tests.test_add_relu import reference_add_relu
@@ -62,6 +63,31 @@ def conv2d_cases() -> int:
             conv2d_bias_act(x, w, b, residual, out, (stride, stride), (padding, padding), (1, 1), True, config=config)
             assert_close_to_reference(out, reference, "conv")
             runs += 1
+    return runs
+
+
+def conv2d_pointwise_cases() -> int:
+    """Each config of the persistent TMA kernel of 1x1 convs that fits with a residual, on a layer
+    with partial row and column tiles (M = 2*9*11 pixels, K = 72) and a partial last reduction
+    step (C = 40), with bias, residual and ReLU, written into a 16-byte-aligned channel slice of a
+    NaN tensor (TMA must clip its stores to the slice)."""
+    x = make_input((2, 40, 9, 11), torch.bfloat16, "cuda")
+    w = torch.randn(72, 40, 1, 1, device="cuda").to(torch.bfloat16)
+    b = torch.randn(72, device="cuda")
+    residual = torch.randn(2, 72, 9, 11, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    reference = torch.relu(F.conv2d(x.double(), w.double(), b.double()) + residual.double())
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    runs = 0
+    for config in conv2d_pointwise.conv2d_pointwise_configs():
+        if conv2d_pointwise.shared_memory(config, 2, has_residual=True) > limit:
+            continue
+        big = torch.full((2, 88, 9, 11), float("nan"), device="cuda", dtype=torch.bfloat16)
+        big = big.contiguous(memory_format=torch.channels_last)
+        out = big[:, 8:80]
+        conv2d_pointwise.conv2d_pointwise(x, w, b, residual, out, True, config=config)
+        assert_close_to_reference(out, reference, "conv")
+        assert big[:, :8].isnan().all() and big[:, 80:].isnan().all()
+        runs += 1
     return runs
 
 
@@ -125,6 +151,7 @@ def main():
     print(f"sanitizer cases: {cases} CUDA runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
+    print(f"sanitizer cases: {conv2d_pointwise_cases()} Triton 1x1 conv2d (TMA) runs checked")
     print(f"sanitizer cases: {cutlass_conv2d_cases()} CUDA (CUTLASS) conv2d runs checked")
 
 

@@ -155,10 +155,9 @@ def kernel_name(backend, problem, x, weight, bias) -> str | None:
     kernel and its CTA tile, or torch_triton's epilogue tile; None for the PyTorch paths (or a
     Triton layer not yet run)."""
     if backend == "triton":
-        from cnnfast.triton_kernels.conv2d import config_name, tuned_config
+        from cnnfast.triton_kernels.conv2d import tuned_kernel_name
 
-        config = tuned_config(x, weight, bias, None, x.dtype, problem.stride, problem.padding, (1, 1))
-        return config_name(config) if config is not None else None
+        return tuned_kernel_name(x, weight, bias, None, x.dtype, problem.stride, problem.padding, (1, 1))
     if backend == "cuda":
         return ops.cuda_conv2d_kernel(x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu=True)
     if backend == "torch_triton":  # PyTorch's convolution, then the epilogue over its channels_last result

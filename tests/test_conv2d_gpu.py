@@ -13,6 +13,8 @@ from cnnfast import ops
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels import conv2d as conv2d_module
+from cnnfast.triton_kernels import conv2d_pointwise
 from cnnfast.triton_kernels.conv2d import (
     config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
 )
@@ -84,6 +86,57 @@ def test_triton_every_layer(problem, dtype, config_index):
     config = fitting[config_index % len(fitting)]
     conv2d_bias_act(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)
     assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), tolerance_kind(dtype))
+
+
+# The 1x1 stride-1 layers on the persistent TMA kernel, each of its configs in rotation (those whose
+# shared memory fits with a residual), float16 and bfloat16, batch 2 (a partial row tile) with a
+# residual: the op may measure the implicit GEMM faster on some layers, so the TMA kernel is run
+# here directly on every one.
+POINTWISE_CASES = [
+    pytest.param(problem, dtype, i, id=f"{name}-{str(dtype)[6:]}")
+    for i, (problem, name) in enumerate(
+        (problem, name) for problem, name in PROBLEMS.items()
+        if (problem.R, problem.S, problem.stride, problem.padding) == (1, 1, (1, 1), (0, 0)))
+    for dtype in (torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("problem, dtype, config_index", POINTWISE_CASES)
+def test_triton_pointwise_every_1x1_layer(problem, dtype, config_index):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    assert conv2d_pointwise.applies(x, w, res, out, problem.stride, problem.padding)
+    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    fitting = [config for config in conv2d_pointwise.conv2d_pointwise_configs()
+               if conv2d_pointwise.shared_memory(config, x.element_size(), has_residual=True) <= limit]
+    config = fitting[config_index % len(fitting)]
+    conv2d_pointwise.conv2d_pointwise(x, w, b, res, out, True, config=config)
+    assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_pointwise_choice_on_resnet50_layers_and_graph_replay(dtype):
+    """Through the op at batch 8: the first call of each of ResNet-50's 1x1 stride-1 layers times
+    the TMA kernel against the implicit GEMM and keeps one; the result is right either way, and a
+    CUDA graph of a later call replays it (the descriptors are launch parameters)."""
+    problems = [problem for problem in conv_problems(analyze_arch("resnet50"))
+                if (problem.R, problem.S, problem.stride) == (1, 1, (1, 1))]
+    assert len(problems) >= 6
+    for problem in problems:
+        torch.manual_seed(0)
+        x, w, b, res, _ = make_problem(problem, 8, dtype)
+        y = ops.conv2d(x, w, b, residual=res, relu=True, backend="triton")
+        expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
+        assert_close_to_reference(y, expected, "conv")
+        key = conv2d_module.problem_key(x, w, b, res, dtype, problem.stride, problem.padding, (1, 1))
+        assert key in conv2d_module.pointwise_choices
+    out = torch.full_like(y, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.conv2d(x, w, b, residual=res, relu=True, backend="triton", out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
 
 
 @pytest.mark.parametrize("arch", ["resnet18"])

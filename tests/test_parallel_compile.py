@@ -1,8 +1,10 @@
-"""The conv launcher compiles its autotuning candidates in parallel before the autotuner times them
-(cnnfast.triton_kernels.parallel_compile), checked without a GPU: the launcher and Triton's real
+"""The conv launchers compile their autotuning candidates in parallel before the autotuner times them
+(cnnfast.triton_kernels.parallel_compile), checked without a GPU: the launchers and Triton's real
 autotuner run on CPU tensors against a stand-in driver that compiles for sm_90a and launches
 nothing. Every candidate must be compiled on the pool's threads, and the autotuner's own launches
-must find each one compiled (no compile on the calling thread).
+must find each one compiled (no compile on the calling thread): for the implicit GEMM, and for the
+1x1 layers' TMA kernel, whose configs set their descriptors' block shapes in a pre-hook (which the
+pool's compiles must run too, or they would compile other specializations).
 
 conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the check runs in a
 subprocess, this file as a script without that variable (as tests/test_triton_compile.py does).
@@ -58,9 +60,14 @@ def tuning_reports(dtype_name: str) -> dict:
     driver.set_active(StandInDriver())
     from cnnfast.triton_kernels import conv2d
 
-    conv2d.config_fits = lambda config, dtype, device: True  # the real one asks the GPU for its shared memory
+    from cnnfast.triton_kernels import conv2d_pointwise
+
+    # The real ones ask the GPU for its shared memory.
+    conv2d.config_fits = lambda config, dtype, device: True
+    conv2d_pointwise.prune_configs = conv2d_pointwise.conv2d_pointwise_autotuned.early_config_prune = (
+        lambda configs, named_args, **kwargs: configs)
     timed, compiles, fail_next_pool_compile = [], [], []
-    for tuner in conv2d.conv2d_bias_act_autotuned.values():
+    for tuner in [*conv2d.conv2d_bias_act_autotuned.values(), conv2d_pointwise.conv2d_pointwise_autotuned]:
         tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
     real_compile = triton.compiler.compile
 
@@ -75,20 +82,25 @@ def tuning_reports(dtype_name: str) -> dict:
     triton.compiler.compile = recording_compile  # the jit function takes it at its first launch
     dtype = getattr(torch, dtype_name)
 
-    def tune(kernel_size, padding):
-        """A 64-channel layer on a 14x14 map."""
+    def tune(kernel_size, padding, pointwise=False):
+        """A 64-channel layer on a 14x14 map, on the implicit GEMM or (1x1) the TMA kernel."""
         out_size = 14 + 2 * padding - kernel_size + 1
         x = torch.randn(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(64, 64, kernel_size, kernel_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         out = torch.empty(4, 64, out_size, out_size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         timed.clear()
         compiles.clear()
-        conv2d.conv2d_bias_act(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), True)
+        if pointwise:
+            conv2d_pointwise.conv2d_pointwise(x, weight, torch.randn(64), None, out, True)
+        else:
+            conv2d.implicit_gemm(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), True)
         return {"timed": len(timed), "compiles_on_main_thread": sum(compiles),
                 "compiles_on_pool": len(compiles) - sum(compiles)}
 
     return {
         "candidates": len(conv2d.conv2d_bias_act_autotuned[(False, False)].configs),
+        "pointwise_candidates": len(conv2d_pointwise.conv2d_pointwise_autotuned.configs),
+        "pointwise_new_problem": tune(1, padding=0, pointwise=True),
         "new_problem": tune(3, padding=1),
         # The same autotuner key (it leaves out the padding): it runs its choice, compiled for the
         # new specialization; nothing is timed, so nothing should be compiled ahead.
@@ -99,7 +111,9 @@ def tuning_reports(dtype_name: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+# bfloat16 alone: the pool's compiles take the launch's arguments whatever their dtype, and it is a
+# dtype both kernels take (each case compiles some 30 kernels, a minute of this suite's CPU time).
+@pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_candidates_compile_on_the_pool_and_the_autotuner_finds_them_compiled(dtype):
     (report,) = compile_in_subprocesses(__file__, [(dtype,)], TIMEOUT_S).values()
     candidates = report["candidates"]
@@ -108,6 +122,10 @@ def test_candidates_compile_on_the_pool_and_the_autotuner_finds_them_compiled(dt
     assert report["tuner_already_chose"] == {"timed": 0, "compiles_on_pool": 0, "compiles_on_main_thread": 1}
     assert report["a_pool_compile_fails"] == {"timed": candidates, "compiles_on_pool": candidates,
                                               "compiles_on_main_thread": 1}
+    pointwise = report["pointwise_candidates"]
+    assert pointwise >= 2
+    assert report["pointwise_new_problem"] == {"timed": pointwise, "compiles_on_pool": pointwise,
+                                               "compiles_on_main_thread": 0}
 
 
 if __name__ == "__main__":

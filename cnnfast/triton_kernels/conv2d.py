@@ -39,6 +39,9 @@ them one after another.
 The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
 channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
+
+conv2d_bias_act, the launcher, runs a float16/bfloat16 1x1 stride-1 layer on the persistent TMA
+kernel of conv2d_pointwise.py instead, where that kernel takes the layer and was measured faster.
 """
 import contextlib
 import functools
@@ -49,6 +52,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.triton_kernels import conv2d_pointwise
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 
@@ -343,14 +347,65 @@ def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
     return (x.device, dot_precision(x), *dtypes, out_dtype, *x.shape, *weight.shape, *stride, *padding, *dilation)
 
 
-def tuned_config(x, weight, bias, residual, out_dtype, stride, padding, dilation):
-    """The config the autotuner chose for this problem, once a call of it has run (else None)."""
-    return chosen_configs.get(problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation))
+# Per 1x1 problem that conv2d_pointwise (the persistent TMA kernel) takes: its tuned config when it
+# was measured faster than this file's implicit GEMM at its own tuned config (both timed on the
+# problem's first call), else None. Under the interpreter, which cannot time, it always runs.
+pointwise_choices: dict[tuple, triton.Config | None] = {}
+
+
+def tuned_kernel_name(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> str | None:
+    """What a call of this problem runs, once one has run: the TMA kernel's config name ("tma-..."),
+    or the implicit GEMM's ("128x128x64-g8-w8-s3-split1"); None before."""
+    problem = problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
+    if pointwise_choices.get(problem) is not None:
+        return conv2d_pointwise.config_name(pointwise_choices[problem])
+    config = chosen_configs.get(problem)
+    return config_name(config) if config is not None else None
+
+
+def kernels_can_be_timed() -> bool:
+    """Whether kernels run on a GPU here, where they can be timed (not under the interpreter)."""
+    return not INTERPRETED
+
+
+def pointwise_config(x, weight, bias, residual, out, stride, padding, dilation, relu):
+    """The TMA kernel's config for this layer if it takes the layer and was measured the faster
+    kernel, else None. The problem's first call times both kernels (each first tuning its tiles);
+    they write out, which overlaps no input, so each run leaves the same result. Where kernels
+    cannot be timed, the TMA kernel runs."""
+    if not conv2d_pointwise.applies(x, weight, residual, out, stride, padding):
+        return None
+    problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
+    if problem not in pointwise_choices:
+        if not kernels_can_be_timed():
+            pointwise_choices[problem] = conv2d_pointwise.conv2d_pointwise_configs()[0]
+        else:
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                pointwise_ms = triton.testing.do_bench(
+                    lambda: conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu), warmup=10, rep=40)
+                implicit_ms = triton.testing.do_bench(
+                    lambda: implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu), warmup=10,
+                    rep=40)
+            faster = pointwise_ms < implicit_ms
+            pointwise_choices[problem] = conv2d_pointwise.conv2d_pointwise_autotuned.best_config if faster else None
+    return pointwise_choices[problem]
 
 
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
-    allocated, (N, K, P, Q). `config` (a triton.Config) bypasses autotuning."""
+    allocated, (N, K, P, Q). A 1x1 stride-1 layer runs on the persistent TMA kernel
+    (conv2d_pointwise.py) where that takes it and was measured faster (pointwise_config), any
+    other on the implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the implicit
+    GEMM with that config, without autotuning."""
+    if config is None:
+        pointwise = pointwise_config(x, weight, bias, residual, out, stride, padding, dilation, relu)
+        if pointwise is not None:
+            return conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu, config=pointwise)
+    return implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config)
+
+
+def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
+    """Launches the implicit GEMM (conv2d_bias_act_kernel); `config` bypasses autotuning."""
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = out.shape[2], out.shape[3]

@@ -37,14 +37,17 @@ def compile_in_parallel(kernel, configs, args, kwargs) -> None:
     and, as usual, drops it if it is out of resources."""
     if not configs:
         return
+    jit = kernel
+    while not isinstance(jit, JITFunction):
+        jit = jit.fn
     with ThreadPoolExecutor(min(len(configs), os.cpu_count() or 1)) as pool, AsyncCompileMode(pool, ignore_errors=True):
         for config in configs:
+            if config.pre_hook is not None:  # as the autotuner runs it before a launch (a TMA block shape, say)
+                config.pre_hook({**dict(zip(jit.arg_names, args)), **kwargs, **config.all_kwargs()})
             kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
     # Some Triton versions (3.8) file the pending compile at once: one that failed would stay there
     # and raise its error at every later launch, instead of being compiled again.
-    while not isinstance(kernel, JITFunction):
-        kernel = kernel.fn
-    for kernel_cache, *_ in kernel.device_caches.values():
+    for kernel_cache, *_ in jit.device_caches.values():
         failed = [key for key, value in kernel_cache.items() if isinstance(value, FutureKernel) and value.kernel is None]
         for key in failed:
             del kernel_cache[key]
