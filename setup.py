@@ -7,8 +7,8 @@ The CUTLASS convolution is built when nvidia-cutlass (cutlass_library) is instal
 (with a message) when it is not. CNNFAST_PREBUILT_KERNELS=PATH links the kernels from an archive
 compiled earlier (bench/kernels_archive.py) and compiles only the bindings.
 
-CMake builds in build/cmake-<interpreter>/ of the source tree, kept between installs, so that a
-rebuild compiles only the kernels whose sources changed (the CUTLASS ones take minutes each).
+CMake builds in build/cmake-<interpreter>-<generator>/ of the source tree, kept between installs,
+so that a rebuild compiles only the kernels whose sources changed (the CUTLASS ones take minutes each).
 """
 import importlib.util
 import os
@@ -45,9 +45,18 @@ def find_cutlass_include_dirs():
     return dirs
 
 
+def cmake_generator() -> list[str]:
+    """CMake's generator arguments: Ninja, named by path, when it is found (an isolated pip build
+    finds it in a temporary environment, so the path is given on every configure); else the default."""
+    ninja = shutil.which("ninja")
+    return ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+
+
 def cmake_build_dir() -> Path:
-    """Where CMake builds for this interpreter; it holds libcnnfast_kernels.a, the kernels' archive."""
-    return ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+    """Where CMake builds for this interpreter and generator (a build folder keeps its generator);
+    it holds libcnnfast_kernels.a, the kernels' archive."""
+    generator = "ninja" if shutil.which("ninja") else "default"
+    return ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{generator}"
 
 
 class CMakeExtension(Extension):
@@ -77,11 +86,9 @@ def cmake_configure_args(library_dir: Path) -> list[str]:
         if not cutlass_dirs:
             print("cnnfast: nvidia-cutlass (cutlass_library) not found; building without the CUTLASS conv",
                   file=sys.stderr)
-    if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
-        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")
-    if shutil.which("ninja"):
-        args.append("-GNinja")
-    return args
+    # Passed every time, default included, so that a kept build folder does not keep an earlier value.
+    args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ.get('CMAKE_CUDA_ARCHITECTURES', '90a')}")
+    return args + cmake_generator()
 
 
 def cmake_build(build_dir: Path, library_dir: Path) -> None:

@@ -100,7 +100,7 @@ if compgen -G "cnnfast/_C*.so" >/dev/null && [ "$(cat "$BUILD_STAMP" 2>/dev/null
   printf 'build\tcached\t0\n' >>"$STEPS"
 else
   rm -f "$BUILD_STAMP"  # a failed or interrupted build must not leave a stamp behind
-  if { prebuilt_fits && build_extension build-prebuilt 300 CNNFAST_PREBUILT_KERNELS="$PWD/$PREBUILT/libcnnfast_kernels.a"; } ||
+  if { prebuilt_fits && build_extension build-prebuilt 120 CNNFAST_PREBUILT_KERNELS="$PWD/$PREBUILT/libcnnfast_kernels.a"; } ||
     build_extension build 600; then
     sources_hash >"$BUILD_STAMP"
   fi

@@ -55,9 +55,10 @@ def nvcc_release() -> str:
     return next((line.strip() for line in version.splitlines() if "release" in line), version.strip())
 
 
-def build_inputs(root: Path | None = None) -> dict:
+def build_inputs(root: Path | None = None, architectures: str | None = None, build_type: str | None = None) -> dict:
     """What the archive's object code depends on: each source's digest, CMakeLists.txt's, the nvcc
-    release, the target architectures and the build type (as setup.py passes them to CMake)."""
+    release, the target architectures and the build type (by default as setup.py would pass them to
+    CMake from this environment)."""
     root = root or ROOT
     sources = sorted(path for path in (root / "kernels" / "cuda").iterdir()
                      if path.is_file() and path.name not in NOT_IN_ARCHIVE)
@@ -65,8 +66,8 @@ def build_inputs(root: Path | None = None) -> dict:
         "sources": {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
                     for path in [*sources, root / "CMakeLists.txt"]},
         "nvcc": nvcc_release(),
-        "architectures": os.environ.get("CMAKE_CUDA_ARCHITECTURES", "90a"),
-        "build_type": os.environ.get("CMAKE_BUILD_TYPE", "Release"),
+        "architectures": architectures or os.environ.get("CMAKE_CUDA_ARCHITECTURES", "90a"),
+        "build_type": build_type or os.environ.get("CMAKE_BUILD_TYPE", "Release"),
     }
 
 
@@ -85,7 +86,8 @@ def pack(dest: Path, build_dir: Path | None = None) -> Path:
     cache = build_dir / "CMakeCache.txt"
     if not cache.is_file():
         raise RuntimeError(f"no CMake build in {build_dir}: run `make install` (with nvcc) first")
-    if re.search(r"^CNNFAST_PREBUILT_KERNELS:[A-Z]+=.+$", cache.read_text(), re.MULTILINE):
+    configured = dict(re.findall(r"^(\w+):[A-Z]+=(.*)$", cache.read_text(), re.MULTILINE))
+    if configured.get("CNNFAST_PREBUILT_KERNELS"):
         raise RuntimeError(f"{build_dir} links a prebuilt archive instead of compiling the kernels: "
                            "reinstall without CNNFAST_PREBUILT_KERNELS")
     subprocess.run(["cmake", "--build", str(build_dir), "--target", "cnnfast_kernels"], check=True)
@@ -94,15 +96,15 @@ def pack(dest: Path, build_dir: Path | None = None) -> Path:
     if not any(CUTLASS_MEMBER.search(member) for member in members):
         raise RuntimeError(f"{archive} has no CUTLASS convolution ({', '.join(members)}): install nvidia-cutlass "
                            "and rebuild (make install)")
-    return record(dest, archive, members)
+    # The target and build type the folder was configured with, whatever this environment says.
+    inputs = build_inputs(architectures=configured["CMAKE_CUDA_ARCHITECTURES"], build_type=configured["CMAKE_BUILD_TYPE"])
+    return record(dest, archive, members, inputs)
 
 
-def record(dest: Path, archive: Path, members: list[str], root: Path | None = None) -> Path:
-    """Copies archive into dest beside ARCHIVE_INFO: its members, and the build inputs of the tree
-    at root (by default this one) with their hash."""
+def record(dest: Path, archive: Path, members: list[str], inputs: dict) -> Path:
+    """Copies archive into dest beside ARCHIVE_INFO: its members, and its build inputs with their hash."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(archive, dest / ARCHIVE)
-    inputs = build_inputs(root)
     info = {"sha256": inputs_hash(inputs), "inputs": inputs, "members": members}
     (dest / ARCHIVE_INFO).write_text(json.dumps(info, indent=1) + "\n")
     return dest / ARCHIVE

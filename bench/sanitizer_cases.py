@@ -67,27 +67,28 @@ def conv2d_cases() -> int:
 
 
 def conv2d_pointwise_cases() -> int:
-    """Each config of the persistent TMA kernel of 1x1 convs that fits with a residual, on a layer
-    with partial row and column tiles (M = 2*9*11 pixels, K = 72) and a partial last reduction
-    step (C = 40), with bias, residual and ReLU, written into a 16-byte-aligned channel slice of a
-    NaN tensor (TMA must clip its stores to the slice)."""
+    """Each config of the persistent TMA kernel of 1x1 convs that fits, with a residual and without
+    (its descriptor then unread), on a layer with partial row and column tiles (M = 2*9*11 pixels,
+    K = 72) and a partial last reduction step (C = 40), with bias and ReLU, written into a
+    16-byte-aligned channel slice of a NaN tensor (TMA must clip its stores to the slice)."""
     x = make_input((2, 40, 9, 11), torch.bfloat16, "cuda")
     w = torch.randn(72, 40, 1, 1, device="cuda").to(torch.bfloat16)
     b = torch.randn(72, device="cuda")
-    residual = torch.randn(2, 72, 9, 11, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    reference = torch.relu(F.conv2d(x.double(), w.double(), b.double()) + residual.double())
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+    conv = F.conv2d(x.double(), w.double(), b.double())
     runs = 0
-    for config in conv2d_pointwise.conv2d_pointwise_configs():
-        if conv2d_pointwise.shared_memory(config, 2, has_residual=True) > limit:
-            continue
-        big = torch.full((2, 88, 9, 11), float("nan"), device="cuda", dtype=torch.bfloat16)
-        big = big.contiguous(memory_format=torch.channels_last)
-        out = big[:, 8:80]
-        conv2d_pointwise.conv2d_pointwise(x, w, b, residual, out, True, config=config)
-        assert_close_to_reference(out, reference, "conv")
-        assert big[:, :8].isnan().all() and big[:, 80:].isnan().all()
-        runs += 1
+    for residual in (torch.randn(conv.shape, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
+                     None):
+        reference = torch.relu(conv + residual.double() if residual is not None else conv)
+        for config in conv2d_pointwise.conv2d_pointwise_configs():
+            if not conv2d_pointwise.fits(config, x, has_residual=residual is not None):
+                continue
+            big = torch.full((2, 88, 9, 11), float("nan"), device="cuda", dtype=torch.bfloat16)
+            big = big.contiguous(memory_format=torch.channels_last)
+            out = big[:, 8:80]
+            conv2d_pointwise.conv2d_pointwise(x, w, b, residual, out, True, config=config)
+            assert_close_to_reference(out, reference, "conv")
+            assert big[:, :8].isnan().all() and big[:, 80:].isnan().all()
+            runs += 1
     return runs
 
 

@@ -174,22 +174,55 @@ def test_the_kernel_measured_faster_runs_and_the_choice_is_kept(monkeypatch, lau
     for seed in range(2):  # a benchmark's layer: bias and ReLU, no residual
         check_conv2d(conv, torch.bfloat16, residual=False, relu=True, seed=seed)
     assert len(timings) == 2  # the first call timed both; the second timed nothing
-    # Timing ran the TMA kernel once; then each call launched it if it won.
-    assert len(launches) == 1 + 2 * pointwise_faster
+    # Tuning and timing ran the TMA kernel once each; then each call launched it if it won.
+    assert len(launches) == 2 + 2 * pointwise_faster
     x, weight, bias, _ = make_inputs(conv, torch.bfloat16)
     problem = ConvProblem(conv.c, conv.h, conv.w, conv.k, conv.r, conv.s, (1, 1), (0, 0))
     name = bench.kernel_name("triton", problem, x, weight, bias)
     assert name == ("tma-32x32x16-g8-w4-s1" if pointwise_faster else "32x32x16-g4-w4-s1-split1")
 
 
-def test_applies_to_the_real_1x1_layers():
-    """Every 1x1 stride-1 layer of the architectures has C and K multiples of 8: all take the TMA
-    kernel in float16/bfloat16 with channels_last tensors."""
+def test_applies_to_the_real_1x1_layers_and_inceptions_slices():
+    """Every 1x1 stride-1 layer of the architectures (at the real layers' test size: 2 images, 3x5
+    pixels, channels_last) has C and K multiples of 8, so all take the TMA kernel in
+    float16/bfloat16; and GoogLeNet's two 1x1 branches that write channel slices of the Inception
+    output (the first and the pooling branch) start on a multiple of 8 channels of an output whose
+    width is one too, so their slices are on the 16-byte grid."""
+    from torchvision.models import googlenet
+    from torchvision.models.googlenet import Inception
+
     from tests.test_conv2d import REAL_LAYERS, real_layer_problem
 
     pointwise = [layer for layer in REAL_LAYERS if layer[2] == (1, 1) and layer[3] == (1, 1)]
     assert len(pointwise) > 20
     for c, k, kernel, stride, padding in pointwise:
-        conv = real_layer_problem(c, k, kernel, stride, padding)
-        x, weight, res, out = layer(conv._replace(n=1, h=1, w=1), torch.bfloat16)
+        x, weight, res, out = layer(real_layer_problem(c, k, kernel, stride, padding), torch.bfloat16)
         assert conv2d_pointwise.applies(x, weight, res, out, stride, padding), (c, k)
+    inceptions = [module for module in googlenet(init_weights=False, aux_logits=False).modules()
+                  if isinstance(module, Inception)]
+    assert len(inceptions) == 9
+    for inception in inceptions:
+        widths = [inception.branch1.conv.out_channels] + [
+            branch[1].conv.out_channels for branch in (inception.branch2, inception.branch3, inception.branch4)]
+        pool_branch_start, total = sum(widths[:3]), sum(widths)
+        assert pool_branch_start % 8 == 0 and total % 8 == 0, widths
+
+
+def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_warning(monkeypatch):
+    """Where the TMA kernel raises when it is first tuned (a compile or launch error on some GPU or
+    Triton version), a warning names the layer and the error, and the implicit GEMM runs it, on
+    that call and the later ones."""
+    monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
+    monkeypatch.setattr(conv2d_module, "pointwise_choices", {})
+    attempts = []
+
+    def failing_launcher(*args, **kwargs):
+        attempts.append(args)
+        raise RuntimeError("stand-in failure")
+
+    monkeypatch.setattr(conv2d_pointwise, "conv2d_pointwise", failing_launcher)
+    conv = Conv(2, 40, 5, 7, 24, 1, 1)
+    with pytest.warns(UserWarning, match=r"1x1 TMA conv kernel failed on \(2, 40, 5, 7\) -> 24 .*stand-in failure"):
+        check_conv2d(conv, torch.float16, relu=True)
+    check_conv2d(conv, torch.float16, relu=True, seed=1)
+    assert len(attempts) == 1

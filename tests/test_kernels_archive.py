@@ -22,7 +22,8 @@ def scratch_tree(tmp_path):
         (root / "kernels" / "cuda" / name).write_text(f"// {name}")
     (root / "CMakeLists.txt").write_text("project(x)")
     (tmp_path / "libcnnfast_kernels.a").write_text("!<arch>")
-    kernels_archive.record(tmp_path / "prebuilt", tmp_path / "libcnnfast_kernels.a", ["add_relu.cu.o"], root)
+    kernels_archive.record(tmp_path / "prebuilt", tmp_path / "libcnnfast_kernels.a", ["add_relu.cu.o"],
+                           kernels_archive.build_inputs(root))
     return root
 
 

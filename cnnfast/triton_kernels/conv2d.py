@@ -45,6 +45,7 @@ kernel of conv2d_pointwise.py instead, where that kernel takes the layer and was
 """
 import contextlib
 import functools
+import warnings
 
 import torch
 import triton
@@ -349,7 +350,9 @@ def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
 
 # Per 1x1 problem that conv2d_pointwise (the persistent TMA kernel) takes: its tuned config when it
 # was measured faster than this file's implicit GEMM at its own tuned config (both timed on the
-# problem's first call), else None. Under the interpreter, which cannot time, it always runs.
+# problem's first call), else None. Where kernels cannot be timed (the interpreter) it always runs.
+# Kept in this process only: Triton's disk cache of tuning results leaves out configs with a
+# pre-hook, as the TMA kernel's are, so each process tunes and times its layers again.
 pointwise_choices: dict[tuple, triton.Config | None] = {}
 
 
@@ -370,24 +373,39 @@ def kernels_can_be_timed() -> bool:
 
 def pointwise_config(x, weight, bias, residual, out, stride, padding, dilation, relu):
     """The TMA kernel's config for this layer if it takes the layer and was measured the faster
-    kernel, else None. The problem's first call times both kernels (each first tuning its tiles);
-    they write out, which overlaps no input, so each run leaves the same result. Where kernels
-    cannot be timed, the TMA kernel runs."""
+    kernel, else None. The problem's first call tunes both kernels, then times each at its tuned
+    config; every run writes out, which cnnfast.ops.conv2d keeps apart from the inputs, so each
+    leaves the same result. Where kernels cannot be timed, the TMA kernel runs. While a CUDA graph
+    is being captured nothing can be timed: a problem not yet measured runs on the implicit GEMM
+    (and is measured on a later call outside the capture). If the TMA kernel fails to tune (it
+    raises: a compile or launch error), a warning says so and the implicit GEMM takes the layer."""
     if not conv2d_pointwise.applies(x, weight, residual, out, stride, padding):
         return None
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
-    if problem not in pointwise_choices:
-        if not kernels_can_be_timed():
-            pointwise_choices[problem] = conv2d_pointwise.conv2d_pointwise_configs()[0]
-        else:
-            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-                pointwise_ms = triton.testing.do_bench(
-                    lambda: conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu), warmup=10, rep=40)
-                implicit_ms = triton.testing.do_bench(
-                    lambda: implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu), warmup=10,
-                    rep=40)
-            faster = pointwise_ms < implicit_ms
-            pointwise_choices[problem] = conv2d_pointwise.conv2d_pointwise_autotuned.best_config if faster else None
+    if problem in pointwise_choices:
+        return pointwise_choices[problem]
+    if not kernels_can_be_timed():
+        pointwise_choices[problem] = conv2d_pointwise.untimed_config(x, residual is not None)
+        return pointwise_choices[problem]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu)  # tunes its tiles
+    except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
+        warnings.warn(f"cnnfast: the 1x1 TMA conv kernel failed on {tuple(x.shape)} -> {weight.shape[0]} channels "
+                      f"({type(error).__name__}: {error}); the implicit GEMM runs this layer")
+        pointwise_choices[problem] = None
+        return None
+    pointwise = conv2d_pointwise.conv2d_pointwise_autotuned.best_config
+    implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes and keeps its tile
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        # Both launched as later calls launch them: the tuned config, directly.
+        pointwise_ms = triton.testing.do_bench(
+            lambda: conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu, config=pointwise),
+            warmup=10, rep=40)
+        implicit_ms = triton.testing.do_bench(
+            lambda: implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu), warmup=10, rep=40)
+    pointwise_choices[problem] = pointwise if pointwise_ms < implicit_ms else None
     return pointwise_choices[problem]
 
 

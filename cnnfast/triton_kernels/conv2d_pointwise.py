@@ -126,13 +126,23 @@ def shared_memory(config, element_size: int, has_residual: bool) -> int:
     return (pipeline + kw["BLOCK_M"] * kw["BLOCK_N"] * (2 if has_residual else 1)) * element_size + 2048
 
 
-def prune_configs(configs, named_args, **kwargs):
-    """The configs whose shared memory fits the device (a 128x256 tile with a residual does not)."""
-    named_args = {**named_args, **kwargs}  # the autotuner passes the keyword arguments apart
-    x = named_args["x_desc"].base
+def fits(config, x, has_residual: bool) -> bool:
+    """Whether config's shared memory fits x's device (a 128x256 tile with a residual does not)."""
     limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    return [config for config in configs
-            if shared_memory(config, x.element_size(), named_args["HAS_RESIDUAL"]) <= limit]
+    return shared_memory(config, x.element_size(), has_residual) <= limit
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """The configs that fit the device (the autotuner's early_config_prune)."""
+    named_args = {**named_args, **kwargs}  # the autotuner passes the keyword arguments apart
+    return [config for config in configs if fits(config, named_args["x_desc"].base, named_args["HAS_RESIDUAL"])]
+
+
+def untimed_config(x, has_residual: bool):
+    """The config to run where kernels cannot be timed: the interpreter's one, or on a GPU the first
+    Hopper config that fits."""
+    configs = conv2d_pointwise_configs()
+    return configs[0] if INTERPRETED else next(config for config in configs if fits(config, x, has_residual))
 
 
 conv2d_pointwise_autotuned = triton.autotune(
@@ -214,8 +224,8 @@ def conv2d_pointwise(x, weight, bias, residual, out, relu: bool, config=None):
             tuner = conv2d_pointwise_autotuned
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
                 # The tuner would compile its candidates one after another as it times them.
-                named = {"x_desc": x_desc, "HAS_RESIDUAL": residual is not None}
-                compile_in_parallel(conv2d_pointwise_kernel, prune_configs(tuner.configs, named), args, flags)
+                fitting = [config for config in tuner.configs if fits(config, x, residual is not None)]
+                compile_in_parallel(conv2d_pointwise_kernel, fitting, args, flags)
             tuner[grid](*args, **flags)
         else:
             set_block_shapes({**config.kwargs, "x_desc": x_desc, "w_desc": w_desc, "out_desc": out_desc,
