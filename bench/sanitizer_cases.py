@@ -12,7 +12,7 @@ from cnnfast.triton_kernels.add_relu import add_relu, add_relu_flat_configs, add
 from cnnfast.triton_kernels.conv2d import (
     config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
 )
-from cnnfast.triton_kernels import conv2d_pointwise
+from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.gap_linear import gap_linear, linear_bias_configs
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from tests.test_add_relu import reference_add_relu
@@ -85,10 +85,42 @@ def conv2d_pointwise_cases() -> int:
             big = torch.full((2, 88, 9, 11), float("nan"), device="cuda", dtype=torch.bfloat16)
             big = big.contiguous(memory_format=torch.channels_last)
             out = big[:, 8:80]
-            conv2d_pointwise.conv2d_pointwise(x, w, b, residual, out, True, config=config)
+            conv2d_pointwise.launch(x, w, b, residual, out, (1, 1), (0, 0), (1, 1), True, config=config)
             assert_close_to_reference(out, reference, "conv")
             assert big[:, :8].isnan().all() and big[:, 80:].isnan().all()
             runs += 1
+    return runs
+
+
+def conv2d_spatial_cases() -> int:
+    """The spatial TMA kernel: for each tile size, its first column tile with its first and its
+    last shape (pixels of one image, single pixels of many), with a residual and without, on a 3x3
+    stride-1 layer with its padding halo and a 1x1 stride-2 one (over every other pixel), whose
+    maps, batch, channels and columns no tile divides (3 x 40 x 9 x 11 in, K = 72), each written
+    into a 16-byte-aligned channel slice of a NaN tensor."""
+    x = make_input((3, 40, 9, 11), torch.bfloat16, "cuda")
+    configs = [config for config in conv2d_spatial.conv2d_spatial_configs()
+               if (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages)
+               == conv2d_spatial.COLUMN_TILES[config.kwargs["BLOCK_M"]][0]]
+    checked = [config for config in configs
+               if (config.kwargs["BLOCK_IMG"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_W"])
+               in (conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]][0], conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]][-1])]
+    runs = 0
+    for kernel, stride, padding in ((3, 1, 1), (1, 2, 0)):
+        w = torch.randn(72, 40, kernel, kernel, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(72, device="cuda")
+        conv = F.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=padding)
+        residual = torch.randn(conv.shape, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        for res in (residual, None):
+            reference = torch.relu(conv + res.double() if res is not None else conv)
+            for config in checked:
+                big = torch.full((3, 88, *conv.shape[2:]), float("nan"), device="cuda", dtype=torch.bfloat16)
+                big = big.contiguous(memory_format=torch.channels_last)
+                out = big[:, 8:80]
+                conv2d_spatial.launch(x, w, b, res, out, (stride, stride), (padding, padding), (1, 1), True, config=config)
+                assert_close_to_reference(out, reference, "conv")
+                assert big[:, :8].isnan().all() and big[:, 80:].isnan().all()
+                runs += 1
     return runs
 
 
@@ -153,6 +185,7 @@ def main():
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
     print(f"sanitizer cases: {conv2d_pointwise_cases()} Triton 1x1 conv2d (TMA) runs checked")
+    print(f"sanitizer cases: {conv2d_spatial_cases()} Triton stride-1 conv2d on spatial tiles (TMA) runs checked")
     print(f"sanitizer cases: {cutlass_conv2d_cases()} CUDA (CUTLASS) conv2d runs checked")
 
 

@@ -119,12 +119,19 @@ def test_kernel_name_says_what_ran(monkeypatch):
     from tests.test_torch_triton import tuners_that_time
 
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
+    monkeypatch.setattr(conv2d_module, "tma_choices", {})
     problem = ConvProblem(C=16, H=6, W=5, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
-    x, weight, bias = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"))
-    assert kernel_name("triton", problem, x, weight, bias) is None  # not tuned yet
-    layer_function("triton", problem, x, weight, bias)()
+    # In float32 the implicit GEMM's tile; in bfloat16 the spatial TMA kernel's (which the
+    # interpreter always runs where it applies).
+    x32, weight32, bias32 = layer_inputs(problem, 2, torch.float32, torch.device("cpu"))
+    assert kernel_name("triton", problem, x32, weight32, bias32) is None  # not tuned yet
+    layer_function("triton", problem, x32, weight32, bias32)()
     first_config = conv2d_module.conv2d_configs(flat=False, interpreted=True)[0]
-    assert kernel_name("triton", problem, x, weight, bias) == conv2d_module.config_name(first_config)
+    assert kernel_name("triton", problem, x32, weight32, bias32) == conv2d_module.config_name(first_config)
+    x, weight, bias = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"))
+    assert kernel_name("triton", problem, x, weight, bias) is None
+    layer_function("triton", problem, x, weight, bias)()
+    assert kernel_name("triton", problem, x, weight, bias) == "tma-2x4x8-16x16-g8-w4-s1"
     assert kernel_name("torch", problem, x, weight, bias) is None
     # torch_triton: the epilogue's tile, once its tuner has chosen (two configs, so it times them).
     tuners_that_time(monkeypatch)

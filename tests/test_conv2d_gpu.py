@@ -14,7 +14,7 @@ from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from cnnfast.triton_kernels import conv2d_pointwise
+from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.conv2d import (
     config_fits, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
 )
@@ -92,57 +92,89 @@ def test_triton_every_layer(problem, dtype, config_index):
 # shared memory fits with a residual), float16 and bfloat16, batch 2 (a partial row tile) with a
 # residual: the op may measure the implicit GEMM faster on some layers, so the TMA kernel is run
 # here directly on every one.
-POINTWISE_CASES = [
-    pytest.param(problem, dtype, i, id=f"{name}-{str(dtype)[6:]}")
-    for i, (problem, name) in enumerate(
-        (problem, name) for problem, name in PROBLEMS.items()
-        if (problem.R, problem.S, problem.stride, problem.padding) == (1, 1, (1, 1), (0, 0)))
-    for dtype in (torch.bfloat16, torch.float16)
-]
+def tma_cases(takes):
+    """(problem, dtype, index) of every layer that `takes(problem)`, in bfloat16 and float16."""
+    return [
+        pytest.param(problem, dtype, i, id=f"{name}-{str(dtype)[6:]}")
+        for i, (problem, name) in enumerate((problem, name) for problem, name in PROBLEMS.items() if takes(problem))
+        for dtype in (torch.bfloat16, torch.float16)
+    ]
+
+
+POINTWISE_CASES = tma_cases(lambda problem: (problem.R, problem.S, problem.stride, problem.padding) == (1, 1, (1, 1), (0, 0)))
 
 
 @pytest.mark.parametrize("problem, dtype, config_index", POINTWISE_CASES)
 def test_triton_pointwise_every_1x1_layer(problem, dtype, config_index):
     torch.manual_seed(0)
     x, w, b, res, out = make_problem(problem, 2, dtype)
-    assert conv2d_pointwise.applies(x, w, res, out, problem.stride, problem.padding)
+    assert conv2d_pointwise.applies(x, w, res, out, problem.stride, problem.padding, (1, 1))
     fitting = [config for config in conv2d_pointwise.conv2d_pointwise_configs()
                if conv2d_pointwise.fits(config, x, has_residual=True)]
     config = fitting[config_index % len(fitting)]
-    conv2d_pointwise.conv2d_pointwise(x, w, b, res, out, True, config=config)
+    conv2d_pointwise.launch(x, w, b, res, out, (1, 1), (0, 0), (1, 1), True, config=config)
     assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_triton_pointwise_choice_on_resnet50_layers_and_graph_replay(monkeypatch, dtype):
-    """Through the op at batch 8: the first call of each of ResNet-50's 1x1 stride-1 layers times
-    the TMA kernel against the implicit GEMM and keeps one; the result is right either way. Then,
-    with the TMA kernel made the last layer's choice, a CUDA graph of a call replays it (its
-    descriptors are launch parameters, encoded on the host when the graph is captured)."""
-    problems = [problem for problem in conv_problems(analyze_arch("resnet50"))
-                if (problem.R, problem.S, problem.stride) == (1, 1, (1, 1))]
-    assert len(problems) >= 6
-    for problem in problems:
-        torch.manual_seed(0)
-        x, w, b, res, _ = make_problem(problem, 8, dtype)
-        y = ops.conv2d(x, w, b, residual=res, relu=True, backend="triton")
-        expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
-        assert_close_to_reference(y, expected, "conv")
-        key = conv2d_module.problem_key(x, w, b, res, dtype, problem.stride, problem.padding, (1, 1))
-        assert key in conv2d_module.pointwise_choices
-    monkeypatch.setitem(conv2d_module.pointwise_choices, key,
-                        conv2d_pointwise.untimed_config(x, has_residual=True))
-    assert conv2d_module.tuned_kernel_name(x, w, b, res, dtype, (1, 1), (0, 0), (1, 1)).startswith("tma-")
+# The stride-1 layers with larger filters and the strided 1x1 ones on the spatial TMA kernel, each
+# of its configs in rotation (those that fit with a residual, whatever shapes least_wasteful would
+# offer), likewise.
+SPATIAL_CASES = tma_cases(lambda problem: problem.C % 8 == 0 and (
+    (problem.stride == (1, 1)) != ((problem.R, problem.S, problem.padding) == (1, 1, (0, 0)))))
+
+
+@pytest.mark.parametrize("problem, dtype, config_index", SPATIAL_CASES)
+def test_triton_spatial_every_layer_it_takes(problem, dtype, config_index):
+    torch.manual_seed(0)
+    x, w, b, res, out = make_problem(problem, 2, dtype)
+    assert conv2d_spatial.applies(x, w, res, out, problem.stride, problem.padding, (1, 1))
+    fitting = [config for config in conv2d_spatial.conv2d_spatial_configs()
+               if conv2d_spatial.fits(config, x, has_residual=True)]
+    config = fitting[(config_index * 7 + (dtype == torch.float16)) % len(fitting)]
+    conv2d_spatial.launch(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)
+    assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
+
+
+def replay_in_a_cuda_graph(x, w, b, res, padding, y, expected):
+    """A call of the op captured in a CUDA graph and replayed into a NaN-filled out (like y) gives
+    `expected` (a TMA kernel's descriptors are launch parameters, encoded on the host at capture)."""
     out = torch.full_like(y, float("nan"))
-    ops.conv2d(x, w, b, residual=res, relu=True, backend="triton", out=out)  # compiled before the capture
+    ops.conv2d(x, w, b, padding=padding, residual=res, relu=True, backend="triton", out=out)  # compiled first
     torch.cuda.synchronize()
     out.fill_(float("nan"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.conv2d(x, w, b, residual=res, relu=True, backend="triton", out=out)
+        ops.conv2d(x, w, b, padding=padding, residual=res, relu=True, backend="triton", out=out)
     graph.replay()
     torch.cuda.synchronize()
     assert_close_to_reference(out, expected, "conv")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_tma_choice_on_resnet50_layers_and_graph_replay(monkeypatch, dtype):
+    """Through the op at batch 8: the first call of each of ResNet-50's stride-1 layers and
+    strided 1x1 layers times the TMA kernel that takes it (1x1 stride 1: pointwise, the others:
+    spatial) against the implicit GEMM and keeps one; the result is right either way. Then, with the TMA kernel made the choice of the last 1x1
+    and the last 3x3 layer, a CUDA graph of a call of each replays it."""
+    problems = [problem for problem in conv_problems(analyze_arch("resnet50"))
+                if problem.stride == (1, 1) or (problem.R, problem.padding) == (1, (0, 0))]
+    assert sum(problem.R == 1 for problem in problems) >= 9 and sum(problem.R == 3 for problem in problems) >= 4
+    last = {}
+    for problem in problems:
+        torch.manual_seed(0)
+        x, w, b, res, _ = make_problem(problem, 8, dtype)
+        y = ops.conv2d(x, w, b, stride=problem.stride, padding=problem.padding, residual=res, relu=True,
+                       backend="triton")
+        expected = reference_conv2d(x, w, b, res, problem.stride, problem.padding)
+        assert_close_to_reference(y, expected, "conv")
+        key = conv2d_module.problem_key(x, w, b, res, dtype, problem.stride, problem.padding, (1, 1))
+        assert key in conv2d_module.tma_choices
+        if problem.stride == (1, 1):
+            last[problem.R] = (key, x, w, b, res, y, problem.padding, expected)
+    for module, (key, x, w, b, res, y, padding, expected) in ((conv2d_pointwise, last[1]), (conv2d_spatial, last[3])):
+        monkeypatch.setitem(conv2d_module.tma_choices, key, (module, module.untimed_config(x, y, has_residual=True)))
+        assert conv2d_module.tuned_kernel_name(x, w, b, res, dtype, (1, 1), padding, (1, 1)).startswith("tma-")
+        replay_in_a_cuda_graph(x, w, b, res, padding, y, expected)
 
 
 @pytest.mark.parametrize("arch", ["resnet18"])

@@ -26,14 +26,17 @@ SHAPES = [
 ]
 
 
+def recorded_launches(monkeypatch, module) -> list:
+    """The calls of a TMA kernel module's launcher, recorded as they pass through."""
+    calls = []
+    launcher = module.launch
+    monkeypatch.setattr(module, "launch", lambda *args, **kwargs: calls.append(args) or launcher(*args, **kwargs))
+    return calls
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """The calls of the TMA kernel's launcher, recorded as they pass through."""
-    calls = []
-    launcher = conv2d_pointwise.conv2d_pointwise
-    monkeypatch.setattr(conv2d_pointwise, "conv2d_pointwise",
-                        lambda *args, **kwargs: calls.append(args) or launcher(*args, **kwargs))
-    return calls
+    return recorded_launches(monkeypatch, conv2d_pointwise)
 
 
 def layer(conv: Conv, dtype, residual=True, out_layout="channels_last", x_layout="channels_last"):
@@ -78,15 +81,15 @@ def test_takes_the_layers_tma_can_address(case, takes):
         res = res.contiguous()
     stride = (2, 2) if case == "stride_2" else stride
     padding = (1, 1) if case == "padding_1" else padding
-    assert conv2d_pointwise.applies(x, weight, res, out, stride, padding) == takes
+    assert conv2d_pointwise.applies(x, weight, res, out, stride, padding, (1, 1)) == takes
 
 
 def test_refuses_problems_past_int32_tile_coordinates_and_empty_ones():
     x = torch.empty(2**16, 8, 2**8, 2**7, dtype=torch.float16, device="meta")  # 2^31 pixels
     weight = torch.empty(8, 8, 1, 1, dtype=torch.float16)
-    assert not conv2d_pointwise.applies(x, weight, None, x, (1, 1), (0, 0))
+    assert not conv2d_pointwise.applies(x, weight, None, x, (1, 1), (0, 0), (1, 1))
     empty = torch.empty(0, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
-    assert not conv2d_pointwise.applies(empty, weight, None, empty, (1, 1), (0, 0))
+    assert not conv2d_pointwise.applies(empty, weight, None, empty, (1, 1), (0, 0), (1, 1))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -96,11 +99,14 @@ def test_matches_reference(launches, conv, epilogue, dtype):
     """Every epilogue (no bias, a bias in the input's dtype or in float32, residual, ReLU) on each
     shape, against float64; into a NaN-filled out= or a new tensor, in turn (each epilogue gets
     both over the shapes)."""
-    into_out = (SHAPES.index(conv) + list(EPILOGUES).index(epilogue)) % 2 == 1
+    check_epilogue(conv, epilogue, dtype, into_out=(SHAPES.index(conv) + list(EPILOGUES).index(epilogue)) % 2 == 1)
+    assert len(launches) == 1
+
+
+def check_epilogue(conv: Conv, epilogue: str, dtype, into_out: bool):
     bias_dtype, residual, relu = EPILOGUES[epilogue]
     check_conv2d(conv, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual,
                  relu=relu, into_out=into_out)
-    assert len(launches) == 1
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -108,7 +114,12 @@ def test_matches_reference(launches, conv, epilogue, dtype):
 def test_into_a_channel_slice(launches, first, dtype):
     """Inception's branches write channel slices of one channels_last tensor: a slice on the 16-byte
     grid is written by TMA, any other by the implicit GEMM; either way exactly the slice."""
-    conv = Conv(2, 24, 5, 6, 16, 1, 1)
+    check_into_a_channel_slice(Conv(2, 24, 5, 6, 16, 1, 1), first, dtype, launches)
+
+
+def check_into_a_channel_slice(conv: Conv, first: int, dtype, launches):
+    """conv with bias and ReLU into channels first.. of a NaN tensor 16 channels wider: exactly the
+    slice is written, by the TMA kernel when the slice starts on the 16-byte grid."""
     torch.manual_seed(0)
     x, weight, bias, _ = make_inputs(conv, dtype, residual=False)
     n, k, h, w = conv.output_shape()
@@ -124,15 +135,24 @@ def test_into_a_channel_slice(launches, first, dtype):
 def test_integer_values_are_exact(launches, dtype):
     """Small integers make every product and sum exact in float32 and the result exact in the
     dtype: any element loaded twice, skipped or misplaced changes a value."""
-    conv = Conv(2, 40, 5, 7, 24, 1, 1)
+    check_integer_values_exact(Conv(2, 40, 5, 7, 24, 1, 1), dtype, weight_limit=2)
+    assert len(launches) == 1
+
+
+def check_integer_values_exact(conv: Conv, dtype, weight_limit: int):
+    """conv on integers (x in [-3, 3], weights in [-weight_limit, weight_limit], bias and residual
+    in [-5, 5]) with ReLU, compared exactly."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randint(-3, 4, (2, 40, 5, 7), generator=generator).to(dtype).contiguous(memory_format=CHANNELS_LAST)
-    weight = torch.randint(-2, 3, (24, 40, 1, 1), generator=generator).to(dtype)
-    bias = torch.randint(-5, 6, (24,), generator=generator).float()
-    residual = torch.randint(-5, 6, conv.output_shape(), generator=generator).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+
+    def integers(limit, shape):
+        return torch.randint(-limit, limit + 1, shape, generator=generator).to(dtype)
+
+    x = integers(3, (conv.n, conv.c, conv.h, conv.w)).contiguous(memory_format=CHANNELS_LAST)
+    weight = integers(weight_limit, (conv.k, conv.c, conv.r, conv.s)).contiguous(memory_format=CHANNELS_LAST)
+    bias = integers(5, (conv.k,)).float()
+    residual = integers(5, conv.output_shape()).contiguous(memory_format=CHANNELS_LAST)
     out = run_conv2d(conv, x, weight, bias, residual, relu=True)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, residual, relu=True), "conv", exact=True)
-    assert len(launches) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
@@ -160,26 +180,31 @@ def test_the_kernel_measured_faster_runs_and_the_choice_is_kept(monkeypatch, lau
     """On a GPU a problem's first call times both kernels, each at its tuned tile (here with a
     stand-in clock: the interpreter cannot time), keeps the faster, and later calls launch it
     without timing again. Both give the reference's result; the benchmark names the kernel that ran."""
+    check_measured_choice(monkeypatch, launches, Conv(2, 40, 5, 7, 24, 1, 1), pointwise_faster, "tma-32x32x16-g8-w4-s1")
+
+
+def check_measured_choice(monkeypatch, launches, conv: Conv, tma_faster: bool, tma_name: str):
+    """Two calls of conv (bias, ReLU, no residual: a benchmark's layer) with a stand-in clock that
+    makes the TMA kernel (timed first) or the implicit GEMM faster."""
     monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
-    monkeypatch.setattr(conv2d_module, "pointwise_choices", {})
+    monkeypatch.setattr(conv2d_module, "tma_choices", {})
     timings = []
 
     def stand_in_do_bench(fn, warmup, rep):
         fn()
         timings.append(fn)
-        return 1.0 if (len(timings) == 1) == pointwise_faster else 2.0  # the TMA kernel is timed first
+        return 1.0 if (len(timings) == 1) == tma_faster else 2.0  # the TMA kernel is timed first
 
     monkeypatch.setattr(conv2d_module.triton.testing, "do_bench", stand_in_do_bench)
-    conv = Conv(2, 40, 5, 7, 24, 1, 1)
-    for seed in range(2):  # a benchmark's layer: bias and ReLU, no residual
+    for seed in range(2):
         check_conv2d(conv, torch.bfloat16, residual=False, relu=True, seed=seed)
     assert len(timings) == 2  # the first call timed both; the second timed nothing
     # Tuning and timing ran the TMA kernel once each; then each call launched it if it won.
-    assert len(launches) == 2 + 2 * pointwise_faster
+    assert len(launches) == 2 + 2 * tma_faster
     x, weight, bias, _ = make_inputs(conv, torch.bfloat16)
-    problem = ConvProblem(conv.c, conv.h, conv.w, conv.k, conv.r, conv.s, (1, 1), (0, 0))
+    problem = ConvProblem(conv.c, conv.h, conv.w, conv.k, conv.r, conv.s, (1, 1), (conv.padding,) * 2)
     name = bench.kernel_name("triton", problem, x, weight, bias)
-    assert name == ("tma-32x32x16-g8-w4-s1" if pointwise_faster else "32x32x16-g4-w4-s1-split1")
+    assert name == (tma_name if tma_faster else "32x32x16-g4-w4-s1-split1")
 
 
 def test_applies_to_the_real_1x1_layers_and_inceptions_slices():
@@ -197,7 +222,7 @@ def test_applies_to_the_real_1x1_layers_and_inceptions_slices():
     assert len(pointwise) > 20
     for c, k, kernel, stride, padding in pointwise:
         x, weight, res, out = layer(real_layer_problem(c, k, kernel, stride, padding), torch.bfloat16)
-        assert conv2d_pointwise.applies(x, weight, res, out, stride, padding), (c, k)
+        assert conv2d_pointwise.applies(x, weight, res, out, stride, padding, (1, 1)), (c, k)
     inceptions = [module for module in googlenet(init_weights=False, aux_logits=False).modules()
                   if isinstance(module, Inception)]
     assert len(inceptions) == 9
@@ -212,17 +237,23 @@ def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_wa
     """Where the TMA kernel raises when it is first tuned (a compile or launch error on some GPU or
     Triton version), a warning names the layer and the error, and the implicit GEMM runs it, on
     that call and the later ones."""
+    check_failure_falls_back(monkeypatch, conv2d_pointwise, Conv(2, 40, 5, 7, 24, 1, 1),
+                             r"1x1 TMA conv kernel failed on \(2, 40, 5, 7\) -> 24 .*stand-in failure")
+
+
+def check_failure_falls_back(monkeypatch, module, conv: Conv, message: str):
+    """module's launcher raising on conv's first call: a warning matching `message`, the implicit
+    GEMM's right result on that call and the next, and no second attempt."""
     monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
-    monkeypatch.setattr(conv2d_module, "pointwise_choices", {})
+    monkeypatch.setattr(conv2d_module, "tma_choices", {})
     attempts = []
 
     def failing_launcher(*args, **kwargs):
         attempts.append(args)
         raise RuntimeError("stand-in failure")
 
-    monkeypatch.setattr(conv2d_pointwise, "conv2d_pointwise", failing_launcher)
-    conv = Conv(2, 40, 5, 7, 24, 1, 1)
-    with pytest.warns(UserWarning, match=r"1x1 TMA conv kernel failed on \(2, 40, 5, 7\) -> 24 .*stand-in failure"):
+    monkeypatch.setattr(module, "launch", failing_launcher)
+    with pytest.warns(UserWarning, match=message):
         check_conv2d(conv, torch.float16, relu=True)
     check_conv2d(conv, torch.float16, relu=True, seed=1)
     assert len(attempts) == 1

@@ -66,7 +66,7 @@ def tuning_reports(dtype_name: str) -> dict:
     conv2d.config_fits = lambda config, dtype, device: True
     conv2d_pointwise.fits = lambda config, x, has_residual: True
     timed, compiles, fail_next_pool_compile = [], [], []
-    for tuner in [*conv2d.conv2d_bias_act_autotuned.values(), conv2d_pointwise.conv2d_pointwise_autotuned]:
+    for tuner in [*conv2d.conv2d_bias_act_autotuned.values(), conv2d_pointwise.autotuned]:
         tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
     real_compile = triton.compiler.compile
 
@@ -90,7 +90,7 @@ def tuning_reports(dtype_name: str) -> dict:
         timed.clear()
         compiles.clear()
         if pointwise:
-            conv2d_pointwise.conv2d_pointwise(x, weight, torch.randn(64), None, out, True)
+            conv2d_pointwise.launch(x, weight, torch.randn(64), None, out, (1, 1), (0, 0), (1, 1), True)
         else:
             conv2d.implicit_gemm(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), True)
         return {"timed": len(timed), "compiles_on_main_thread": sum(compiles),
@@ -98,7 +98,7 @@ def tuning_reports(dtype_name: str) -> dict:
 
     return {
         "candidates": len(conv2d.conv2d_bias_act_autotuned[(False, False)].configs),
-        "pointwise_candidates": len(conv2d_pointwise.conv2d_pointwise_autotuned.configs),
+        "pointwise_candidates": len(conv2d_pointwise.autotuned.configs),
         "pointwise_new_problem": tune(1, padding=0, pointwise=True),
         "new_problem": tune(3, padding=1),
         # The same autotuner key (it leaves out the padding): it runs its choice, compiled for the

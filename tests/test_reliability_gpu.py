@@ -106,20 +106,23 @@ def test_split_k_100_runs_are_bitwise_identical(config_index):
 
 
 @pytest.mark.parametrize(
-    "backend, kernel, k",
-    [("triton", 3, 64), ("triton", 1, 96), ("cuda", 3, 64), ("cuda", 1, 96), ("torch_triton", 3, 64),
-     ("cudnn_fused", 3, 64)],
-    ids=["triton", "triton-1x1-tma", "cuda", "cuda-1x1-gemm", "torch_triton", "cudnn_fused"])
-def test_conv2d_past_2_31_elements(monkeypatch, backend, kernel, k):
+    "backend, kernel, k, tma",
+    [("triton", 3, 64, False), ("triton", 3, 64, True), ("triton", 1, 96, True), ("cuda", 3, 64, False),
+     ("cuda", 1, 96, False), ("torch_triton", 3, 64, False), ("cudnn_fused", 3, 64, False)],
+    ids=["triton", "triton-3x3-tma", "triton-1x1-tma", "cuda", "cuda-1x1-gemm", "torch_triton", "cudnn_fused"])
+def test_conv2d_past_2_31_elements(monkeypatch, backend, kernel, k, tma):
     """700 x 64 x 224 x 224 bfloat16 in (2.25e9 elements, 4.5 GB) and 700 x K x 224 x 224 out: the
     first and last two images, random, must match PyTorch run on those images alone; the zero
     images in between must give exactly the bias through the ReLU. On the CUDA backend the 3x3
     layer runs the 64-wide fprop and the 1x1 one with K = 96 the GEMM (3.4e9 output elements); on
-    the Triton backend the 1x1 one runs the TMA kernel, without timing it against the implicit GEMM.
+    the Triton backend the 3x3 one runs the implicit GEMM, and then the spatial TMA kernel, and the
+    1x1 one the pointwise TMA kernel, each TMA kernel without timing it against the implicit GEMM.
     (cudnn_fused rounds the bias to bfloat16 first: the ReLU of the rounded bias is the same.)"""
-    if (backend, kernel) == ("triton", 1):
+    if backend == "triton":
         monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: False)
-        monkeypatch.setattr(conv2d_module, "pointwise_choices", {})
+        monkeypatch.setattr(conv2d_module, "tma_choices", {})
+        if not tma:
+            monkeypatch.setattr(conv2d_module, "TMA_KERNELS", ())
     conv = Conv(700, 64, 224, 224, k, kernel, kernel, padding=kernel // 2)
     x = torch.zeros(conv.n, conv.c, conv.h, conv.w, device="cuda", dtype=torch.bfloat16)
     x = x.contiguous(memory_format=torch.channels_last)

@@ -32,8 +32,8 @@ def compile_dtype(dtype_name: str) -> list[dict]:
             weight = torch.empty(1024, 256, 1, 1, dtype=dtype)
             out = torch.empty(8, 1024, 14, 14, dtype=dtype, memory_format=torch.channels_last)
             res = torch.empty_like(out) if residual else None
-            launch = recorded(conv2d_pointwise.conv2d_pointwise_kernel, lambda: conv2d_pointwise.conv2d_pointwise(
-                x, weight, torch.empty(1024), res, out, True, config=config))
+            launch = recorded(conv2d_pointwise.conv2d_pointwise_kernel, lambda: conv2d_pointwise.launch(
+                x, weight, torch.empty(1024), res, out, (1, 1), (0, 0), (1, 1), True, config=config))
             kernel = compile_for_hopper(*launch)
             ptx = kernel.asm["ptx"]
             reports.append(ptxas_report(ptx) | {

@@ -40,8 +40,9 @@ The epilogue adds the bias (the folded BatchNorm shift) and the residual in floa
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
 channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
 
-conv2d_bias_act, the launcher, runs a float16/bfloat16 1x1 stride-1 layer on the persistent TMA
-kernel of conv2d_pointwise.py instead, where that kernel takes the layer and was measured faster.
+conv2d_bias_act, the launcher, runs a float16/bfloat16 stride-1 layer (or strided 1x1 one) on a
+persistent TMA kernel instead (1x1 stride-1 layers: conv2d_pointwise.py; the others:
+conv2d_spatial.py), where that kernel takes the layer and was measured faster.
 """
 import contextlib
 import functools
@@ -53,7 +54,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
-from cnnfast.triton_kernels import conv2d_pointwise
+from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 
@@ -348,20 +349,26 @@ def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
     return (x.device, dot_precision(x), *dtypes, out_dtype, *x.shape, *weight.shape, *stride, *padding, *dilation)
 
 
-# Per 1x1 problem that conv2d_pointwise (the persistent TMA kernel) takes: its tuned config when it
-# was measured faster than this file's implicit GEMM at its own tuned config (both timed on the
-# problem's first call), else None. Where kernels cannot be timed (the interpreter) it always runs.
-# Kept in this process only: Triton's disk cache of tuning results leaves out configs with a
-# pre-hook, as the TMA kernel's are, so each process tunes and times its layers again.
-pointwise_choices: dict[tuple, triton.Config | None] = {}
+# The kernels that run the layers they take on TMA operands, each a module with the same interface
+# (applies, launch, autotuned, untimed_config, config_name): 1x1 stride-1 layers as one matrix
+# product over pixel rows, other stride-1 layers and strided 1x1 ones on spatial tiles.
+TMA_KERNELS = (conv2d_pointwise, conv2d_spatial)
+
+# Per problem that a TMA kernel takes: (module, its tuned config) when that was measured faster
+# than this file's implicit GEMM at its own tuned config (both timed on the problem's first call),
+# else None. Where kernels cannot be timed (the interpreter) the TMA kernel always runs. Kept in
+# this process only: Triton's disk cache of tuning results leaves out configs with a pre-hook, as
+# the TMA kernels' are, so each process tunes and times its layers again.
+tma_choices: dict[tuple, tuple | None] = {}
 
 
 def tuned_kernel_name(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> str | None:
     """What a call of this problem runs, once one has run: the TMA kernel's config name ("tma-..."),
     or the implicit GEMM's ("128x128x64-g8-w8-s3-split1"); None before."""
     problem = problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
-    if pointwise_choices.get(problem) is not None:
-        return conv2d_pointwise.config_name(pointwise_choices[problem])
+    if tma_choices.get(problem) is not None:
+        module, config = tma_choices[problem]
+        return module.config_name(config)
     config = chosen_configs.get(problem)
     return config_name(config) if config is not None else None
 
@@ -371,59 +378,66 @@ def kernels_can_be_timed() -> bool:
     return not INTERPRETED
 
 
-def pointwise_config(x, weight, bias, residual, out, stride, padding, dilation, relu):
-    """The TMA kernel's config for this layer if it takes the layer and was measured the faster
-    kernel, else None. The problem's first call tunes both kernels, then times each at its tuned
-    config; every run writes out, which cnnfast.ops.conv2d keeps apart from the inputs, so each
-    leaves the same result. Where kernels cannot be timed, the TMA kernel runs. While a CUDA graph
-    is being captured nothing can be timed: a problem not yet measured runs on the implicit GEMM
-    (and is measured on a later call outside the capture). If the TMA kernel fails to tune (it
-    raises: a compile or launch error), a warning says so and the implicit GEMM takes the layer."""
-    if not conv2d_pointwise.applies(x, weight, residual, out, stride, padding):
+def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem):
+    """(module, config) of the TMA kernel for this layer if one takes the layer and was measured
+    faster than the implicit GEMM, else None. The problem's first call tunes both kernels, then
+    times each at its tuned config; every run writes out, which cnnfast.ops.conv2d keeps apart from
+    the inputs, so each leaves the same result. Where kernels cannot be timed, the TMA kernel runs.
+    While a CUDA graph is being captured nothing can be timed: a problem not yet measured runs on
+    the implicit GEMM (and is measured on a later call outside the capture). If the TMA kernel
+    fails to tune (it raises: a compile or launch error), a warning says so and the implicit GEMM
+    takes the layer."""
+    # Checked on every call: alignment and strides, which the problem key leaves out, decide it.
+    module = next((module for module in TMA_KERNELS
+                   if module.applies(x, weight, residual, out, stride, padding, dilation)), None)
+    if module is None:
         return None
-    problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
-    if problem in pointwise_choices:
-        return pointwise_choices[problem]
+    if problem in tma_choices:
+        return tma_choices[problem]
     if not kernels_can_be_timed():
-        pointwise_choices[problem] = conv2d_pointwise.untimed_config(x, residual is not None)
-        return pointwise_choices[problem]
+        tma_choices[problem] = module, module.untimed_config(x, out, residual is not None)
+        return tma_choices[problem]
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     try:
-        conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu)  # tunes its tiles
+        module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
     except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
-        warnings.warn(f"cnnfast: the 1x1 TMA conv kernel failed on {tuple(x.shape)} -> {weight.shape[0]} channels "
+        K, _, R, S = weight.shape
+        warnings.warn(f"cnnfast: the {R}x{S} TMA conv kernel failed on {tuple(x.shape)} -> {K} channels "
                       f"({type(error).__name__}: {error}); the implicit GEMM runs this layer")
-        pointwise_choices[problem] = None
+        tma_choices[problem] = None
         return None
-    pointwise = conv2d_pointwise.conv2d_pointwise_autotuned.best_config
+    tma_config = module.autotuned.best_config
     implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes and keeps its tile
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         # Both launched as later calls launch them: the tuned config, directly.
-        pointwise_ms = triton.testing.do_bench(
-            lambda: conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu, config=pointwise),
+        tma_ms = triton.testing.do_bench(
+            lambda: module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu, config=tma_config),
             warmup=10, rep=40)
         implicit_ms = triton.testing.do_bench(
             lambda: implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu), warmup=10, rep=40)
-    pointwise_choices[problem] = pointwise if pointwise_ms < implicit_ms else None
-    return pointwise_choices[problem]
+    tma_choices[problem] = (module, tma_config) if tma_ms < implicit_ms else None
+    return tma_choices[problem]
 
 
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
-    allocated, (N, K, P, Q). A 1x1 stride-1 layer runs on the persistent TMA kernel
-    (conv2d_pointwise.py) where that takes it and was measured faster (pointwise_config), any
-    other on the implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the implicit
-    GEMM with that config, without autotuning."""
+    allocated, (N, K, P, Q). A float16/bfloat16 stride-1 layer or strided 1x1 one runs on a TMA
+    kernel (1x1 stride-1 layers on conv2d_pointwise.py's, the others on conv2d_spatial.py's) where
+    that takes it and was measured faster (tma_choice), any other on the implicit GEMM. `config` (a triton.Config of the implicit
+    GEMM) runs the implicit GEMM with that config, without autotuning."""
+    problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
-        pointwise = pointwise_config(x, weight, bias, residual, out, stride, padding, dilation, relu)
-        if pointwise is not None:
-            return conv2d_pointwise.conv2d_pointwise(x, weight, bias, residual, out, relu, config=pointwise)
-    return implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config)
+        choice = tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem)
+        if choice is not None:
+            module, tma_config = choice
+            return module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu, config=tma_config)
+    return implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem)
 
 
-def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
-    """Launches the implicit GEMM (conv2d_bias_act_kernel); `config` bypasses autotuning."""
+def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None, problem=None):
+    """Launches the implicit GEMM (conv2d_bias_act_kernel); `config` bypasses autotuning; `problem`
+    is the call's problem_key, where the caller has it."""
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = out.shape[2], out.shape[3]
@@ -431,7 +445,8 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
         return out
     flat = use_flat_reduction(C)
     precision = dot_precision(x)
-    problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
+    if problem is None:
+        problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         config = chosen_configs.get(problem)
     if config is None:

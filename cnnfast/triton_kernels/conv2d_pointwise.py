@@ -79,6 +79,16 @@ def config_name(config) -> str:
 
 
 @triton.jit
+def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of a persistent program's tile index, in GROUP_M-grouped order: the
+    tiles in flight together share a few column tiles of w and row tiles of x in L2."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // pids_per_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile % pids_per_group) % group_size_m, (tile % pids_per_group) // group_size_m
+
+
+@triton.jit
 def conv2d_pointwise_kernel(
     # tensor descriptors: x as (M, C), w as (K, C), out and residual as (M, K)
     x_desc, w_desc, res_desc, out_desc,
@@ -93,12 +103,10 @@ def conv2d_pointwise_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(K, BLOCK_N)
     steps = tl.cdiv(C, BLOCK_K)
-    pids_per_group = GROUP_M * num_pid_n
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
-        first_pid_m = (tile // pids_per_group) * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        off_m = (first_pid_m + (tile % pids_per_group) % group_size_m) * BLOCK_M
-        off_n = ((tile % pids_per_group) // group_size_m) * BLOCK_N
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(steps):
             a = x_desc.load([off_m, step * BLOCK_K])
@@ -126,10 +134,14 @@ def shared_memory(config, element_size: int, has_residual: bool) -> int:
     return (pipeline + kw["BLOCK_M"] * kw["BLOCK_N"] * (2 if has_residual else 1)) * element_size + 2048
 
 
+def shared_memory_fits(size: int, device) -> bool:
+    """Whether `size` bytes of shared memory fit one block on the device."""
+    return size <= torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def fits(config, x, has_residual: bool) -> bool:
     """Whether config's shared memory fits x's device (a 128x256 tile with a residual does not)."""
-    limit = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
-    return shared_memory(config, x.element_size(), has_residual) <= limit
+    return shared_memory_fits(shared_memory(config, x.element_size(), has_residual), x.device)
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -138,14 +150,14 @@ def prune_configs(configs, named_args, **kwargs):
     return [config for config in configs if fits(config, named_args["x_desc"].base, named_args["HAS_RESIDUAL"])]
 
 
-def untimed_config(x, has_residual: bool):
+def untimed_config(x, out, has_residual: bool):
     """The config to run where kernels cannot be timed: the interpreter's one, or on a GPU the first
-    Hopper config that fits."""
+    Hopper config that fits (out: unused, as conv2d_spatial.untimed_config takes it)."""
     configs = conv2d_pointwise_configs()
     return configs[0] if INTERPRETED else next(config for config in configs if fits(config, x, has_residual))
 
 
-conv2d_pointwise_autotuned = triton.autotune(
+autotuned = triton.autotune(
     # The interpreter cannot time configs, so it runs the first of its set.
     configs=conv2d_pointwise_configs()[:1] if INTERPRETED else conv2d_pointwise_configs(),
     # The descriptors carry no dtype the tuner sees (the bias does): a float16 and a bfloat16 layer
@@ -182,10 +194,10 @@ def tma_ready(t: torch.Tensor) -> bool:
     return rows is not None and t.data_ptr() % 16 == 0 and rows[1] * t.element_size() % 16 == 0
 
 
-def applies(x, weight, residual, out, stride, padding) -> bool:
-    """Whether this kernel takes the layer: 1x1, stride 1, no padding, float16/bfloat16, at least
-    one pixel, and x, weight, residual and out all pixel rows that TMA can address (int32
-    coordinates, 16-byte pitches and bases: C and K multiples of 8)."""
+def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
+    """Whether this kernel takes the layer: 1x1 (any dilation: one tap), stride 1, no padding,
+    float16/bfloat16, at least one pixel, and x, weight, residual and out all pixel rows that TMA
+    can address (int32 coordinates, 16-byte pitches and bases: C and K multiples of 8)."""
     K, C, R, S = weight.shape
     if (R, S) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
         return False
@@ -198,9 +210,10 @@ def applies(x, weight, residual, out, stride, padding) -> bool:
     return dense_weight and all(tma_ready(t) for t in (x, out) + ((residual,) if residual is not None else ()))
 
 
-def conv2d_pointwise(x, weight, bias, residual, out, relu: bool, config=None):
+def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool, config=None):
     """Launches the kernel for a layer `applies` accepts (inputs checked by cnnfast.ops.conv2d; out
-    allocated, (N, K, H, W)). `config` (a triton.Config) bypasses autotuning."""
+    allocated, (N, K, H, W); stride, padding and dilation, which such a layer does not use, are
+    taken as conv2d_spatial.launch takes them). `config` (a triton.Config) bypasses autotuning."""
     K, C = weight.shape[:2]
     M, x_pitch = pixel_rows(x)
     _, out_pitch = pixel_rows(out)
@@ -221,7 +234,7 @@ def conv2d_pointwise(x, weight, bias, residual, out, relu: bool, config=None):
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            tuner = conv2d_pointwise_autotuned
+            tuner = autotuned
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
                 # The tuner would compile its candidates one after another as it times them.
                 fitting = [config for config in tuner.configs if fits(config, x, residual is not None)]

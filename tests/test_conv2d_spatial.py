@@ -1,0 +1,207 @@
+"""The persistent TMA kernel of stride-1 convs on spatial tiles (cnnfast/triton_kernels/conv2d_spatial.py),
+under the interpreter and through the public op (backend="triton"): which layers it takes, how it
+picks tile shapes, its results against float64 on many shapes (padding halos, dilation, partial
+image, row, column, channel and reduction tiles) and every epilogue, into channel slices, exactly
+on integers, NaN confined to the pixels that read it, and the measured choice between it and the
+implicit GEMM."""
+import pytest
+import torch
+
+from cnnfast.testing import assert_close_to_reference
+from cnnfast.triton_kernels import conv2d_spatial
+from tests.test_conv2d import (
+    CHANNELS_LAST, EPILOGUES, NAN, Conv, conv_id, make_inputs, nan_output, reference_conv2d, run_conv2d,
+)
+from tests.test_conv2d_pointwise import (
+    HALF_DTYPES, check_epilogue, check_failure_falls_back, check_integer_values_exact, check_into_a_channel_slice, check_measured_choice,
+    layer, recorded_launches,
+)
+
+# Under the interpreter the kernel runs tiles of 2 images x 4 rows x 8 columns of pixels, 16 output
+# channels and 16 input channels per step, on a persistent grid of 4 programs.
+SHAPES = [
+    # N = 3: a half-empty image block; 5x7 map: partial row and column blocks; C = 40: a partial last
+    # channel step; K = 24: a partial column tile
+    Conv(3, 40, 5, 7, 24, 3, 3, padding=1),
+    Conv(2, 16, 9, 6, 40, 5, 5, padding=2),  # 5x5 taps, 9 tiles: one program walks three
+    Conv(1, 8, 4, 4, 8, 3, 3, padding=1),  # the narrowest rows TMA takes: 8 channels of 2 bytes
+    Conv(2, 16, 6, 9, 16, 3, 5, padding=(0, 2), dilation=(1, 2)),  # unpadded rows, dilated columns
+    Conv(1, 24, 1, 1, 16, 3, 3, padding=1),  # one pixel: only the centre tap inside the map
+    Conv(2, 16, 5, 5, 16, 2, 2, padding=3),  # padding 3 > kernel - 1: whole rows of the halo
+    Conv(5, 8, 3, 19, 16, 3, 3, padding=1),  # three image blocks and three column blocks
+    Conv(3, 24, 9, 7, 16, 1, 1, stride=2),  # a downsample conv, over every other pixel; odd H and W
+    Conv(2, 16, 5, 12, 24, 1, 1, stride=(1, 3)),  # a stride along W only
+]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    return recorded_launches(monkeypatch, conv2d_spatial)
+
+
+@pytest.mark.parametrize("case, takes", [
+    ("channels_last", True),
+    ("float32", False),  # stays on the implicit GEMM, whose TF32 follows cuDNN's setting
+    ("channels_12", False),  # 24-byte pixels: not a multiple of 16 bytes
+    ("stride_2", False),
+    ("kernel_1x1", False),  # conv2d_pointwise's
+    ("kernel_1x1_stride_2", True),  # over x[:, :, ::2, ::2]
+    ("kernel_1x1_stride_2_padding_1", False),
+    ("kernel_5x5_dilation_2", True),
+    ("nchw_input", False),
+    ("nchw_weight", False),  # (K, C, R, S) memory: a tap's channels are not one run
+    ("storage_offset_input", False),  # 10 bytes in: a base address off the 16-byte grid
+    ("expanded_input", False),
+    ("nchw_out", False),
+    ("aligned_channel_slice_out", True),  # pixel pitch K + 16 channels, slice from channel 8
+    ("misaligned_channel_slice_out", False),  # slice from channel 3
+    ("aligned_channel_slice_input", True),
+    ("nchw_residual", False),
+    ("no_residual", True),
+])
+def test_takes_the_layers_tma_can_address(case, takes):
+    conv = Conv(2, 16, 5, 6, 24, 3, 3, padding=1)
+    dtype = torch.float32 if case == "float32" else torch.float16
+    stride, padding, dilation = (1, 1), (1, 1), (1, 1)
+    if case == "channels_12":
+        conv = conv._replace(c=12)
+    if case.startswith("kernel_1x1"):
+        conv, padding = conv._replace(r=1, s=1, padding=0), (0, 0)
+    if case.startswith("kernel_1x1_stride_2"):
+        conv, stride = conv._replace(stride=2), (2, 2)
+    if case == "kernel_1x1_stride_2_padding_1":
+        conv, padding = conv._replace(padding=1), (1, 1)
+    if case == "kernel_5x5_dilation_2":
+        conv, padding, dilation = conv._replace(r=5, s=5, padding=4, dilation=2), (4, 4), (2, 2)
+    x, weight, res, out = layer(conv, dtype, residual=case != "no_residual",
+                                x_layout={"nchw_input": "nchw", "storage_offset_input": "storage_offset",
+                                          "expanded_input": "expanded"}.get(case, "channels_last"),
+                                out_layout="nchw" if case == "nchw_out" else "channels_last")
+    if case.endswith("channel_slice_out"):
+        first = 8 if case.startswith("aligned") else 3
+        n, k, h, w = out.shape
+        out = nan_output((n, k + 16, h, w), dtype)[:, first : first + k]
+    if case == "aligned_channel_slice_input":
+        x = torch.cat([x, x], dim=1).contiguous(memory_format=CHANNELS_LAST)[:, 8 : 8 + conv.c]
+    if case == "nchw_weight":
+        weight = weight.contiguous()
+    if case == "nchw_residual":
+        res = res.contiguous()
+    stride = (2, 2) if case == "stride_2" else stride
+    assert conv2d_spatial.applies(x, weight, res, out, stride, padding, dilation) == takes
+
+
+def test_refuses_empty_outputs():
+    x = torch.empty(0, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.empty(8, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
+    assert not conv2d_spatial.applies(x, weight, None, x, (1, 1), (1, 1), (1, 1))
+
+
+def shapes_offered(n, p, q, block_m):
+    configs = conv2d_spatial.least_wasteful(conv2d_spatial.conv2d_spatial_configs(interpreted=False), n, p, q)
+    shapes = [(c.kwargs["BLOCK_IMG"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in configs
+              if c.kwargs["BLOCK_M"] == block_m]
+    return list(dict.fromkeys(shapes))
+
+
+def test_tile_shapes_offered_are_those_that_waste_least():
+    """Coverage by hand: a 28x28 map in 8x16 tiles computes 32x32 pixels (784 / 1024); 4x4 tiles of
+    8 images divide it. Each map of ResNet-50 at batch 256 is offered the two shapes (of each size)
+    that waste nothing and read the fewest input pixels; at batch 1 a 7x7 map the shape that wastes
+    least (8x8: 49 of 64 pixels)."""
+    assert conv2d_spatial.coverage(conv2d_spatial.spatial_config(1, 8, 16, 128, 64, 8, 4), 256, 28, 28) == 784 / 1024
+    assert conv2d_spatial.coverage(conv2d_spatial.spatial_config(8, 4, 4, 128, 64, 8, 4), 256, 28, 28) == 1.0
+    assert shapes_offered(256, 56, 56, 128) == [(2, 8, 8), (8, 4, 4)]
+    assert shapes_offered(256, 28, 28, 128) == [(8, 4, 4), (32, 2, 2)]
+    assert shapes_offered(256, 14, 14, 128) == [(32, 2, 2), (128, 1, 1)]
+    assert shapes_offered(256, 7, 7, 128) == [(128, 1, 1)]
+    assert shapes_offered(256, 56, 56, 64) == [(1, 8, 8), (4, 4, 4)]
+    assert shapes_offered(256, 7, 7, 64) == [(64, 1, 1)]
+    assert shapes_offered(1, 7, 7, 64) == [(1, 8, 8)]
+    # Every column tile of each offered shape stays on offer.
+    offered = conv2d_spatial.least_wasteful(conv2d_spatial.conv2d_spatial_configs(interpreted=False), 256, 7, 7)
+    assert len(offered) == len(conv2d_spatial.COLUMN_TILES[128]) + len(conv2d_spatial.COLUMN_TILES[64])
+
+
+@pytest.mark.parametrize("conv, epilogue, dtype", [
+    pytest.param(conv, epilogue, HALF_DTYPES[(i + j) % 2], id=f"{conv_id(conv)}-{epilogue}-{HALF_DTYPES[(i + j) % 2]}")
+    for i, conv in enumerate(SHAPES) for j, epilogue in enumerate(EPILOGUES)
+])
+def test_matches_reference(launches, conv, epilogue, dtype):
+    """Every epilogue (no bias, a bias in the input's dtype or in float32, residual, ReLU) on each
+    shape, against float64, in float16 and bfloat16 in turn (each epilogue and each shape gets
+    both); into a NaN-filled out= or a new tensor, in turn (likewise)."""
+    check_epilogue(conv, epilogue, dtype, into_out=(SHAPES.index(conv) + list(EPILOGUES).index(epilogue)) // 2 % 2 == 1)
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("first", [8, 3], ids=["aligned", "misaligned"])
+def test_into_a_channel_slice(launches, first, dtype):
+    """Inception's 3x3 branches write channel slices of one channels_last tensor: a slice on the
+    16-byte grid is written by TMA (which must clip its stores to it), any other by the implicit
+    GEMM; either way exactly the slice."""
+    check_into_a_channel_slice(Conv(2, 24, 5, 6, 16, 3, 3, padding=1), first, dtype, launches)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_integer_values_are_exact(launches, dtype):
+    """Small integers make every product and sum exact in float32 and the result exact in the
+    dtype: any tap read from the wrong pixel, a halo not zero, a step skipped or repeated changes a
+    value."""
+    check_integer_values_exact(Conv(3, 40, 5, 7, 24, 3, 3, padding=1), dtype, weight_limit=1)
+    assert len(launches) == 1
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
+def test_nan_reaches_exactly_the_pixels_that_read_it(launches):
+    """A NaN pixel of x at (1, 2) makes the 3x3 neighbourhood of output pixels NaN in every
+    channel, through the ReLU, and no other: the tiles around it (and the zero halo) stay finite."""
+    conv = Conv(1, 16, 6, 7, 8, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, _ = make_inputs(conv, torch.float16, residual=False)
+    x[0, :, 1, 2] = NAN
+    out = run_conv2d(conv, x, weight, bias, relu=True)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, relu=True), "conv")
+    reads_it = torch.zeros(6, 7, dtype=torch.bool)
+    reads_it[0:3, 1:4] = True
+    assert out[0][:, reads_it].isnan().all()
+    assert out[0][:, ~reads_it].isfinite().all()
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("tma_faster", [True, False], ids=["tma_faster", "implicit_gemm_faster"])
+def test_the_kernel_measured_faster_runs_and_the_choice_is_kept(monkeypatch, launches, tma_faster):
+    """As for the 1x1 kernel: the first call times both kernels at their tuned tiles (a stand-in
+    clock here), keeps the faster, and later calls launch it without timing; the benchmark names
+    the kernel that ran."""
+    check_measured_choice(monkeypatch, launches, Conv(2, 16, 5, 7, 24, 3, 3, padding=1), tma_faster,
+                          "tma-2x4x8-16x16-g8-w4-s1")
+
+
+def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_warning(monkeypatch):
+    check_failure_falls_back(monkeypatch, conv2d_spatial, Conv(2, 16, 5, 7, 24, 3, 3, padding=1),
+                             r"3x3 TMA conv kernel failed on \(2, 16, 5, 7\) -> 24 .*stand-in failure")
+
+
+def test_applies_to_the_real_layers_and_inceptions_slices():
+    """Every stride-1 layer of the architectures with a filter larger than 1x1 and more than 3
+    input channels (the C = 3 stems are not 16-byte pixels), and every strided 1x1 layer (ResNet's
+    downsample convs), takes the kernel in bfloat16, at the real layers' test size; GoogLeNet's 3x3
+    branches write channel slices that start on a multiple of 8 channels, so TMA writes them."""
+    from torchvision.models import googlenet
+    from torchvision.models.googlenet import Inception
+
+    from tests.test_conv2d import REAL_LAYERS, real_layer_problem
+
+    spatial = [layer_ for layer_ in REAL_LAYERS if (layer_[2] != (1, 1)) == (layer_[3] == (1, 1))]
+    assert len(spatial) > 20 and {layer_[2] for layer_ in spatial} >= {(3, 3), (5, 5), (1, 1)}
+    for c, k, kernel, stride, padding in spatial:
+        conv = real_layer_problem(c, k, kernel, stride, padding)
+        x, weight, res, out = layer(conv, torch.bfloat16)
+        assert conv2d_spatial.applies(x, weight, res, out, stride, padding, (1, 1)) == (c != 3), (c, k, kernel)
+    for inception in (module for module in googlenet(init_weights=False, aux_logits=False).modules()
+                      if isinstance(module, Inception)):
+        widths = [inception.branch1.conv.out_channels] + [
+            branch[1].conv.out_channels for branch in (inception.branch2, inception.branch3, inception.branch4)]
+        assert widths[0] % 8 == 0 and (widths[0] + widths[1]) % 8 == 0, widths
