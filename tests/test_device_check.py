@@ -59,8 +59,8 @@ def names(rows):
 
 
 def test_steps_are_selected_by_name_or_prefix(tree):
-    assert names(run(tree, "gpu-tests")) == ["environment", "build", "gpu-tests-new", "gpu-tests-new-cuda",
-                                             "gpu-tests-rest", "gpu-tests-cudnn"]
+    assert names(run(tree, "gpu-tests")) == ["environment", "build", "gpu-tests-tma", "gpu-tests-new",
+                                             "gpu-tests-new-cuda", "gpu-tests-rest", "gpu-tests-cudnn"]
     assert names(run(tree, "gpu-tests-new")) == ["environment", "build", "gpu-tests-new", "gpu-tests-new-cuda"]
     assert names(run(tree, "sanitizer")) == [
         "environment", "build", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck"]
