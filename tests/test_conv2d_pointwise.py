@@ -213,9 +213,6 @@ def test_applies_to_the_real_1x1_layers_and_inceptions_slices():
     float16/bfloat16; and GoogLeNet's two 1x1 branches that write channel slices of the Inception
     output (the first and the pooling branch) start on a multiple of 8 channels of an output whose
     width is one too, so their slices are on the 16-byte grid."""
-    from torchvision.models import googlenet
-    from torchvision.models.googlenet import Inception
-
     from tests.test_conv2d import REAL_LAYERS, real_layer_problem
 
     pointwise = [layer for layer in REAL_LAYERS if layer[2] == (1, 1) and layer[3] == (1, 1)]
@@ -223,14 +220,21 @@ def test_applies_to_the_real_1x1_layers_and_inceptions_slices():
     for c, k, kernel, stride, padding in pointwise:
         x, weight, res, out = layer(real_layer_problem(c, k, kernel, stride, padding), torch.bfloat16)
         assert conv2d_pointwise.applies(x, weight, res, out, stride, padding, (1, 1)), (c, k)
-    inceptions = [module for module in googlenet(init_weights=False, aux_logits=False).modules()
-                  if isinstance(module, Inception)]
-    assert len(inceptions) == 9
-    for inception in inceptions:
-        widths = [inception.branch1.conv.out_channels] + [
-            branch[1].conv.out_channels for branch in (inception.branch2, inception.branch3, inception.branch4)]
+    widths_of_each = inception_branch_widths()
+    assert len(widths_of_each) == 9
+    for widths in widths_of_each:
         pool_branch_start, total = sum(widths[:3]), sum(widths)
         assert pool_branch_start % 8 == 0 and total % 8 == 0, widths
+
+
+def inception_branch_widths() -> list[list[int]]:
+    """The output channels of the four branches of each of GoogLeNet's Inception blocks."""
+    from torchvision.models import googlenet
+    from torchvision.models.googlenet import Inception
+
+    return [[inception.branch1.conv.out_channels] + [
+        branch[1].conv.out_channels for branch in (inception.branch2, inception.branch3, inception.branch4)]
+        for inception in googlenet(init_weights=False, aux_logits=False).modules() if isinstance(inception, Inception)]
 
 
 def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_warning(monkeypatch):
@@ -238,7 +242,7 @@ def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_wa
     Triton version), a warning names the layer and the error, and the implicit GEMM runs it, on
     that call and the later ones."""
     check_failure_falls_back(monkeypatch, conv2d_pointwise, Conv(2, 40, 5, 7, 24, 1, 1),
-                             r"1x1 TMA conv kernel failed on \(2, 40, 5, 7\) -> 24 .*stand-in failure")
+                             r"TMA conv kernel conv2d_pointwise failed on \(2, 40, 5, 7\) -> 24 .*stand-in failure")
 
 
 def check_failure_falls_back(monkeypatch, module, conv: Conv, message: str):

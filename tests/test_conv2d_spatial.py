@@ -14,7 +14,7 @@ from tests.test_conv2d import (
 )
 from tests.test_conv2d_pointwise import (
     HALF_DTYPES, check_epilogue, check_failure_falls_back, check_integer_values_exact, check_into_a_channel_slice, check_measured_choice,
-    layer, recorded_launches,
+    inception_branch_widths, layer, recorded_launches,
 )
 
 # Under the interpreter the kernel runs tiles of 2 images x 4 rows x 8 columns of pixels, 16 output
@@ -55,6 +55,8 @@ def launches(monkeypatch):
     ("nchw_out", False),
     ("aligned_channel_slice_out", True),  # pixel pitch K + 16 channels, slice from channel 8
     ("misaligned_channel_slice_out", False),  # slice from channel 3
+    ("pitch_off_16_bytes_out", False),  # a slice of K + 4 channels: 56-byte pixels
+    ("overlapping_out", False),  # pixels 8 channels apart, 24 channels each
     ("aligned_channel_slice_input", True),
     ("nchw_residual", False),
     ("no_residual", True),
@@ -81,6 +83,12 @@ def test_takes_the_layers_tma_can_address(case, takes):
         first = 8 if case.startswith("aligned") else 3
         n, k, h, w = out.shape
         out = nan_output((n, k + 16, h, w), dtype)[:, first : first + k]
+    if case == "pitch_off_16_bytes_out":
+        n, k, h, w = out.shape
+        out = nan_output((n, k + 4, h, w), dtype)[:, :k]
+    if case == "overlapping_out":
+        n, k, h, w = out.shape
+        out = torch.empty(n * h * w * 8 + k, dtype=dtype).as_strided(out.shape, (h * w * 8, 1, w * 8, 8))
     if case == "aligned_channel_slice_input":
         x = torch.cat([x, x], dim=1).contiguous(memory_format=CHANNELS_LAST)[:, 8 : 8 + conv.c]
     if case == "nchw_weight":
@@ -91,10 +99,15 @@ def test_takes_the_layers_tma_can_address(case, takes):
     assert conv2d_spatial.applies(x, weight, res, out, stride, padding, dilation) == takes
 
 
-def test_refuses_empty_outputs():
-    x = torch.empty(0, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
-    weight = torch.empty(8, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
-    assert not conv2d_spatial.applies(x, weight, None, x, (1, 1), (1, 1), (1, 1))
+def test_refuses_problems_past_int32_coordinates_and_empty_ones():
+    weight = torch.empty(8, 8, 3, 3, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
+    wide = torch.empty(1, 8, 2, 2**31 - 256, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
+    assert not conv2d_spatial.applies(wide, weight, None, wide, (1, 1), (1, 1), (1, 1))
+    x = torch.empty(1, 8, 4, 4, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
+    assert conv2d_spatial.applies(x, weight, None, x, (1, 1), (1, 1), (1, 1))
+    assert not conv2d_spatial.applies(x, weight, None, x, (1, 1), (2**30, 2**30), (2**30, 2**30))  # the filter's reach
+    empty = torch.empty(0, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
+    assert not conv2d_spatial.applies(empty, weight, None, empty, (1, 1), (1, 1), (1, 1))
 
 
 def shapes_offered(n, p, q, block_m):
@@ -141,7 +154,28 @@ def test_into_a_channel_slice(launches, first, dtype):
     """Inception's 3x3 branches write channel slices of one channels_last tensor: a slice on the
     16-byte grid is written by TMA (which must clip its stores to it), any other by the implicit
     GEMM; either way exactly the slice."""
-    check_into_a_channel_slice(Conv(2, 24, 5, 6, 16, 3, 3, padding=1), first, dtype, launches)
+    check_into_a_channel_slice(Conv(2, 24, 5, 6, 24, 3, 3, padding=1), first, dtype, launches)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_reads_a_crop_of_a_larger_map_and_not_its_neighbours(launches, dtype):
+    """x as channels 8.. of a crop (rows 1.., columns 2..) of a larger NaN-filled map, and the
+    residual likewise: the halo past the crop's edge must read as zeros, not as the NaN pixels
+    around it in memory."""
+    conv = Conv(2, 16, 5, 7, 24, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, residual = make_inputs(conv, dtype)
+
+    def crop_of_nan_map(t):
+        n, c, h, w = t.shape
+        big = nan_output((n, c + 8, h + 3, w + 4), dtype)
+        big[:, 8:, 1 : 1 + h, 2 : 2 + w] = t
+        return big[:, 8:, 1 : 1 + h, 2 : 2 + w]
+
+    x_crop, residual_crop = crop_of_nan_map(x), crop_of_nan_map(residual)
+    out = run_conv2d(conv, x_crop, weight, bias, residual_crop, relu=True)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, residual, relu=True), "conv")
+    assert len(launches) == 1
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -181,7 +215,7 @@ def test_the_kernel_measured_faster_runs_and_the_choice_is_kept(monkeypatch, lau
 
 def test_a_tma_kernel_that_fails_leaves_the_layer_to_the_implicit_gemm_with_a_warning(monkeypatch):
     check_failure_falls_back(monkeypatch, conv2d_spatial, Conv(2, 16, 5, 7, 24, 3, 3, padding=1),
-                             r"3x3 TMA conv kernel failed on \(2, 16, 5, 7\) -> 24 .*stand-in failure")
+                             r"TMA conv kernel conv2d_spatial failed on \(2, 16, 5, 7\) -> 24 .*stand-in failure")
 
 
 def test_applies_to_the_real_layers_and_inceptions_slices():
@@ -189,9 +223,6 @@ def test_applies_to_the_real_layers_and_inceptions_slices():
     input channels (the C = 3 stems are not 16-byte pixels), and every strided 1x1 layer (ResNet's
     downsample convs), takes the kernel in bfloat16, at the real layers' test size; GoogLeNet's 3x3
     branches write channel slices that start on a multiple of 8 channels, so TMA writes them."""
-    from torchvision.models import googlenet
-    from torchvision.models.googlenet import Inception
-
     from tests.test_conv2d import REAL_LAYERS, real_layer_problem
 
     spatial = [layer_ for layer_ in REAL_LAYERS if (layer_[2] != (1, 1)) == (layer_[3] == (1, 1))]
@@ -200,8 +231,5 @@ def test_applies_to_the_real_layers_and_inceptions_slices():
         conv = real_layer_problem(c, k, kernel, stride, padding)
         x, weight, res, out = layer(conv, torch.bfloat16)
         assert conv2d_spatial.applies(x, weight, res, out, stride, padding, (1, 1)) == (c != 3), (c, k, kernel)
-    for inception in (module for module in googlenet(init_weights=False, aux_logits=False).modules()
-                      if isinstance(module, Inception)):
-        widths = [inception.branch1.conv.out_channels] + [
-            branch[1].conv.out_channels for branch in (inception.branch2, inception.branch3, inception.branch4)]
+    for widths in inception_branch_widths():
         assert widths[0] % 8 == 0 and (widths[0] + widths[1]) % 8 == 0, widths

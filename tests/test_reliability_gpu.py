@@ -133,6 +133,9 @@ def test_conv2d_past_2_31_elements(monkeypatch, backend, kernel, k, tma):
     weight = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     bias = torch.randn(conv.k, device="cuda")
     out = ops.conv2d(x, weight, bias, padding=kernel // 2, relu=True, backend=backend)
+    if backend == "triton":
+        ran = conv2d_module.tuned_kernel_name(x, weight, bias, None, x.dtype, (1, 1), (kernel // 2,) * 2, (1, 1))
+        assert ran.startswith("tma-") == tma, ran
     for part in (slice(0, 1), slice(-2, None)):
         assert_close_to_reference(out[part], reference_conv2d(conv, x[part], weight, bias, relu=True), "conv")
     expected = torch.relu(bias).to(torch.bfloat16).view(1, -1, 1, 1).expand(conv.n - 3, -1, conv.h, conv.w)

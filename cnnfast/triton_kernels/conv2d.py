@@ -40,9 +40,10 @@ The epilogue adds the bias (the folded BatchNorm shift) and the residual in floa
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
 channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
 
-conv2d_bias_act, the launcher, runs a float16/bfloat16 stride-1 layer (or strided 1x1 one) on a
-persistent TMA kernel instead (1x1 stride-1 layers: conv2d_pointwise.py; the others:
-conv2d_spatial.py), where that kernel takes the layer and was measured faster.
+conv2d_bias_act, the launcher, runs a float16/bfloat16 layer on a persistent TMA kernel instead
+(unpadded 1x1 stride-1 layers: conv2d_pointwise.py; stride-1 layers with larger filters and
+unpadded strided 1x1 layers: conv2d_spatial.py), where that kernel takes the layer and was
+measured faster.
 """
 import contextlib
 import functools
@@ -363,12 +364,19 @@ tma_choices: dict[tuple, tuple | None] = {}
 
 
 def tuned_kernel_name(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> str | None:
-    """What a call of this problem runs, once one has run: the TMA kernel's config name ("tma-..."),
-    or the implicit GEMM's ("128x128x64-g8-w8-s3-split1"); None before."""
+    """What a call of this problem with these tensors and a new output (channels_last, as
+    cnnfast.ops.conv2d allocates it) runs, once one has run: the TMA kernel's config name
+    ("tma-..."), or the implicit GEMM's ("128x128x64-g8-w8-s3-split1"); None before."""
     problem = problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
     if tma_choices.get(problem) is not None:
         module, config = tma_choices[problem]
-        return module.config_name(config)
+        # A layout the TMA kernel does not take runs on the implicit GEMM whatever was chosen.
+        p, q = ((size + 2 * pad - dil * (taps - 1) - 1) // step + 1
+                for size, pad, dil, taps, step in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+        out = torch.empty(x.shape[0], weight.shape[0], p, q, dtype=out_dtype, device="meta")
+        if module.applies(x, weight, residual, out.contiguous(memory_format=torch.channels_last), stride, padding,
+                          dilation):
+            return module.config_name(config)
     config = chosen_configs.get(problem)
     return config_name(config) if config is not None else None
 
@@ -383,8 +391,8 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     faster than the implicit GEMM, else None. The problem's first call tunes both kernels, then
     times each at its tuned config; every run writes out, which cnnfast.ops.conv2d keeps apart from
     the inputs, so each leaves the same result. Where kernels cannot be timed, the TMA kernel runs.
-    While a CUDA graph is being captured nothing can be timed: a problem not yet measured runs on
-    the implicit GEMM (and is measured on a later call outside the capture). If the TMA kernel
+    While a CUDA graph is being captured the TMA kernel is not tuned or timed: a problem not yet
+    measured runs on the implicit GEMM (and is measured on a later call outside the capture). If the TMA kernel
     fails to tune (it raises: a compile or launch error), a warning says so and the implicit GEMM
     takes the layer."""
     # Checked on every call: alignment and strides, which the problem key leaves out, decide it.
@@ -402,9 +410,8 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     try:
         module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
     except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
-        K, _, R, S = weight.shape
-        warnings.warn(f"cnnfast: the {R}x{S} TMA conv kernel failed on {tuple(x.shape)} -> {K} channels "
-                      f"({type(error).__name__}: {error}); the implicit GEMM runs this layer")
+        warnings.warn(f"cnnfast: the TMA conv kernel {module.__name__.rsplit('.', 1)[-1]} failed on {tuple(x.shape)} -> "
+                      f"{weight.shape[0]} channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
         tma_choices[problem] = None
         return None
     tma_config = module.autotuned.best_config
@@ -422,9 +429,10 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
 
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
-    allocated, (N, K, P, Q). A float16/bfloat16 stride-1 layer or strided 1x1 one runs on a TMA
-    kernel (1x1 stride-1 layers on conv2d_pointwise.py's, the others on conv2d_spatial.py's) where
-    that takes it and was measured faster (tma_choice), any other on the implicit GEMM. `config` (a triton.Config of the implicit
+    allocated, (N, K, P, Q). A float16/bfloat16 layer that a TMA kernel takes (conv2d_pointwise.py:
+    unpadded 1x1 stride-1 layers over pixel rows; conv2d_spatial.py: stride-1 layers with larger
+    filters and unpadded strided 1x1 layers) runs on it where it was measured faster (tma_choice),
+    any other on the implicit GEMM. `config` (a triton.Config of the implicit
     GEMM) runs the implicit GEMM with that config, without autotuning."""
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:

@@ -222,26 +222,41 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
     w_desc = TensorDescriptor(weight, [K, C], [C, 1], [16, 16])
     out_desc = TensorDescriptor(out, [M, K], [out_pitch, 1], [16, 16])
     res_desc = TensorDescriptor(residual, [M, K], [pixel_rows(residual)[1], 1], [16, 16]) if residual is not None else out_desc
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    # The kernel reads the bias at unit stride; out stands in for a missing one (never read).
-    args = (x_desc, w_desc, res_desc, out_desc, bias.contiguous() if bias is not None else out, M, K, C)
-    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-                 # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
-                 UPCAST_DOT=INTERPRETED, NUM_SMS=num_sms)
+    num_sms = multiprocessors(x)
 
     def grid(meta):
         return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"])),)
 
+    def candidates():
+        return [config for config in autotuned.configs if fits(config, x, residual is not None)]
+
+    run_persistent(conv2d_pointwise_kernel, autotuned, candidates, (x_desc, w_desc, res_desc, out_desc), (M, K, C),
+                   x, bias, residual, out, relu, grid, config)
+    return out
+
+
+def multiprocessors(x) -> int:
+    """The persistent grid's size: the GPU's SM count (4 programs under the interpreter)."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+
+
+def run_persistent(kernel_fn, tuner, candidates, descriptors, sizes, x, bias, residual, out, relu, grid, config):
+    """Launches a persistent TMA conv kernel (this file's or conv2d_spatial.py's, which share their
+    arguments' order: the descriptors of x, w, residual and out, the bias, the sizes, then the
+    epilogue flags and NUM_SMS): through its tuner, after compiling candidates() at once on a
+    thread pool (the tuner would compile them one after another as it times them), or with
+    `config`, whose pre-hook sets the descriptors' block shapes as the tuner's launches do."""
+    # The kernel reads the bias at unit stride; out stands in for a missing one (never read).
+    args = (*descriptors, bias.contiguous() if bias is not None else out, *sizes)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
+                 # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
+                 UPCAST_DOT=INTERPRETED, NUM_SMS=multiprocessors(x))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
-            tuner = autotuned
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
-                # The tuner would compile its candidates one after another as it times them.
-                fitting = [config for config in tuner.configs if fits(config, x, residual is not None)]
-                compile_in_parallel(conv2d_pointwise_kernel, fitting, args, flags)
+                compile_in_parallel(kernel_fn, candidates(), args, flags)
             tuner[grid](*args, **flags)
         else:
-            set_block_shapes({**config.kwargs, "x_desc": x_desc, "w_desc": w_desc, "out_desc": out_desc,
-                              "res_desc": res_desc})
-            conv2d_pointwise_kernel[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
-    return out
+            names = ("x_desc", "w_desc", "res_desc", "out_desc")
+            config.pre_hook({**config.kwargs, **dict(zip(names, descriptors))})
+            kernel_fn[grid(config.kwargs)](*args, **flags, **config.all_kwargs())

@@ -1,5 +1,5 @@
 """Fused stride-1 convolution: out = act(conv2d(x, w) + bias + residual) for a float16/bfloat16
-layer with stride 1 (any filter size, padding and dilation), one persistent Triton kernel whose
+layer with stride 1 (filters larger than 1x1, any padding and dilation), one persistent Triton kernel whose
 operands move by TMA, the padding halo filled in by the copy engine. A 1x1 unpadded layer with a
 stride (ResNet's downsample convs) is a stride-1 1x1 layer over the pixels it reads, x[:, :,
 ::stride_h, ::stride_w], a view whose descriptor simply has larger pixel strides: it runs here too.
@@ -42,7 +42,6 @@ conv2d.conv2d_bias_act times this kernel against the implicit GEMM per layer and
 TMA needs 16-byte aligned bases and pitches (C and K multiples of 8) and int32 coordinates:
 `applies` checks a layer for all of it.
 """
-import contextlib
 import functools
 
 import torch
@@ -54,15 +53,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.triton_kernels import conv2d_pointwise
 from cnnfast.triton_kernels.conv2d_pointwise import grouped_tile
-from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 # Spatial tile shapes (BLOCK_IMG, BLOCK_H, BLOCK_W) of 128 and of 64 pixels, in order of how many
 # input pixels a 3x3 filter reads per output pixel ((BLOCK_H + 2) * (BLOCK_W + 2) / (BLOCK_H *
 # BLOCK_W): 1.4 for 8x16, 9 for single pixels), least first. Shapes whose sizes divide the
 # architectures' maps waste nothing: 8x8 for 56x56, 4x4 for 28x28, 2x2 for 14x14, single pixels of
 # 128 or 64 images for 7x7 at a batch that is a multiple of it; the others read longer runs and
-# reuse more of the halo for a few wasted columns. A layer is offered the first MAX_SHAPES shapes
-# (of each size) that waste least on it (least_wasteful).
+# reuse more of the halo for a few wasted columns. A layer is offered, of each size, the first
+# MAX_SHAPES shapes in this order that waste nearly as little as the best one (least_wasteful).
 SPATIAL_SHAPES = {
     128: [(1, 8, 16), (2, 8, 8), (1, 4, 32), (4, 2, 16), (8, 4, 4), (16, 1, 8), (32, 2, 2), (128, 1, 1)],
     64: [(1, 8, 8), (1, 4, 16), (2, 2, 16), (4, 4, 4), (8, 1, 8), (16, 2, 2), (64, 1, 1)],
@@ -147,6 +145,7 @@ def conv2d_spatial_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b.T, acc)
+        # The epilogue as conv2d_pointwise's (there, loading the residual first spills its widest tiles).
         if HAS_BIAS:
             offs_k = off_k + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
@@ -226,53 +225,63 @@ autotuned = triton.autotune(
 
 
 def pixel_grid(t: torch.Tensor):
-    """(n, h, w) strides of a 4-D tensor whose channels are dense runs that TMA can address: unit
-    channel stride, 16-byte aligned base and positive, 16-byte aligned pixel strides (a broadcast
-    dimension's stride 0 is refused); None otherwise. The strides of size-1 dimensions, which
-    PyTorch leaves arbitrary, do not count (their coordinate is always 0)."""
-    if t.shape[1] > 1 and t.stride(1) != 1:
+    """(n, h, w) strides of a 4-D tensor as a tensor map reads it, or None where one cannot: the
+    channels a dense run (unit stride), the base and every pixel stride on the 16-byte grid, and
+    the pixel strides nested, each at least the span of the dimensions inside it (the elements
+    from the first of them to one past the last: w's at least the channel run, h's at least a row
+    of pixels, n's at least an image), so that no two pixels overlap (broadcast and overlapping
+    views are refused; strided views, whose spans have gaps, are not). A size-1 dimension, whose
+    stride PyTorch leaves arbitrary and whose coordinate is always 0, gets the stride it would
+    have in a dense tensor: the next inner stride times its extent (aligned, and at least the
+    span)."""
+    n, c, h, w = t.shape
+    if (c > 1 and t.stride(1) != 1) or t.data_ptr() % 16:
         return None
-    size = t.element_size()
-    strides = (t.stride(0), t.stride(2), t.stride(3))
-    aligned = all(stride > 0 and stride * size % 16 == 0
-                  for extent, stride in zip(t.shape[:1] + t.shape[2:], strides) if extent > 1)
-    if not aligned or t.data_ptr() % 16:
-        return None
-    # A size-1 dimension gets a harmless aligned stride.
-    return tuple(stride if extent > 1 else 16 // size
-                 for extent, stride in zip(t.shape[:1] + t.shape[2:], strides))
+    strides, span, dense = [], c, c
+    for extent, stride in ((w, t.stride(3)), (h, t.stride(2)), (n, t.stride(0))):
+        stride = stride if extent > 1 else dense
+        if stride < span or stride * t.element_size() % 16:
+            return None
+        strides.append(stride)
+        span += stride * (extent - 1)
+        dense = stride * extent
+    return tuple(reversed(strides))
 
 
 def strided_pointwise(weight, stride, padding) -> bool:
     """Whether the layer is a 1x1 unpadded conv with a stride: a stride-1 1x1 conv over the pixels
-    it reads, x[:, :, ::stride_h, ::stride_w], which this kernel takes as its x (a view whose
-    descriptor has the pixel strides multiplied)."""
+    it reads (pixels_read), which this kernel takes as its x."""
     return weight.shape[2:] == (1, 1) and tuple(padding) == (0, 0) and tuple(stride) != (1, 1)
 
 
+def pixels_read(x, weight, stride, padding):
+    """x as the kernel reads it: for a strided 1x1 layer the view x[:, :, ::stride_h, ::stride_w],
+    whose descriptor has the pixel strides multiplied; else x."""
+    return x[:, :, :: stride[0], :: stride[1]] if strided_pointwise(weight, stride, padding) else x
+
+
 def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
-    """Whether this kernel takes the layer: stride 1 with a filter larger than 1x1
-    (conv2d_pointwise takes the 1x1 ones), or a strided 1x1 layer without padding
+    """Whether this kernel takes the layer: stride 1 with a filter larger than 1x1 (the 1x1
+    stride-1 layers are conv2d_pointwise's), or a strided 1x1 layer without padding
     (strided_pointwise); float16/bfloat16, at least one output pixel, C and K multiples of 8, and
-    x (as read), weight (channels_last: (K, R, S, C) memory), residual and out all TMA-addressable
-    with int32 coordinates."""
+    x (as read), weight (channels_last: (K, R, S, C) memory), residual and out all pixel grids a
+    tensor map can address (pixel_grid) with int32 coordinates."""
     K, C, R, S = weight.shape
-    if strided_pointwise(weight, stride, padding):
-        x = x[:, :, :: stride[0], :: stride[1]]
-    elif tuple(stride) != (1, 1) or (R, S) == (1, 1):
+    if not strided_pointwise(weight, stride, padding) and (tuple(stride) != (1, 1) or (R, S) == (1, 1)):
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or C % 8 or K % 8 or out.numel() == 0:
         return False
-    if max(*x.shape, *out.shape, *padding) >= 2**31 - 512:  # coordinates plus a tile are int32
+    # Coordinates, a tile past them, and the filter's reach are int32.
+    if max(*x.shape, *out.shape, *padding, dilation[0] * R, dilation[1] * S) >= 2**31 - 512:
         return False
-    return all(pixel_grid(t) is not None for t in (x, weight, out) + ((residual,) if residual is not None else ()))
+    tensors = (pixels_read(x, weight, stride, padding), weight, out) + ((residual,) if residual is not None else ())
+    return all(pixel_grid(t) is not None for t in tensors)
 
 
 def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool, config=None):
     """Launches the kernel for a layer `applies` accepts (inputs checked by cnnfast.ops.conv2d; out
     allocated, (N, K, P, Q)). `config` (a triton.Config) bypasses autotuning."""
-    if strided_pointwise(weight, stride, padding):
-        x = x[:, :, :: stride[0], :: stride[1]]
+    x = pixels_read(x, weight, stride, padding)
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
     P, Q = out.shape[2:]
@@ -284,28 +293,16 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
     w_desc = descriptor(weight, [K, R, S, C])
     out_desc = descriptor(out, [N, P, Q, K])
     res_desc = descriptor(residual, [N, P, Q, K]) if residual is not None else out_desc
-    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    # The kernel reads the bias at unit stride; out stands in for a missing one (never read).
-    args = (x_desc, w_desc, res_desc, out_desc, bias.contiguous() if bias is not None else out,
-            N, C, K, P, Q, R, S, padding[0], padding[1], dilation[0], dilation[1])
-    flags = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
-                 # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
-                 UPCAST_DOT=INTERPRETED, NUM_SMS=num_sms)
+    num_sms = conv2d_pointwise.multiprocessors(x)
 
     def grid(meta):
         tiles = triton.cdiv(N, meta["BLOCK_IMG"]) * triton.cdiv(P, meta["BLOCK_H"]) * triton.cdiv(Q, meta["BLOCK_W"])
         return (min(num_sms, tiles * triton.cdiv(K, meta["BLOCK_N"])),)
 
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        if config is None:
-            tuner = autotuned
-            if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
-                # The tuner would compile its candidates one after another as it times them.
-                fitting = [config for config in tuner.configs if fits(config, x, residual is not None)]
-                compile_in_parallel(conv2d_spatial_kernel, least_wasteful(fitting, N, P, Q), args, flags)
-            tuner[grid](*args, **flags)
-        else:
-            set_block_shapes({**config.kwargs, "x_desc": x_desc, "w_desc": w_desc, "out_desc": out_desc,
-                              "res_desc": res_desc})
-            conv2d_spatial_kernel[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
+    def candidates():
+        return least_wasteful([config for config in autotuned.configs if fits(config, x, residual is not None)], N, P, Q)
+
+    conv2d_pointwise.run_persistent(
+        conv2d_spatial_kernel, autotuned, candidates, (x_desc, w_desc, res_desc, out_desc),
+        (N, C, K, P, Q, R, S, padding[0], padding[1], dilation[0], dilation[1]), x, bias, residual, out, relu, grid, config)
     return out
