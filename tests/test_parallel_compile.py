@@ -67,6 +67,7 @@ def tuning_reports(dtype_name: str) -> dict:
     conv2d_pointwise.fits = lambda config, x, has_residual: True
     timed, compiles, fail_next_pool_compile = [], [], []
     for tuner in [*conv2d.conv2d_bias_act_autotuned.values(), conv2d_pointwise.autotuned]:
+        tuner.configs = tuner.configs[:3]  # three candidates show the mechanism; each compile takes seconds
         tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
     real_compile = triton.compiler.compile
 
@@ -111,7 +112,7 @@ def tuning_reports(dtype_name: str) -> dict:
 
 
 # bfloat16 alone: the pool's compiles take the launch's arguments whatever their dtype, and it is a
-# dtype both kernels take (each case compiles some 30 kernels, a minute of this suite's CPU time).
+# dtype both kernels take (each case compiles some 13 kernels).
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_candidates_compile_on_the_pool_and_the_autotuner_finds_them_compiled(dtype):
     (report,) = compile_in_subprocesses(__file__, [(dtype,)], TIMEOUT_S).values()
