@@ -392,9 +392,9 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     times each at its tuned config; every run writes out, which cnnfast.ops.conv2d keeps apart from
     the inputs, so each leaves the same result. Where kernels cannot be timed, the TMA kernel runs.
     While a CUDA graph is being captured the TMA kernel is not tuned or timed: a problem not yet
-    measured runs on the implicit GEMM (and is measured on a later call outside the capture). If the TMA kernel
-    fails to tune (it raises: a compile or launch error), a warning says so and the implicit GEMM
-    takes the layer."""
+    measured runs on the implicit GEMM (and is measured on a later call outside the capture). If
+    the TMA kernel fails to tune (it raises: a compile or launch error), a warning says so and the
+    implicit GEMM takes the layer."""
     # Checked on every call: alignment and strides, which the problem key leaves out, decide it.
     module = next((module for module in TMA_KERNELS
                    if module.applies(x, weight, residual, out, stride, padding, dilation)), None)
@@ -410,8 +410,9 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     try:
         module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
     except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
-        warnings.warn(f"cnnfast: the TMA conv kernel {module.__name__.rsplit('.', 1)[-1]} failed on {tuple(x.shape)} -> "
-                      f"{weight.shape[0]} channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
+        kernel = module.__name__.rsplit(".", 1)[-1]
+        warnings.warn(f"cnnfast: the TMA conv kernel {kernel} failed on {tuple(x.shape)} -> {weight.shape[0]} "
+                      f"channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
         tma_choices[problem] = None
         return None
     tma_config = module.autotuned.best_config
@@ -432,8 +433,8 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     allocated, (N, K, P, Q). A float16/bfloat16 layer that a TMA kernel takes (conv2d_pointwise.py:
     unpadded 1x1 stride-1 layers over pixel rows; conv2d_spatial.py: stride-1 layers with larger
     filters and unpadded strided 1x1 layers) runs on it where it was measured faster (tma_choice),
-    any other on the implicit GEMM. `config` (a triton.Config of the implicit
-    GEMM) runs the implicit GEMM with that config, without autotuning."""
+    any other on the implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the
+    implicit GEMM with that config, without autotuning."""
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         choice = tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem)

@@ -139,7 +139,8 @@ def conv2d_spatial_kernel(
             s = tap % S
             c0 = (step % c_blocks) * BLOCK_K
             # Negative and past-the-edge coordinates are the padding halo: TMA reads them as zeros.
-            a = x_desc.load([off_img, off_p - pad_h + r * dil_h, off_q - pad_w + s * dil_w, c0]).reshape(BLOCK_M, BLOCK_K)
+            a = x_desc.load([off_img, off_p - pad_h + r * dil_h, off_q - pad_w + s * dil_w, c0])
+            a = a.reshape(BLOCK_M, BLOCK_K)
             b = w_desc.load([off_k, r, s, c0]).reshape(BLOCK_N, BLOCK_K)
             if UPCAST_DOT:
                 a = a.to(tl.float32)
@@ -163,7 +164,8 @@ def shared_memory(config, element_size: int, has_residual: bool) -> int:
     dimensions into the [BLOCK_M, BLOCK_K] matrix there, and wgmma reads it from registers), and
     Triton's pipeline keeps one stage fewer of an operand it loads into registers."""
     kw = config.kwargs
-    return conv2d_pointwise.shared_memory(config, element_size, has_residual) - kw["BLOCK_M"] * kw["BLOCK_K"] * element_size
+    x_tile = kw["BLOCK_M"] * kw["BLOCK_K"] * element_size
+    return conv2d_pointwise.shared_memory(config, element_size, has_residual) - x_tile
 
 
 def fits(config, x, has_residual: bool) -> bool:
@@ -191,7 +193,8 @@ def least_wasteful(configs, N: int, P: int, Q: int):
     for config in configs:
         kw = config.kwargs
         shape, shapes = (kw["BLOCK_IMG"], kw["BLOCK_H"], kw["BLOCK_W"]), offered.setdefault(kw["BLOCK_M"], [])
-        if shape not in shapes and len(shapes) < MAX_SHAPES and coverage(config, N, P, Q) >= COVERAGE_SLACK * best[kw["BLOCK_M"]]:
+        nearly_best = coverage(config, N, P, Q) >= COVERAGE_SLACK * best[kw["BLOCK_M"]]
+        if shape not in shapes and len(shapes) < MAX_SHAPES and nearly_best:
             shapes.append(shape)
     return [config for config in configs if (config.kwargs["BLOCK_IMG"], config.kwargs["BLOCK_H"],
                                              config.kwargs["BLOCK_W"]) in offered[config.kwargs["BLOCK_M"]]]
@@ -300,9 +303,11 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
         return (min(num_sms, tiles * triton.cdiv(K, meta["BLOCK_N"])),)
 
     def candidates():
-        return least_wasteful([config for config in autotuned.configs if fits(config, x, residual is not None)], N, P, Q)
+        fitting = [config for config in autotuned.configs if fits(config, x, residual is not None)]
+        return least_wasteful(fitting, N, P, Q)
 
     conv2d_pointwise.run_persistent(
         conv2d_spatial_kernel, autotuned, candidates, (x_desc, w_desc, res_desc, out_desc),
-        (N, C, K, P, Q, R, S, padding[0], padding[1], dilation[0], dilation[1]), x, bias, residual, out, relu, grid, config)
+        (N, C, K, P, Q, R, S, padding[0], padding[1], dilation[0], dilation[1]),
+        x, bias, residual, out, relu, grid, config)
     return out
