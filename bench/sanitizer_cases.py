@@ -99,12 +99,12 @@ def conv2d_spatial_cases() -> int:
     maps, batch, channels and columns no tile divides (3 x 40 x 9 x 11 in, K = 72), each written
     into a 16-byte-aligned channel slice of a NaN tensor."""
     x = make_input((3, 40, 9, 11), torch.bfloat16, "cuda")
-    configs = [config for config in conv2d_spatial.conv2d_spatial_configs()
-               if (config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages)
-               == conv2d_spatial.COLUMN_TILES[config.kwargs["BLOCK_M"]][0]]
-    checked = [config for config in configs
-               if (config.kwargs["BLOCK_IMG"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_W"])
-               in (conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]][0], conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]][-1])]
+    checked = []
+    for config in conv2d_spatial.conv2d_spatial_configs():
+        shapes = conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]]
+        first_tile = conv2d_spatial.COLUMN_TILES[config.kwargs["BLOCK_M"]][0]
+        if conv2d_spatial.column_tile(config) == first_tile and conv2d_spatial.spatial_shape(config) in (shapes[0], shapes[-1]):
+            checked.append(config)
     runs = 0
     for kernel, stride, padding in ((3, 1, 1), (1, 2, 0)):
         w = torch.randn(72, 40, kernel, kernel, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)

@@ -106,13 +106,19 @@ POINTWISE_CASES = tma_cases(lambda problem: (problem.R, problem.S, problem.strid
 
 @pytest.mark.parametrize("problem, dtype, config_index", POINTWISE_CASES)
 def test_triton_pointwise_every_1x1_layer(problem, dtype, config_index):
+    check_tma_kernel_on_layer(conv2d_pointwise, conv2d_pointwise.conv2d_pointwise_configs(), problem, dtype,
+                              config_index)
+
+
+def check_tma_kernel_on_layer(module, configs, problem, dtype, config_index):
+    """The layer at batch 2 with a residual on TMA kernel module, launched with the config_index-th
+    (in rotation) of its configs that fit with a residual, against float64."""
     torch.manual_seed(0)
     x, w, b, res, out = make_problem(problem, 2, dtype)
-    assert conv2d_pointwise.applies(x, w, res, out, problem.stride, problem.padding, (1, 1))
-    fitting = [config for config in conv2d_pointwise.conv2d_pointwise_configs()
-               if conv2d_pointwise.fits(config, x, has_residual=True)]
+    assert module.applies(x, w, res, out, problem.stride, problem.padding, (1, 1))
+    fitting = [config for config in configs if module.fits(config, x, has_residual=True)]
     config = fitting[config_index % len(fitting)]
-    conv2d_pointwise.launch(x, w, b, res, out, (1, 1), (0, 0), (1, 1), True, config=config)
+    module.launch(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)
     assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
 
 
@@ -125,14 +131,9 @@ SPATIAL_CASES = tma_cases(lambda problem: problem.C % 8 == 0 and (
 
 @pytest.mark.parametrize("problem, dtype, config_index", SPATIAL_CASES)
 def test_triton_spatial_every_layer_it_takes(problem, dtype, config_index):
-    torch.manual_seed(0)
-    x, w, b, res, out = make_problem(problem, 2, dtype)
-    assert conv2d_spatial.applies(x, w, res, out, problem.stride, problem.padding, (1, 1))
-    fitting = [config for config in conv2d_spatial.conv2d_spatial_configs()
-               if conv2d_spatial.fits(config, x, has_residual=True)]
-    config = fitting[(config_index * 7 + (dtype == torch.float16)) % len(fitting)]
-    conv2d_spatial.launch(x, w, b, res, out, problem.stride, problem.padding, (1, 1), True, config=config)
-    assert_close_to_reference(out, reference_conv2d(x, w, b, res, problem.stride, problem.padding), "conv")
+    # Strides of 7 through the 38 configs, the float16 case one past the bfloat16 one.
+    check_tma_kernel_on_layer(conv2d_spatial, conv2d_spatial.conv2d_spatial_configs(), problem, dtype,
+                              config_index * 7 + (dtype == torch.float16))
 
 
 def replay_in_a_cuda_graph(x, w, b, res, padding, y, expected):

@@ -112,7 +112,7 @@ def test_refuses_problems_past_int32_coordinates_and_empty_ones():
 
 def shapes_offered(n, p, q, block_m):
     configs = conv2d_spatial.least_wasteful(conv2d_spatial.conv2d_spatial_configs(interpreted=False), n, p, q)
-    shapes = [(c.kwargs["BLOCK_IMG"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_W"]) for c in configs
+    shapes = [conv2d_spatial.spatial_shape(c) for c in configs
               if c.kwargs["BLOCK_M"] == block_m]
     return list(dict.fromkeys(shapes))
 

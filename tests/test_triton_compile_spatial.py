@@ -30,10 +30,8 @@ def compiled_configs():
     for block_m, shapes in conv2d_spatial.SPATIAL_SHAPES.items():
         of_size = [config for config in configs if config.kwargs["BLOCK_M"] == block_m]
         for config in of_size:
-            kw = config.kwargs
-            shape = (kw["BLOCK_IMG"], kw["BLOCK_H"], kw["BLOCK_W"])
-            first_tile = (kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages) == tuple(
-                conv2d_spatial.COLUMN_TILES[block_m][0])
+            shape = conv2d_spatial.spatial_shape(config)
+            first_tile = conv2d_spatial.column_tile(config) == conv2d_spatial.COLUMN_TILES[block_m][0]
             if shape == shapes[0] or (shape == shapes[-1] and first_tile):
                 chosen.append(config)
     return chosen

@@ -55,6 +55,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.ops import conv2d_output_size
 from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
@@ -371,8 +372,7 @@ def tuned_kernel_name(x, weight, bias, residual, out_dtype, stride, padding, dil
     if tma_choices.get(problem) is not None:
         module, config = tma_choices[problem]
         # A layout the TMA kernel does not take runs on the implicit GEMM whatever was chosen.
-        p, q = ((size + 2 * pad - dil * (taps - 1) - 1) // step + 1
-                for size, pad, dil, taps, step in zip(x.shape[2:], padding, dilation, weight.shape[2:], stride))
+        p, q = conv2d_output_size("conv2d", x.shape, weight.shape, stride, padding, dilation)
         out = torch.empty(x.shape[0], weight.shape[0], p, q, dtype=out_dtype, device="meta")
         if module.applies(x, weight, residual, out.contiguous(memory_format=torch.channels_last), stride, padding,
                           dilation):

@@ -173,6 +173,16 @@ def fits(config, x, has_residual: bool) -> bool:
     return conv2d_pointwise.shared_memory_fits(shared_memory(config, x.element_size(), has_residual), x.device)
 
 
+def spatial_shape(config) -> tuple[int, int, int]:
+    """A config's spatial tile: (BLOCK_IMG, BLOCK_H, BLOCK_W)."""
+    return config.kwargs["BLOCK_IMG"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_W"]
+
+
+def column_tile(config) -> tuple[int, int, int, int]:
+    """A config's COLUMN_TILES entry: (BLOCK_N, BLOCK_K, warps, stages)."""
+    return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps, config.num_stages
+
+
 def coverage(config, N: int, P: int, Q: int) -> float:
     """The share of the pixels its tiles compute that lie in the (N, P, Q) output: the rest, past
     the edges, are computed and clipped."""
@@ -191,13 +201,12 @@ def least_wasteful(configs, N: int, P: int, Q: int):
         best[block_m] = max(best.get(block_m, 0.0), coverage(config, N, P, Q))
     offered = {}  # BLOCK_M -> the shapes offered, in order
     for config in configs:
-        kw = config.kwargs
-        shape, shapes = (kw["BLOCK_IMG"], kw["BLOCK_H"], kw["BLOCK_W"]), offered.setdefault(kw["BLOCK_M"], [])
-        nearly_best = coverage(config, N, P, Q) >= COVERAGE_SLACK * best[kw["BLOCK_M"]]
+        block_m, shape = config.kwargs["BLOCK_M"], spatial_shape(config)
+        shapes = offered.setdefault(block_m, [])
+        nearly_best = coverage(config, N, P, Q) >= COVERAGE_SLACK * best[block_m]
         if shape not in shapes and len(shapes) < MAX_SHAPES and nearly_best:
             shapes.append(shape)
-    return [config for config in configs if (config.kwargs["BLOCK_IMG"], config.kwargs["BLOCK_H"],
-                                             config.kwargs["BLOCK_W"]) in offered[config.kwargs["BLOCK_M"]]]
+    return [config for config in configs if spatial_shape(config) in offered[config.kwargs["BLOCK_M"]]]
 
 
 def prune_configs(configs, named_args, **kwargs):
