@@ -1,7 +1,8 @@
 """Test and benchmark setup: without a GPU, Triton runs under its interpreter (the variable must be set before
 triton is first imported), and tests marked `gpu` are skipped. backend=None reads the committed tuning table
 only, unless CNNFAST_TUNING_FILE names a local one (device_check.sh does, for the tables it measures): a
-local table that `cnnfast tune` left on this machine would make runs depend on it.
+local table that `cnnfast tune` left on this machine would make runs depend on it. Likewise the Triton
+convolution's stored kernel choices (CNNFAST_KERNEL_CACHE) are neither read nor written.
 
 On a GPU, a kernel that faults (an illegal address, say) leaves the process's CUDA context unusable, and
 every later case in that process would fail on the error. So after each case that used CUDA, the context is
@@ -16,6 +17,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CNNFAST_TUNING_FILE", os.devnull)  # not a regular file: read as an empty table
+os.environ.setdefault("CNNFAST_KERNEL_CACHE", os.devnull)  # the Triton conv measures its choices afresh
 
 
 def pytest_collection_modifyitems(config, items):

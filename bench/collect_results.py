@@ -3,9 +3,10 @@
     python -m bench.collect_results OUTDIR [--name NAME]
 
 Copies the run's record (env.json, steps.tsv, summary.md, the GPU tests' JUnit files, the
-benchmark and `cnnfast tune` JSON files, the report archive, the log gzipped) into bench/results/NAME, where NAME
-defaults to <gpu>-<date>-run<N> (h200-2026-12-01-run1, N counting that GPU's runs of that day),
-then rebuilds cnnfast/tuning.json (bench/tuning_table.py) and the README's results section
+benchmark and `cnnfast tune` JSON files, the Triton conv's measured kernel choices, the report
+archive, the log gzipped) into bench/results/NAME, where NAME defaults to <gpu>-<date>-run<N>
+(h200-2026-12-01-run1, N counting that GPU's runs of that day), then rebuilds
+cnnfast/tuning.json (bench/tuning_table.py) and the README's results section
 (bench/readme_results.py).
 """
 import argparse
@@ -19,7 +20,8 @@ from bench import readme_results, tuning_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = tuning_table.RESULTS
-KEPT = ("env.json", "steps.tsv", "summary.md", "gpu_tests*.xml", "benchmarks*.json", "tune*.json", "report.tar.gz")
+KEPT = ("env.json", "steps.tsv", "summary.md", "gpu_tests*.xml", "benchmarks*.json", "tune*.json",
+        "triton_conv2d_choices.json", "report.tar.gz")
 
 
 def run_name(out: Path, results: Path = RESULTS) -> str:

@@ -24,7 +24,11 @@ export TRITON_CACHE_AUTOTUNING=1
 # (in $HOME/.cache, which a warm machine keeps between calls, as it keeps the build). The GPU tests
 # run without it (TESTS_ENV): they check the committed table, whatever an earlier call measured.
 export CNNFAST_TUNING_FILE=${CNNFAST_TUNING_FILE:-$HOME/.cache/cnnfast/tuning.json}
-TESTS_ENV=(env CNNFAST_TUNING_FILE=/dev/null)
+# The Triton conv's measured choices of kernel and tile per layer (choice_cache.py): the kernel and
+# model benchmarks, the tune step and the report measure each layer's choice once between them, and
+# the file comes back with the results. The GPU tests measure their own (TESTS_ENV).
+export CNNFAST_KERNEL_CACHE=${CNNFAST_KERNEL_CACHE:-$HOME/.cache/cnnfast/triton_conv2d.json}
+TESTS_ENV=(env CNNFAST_TUNING_FILE=/dev/null CNNFAST_KERNEL_CACHE=/dev/null)
 : >"$LOG"
 printf 'step\tstatus\tseconds\n' >"$STEPS"
 
@@ -159,4 +163,5 @@ done
 
 step report 45 bash -c "\"$PYTHON\" -m cnnfast.cli report --out \"$OUT/report\" && tar -czf \"$OUT/report.tar.gz\" -C \"$OUT\" report && rm -r \"$OUT/report\""
 
+if [ -f "$CNNFAST_KERNEL_CACHE" ]; then cp "$CNNFAST_KERNEL_CACHE" "$OUT/triton_conv2d_choices.json"; fi
 "$PYTHON" bench/summarize_device_check.py "$OUT" | tee -a "$LOG"

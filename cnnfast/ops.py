@@ -8,6 +8,7 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnfast.backends import cuda_extension, resolve_backend
+from cnnfast.layout import pixel_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The integer codes of kernels/cuda/dtype.h.
@@ -213,8 +214,8 @@ def cuda_conv2d_kernel(dtype: torch.dtype, out_channels: int, kernel_size, strid
     return f"cutlass-{name}-" + "x".join(map(str, tile))
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
-    """Dense (channels_last when 4-D) and 16-byte aligned, as TMA reads and writes it."""
+def _dense_aligned(t: torch.Tensor) -> bool:
+    """Dense (channels_last when 4-D) and 16-byte aligned, as the CUTLASS kernel reads its inputs."""
     layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
     return t.is_contiguous(memory_format=layout) and t.data_ptr() % 16 == 0
 
@@ -223,7 +224,7 @@ def _zero_padded(t: torch.Tensor, shape) -> torch.Tensor:
     """t as a dense, 16-byte aligned tensor of `shape` (each size >= t's; channels_last when 4-D):
     t in the leading corner, zeros elsewhere. t itself when it already is one."""
     same_shape = tuple(shape) == tuple(t.shape)
-    if same_shape and _tma_ready(t):
+    if same_shape and _dense_aligned(t):
         return t
     layout = torch.channels_last if t.dim() == 4 else torch.contiguous_format
     dense = torch.empty(shape, dtype=t.dtype, device=t.device, memory_format=layout)
@@ -231,22 +232,6 @@ def _zero_padded(t: torch.Tensor, shape) -> torch.Tensor:
         dense.zero_()
     dense[tuple(slice(0, size) for size in t.shape)].copy_(t)
     return dense
-
-
-def _pixel_stride(out: torch.Tensor):
-    """The distance between consecutive pixels of an NHWC output the kernel can write in place (a
-    dense channels_last tensor, or a channel slice of a wider one, 16-byte aligned), else None."""
-    n, k, p, q = out.shape
-    # The pixel stride, read off the innermost of W, H, N with more than one element.
-    pitch = k
-    for size, stride, pixels in ((q, out.stride(3), 1), (p, out.stride(2), q), (n, out.stride(0), p * q)):
-        if size > 1:
-            pitch = stride // pixels
-            break
-    expected = (p * q * pitch, 1, q * pitch, pitch)
-    aligned = pitch >= k and (pitch * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
-    dense_pixels = all(size == 1 or stride == want for size, stride, want in zip(out.shape, out.stride(), expected))
-    return pitch if aligned and dense_pixels else None
 
 
 def _cutlass_operands(x, weight, bias, residual, out):
@@ -264,9 +249,9 @@ def _cutlass_operands(x, weight, bias, residual, out):
     bias = _zero_padded(bias.float(), (k_pad,)) if bias is not None else None
     out_shape = (n, k_pad, *out.shape[2:])
     residual = _zero_padded(residual, out_shape) if residual is not None else None
-    pixel_stride = _pixel_stride(out) if k_pad == k else None
-    if pixel_stride is not None:
-        return x, weight, bias, residual, out, pixel_stride
+    rows = pixel_rows(out) if k_pad == k else None
+    if rows is not None:
+        return x, weight, bias, residual, out, rows[1]
     scratch = torch.empty(out_shape, dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
     return x, weight, bias, residual, scratch, k_pad
 

@@ -888,29 +888,6 @@ def test_cutlass_operands_are_dense_aligned_and_exact(conv, layout):
     torch.testing.assert_close(padded, reference_conv2d(conv, x, weight, bias, res), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "shape, slice_start, wide, expected",
-    [((2, 16, 3, 5), 8, 40, 40), ((2, 16, 3, 5), 4, 40, None), ((2, 16, 3, 5), 8, 36, None),
-     ((2, 16, 1, 1), 16, 48, 48), ((1, 16, 1, 1), 8, 40, 16), ((2, 16, 3, 5), 0, 16, 16)],
-    ids=["slice", "slice-misaligned", "pitch-not-16-bytes", "1x1-map", "one-pixel", "dense"],
-)
-def test_pixel_stride_of_channel_slices(shape, slice_start, wide, expected):
-    """ops._pixel_stride: an Inception branch's channel slice of a channels_last output is written
-    in place by the CUDA kernel when its pixel stride and start are 16-byte aligned; otherwise the
-    kernel writes scratch, copied into it."""
-    n, k, p, q = shape
-    big = torch.zeros(n, wide, p, q, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
-    assert ops._pixel_stride(big[:, slice_start : slice_start + k]) == expected
-
-
-@pytest.mark.parametrize("slice_start, wide, expected", [(4, 36, 36), (2, 36, None), (4, 34, None)],
-                         ids=["aligned", "start-misaligned", "pitch-not-16-bytes"])
-def test_pixel_stride_of_float32_channel_slices(slice_start, wide, expected):
-    # float32 fills a 16-byte row with 4 channels: a pitch of 36 works, which float16 refuses.
-    big = torch.zeros(2, wide, 3, 5).contiguous(memory_format=CHANNELS_LAST)
-    assert ops._pixel_stride(big[:, slice_start : slice_start + 16]) == expected
-
-
 def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):
     monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors, got a tensor on cpu"):

@@ -13,13 +13,15 @@ SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "device_check.sh"
 STUB = """#!/bin/sh
 # Stands in for Python: records its arguments (and the kernels archive a build is given). `-m pip`
 # fails when FAIL_BUILD is set, or FAIL_PREBUILT and it is given an archive; the archive check
-# fails when ARCHIVE_MISMATCH is set, the import of the built module when FAIL_IMPORT is.
+# fails when ARCHIVE_MISMATCH is set, the import of the built module when FAIL_IMPORT is; pytest's
+# runs also record where the Triton conv's choices are kept.
 echo "$@ ${CNNFAST_PREBUILT_KERNELS:+(archive $CNNFAST_PREBUILT_KERNELS)}" >> "$STUB_LOG"
 case "$*" in
   *"-m pip"*) [ -z "$FAIL_BUILD" ] || exit 1
               [ -z "$FAIL_PREBUILT" ] || [ -z "$CNNFAST_PREBUILT_KERNELS" ] || exit 1 ;;
   *"kernels_archive check"*) [ -z "$ARCHIVE_MISMATCH" ] || { echo "does not fit"; exit 1; } ;;
   *"import cnnfast._C"*) [ -z "$FAIL_IMPORT" ] || exit 1 ;;
+  *"-m pytest"*) echo "pytest's kernel choices: $CNNFAST_KERNEL_CACHE" >> "$STUB_LOG" ;;
 esac
 exit 0
 """
@@ -117,3 +119,13 @@ def test_a_kernels_archive_that_fits_is_linked_and_any_failure_falls_back_to_the
     checks = log.read_text().count("kernels_archive check")
     assert rows_after_a_source_change() == [("build", "ok"), ("tune", "ok")]
     assert log.read_text().count("kernels_archive check") == checks
+
+
+def test_the_kernel_choices_are_shared_by_the_benchmarks_and_filed_but_not_the_tests(tree):
+    choices = tree / "home-cache" / "triton_conv2d.json"
+    choices.parent.mkdir()
+    choices.write_text('{"H200": {}}')
+    run(tree, "gpu-tests-tma,benchmarks", CNNFAST_KERNEL_CACHE=str(choices))
+    recorded = [line for line in (tree / "stub.log").read_text().splitlines() if line.startswith("pytest's")]
+    assert recorded == ["pytest's kernel choices: /dev/null"] + [f"pytest's kernel choices: {choices}"] * 2
+    assert (tree / "out" / "triton_conv2d_choices.json").read_text() == '{"H200": {}}'

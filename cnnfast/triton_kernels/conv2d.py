@@ -56,7 +56,7 @@ import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.ops import conv2d_output_size
-from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
+from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 
@@ -358,10 +358,58 @@ TMA_KERNELS = (conv2d_pointwise, conv2d_spatial)
 
 # Per problem that a TMA kernel takes: (module, its tuned config) when that was measured faster
 # than this file's implicit GEMM at its own tuned config (both timed on the problem's first call),
-# else None. Where kernels cannot be timed (the interpreter) the TMA kernel always runs. Kept in
-# this process only: Triton's disk cache of tuning results leaves out configs with a pre-hook, as
-# the TMA kernels' are, so each process tunes and times its layers again.
+# else None. Where kernels cannot be timed (the interpreter) the TMA kernel always runs. What was
+# measured on a GPU is also kept on disk (choice_cache.py) with chosen_configs' entry, and read
+# back (recall_choices) by later processes.
 tma_choices: dict[tuple, tuple | None] = {}
+# The problems whose stored choices this process has looked up.
+recalled: set[tuple] = set()
+
+
+def kernel_module_name(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def problem_text(problem) -> str:
+    """A problem_key as choice_cache stores it: everything but the device."""
+    return " ".join(map(str, problem[1:]))
+
+
+def named_config(configs, name_of, name):
+    return next((config for config in configs if name_of(config) == name), None)
+
+
+def recall_choices(x, problem) -> None:
+    """Takes what an earlier process measured for this problem on this GPU (choice_cache), where
+    this process has not measured it yet; a config no longer among the candidates is left out."""
+    stored = choice_cache.entry(x.device, problem_text(problem))
+    if stored is None:
+        return
+    if "implicit_gemm" in stored and problem not in chosen_configs:
+        configs = [config for tuner in conv2d_bias_act_autotuned.values() for config in tuner.configs]
+        config = named_config(configs, config_name, stored["implicit_gemm"])
+        if config is not None:
+            chosen_configs[problem] = config
+    if "tma" in stored and problem not in tma_choices:
+        if stored["tma"] is None:
+            tma_choices[problem] = None
+            return
+        kernel, name = stored["tma"]
+        module = next((module for module in TMA_KERNELS if kernel_module_name(module) == kernel), None)
+        config = named_config(module.autotuned.configs, module.config_name, name) if module is not None else None
+        if config is not None:
+            tma_choices[problem] = module, config
+
+
+def remember_choices(x, problem) -> None:
+    """Stores this problem's measured choices for later processes (choice_cache)."""
+    stored = {}
+    if problem in tma_choices:
+        choice = tma_choices[problem]
+        stored["tma"] = None if choice is None else [kernel_module_name(choice[0]), choice[0].config_name(choice[1])]
+    if problem in chosen_configs:
+        stored["implicit_gemm"] = config_name(chosen_configs[problem])
+    choice_cache.store(x.device, problem_text(problem), stored)
 
 
 def tuned_kernel_name(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> str | None:
@@ -410,7 +458,7 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     try:
         module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
     except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
-        kernel = module.__name__.rsplit(".", 1)[-1]
+        kernel = kernel_module_name(module)
         warnings.warn(f"cnnfast: the TMA conv kernel {kernel} failed on {tuple(x.shape)} -> {weight.shape[0]} "
                       f"channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
         tma_choices[problem] = None
@@ -425,6 +473,7 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
         implicit_ms = triton.testing.do_bench(
             lambda: implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu), warmup=10, rep=40)
     tma_choices[problem] = (module, tma_config) if tma_ms < implicit_ms else None
+    remember_choices(x, problem)
     return tma_choices[problem]
 
 
@@ -437,6 +486,9 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     implicit GEMM with that config, without autotuning."""
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
+        if kernels_can_be_timed() and problem not in recalled:
+            recalled.add(problem)
+            recall_choices(x, problem)
         choice = tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem)
         if choice is not None:
             module, tma_config = choice
@@ -490,6 +542,8 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
                 compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}), args, flags)
             tuner[grid](*args, **flags)
             chosen_configs[problem] = tuner.best_config
+            if kernels_can_be_timed():
+                remember_choices(x, problem)
         else:
             conv2d_bias_act_heuristic[grid(config.kwargs)](*args, **flags, **config.all_kwargs())
     return out

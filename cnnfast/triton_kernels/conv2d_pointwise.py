@@ -41,6 +41,7 @@ import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.layout import pixel_rows
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for Hopper: 64-wide columns for the K = 64 layers, up to
@@ -168,32 +169,6 @@ autotuned = triton.autotune(
 )(conv2d_pointwise_kernel)
 
 
-def pixel_rows(t: torch.Tensor):
-    """(rows, pitch) of a 4-D tensor whose N*H*W pixels lie one pitch apart in (n, h, w) order, each
-    a dense run of channels; None for any other layout. The strides of size-1 dimensions, which
-    PyTorch leaves arbitrary, do not count."""
-    n, c, h, w = t.shape
-    if c > 1 and t.stride(1) != 1:
-        return None
-    pitch = None
-    span = 1  # pixels covered by the dimensions inside this one
-    for size, stride in ((w, t.stride(3)), (h, t.stride(2)), (n, t.stride(0))):
-        if size > 1:
-            pitch = pitch if pitch is not None else stride
-            if stride != span * pitch:
-                return None
-        span *= size
-    if pitch is None:  # one pixel: any pitch addresses it
-        return n * h * w, c
-    return (n * h * w, pitch) if pitch >= c else None  # a smaller pitch would overlap the rows
-
-
-def tma_ready(t: torch.Tensor) -> bool:
-    """Whether TMA can read or write t as pixel rows: 16-byte aligned base and row pitch."""
-    rows = pixel_rows(t)
-    return rows is not None and t.data_ptr() % 16 == 0 and rows[1] * t.element_size() % 16 == 0
-
-
 def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
     """Whether this kernel takes the layer: 1x1 (any dilation: one tap), stride 1, no padding,
     float16/bfloat16, at least one pixel, and x, weight, residual and out all pixel rows that TMA
@@ -207,7 +182,8 @@ def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
     if pixels == 0 or pixels + 256 >= 2**31:  # nothing to compute; tile coordinates are int32
         return False
     dense_weight = weight.stride()[:2] == (C, 1) and weight.data_ptr() % 16 == 0
-    return dense_weight and all(tma_ready(t) for t in (x, out) + ((residual,) if residual is not None else ()))
+    pixel_tensors = (x, out) + ((residual,) if residual is not None else ())
+    return dense_weight and all(pixel_rows(t) is not None for t in pixel_tensors)
 
 
 def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool, config=None):
@@ -221,7 +197,9 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
     x_desc = TensorDescriptor(x, [M, C], [x_pitch, 1], [16, 16])
     w_desc = TensorDescriptor(weight, [K, C], [C, 1], [16, 16])
     out_desc = TensorDescriptor(out, [M, K], [out_pitch, 1], [16, 16])
-    res_desc = TensorDescriptor(residual, [M, K], [pixel_rows(residual)[1], 1], [16, 16]) if residual is not None else out_desc
+    res_desc = out_desc
+    if residual is not None:
+        res_desc = TensorDescriptor(residual, [M, K], [pixel_rows(residual)[1], 1], [16, 16])
     num_sms = multiprocessors(x)
 
     def grid(meta):

@@ -51,6 +51,7 @@ import triton.testing
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.layout import pixel_grid
 from cnnfast.triton_kernels import conv2d_pointwise
 from cnnfast.triton_kernels.conv2d_pointwise import grouped_tile
 
@@ -234,30 +235,6 @@ autotuned = triton.autotune(
     prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
     do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
 )(conv2d_spatial_kernel)
-
-
-def pixel_grid(t: torch.Tensor):
-    """(n, h, w) strides of a 4-D tensor as a tensor map reads it, or None where one cannot: the
-    channels a dense run (unit stride), the base and every pixel stride on the 16-byte grid, and
-    the pixel strides nested, each at least the span of the dimensions inside it (the elements
-    from the first of them to one past the last: w's at least the channel run, h's at least a row
-    of pixels, n's at least an image), so that no two pixels overlap (broadcast and overlapping
-    views are refused; strided views, whose spans have gaps, are not). A size-1 dimension, whose
-    stride PyTorch leaves arbitrary and whose coordinate is always 0, gets the stride it would
-    have in a dense tensor: the next inner stride times its extent (aligned, and at least the
-    span)."""
-    n, c, h, w = t.shape
-    if (c > 1 and t.stride(1) != 1) or t.data_ptr() % 16:
-        return None
-    strides, span, dense = [], c, c
-    for extent, stride in ((w, t.stride(3)), (h, t.stride(2)), (n, t.stride(0))):
-        stride = stride if extent > 1 else dense
-        if stride < span or stride * t.element_size() % 16:
-            return None
-        strides.append(stride)
-        span += stride * (extent - 1)
-        dense = stride * extent
-    return tuple(reversed(strides))
 
 
 def strided_pointwise(weight, stride, padding) -> bool:

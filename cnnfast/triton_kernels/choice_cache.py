@@ -1,0 +1,103 @@
+"""The Triton convolution's measured choices, kept on disk so that a later process starts at once.
+
+The first call of a conv problem on a GPU tunes its kernels: the implicit GEMM's candidate tiles,
+and where a TMA kernel takes the layer, that kernel's candidates, then one against the other
+(conv2d.tma_choice). That is about a second per layer, tens of seconds for a network's first
+forward pass, in every process. This file keeps what was measured, per GPU and problem (the
+problem_key of conv2d.py without its device), as an entry
+
+    {"tma": ["conv2d_spatial", "tma-2x8x8-128x64-g8-w8-s4"] or null (the implicit GEMM won),
+     "implicit_gemm": "128x128x64-g8-w8-s3-split1"}
+
+(either key may be missing: a layer no TMA kernel takes has no "tma"), and the launcher reads an
+entry back before it would measure. Triton's own disk cache of tuning results cannot do this: it
+leaves out configs with a pre-hook, as the TMA kernels' are, and knows nothing of the choice
+between the two kernels.
+
+The file is CNNFAST_KERNEL_CACHE (default ~/.cache/cnnfast/triton_conv2d.json); an empty value or
+os.devnull keeps nothing (the test suite's setting). Each GPU's entries carry a fingerprint of the
+kernels (the Triton version and the source of the files that define the kernels and their
+candidates): entries under another fingerprint are never read, and the next write drops them.
+Delete the file to measure everything again.
+"""
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+
+KERNEL_FILES = ("conv2d.py", "conv2d_pointwise.py", "conv2d_spatial.py")
+
+
+def cache_path() -> Path | None:
+    """The file, or None when nothing is to be kept."""
+    path = os.environ.get("CNNFAST_KERNEL_CACHE", str(Path.home() / ".cache" / "cnnfast" / "triton_conv2d.json"))
+    return None if path in ("", os.devnull) else Path(path)
+
+
+@functools.cache
+def fingerprint() -> str:
+    """What the entries were measured with: the Triton version and the kernels' source."""
+    digest = hashlib.sha256(triton.__version__.encode())
+    for name in KERNEL_FILES:
+        digest.update(Path(__file__).with_name(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+# The file's contents as this process last read or wrote them, per path.
+_contents: dict[Path, dict] = {}
+
+
+def _read(path: Path) -> dict:
+    if path not in _contents:
+        try:
+            _contents[path] = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as error:
+            warnings.warn(f"cnnfast: cannot read the kernel choices in {path} ({error}); measuring again")
+            _contents[path] = {}
+    return _contents[path]
+
+
+def entry(device: torch.device, problem: str) -> dict | None:
+    """The stored entry of a problem on this device's GPU, or None."""
+    path = cache_path()
+    if path is None:
+        return None
+    section = _read(path).get(device_name(device), {})
+    return section.get("problems", {}).get(problem) if section.get("kernels") == fingerprint() else None
+
+
+def store(device: torch.device, problem: str, new_entry: dict) -> None:
+    """Records a problem's entry (merged with the file as it is now: other processes may have
+    written to it) and rewrites the file whole, atomically."""
+    path = cache_path()
+    if path is None:
+        return
+    _contents.pop(path, None)
+    contents = _read(path)
+    gpu = device_name(device)
+    section = contents.get(gpu, {})
+    if section.get("kernels") != fingerprint():
+        section = {"kernels": fingerprint(), "problems": {}}
+    section["problems"][problem] = new_entry
+    contents[gpu] = section
+    written = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+            written = Path(file.name)
+            json.dump(contents, file, indent=1, sort_keys=True)
+        os.replace(written, path)
+    except OSError as error:
+        if written is not None:
+            written.unlink(missing_ok=True)
+        warnings.warn(f"cnnfast: cannot keep the kernel choices in {path} ({error})")
