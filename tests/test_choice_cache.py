@@ -150,3 +150,38 @@ def test_the_interpreter_keeps_nothing(monkeypatch, cache_file):
     module, conv, _ = LAYERS["spatial"]
     check_run(conv)
     assert not cache_file.exists()
+
+
+def test_a_stored_tma_choice_that_fails_to_launch_leaves_a_warning_and_the_implicit_gemm_runs(monkeypatch, cache_file):
+    module, conv, tma_name = LAYERS["spatial"]
+    check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
+    new_process(monkeypatch)
+    monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
+    attempts = []
+
+    def failing_launch(*args, **kwargs):
+        attempts.append(kwargs["config"])
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(module, "launch", failing_launch)
+    with pytest.warns(UserWarning, match="conv2d_spatial failed on .*out of resources.*the implicit GEMM runs"):
+        check_run(conv)
+    assert [module.config_name(config) for config in attempts] == [tma_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_run(conv, seed=6)
+    assert len(attempts) == 1  # the layer stays on the implicit GEMM
+    assert kernel_name(conv) == IMPLICIT_GEMM_NAME
+
+
+def test_under_the_interpreter_a_tma_launch_error_is_raised(monkeypatch):
+    """The tests run the TMA kernels under the interpreter: a kernel that raises there fails them."""
+    module, conv, _ = LAYERS["pointwise"]
+    monkeypatch.setattr(conv2d_module, "tma_choices", {})
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("a kernel bug")
+
+    monkeypatch.setattr(module, "launch", failing_launch)
+    with pytest.raises(RuntimeError, match="a kernel bug"):
+        check_run(conv)

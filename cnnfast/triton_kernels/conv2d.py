@@ -434,6 +434,13 @@ def kernels_can_be_timed() -> bool:
     return not INTERPRETED
 
 
+def tma_kernel_failed(module, x, weight, error, problem) -> None:
+    """Says that a TMA kernel failed on a layer, which the implicit GEMM runs from now on in this process."""
+    warnings.warn(f"cnnfast: the TMA conv kernel {kernel_module_name(module)} failed on {tuple(x.shape)} -> "
+                  f"{weight.shape[0]} channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
+    tma_choices[problem] = None
+
+
 def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem):
     """(module, config) of the TMA kernel for this layer if one takes the layer and was measured
     faster than the implicit GEMM, else None. The problem's first call tunes both kernels, then
@@ -458,10 +465,7 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     try:
         module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
     except Exception as error:  # whatever failed, the implicit GEMM can still run the layer
-        kernel = kernel_module_name(module)
-        warnings.warn(f"cnnfast: the TMA conv kernel {kernel} failed on {tuple(x.shape)} -> {weight.shape[0]} "
-                      f"channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
-        tma_choices[problem] = None
+        tma_kernel_failed(module, x, weight, error, problem)
         return None
     tma_config = module.autotuned.best_config
     implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes and keeps its tile
@@ -481,9 +485,11 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
     allocated, (N, K, P, Q). A float16/bfloat16 layer that a TMA kernel takes (conv2d_pointwise.py:
     unpadded 1x1 stride-1 layers over pixel rows; conv2d_spatial.py: stride-1 layers with larger
-    filters and unpadded strided 1x1 layers) runs on it where it was measured faster (tma_choice),
-    any other on the implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the
-    implicit GEMM with that config, without autotuning."""
+    filters and unpadded strided 1x1 layers) runs on it where it was measured faster (tma_choice,
+    or an earlier process: recall_choices), any other on the implicit GEMM. On a GPU, a TMA launch
+    that raises (a stored choice that no longer compiles, say) leaves a warning and the layer to the
+    implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the implicit GEMM with that
+    config, without autotuning."""
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:
@@ -492,7 +498,12 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
         choice = tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem)
         if choice is not None:
             module, tma_config = choice
-            return module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu, config=tma_config)
+            try:
+                return module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu, config=tma_config)
+            except Exception as error:  # a choice read from disk compiles and launches here for the first time
+                if not kernels_can_be_timed():  # the interpreter runs the tests: their errors must show
+                    raise
+                tma_kernel_failed(module, x, weight, error, problem)
     return implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem)
 
 
