@@ -2,7 +2,9 @@
 triton is first imported), and tests marked `gpu` are skipped. backend=None reads the committed tuning table
 only, unless CNNFAST_TUNING_FILE names a local one (device_check.sh does, for the tables it measures): a
 local table that `cnnfast tune` left on this machine would make runs depend on it. Likewise the Triton
-convolution's stored kernel choices (CNNFAST_KERNEL_CACHE) are neither read nor written.
+convolution's stored kernel choices are neither read nor written, unless CNNFAST_KERNEL_CACHE names a file
+(device_check.sh does for the benchmarks, which share it, and sets /dev/null for the tests, some of which
+force a kernel's choice).
 
 On a GPU, a kernel that faults (an illegal address, say) leaves the process's CUDA context unusable, and
 every later case in that process would fail on the error. So after each case that used CUDA, the context is

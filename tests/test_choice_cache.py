@@ -37,7 +37,17 @@ def new_process(monkeypatch):
     monkeypatch.setattr(conv2d_module, "tma_choices", {})
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
     monkeypatch.setattr(conv2d_module, "recalled", set())
+    monkeypatch.setattr(conv2d_module, "tma_failed", set())
     monkeypatch.setattr(choice_cache, "_contents", {})
+
+
+def stand_in_clock(monkeypatch) -> list:
+    """Kernels can be timed, and the first one timed (the TMA kernel) is the faster; returns the
+    functions timed."""
+    timed = []
+    monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
+    monkeypatch.setattr(conv2d_module.triton.testing, "do_bench", lambda fn, warmup, rep: timed.append(fn) or len(timed))
+    return timed
 
 
 def stored_problems(path) -> dict:
@@ -91,9 +101,7 @@ def test_a_config_no_longer_among_the_candidates_is_measured_again(monkeypatch, 
     cache_file.write_text(json.dumps(contents))
 
     new_process(monkeypatch)
-    timed = []
-    # The TMA kernel, timed first, is faster again.
-    monkeypatch.setattr(conv2d_module.triton.testing, "do_bench", lambda fn, warmup, rep: timed.append(fn) or len(timed))
+    timed = stand_in_clock(monkeypatch)
     check_run(conv)
     assert len(timed) == 2  # TMA kernel and implicit GEMM, timed afresh
     assert stored_problems(cache_file)[problem]["tma"][1] == tma_name
@@ -101,15 +109,71 @@ def test_a_config_no_longer_among_the_candidates_is_measured_again(monkeypatch, 
 
 def test_entries_of_other_kernels_are_not_read_and_are_dropped(monkeypatch, cache_file):
     """Entries stored under another fingerprint (other kernel sources or Triton version) are stale."""
-    cache_file.parent.mkdir(parents=True)
-    stale = {"kernels": "0" * 16, "problems": {"an old problem": {"implicit_gemm": IMPLICIT_GEMM_NAME}}}
-    other_gpu = {"kernels": "1" * 16, "problems": {"a problem": {"tma": None}}}
-    cache_file.write_text(json.dumps({"cpu": stale, "Another GPU": other_gpu}))
     module, conv, tma_name = LAYERS["pointwise"]
     check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
     contents = json.loads(cache_file.read_text())
+    contents["cpu"]["kernels"] = "0" * 16
+    contents["cpu"]["problems"]["an old problem"] = {"tma": None}
+    other_gpu = {"kernels": "1" * 16, "problems": {"a problem": {"tma": None}}}
+    contents["Another GPU"] = other_gpu
+    cache_file.write_text(json.dumps(contents))
+
+    new_process(monkeypatch)
+    timed = stand_in_clock(monkeypatch)
+    check_run(conv)
+    assert len(timed) == 2  # the stale entry of this very problem was not read
+    contents = json.loads(cache_file.read_text())
+    assert contents["cpu"]["kernels"] == choice_cache.fingerprint()
     assert "an old problem" not in contents["cpu"]["problems"] and len(contents["cpu"]["problems"]) == 1
     assert contents["Another GPU"] == other_gpu  # another GPU's entries are its own
+
+
+MALFORMED = {
+    "tma-a-string": lambda problem: {"cpu": {"problems": {problem: {"tma": "conv2d_pointwise"}}}},
+    "tma-three-items": lambda problem: {"cpu": {"problems": {problem: {"tma": ["a", "b", "c"]}}}},
+    "tma-a-number": lambda problem: {"cpu": {"problems": {problem: {"tma": 5}}}},
+    "implicit-gemm-a-list": lambda problem: {"cpu": {"problems": {problem: {"implicit_gemm": [1]}}}},
+    "entry-a-list": lambda problem: {"cpu": {"problems": {problem: [None]}}},
+    "problems-a-list": lambda problem: {"cpu": {"problems": [problem]}},
+    "no-problems": lambda problem: {"cpu": {}},
+    "section-a-string": lambda problem: {"cpu": "H200"},
+    "file-a-list": lambda problem: [problem],
+}
+
+
+@pytest.mark.parametrize("malformed", sorted(MALFORMED))
+def test_a_malformed_entry_or_file_is_measured_again(monkeypatch, cache_file, malformed):
+    """Valid JSON of another shape (a hand edit, a foreign file) is never launched from."""
+    module, conv, tma_name = LAYERS["pointwise"]
+    check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
+    (problem, _), = stored_problems(cache_file).items()
+    contents = MALFORMED[malformed](problem)
+    if isinstance(contents, dict) and isinstance(contents["cpu"], dict):
+        contents["cpu"]["kernels"] = choice_cache.fingerprint()
+    cache_file.write_text(json.dumps(contents))
+
+    new_process(monkeypatch)
+    timed = stand_in_clock(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a list for a file is also reported as unreadable
+        check_run(conv)
+    assert len(timed) == 2
+    assert stored_problems(cache_file)[problem] == {"tma": ["conv2d_pointwise", tma_name],
+                                                    "implicit_gemm": IMPLICIT_GEMM_NAME}
+
+
+def test_a_tma_kernel_that_fails_to_tune_is_not_stored_as_beaten(monkeypatch, cache_file):
+    """A failure may be this process's own (out of memory while tuning): later processes try again."""
+    module, conv, _ = LAYERS["spatial"]
+    stand_in_clock(monkeypatch)
+
+    def failing_launch(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(module, "launch", failing_launch)
+    with pytest.warns(UserWarning, match="out of memory"):
+        check_run(conv)
+    assert list(stored_problems(cache_file).values()) == [{"implicit_gemm": IMPLICIT_GEMM_NAME}]
 
 
 def test_an_unreadable_file_is_measured_again_with_a_warning_and_rewritten(monkeypatch, cache_file):
@@ -145,11 +209,37 @@ def test_an_empty_setting_or_devnull_keeps_nothing(monkeypatch, tmp_path, settin
     assert choice_cache.entry(torch.device("cpu"), "any problem") is None
 
 
-def test_the_interpreter_keeps_nothing(monkeypatch, cache_file):
+@pytest.mark.parametrize("conv", [LAYERS["spatial"][1], Conv(1, 3, 5, 5, 8, 3, 3, padding=1)],
+                         ids=["tma-kernel", "implicit-gemm-only"])
+def test_the_interpreter_neither_reads_nor_stores(monkeypatch, cache_file, conv):
     """Where kernels cannot be timed nothing was measured, so nothing is stored or read."""
-    module, conv, _ = LAYERS["spatial"]
+    calls = []
+    monkeypatch.setattr(choice_cache, "entry", lambda *args: calls.append(args))
+    monkeypatch.setattr(choice_cache, "store", lambda *args: calls.append(args))
     check_run(conv)
-    assert not cache_file.exists()
+    assert calls == []
+
+
+def test_no_home_directory_keeps_nothing(monkeypatch):
+    monkeypatch.delenv("CNNFAST_KERNEL_CACHE")
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(choice_cache.Path, "home", no_home)
+    assert choice_cache.cache_path() is None
+
+
+def test_the_default_file_is_in_the_home_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("CNNFAST_KERNEL_CACHE")
+    monkeypatch.setattr(choice_cache.Path, "home", lambda: tmp_path)
+    assert choice_cache.cache_path() == tmp_path / ".cache" / "cnnfast" / "triton_conv2d.json"
+
+
+def test_the_file_is_readable_by_all_as_a_plain_write_leaves_it(monkeypatch, cache_file):
+    module, conv, tma_name = LAYERS["pointwise"]
+    check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
+    assert cache_file.stat().st_mode & 0o777 == 0o644
 
 
 def test_a_stored_tma_choice_that_fails_to_launch_leaves_a_warning_and_the_implicit_gemm_runs(monkeypatch, cache_file):

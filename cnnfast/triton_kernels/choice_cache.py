@@ -17,8 +17,9 @@ between the two kernels.
 The file is CNNFAST_KERNEL_CACHE (default ~/.cache/cnnfast/triton_conv2d.json); an empty value or
 os.devnull keeps nothing (the test suite's setting). Each GPU's entries carry a fingerprint of the
 kernels (the Triton version and the source of the files that define the kernels and their
-candidates): entries under another fingerprint are never read, and the next write drops them.
-Delete the file to measure everything again.
+candidates): entries under another fingerprint are never read, and the next write drops them; an
+entry of any other shape than the above is not read either. Delete the file to measure everything
+again.
 """
 import functools
 import hashlib
@@ -35,14 +36,21 @@ KERNEL_FILES = ("conv2d.py", "conv2d_pointwise.py", "conv2d_spatial.py")
 
 
 def cache_path() -> Path | None:
-    """The file, or None when nothing is to be kept."""
-    path = os.environ.get("CNNFAST_KERNEL_CACHE", str(Path.home() / ".cache" / "cnnfast" / "triton_conv2d.json"))
+    """The file, or None when nothing is to be kept (also where there is no home directory to
+    keep the default one in)."""
+    path = os.environ.get("CNNFAST_KERNEL_CACHE")
+    if path is None:
+        try:
+            return Path.home() / ".cache" / "cnnfast" / "triton_conv2d.json"
+        except RuntimeError:
+            return None
     return None if path in ("", os.devnull) else Path(path)
 
 
 @functools.cache
 def fingerprint() -> str:
-    """What the entries were measured with: the Triton version and the kernels' source."""
+    """What the entries were measured with: the Triton version and the source of KERNEL_FILES (the
+    kernels and their candidate configs)."""
     digest = hashlib.sha256(triton.__version__.encode())
     for name in KERNEL_FILES:
         digest.update(Path(__file__).with_name(name).read_bytes())
@@ -53,6 +61,24 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+def well_formed_entry(stored) -> bool:
+    """Whether a stored entry has the shape this module writes (a hand-edited or foreign file may not)."""
+    if not isinstance(stored, dict) or not set(stored) <= {"tma", "implicit_gemm"}:
+        return False
+    tma_ok = "tma" not in stored or stored["tma"] is None or (
+        isinstance(stored["tma"], list) and len(stored["tma"]) == 2 and all(isinstance(v, str) for v in stored["tma"]))
+    return tma_ok and isinstance(stored.get("implicit_gemm", ""), str)
+
+
+def current_section(contents: dict, gpu: str) -> dict:
+    """The GPU's section of the file when it was written by these kernels, else a new, empty one."""
+    section = contents.get(gpu)
+    if (isinstance(section, dict) and section.get("kernels") == fingerprint()
+            and isinstance(section.get("problems"), dict)):
+        return section
+    return {"kernels": fingerprint(), "problems": {}}
+
+
 # The file's contents as this process last read or wrote them, per path.
 _contents: dict[Path, dict] = {}
 
@@ -60,34 +86,36 @@ _contents: dict[Path, dict] = {}
 def _read(path: Path) -> dict:
     if path not in _contents:
         try:
-            _contents[path] = json.loads(path.read_text()) if path.is_file() else {}
+            contents = json.loads(path.read_text()) if path.is_file() else {}
+            if not isinstance(contents, dict):
+                raise ValueError(f"a JSON {type(contents).__name__}, not an object")
         except (OSError, ValueError) as error:
             warnings.warn(f"cnnfast: cannot read the kernel choices in {path} ({error}); measuring again")
-            _contents[path] = {}
+            contents = {}
+        _contents[path] = contents
     return _contents[path]
 
 
 def entry(device: torch.device, problem: str) -> dict | None:
-    """The stored entry of a problem on this device's GPU, or None."""
+    """The stored entry of a problem on this device's GPU, or None (also for a malformed one)."""
     path = cache_path()
     if path is None:
         return None
-    section = _read(path).get(device_name(device), {})
-    return section.get("problems", {}).get(problem) if section.get("kernels") == fingerprint() else None
+    stored = current_section(_read(path), device_name(device))["problems"].get(problem)
+    return stored if well_formed_entry(stored) else None
 
 
 def store(device: torch.device, problem: str, new_entry: dict) -> None:
     """Records a problem's entry (merged with the file as it is now: other processes may have
-    written to it) and rewrites the file whole, atomically."""
+    written to it since this one read it) and rewrites the file whole, atomically. Two processes
+    storing at once may lose one entry, which is then measured again."""
     path = cache_path()
     if path is None:
         return
     _contents.pop(path, None)
     contents = _read(path)
     gpu = device_name(device)
-    section = contents.get(gpu, {})
-    if section.get("kernels") != fingerprint():
-        section = {"kernels": fingerprint(), "problems": {}}
+    section = current_section(contents, gpu)
     section["problems"][problem] = new_entry
     contents[gpu] = section
     written = None
@@ -96,8 +124,11 @@ def store(device: torch.device, problem: str, new_entry: dict) -> None:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
             written = Path(file.name)
             json.dump(contents, file, indent=1, sort_keys=True)
+        written.chmod(0o644)  # as a file written plainly would be (the temporary one is owner-only)
         os.replace(written, path)
+        written = None
     except OSError as error:
+        warnings.warn(f"cnnfast: cannot keep the kernel choices in {path} ({error})")
+    finally:
         if written is not None:
             written.unlink(missing_ok=True)
-        warnings.warn(f"cnnfast: cannot keep the kernel choices in {path} ({error})")

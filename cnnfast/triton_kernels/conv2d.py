@@ -364,6 +364,9 @@ TMA_KERNELS = (conv2d_pointwise, conv2d_spatial)
 tma_choices: dict[tuple, tuple | None] = {}
 # The problems whose stored choices this process has looked up.
 recalled: set[tuple] = set()
+# The problems a TMA kernel failed on in this process: not stored as measured (the failure may be
+# this process's own, as running out of memory while tuning).
+tma_failed: set[tuple] = set()
 
 
 def kernel_module_name(module) -> str:
@@ -404,7 +407,7 @@ def recall_choices(x, problem) -> None:
 def remember_choices(x, problem) -> None:
     """Stores this problem's measured choices for later processes (choice_cache)."""
     stored = {}
-    if problem in tma_choices:
+    if problem in tma_choices and problem not in tma_failed:
         choice = tma_choices[problem]
         stored["tma"] = None if choice is None else [kernel_module_name(choice[0]), choice[0].config_name(choice[1])]
     if problem in chosen_configs:
@@ -439,6 +442,7 @@ def tma_kernel_failed(module, x, weight, error, problem) -> None:
     warnings.warn(f"cnnfast: the TMA conv kernel {kernel_module_name(module)} failed on {tuple(x.shape)} -> "
                   f"{weight.shape[0]} channels ({type(error).__name__}: {error}); the implicit GEMM runs this layer")
     tma_choices[problem] = None
+    tma_failed.add(problem)
 
 
 def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem):
