@@ -46,7 +46,8 @@ def stand_in_clock(monkeypatch) -> list:
     functions timed."""
     timed = []
     monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
-    monkeypatch.setattr(conv2d_module.triton.testing, "do_bench", lambda fn, warmup, rep: timed.append(fn) or len(timed))
+    monkeypatch.setattr(conv2d_module.triton.testing, "do_bench",
+                        lambda fn, warmup, rep: timed.append(fn) or len(timed))
     return timed
 
 
