@@ -1,4 +1,4 @@
-"""The public functional ops. Each is a torch custom op (namespace `cnnfast`) with a fake
+"""The public functional ops. Each is a torch.library op (namespace `cnnfast`) with a fake
 implementation, so `torch.compile(fullgraph=True)` traces it; the wrapper checks its inputs and
 picks a backend, the launcher allocates the output and runs the kernel on the current stream.
 """
@@ -11,6 +11,21 @@ from cnnfast.backends import cuda_extension, resolve_backend
 from cnnfast.layout import pixel_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The ops' library. Each op is defined by its schema and registered with PyTorch's dispatcher
+# directly: one kernel for every device (CompositeExplicitAutograd) and a fake one for tracing.
+# torch.library.custom_op would wrap each call in about 20 us of Python (autograd and aliasing
+# checks, measured on a 2-core CPU), as long as a small layer's kernel; the public functions
+# below already refuse inputs that require grad, and the kernels return new tensors.
+LIBRARY = torch.library.Library("cnnfast", "DEF")
+
+
+def define_op(schema: str, kernel, fake):
+    """Defines cnnfast::<name> by its schema, with kernel and fake; returns its overload."""
+    name = schema.split("(", 1)[0]
+    LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"cnnfast::{name}", fake, lib=LIBRARY)
+    return getattr(torch.ops.cnnfast, name).default
 # The integer codes of kernels/cuda/dtype.h.
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -44,8 +59,12 @@ def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors may share memory (a conservative test on their storage byte ranges)."""
-    if a.device.type == "meta" or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether two tensors may share memory (a conservative test on their storage byte ranges).
+    Never while torch.compile traces: traced tensors have no memory, and the compiled graph hands an
+    op that writes its output a buffer of its own wherever that output aliases an input."""
+    if a.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     def byte_range(t):
         start = t.storage_offset() * t.element_size()
@@ -306,37 +325,29 @@ def _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, 
     return out
 
 
-@torch.library.custom_op("cnnfast::conv2d_out", mutates_args=("out",))
-def _conv2d_out_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    out: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
-    backend: str,
-) -> None:
-    _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
-
-
-@_conv2d_out_op.register_fake
-def _(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend):
-    return None
-
-
-@torch.library.custom_op("cnnfast::conv2d", mutates_args=())
-def _conv2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, backend: str,
-) -> torch.Tensor:
-    return _conv2d_dispatch(x, weight, bias, residual, None, stride, padding, dilation, groups, relu, backend)
-
-
 def _empty_conv2d_output(x, weight, stride, padding, dilation):
     p, q = conv2d_output_size("conv2d", x.shape, weight.shape, stride, padding, dilation)
     shape = (x.shape[0], weight.shape[0], p, q)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@_conv2d_op.register_fake
-def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend) -> None:
+    _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
+
+
+def _conv2d_kernel(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    return _conv2d_dispatch(x, weight, bias, residual, None, stride, padding, dilation, groups, relu, backend)
+
+
+def _conv2d_fake(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     return _empty_conv2d_output(x, weight, stride, padding, dilation)
+
+
+_CONV2D_OPERANDS = "Tensor x, Tensor weight, Tensor? bias, Tensor? residual"
+_CONV2D_SETTINGS = "int[] stride, int[] padding, int[] dilation, int groups, bool relu, str backend"
+_conv2d_out_op = define_op(f"conv2d_out({_CONV2D_OPERANDS}, Tensor(a!) out, {_CONV2D_SETTINGS}) -> ()",
+                           _conv2d_out_kernel, lambda *args: None)
+_conv2d_op = define_op(f"conv2d({_CONV2D_OPERANDS}, {_CONV2D_SETTINGS}) -> Tensor", _conv2d_kernel, _conv2d_fake)
 
 
 def conv2d_flops(x_shape, w_shape, stride, padding, dilation) -> int:
@@ -490,8 +501,7 @@ def _global_avg_pool_cuda(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("cnnfast::global_avg_pool", mutates_args=())
-def _global_avg_pool_op(x: torch.Tensor, backend: str) -> torch.Tensor:
+def _global_avg_pool_kernel(x: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return _global_avg_pool_cuda(x)
     if backend == "triton":
@@ -501,9 +511,10 @@ def _global_avg_pool_op(x: torch.Tensor, backend: str) -> torch.Tensor:
     return torch.mean(x, dim=(2, 3))
 
 
-@_global_avg_pool_op.register_fake
-def _(x, backend):
-    return x.new_empty((x.shape[0], x.shape[1]))
+_global_avg_pool_op = define_op(
+    "global_avg_pool(Tensor x, str backend) -> Tensor", _global_avg_pool_kernel,
+    lambda x, backend: x.new_empty((x.shape[0], x.shape[1])),
+)
 
 
 def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
@@ -537,8 +548,7 @@ def _empty_add_relu_output(x, y):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("cnnfast::add_relu", mutates_args=())
-def _add_relu_op(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> torch.Tensor:
+def _add_relu_kernel(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> torch.Tensor:
     out = _empty_add_relu_output(x, y)
     if backend == "triton":
         from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
@@ -555,9 +565,10 @@ def _add_relu_op(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> 
     return torch.relu_(out) if relu else out
 
 
-@_add_relu_op.register_fake
-def _(x, y, relu, backend):
-    return _empty_add_relu_output(x, y)
+_add_relu_op = define_op(
+    "add_relu(Tensor x, Tensor y, bool relu, str backend) -> Tensor", _add_relu_kernel,
+    lambda x, y, relu, backend: _empty_add_relu_output(x, y),
+)
 
 
 def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=None) -> torch.Tensor:
@@ -600,8 +611,7 @@ def _gap_linear_cuda(x, weight, bias):
     return out
 
 
-@torch.library.custom_op("cnnfast::gap_linear", mutates_args=())
-def _gap_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _gap_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     if backend == "cuda":
         return _gap_linear_cuda(x, weight, bias)
     if backend == "triton":
@@ -612,9 +622,10 @@ def _gap_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return F.linear(torch.mean(x, dim=(2, 3)), weight, None if bias is None else bias.to(x.dtype))
 
 
-@_gap_linear_op.register_fake
-def _(x, weight, bias, backend):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+_gap_linear_op = define_op(
+    "gap_linear(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor", _gap_linear_kernel,
+    lambda x, weight, bias, backend: x.new_empty((x.shape[0], weight.shape[0])),
+)
 
 
 @register_flop_formula(torch.ops.cnnfast.gap_linear)

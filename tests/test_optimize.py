@@ -390,8 +390,9 @@ def test_inplace_returns_the_same_model():
 # ---------------------------------------------------------------- torch.compile and CUDA graphs
 
 
-def test_torch_compile_fullgraph():
-    original = build("resnet18", num_classes=10)
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])  # GoogLeNet's branches write into slices (out=)
+def test_torch_compile_fullgraph(name):
+    original = build(name, num_classes=10)
     fused = cnnfast.optimize(original)
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 64, 64)
