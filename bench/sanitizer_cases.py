@@ -96,9 +96,9 @@ def conv2d_spatial_cases() -> int:
     """The spatial TMA kernel: for each tile size, its first column tile with its first and its
     last shape (pixels of one image, single pixels of many), with a residual and without, on a 3x3
     stride-1 layer with its padding halo and a 1x1 stride-2 one (over every other pixel), whose
-    maps, batch, channels and columns no tile divides (3 x 40 x 9 x 11 in, K = 72), each written
-    into a 16-byte-aligned channel slice of a NaN tensor."""
-    x = make_input((3, 40, 9, 11), torch.bfloat16, "cuda")
+    maps, batch, channels and columns no tile divides (3 x 40 x 9 x 11 in, K = 72), and a 3x3
+    stride-2 one over x's phases (3 x 64 x 10 x 14 in: 5 x 7 out), each written into a
+    16-byte-aligned channel slice of a NaN tensor."""
     checked = []
     for config in conv2d_spatial.conv2d_spatial_configs():
         shapes = conv2d_spatial.SPATIAL_SHAPES[config.kwargs["BLOCK_M"]]
@@ -106,8 +106,11 @@ def conv2d_spatial_cases() -> int:
         if conv2d_spatial.column_tile(config) == first_tile and conv2d_spatial.spatial_shape(config) in (shapes[0], shapes[-1]):
             checked.append(config)
     runs = 0
-    for kernel, stride, padding in ((3, 1, 1), (1, 2, 0)):
-        w = torch.randn(72, 40, kernel, kernel, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    for x_shape, kernel, stride, padding in (((3, 40, 9, 11), 3, 1, 1), ((3, 40, 9, 11), 1, 2, 0),
+                                             ((3, 64, 10, 14), 3, 2, 1)):
+        x = make_input(x_shape, torch.bfloat16, "cuda")
+        w = torch.randn(72, x_shape[1], kernel, kernel, device="cuda").to(torch.bfloat16)
+        w = w.contiguous(memory_format=torch.channels_last)
         b = torch.randn(72, device="cuda")
         conv = F.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=padding)
         residual = torch.randn(conv.shape, device="cuda").to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -185,7 +188,7 @@ def main():
     print(f"sanitizer cases: {triton_cases()} Triton runs (global_avg_pool, add_relu, gap_linear) checked")
     print(f"sanitizer cases: {conv2d_cases()} Triton conv2d runs checked")
     print(f"sanitizer cases: {conv2d_pointwise_cases()} Triton 1x1 conv2d (TMA) runs checked")
-    print(f"sanitizer cases: {conv2d_spatial_cases()} Triton stride-1 conv2d on spatial tiles (TMA) runs checked")
+    print(f"sanitizer cases: {conv2d_spatial_cases()} Triton conv2d on spatial tiles (TMA) runs checked")
     print(f"sanitizer cases: {cutlass_conv2d_cases()} CUDA (CUTLASS) conv2d runs checked")
 
 

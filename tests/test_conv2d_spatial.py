@@ -31,6 +31,11 @@ SHAPES = [
     Conv(5, 8, 3, 19, 16, 3, 3, padding=1),  # three image blocks and three column blocks
     Conv(3, 24, 9, 7, 16, 1, 1, stride=2),  # a downsample conv, over every other pixel; odd H and W
     Conv(2, 16, 5, 12, 24, 1, 1, stride=(1, 3)),  # a stride along W only
+    # Strided filters, over the phases of x: ResNet's stride-2 3x3 (4x5 outputs: partial tiles),
+    # unequal strides with a 5x5 filter, and unpadded rows with dilated, widely padded columns.
+    Conv(2, 32, 8, 10, 24, 3, 3, stride=2, padding=1),
+    Conv(1, 16, 12, 6, 16, 5, 5, stride=(3, 2), padding=2),
+    Conv(3, 16, 8, 8, 8, 3, 3, stride=2, padding=(0, 3), dilation=(1, 2)),
 ]
 
 
@@ -43,7 +48,11 @@ def launches(monkeypatch):
     ("channels_last", True),
     ("float32", False),  # stays on the implicit GEMM, whose TF32 follows cuDNN's setting
     ("channels_12", False),  # 24-byte pixels: not a multiple of 16 bytes
-    ("stride_2", False),
+    ("stride_2", True),  # over the phases of an 8x6 map
+    ("stride_2_odd_map", False),  # 5 rows: the last phase would be a row short
+    ("stride_2_channels_24", False),  # a channel block past 24 would read the next column's channels
+    ("stride_2_channel_slice_input", False),  # a row's pixels not dense: phases cannot merge with channels
+    ("stride_1_channel_slice_input", True),
     ("kernel_1x1", False),  # conv2d_pointwise's
     ("kernel_1x1_stride_2", True),  # over x[:, :, ::2, ::2]
     ("kernel_1x1_stride_2_padding_1", False),
@@ -67,6 +76,12 @@ def test_takes_the_layers_tma_can_address(case, takes):
     stride, padding, dilation = (1, 1), (1, 1), (1, 1)
     if case == "channels_12":
         conv = conv._replace(c=12)
+    if case.startswith("stride_2"):
+        conv, stride = conv._replace(h=8, stride=2), (2, 2)
+    if case == "stride_2_odd_map":
+        conv = conv._replace(h=5)
+    if case == "stride_2_channels_24":
+        conv = conv._replace(c=24)
     if case.startswith("kernel_1x1"):
         conv, padding = conv._replace(r=1, s=1, padding=0), (0, 0)
     if case.startswith("kernel_1x1_stride_2"):
@@ -89,13 +104,14 @@ def test_takes_the_layers_tma_can_address(case, takes):
     if case == "overlapping_out":
         n, k, h, w = out.shape
         out = torch.empty(n * h * w * 8 + k, dtype=dtype).as_strided(out.shape, (h * w * 8, 1, w * 8, 8))
-    if case == "aligned_channel_slice_input":
+    if case in ("aligned_channel_slice_input", "stride_2_channel_slice_input", "stride_1_channel_slice_input"):
         x = torch.cat([x, x], dim=1).contiguous(memory_format=CHANNELS_LAST)[:, 8 : 8 + conv.c]
     if case == "nchw_weight":
         weight = weight.contiguous()
     if case == "nchw_residual":
         res = res.contiguous()
-    stride = (2, 2) if case == "stride_2" else stride
+    if case == "stride_1_channel_slice_input":
+        stride = (1, 1)
     assert conv2d_spatial.applies(x, weight, res, out, stride, padding, dilation) == takes
 
 
@@ -179,26 +195,32 @@ def test_reads_a_crop_of_a_larger_map_and_not_its_neighbours(launches, dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_integer_values_are_exact(launches, dtype):
+@pytest.mark.parametrize("conv", [Conv(3, 40, 5, 7, 24, 3, 3, padding=1),
+                                  Conv(2, 32, 8, 10, 24, 3, 3, stride=2, padding=1)], ids=["stride_1", "stride_2"])
+def test_integer_values_are_exact(launches, conv, dtype):
     """Small integers make every product and sum exact in float32 and the result exact in the
-    dtype: any tap read from the wrong pixel, a halo not zero, a step skipped or repeated changes a
-    value."""
-    check_integer_values_exact(Conv(3, 40, 5, 7, 24, 3, 3, padding=1), dtype, weight_limit=1)
+    dtype: any tap read from the wrong pixel (or phase), a halo not zero, a step skipped or
+    repeated changes a value."""
+    check_integer_values_exact(conv, dtype, weight_limit=1)
     assert len(launches) == 1
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's numpy
-def test_nan_reaches_exactly_the_pixels_that_read_it(launches):
-    """A NaN pixel of x at (1, 2) makes the 3x3 neighbourhood of output pixels NaN in every
-    channel, through the ReLU, and no other: the tiles around it (and the zero halo) stay finite."""
-    conv = Conv(1, 16, 6, 7, 8, 3, 3, padding=1)
+@pytest.mark.parametrize("conv, pixel, rows, columns", [
+    (Conv(1, 16, 6, 7, 8, 3, 3, padding=1), (1, 2), slice(0, 3), slice(1, 4)),
+    # Output row p reads input rows 2p - 1 .. 2p + 1: row 2 is read by p = 1 alone, column 3 by q = 1 and 2.
+    (Conv(1, 16, 8, 10, 8, 3, 3, stride=2, padding=1), (2, 3), slice(1, 2), slice(1, 3)),
+], ids=["stride_1", "stride_2"])
+def test_nan_reaches_exactly_the_pixels_that_read_it(launches, conv, pixel, rows, columns):
+    """A NaN pixel of x makes the output pixels whose window holds it NaN in every channel,
+    through the ReLU, and no other: the tiles around it (and the zero halo) stay finite."""
     torch.manual_seed(0)
     x, weight, bias, _ = make_inputs(conv, torch.float16, residual=False)
-    x[0, :, 1, 2] = NAN
+    x[0, :, pixel[0], pixel[1]] = NAN
     out = run_conv2d(conv, x, weight, bias, relu=True)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, relu=True), "conv")
-    reads_it = torch.zeros(6, 7, dtype=torch.bool)
-    reads_it[0:3, 1:4] = True
+    reads_it = torch.zeros(out.shape[2:], dtype=torch.bool)
+    reads_it[rows, columns] = True
     assert out[0][:, reads_it].isnan().all()
     assert out[0][:, ~reads_it].isfinite().all()
     assert len(launches) == 1
@@ -233,3 +255,29 @@ def test_applies_to_the_real_layers_and_inceptions_slices():
         assert conv2d_spatial.applies(x, weight, res, out, stride, padding, (1, 1)) == (c != 3), (c, k, kernel)
     for widths in inception_branch_widths():
         assert widths[0] % 8 == 0 and (widths[0] + widths[1]) % 8 == 0, widths
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet152", "vgg16", "googlenet", "alexnet",
+                                  "zfnet"])
+def test_applies_to_the_strided_layers_at_their_real_size(monkeypatch, arch):
+    """At the architectures' own input sizes (224, AlexNet 227), with the Hopper configs' channel
+    block of 64: every strided layer with a filter larger than 1x1 takes the kernel but the C = 3
+    stems, layers on odd maps and ZFNet's 96-channel conv2 (96 is no multiple of 64); ResNet's
+    stride-2 3x3 layers (three per network) all do."""
+    from cnnfast.analysis import analyze_arch, conv_problems
+
+    monkeypatch.setattr(conv2d_spatial.autotuned, "configs", conv2d_spatial.conv2d_spatial_configs(interpreted=False))
+    taken = []
+    for problem in conv_problems(analyze_arch(arch)):
+        if problem.stride == (1, 1) or (problem.R, problem.S) == (1, 1):
+            continue
+        conv = Conv(256, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride,
+                    problem.padding)
+        shapes = ((conv.n, conv.c, conv.h, conv.w), (conv.k, conv.c, conv.r, conv.s), conv.output_shape())
+        x, weight, out = (torch.empty(shape, dtype=torch.bfloat16, device="meta")
+                          .contiguous(memory_format=CHANNELS_LAST) for shape in shapes)
+        expected = problem.C % 64 == 0 and problem.H % problem.stride[0] == 0 and problem.W % problem.stride[1] == 0
+        assert conv2d_spatial.applies(x, weight, None, out, problem.stride, problem.padding, (1, 1)) == expected
+        taken += [problem] if expected else []
+    if arch.startswith("resnet"):
+        assert [(p.R, p.S, p.stride) for p in taken] == [(3, 3, (2, 2))] * 3

@@ -1,4 +1,4 @@
-"""The Hopper autotune configs of the persistent TMA kernel of stride-1 convs on spatial tiles
+"""The Hopper autotune configs of the persistent TMA kernel of convs on spatial tiles
 (conv2d_spatial.py) compile for sm_90a, with and without a residual: no register spill, wgmma and
 TMA loads in the PTX, x's tile loaded into registers (which the shared-memory estimate assumes:
 one pipeline stage fewer of it), and that estimate covering what the compiled kernel takes, so
@@ -8,8 +8,9 @@ Compiled: every column tile with the first shape of its tile size (8x16 / 8x8 pi
 image), and the last shape of each size (single pixels of 128 / 64 images) with its first column
 tile, in bfloat16 (float16 compiles to the same code but for the wgmma type), one subprocess per
 half of the list. (The shapes in between compile to the same loop with another reshape of x's
-tile; 21 of the 38 configs, every shape and every column tile among them, were compiled this way
-once, with and without a residual, under triton 3.8 and 3.6: no spills, registers 87 to 254.)
+tile; all 38 configs were compiled this way once, at stride 1 and 2, with and without a residual,
+under triton 3.8 and 3.6: no spills, wgmma in each, registers 81 to 254, a stride of 2 costing
+about two.)
 """
 import json
 import re
@@ -43,19 +44,23 @@ HALVES = ("0", "1")
 
 def compile_half(half: str) -> list[dict]:
     """A report per (config, residual) of one half of CONFIGS: registers, spills, shared memory
-    (estimated and compiled), wgmma, TMA and whether x's tile is loaded into registers, for
-    ResNet-50's layer3 3x3 conv (256 channels, 14x14) at batch 8."""
+    (estimated and compiled), wgmma, TMA and whether x's tile is loaded into registers, for one of
+    ResNet-50's layer3 3x3 convs at batch 8 (256 channels, 14x14 out): the stride-1 one for the
+    configs at even indices, the stride-2 one (28x28 in) for those at odd indices. The kernel is
+    the same code for both, but a stride of 1 is a constant in it (Triton specializes arguments
+    equal to 1), and one of 2 leaves a division and a remainder per tap."""
     dtype, reports = torch.bfloat16, []
     for index, config in enumerate(CONFIGS):
         if index % 2 != int(half):
             continue
+        stride = 1 + index % 2
         for residual in (False, True):
-            x = torch.empty(8, 256, 14, 14, dtype=dtype, memory_format=torch.channels_last)
+            x = torch.empty(8, 256, 14 * stride, 14 * stride, dtype=dtype, memory_format=torch.channels_last)
             weight = torch.empty(256, 256, 3, 3, dtype=dtype, memory_format=torch.channels_last)
             out = torch.empty(8, 256, 14, 14, dtype=dtype, memory_format=torch.channels_last)
             res = torch.empty_like(out) if residual else None
             launch = recorded(conv2d_spatial.conv2d_spatial_kernel, lambda: conv2d_spatial.launch(
-                x, weight, torch.empty(256), res, out, (1, 1), (1, 1), (1, 1), True, config=config))
+                x, weight, torch.empty(256), res, out, (stride, stride), (1, 1), (1, 1), True, config=config))
             kernel = compile_for_hopper(*launch)
             ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
             reports.append(ptxas_report(ptx) | {

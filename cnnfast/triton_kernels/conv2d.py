@@ -41,9 +41,9 @@ ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides,
 channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
 
 conv2d_bias_act, the launcher, runs a float16/bfloat16 layer on a persistent TMA kernel instead
-(unpadded 1x1 stride-1 layers: conv2d_pointwise.py; stride-1 layers with larger filters and
-unpadded strided 1x1 layers: conv2d_spatial.py), where that kernel takes the layer and was
-measured faster.
+(unpadded 1x1 stride-1 layers: conv2d_pointwise.py; layers with larger filters, stride 1 or a
+stride that divides the map, and unpadded strided 1x1 layers: conv2d_spatial.py), where that
+kernel takes the layer and was measured faster.
 """
 import contextlib
 import functools
@@ -353,7 +353,7 @@ def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation)
 
 # The kernels that run the layers they take on TMA operands, each a module with the same interface
 # (applies, launch, autotuned, untimed_config, config_name): 1x1 stride-1 layers as one matrix
-# product over pixel rows, other stride-1 layers and strided 1x1 ones on spatial tiles.
+# product over pixel rows, the other layers they can address on spatial tiles.
 TMA_KERNELS = (conv2d_pointwise, conv2d_spatial)
 
 # Per problem that a TMA kernel takes: (module, its tuned config) when that was measured faster
@@ -488,12 +488,12 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
 def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None):
     """Launches the fused convolution. Inputs are already checked (cnnfast.ops.conv2d); `out` is
     allocated, (N, K, P, Q). A float16/bfloat16 layer that a TMA kernel takes (conv2d_pointwise.py:
-    unpadded 1x1 stride-1 layers over pixel rows; conv2d_spatial.py: stride-1 layers with larger
-    filters and unpadded strided 1x1 layers) runs on it where it was measured faster (tma_choice,
-    or an earlier process: recall_choices), any other on the implicit GEMM. On a GPU, a TMA launch
-    that raises (a stored choice that no longer compiles, say) leaves a warning and the layer to the
-    implicit GEMM. `config` (a triton.Config of the implicit GEMM) runs the implicit GEMM with that
-    config, without autotuning."""
+    unpadded 1x1 stride-1 layers over pixel rows; conv2d_spatial.py: layers with larger filters, at
+    stride 1 or one that divides the map, and unpadded strided 1x1 layers) runs on it where it was
+    measured faster (tma_choice, or an earlier process: recall_choices), any other on the implicit
+    GEMM. On a GPU, a TMA launch that raises (a stored choice that no longer compiles, say) leaves
+    a warning and the layer to the implicit GEMM. `config` (a triton.Config of the implicit GEMM)
+    runs the implicit GEMM with that config, without autotuning."""
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:

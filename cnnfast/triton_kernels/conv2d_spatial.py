@@ -1,5 +1,6 @@
-"""Fused stride-1 convolution: out = act(conv2d(x, w) + bias + residual) for a float16/bfloat16
-layer with stride 1 (filters larger than 1x1, any padding and dilation), one persistent Triton kernel whose
+"""Fused convolution on spatial tiles: out = act(conv2d(x, w) + bias + residual) for a
+float16/bfloat16 layer with a filter larger than 1x1 (any padding and dilation; stride 1, or a
+stride that divides the map, as ResNet's stride-2 3x3 layers), one persistent Triton kernel whose
 operands move by TMA, the padding halo filled in by the copy engine. A 1x1 unpadded layer with a
 stride (ResNet's downsample convs) is a stride-1 1x1 layer over the pixels it reads, x[:, :,
 ::stride_h, ::stride_w], a view whose descriptor simply has larger pixel strides: it runs here too.
@@ -7,7 +8,7 @@ stride (ResNet's downsample convs) is a stride-1 1x1 layer over the pixels it re
 The implicit GEMM (conv2d.py) takes the rows of its A tile, the output pixels, in flat (n, p, q)
 order, so a tile's pixels can span the end of one output row and the start of the next, and each
 reduction step computes every row's input address and a mask for the padding halo. With stride 1
-there is another way: take the tile's pixels as a spatial block, BLOCK_IMG images x BLOCK_H output
+(strides below) there is another way: take the tile's pixels as a spatial block, BLOCK_IMG images x BLOCK_H output
 rows x BLOCK_W output columns starting at (n0, p0, q0). For the filter tap (r, s), the inputs
 those pixels read are then themselves one block of x,
 
@@ -25,6 +26,20 @@ is reshaped in shared memory, where wgmma reads B).
     out[(n, p, q), k] = sum over (r, s, c) of x[n, p - pad_h + r*dil_h, q - pad_w + s*dil_w, c] * w[k, r, s, c]
 
 The reduction runs tap by tap, BLOCK_K channels at a time: R*S*cdiv(C, BLOCK_K) steps.
+
+With a stride, the pixels a tile reads for one tap are every stride-th row and column of a block
+of x, which one box of a plain (N, H, W, C) tensor map cannot fetch. So x is described by a 5-D
+tensor map, (N, H / stride_h, stride_h, W / stride_w, stride_w * C): each row index h becomes a
+position h // stride_h and a phase h % stride_h, and each column likewise, the column's phase
+merged with its channels (a row's pixels lie one after another, so phase pw's channels are the
+elements pw*C .. pw*C + C - 1 of a run of stride_w*C). The input row of output row p at tap r is
+p*stride_h + r*dil_h - pad_h, whose phase is the same for every p; so a tap reads, for a tile,
+one box: positions p0 + shift .. (shift = (r*dil_h - pad_h) // stride_h, rounded down), at one
+phase, likewise in columns, BLOCK_K channels from phase*C + c0. Positions outside the map are
+zero-filled as before. This needs H and W multiples of the stride (else the last position's
+phases would run past the map into the next image) and, with a column stride, C a multiple of
+BLOCK_K (a box past C would read the next phase's channels instead of zeros); with stride 1 the
+map is (N, H, 1, W, C), the same reads as a 4-D one.
 
 Tiles and programs: the output is cut into spatial tiles (BLOCK_IMG x BLOCK_H x BLOCK_W pixels, in
 (image block, row block, column block) order) times column tiles of BLOCK_N channels. The grid is
@@ -77,7 +92,7 @@ MAX_SHAPES = 2
 def set_block_shapes(meta):
     """Autotuner pre-hook: the descriptors' block shapes follow the config being launched."""
     pixels = [meta["BLOCK_IMG"], meta["BLOCK_H"], meta["BLOCK_W"]]
-    meta["x_desc"].block_shape = pixels + [meta["BLOCK_K"]]
+    meta["x_desc"].block_shape = [meta["BLOCK_IMG"], meta["BLOCK_H"], 1, meta["BLOCK_W"], meta["BLOCK_K"]]
     meta["w_desc"].block_shape = [meta["BLOCK_N"], 1, 1, meta["BLOCK_K"]]
     meta["out_desc"].block_shape = pixels + [meta["BLOCK_N"]]
     meta["res_desc"].block_shape = pixels + [meta["BLOCK_N"]]
@@ -110,12 +125,13 @@ def config_name(config) -> str:
 
 @triton.jit
 def conv2d_spatial_kernel(
-    # tensor descriptors: x as (N, H, W, C), w as (K, R, S, C), out and residual as (N, P, Q, K)
+    # tensor descriptors: x as (N, H / stride_h, stride_h, W / stride_w, stride_w * C) (phase_view),
+    # w as (K, R, S, C), out and residual as (N, P, Q, K)
     x_desc, w_desc, res_desc, out_desc,
     # pointers
     bias_ptr,
     # sizes
-    N, C, K, P, Q, R, S, pad_h, pad_w, dil_h, dil_w,
+    N, C, K, P, Q, R, S, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NUM_SMS: tl.constexpr, BLOCK_IMG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -139,8 +155,13 @@ def conv2d_spatial_kernel(
             r = tap // S
             s = tap % S
             c0 = (step % c_blocks) * BLOCK_K
+            # The tap reads input row p * stride_h + r * dil_h - pad_h = (p + row_shift) * stride_h +
+            # row_phase; shifted by stride * pad, both divisions are of non-negative numbers.
+            reach_h = r * dil_h + (stride_h - 1) * pad_h
+            reach_w = s * dil_w + (stride_w - 1) * pad_w
             # Negative and past-the-edge coordinates are the padding halo: TMA reads them as zeros.
-            a = x_desc.load([off_img, off_p - pad_h + r * dil_h, off_q - pad_w + s * dil_w, c0])
+            a = x_desc.load([off_img, off_p + reach_h // stride_h - pad_h, reach_h % stride_h,
+                             off_q + reach_w // stride_w - pad_w, reach_w % stride_w * C + c0])
             a = a.reshape(BLOCK_M, BLOCK_K)
             b = w_desc.load([off_k, r, s, c0]).reshape(BLOCK_N, BLOCK_K)
             if UPCAST_DOT:
@@ -231,7 +252,7 @@ autotuned = triton.autotune(
     # The interpreter cannot time configs, so it runs the first of its set.
     configs=conv2d_spatial_configs()[:1] if INTERPRETED else conv2d_spatial_configs(),
     # As in conv2d_pointwise: float16 and bfloat16 layers share a choice (the same bytes move).
-    key=["N", "C", "K", "P", "Q", "R", "S", "dil_h", "dil_w", "HAS_RESIDUAL"],
+    key=["N", "C", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
     prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
     do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
 )(conv2d_spatial_kernel)
@@ -249,27 +270,63 @@ def pixels_read(x, weight, stride, padding):
     return x[:, :, :: stride[0], :: stride[1]] if strided_pointwise(weight, stride, padding) else x
 
 
+def read_stride(weight, stride, padding) -> tuple[int, int]:
+    """The stride the kernel runs with over pixels_read: 1 for a strided 1x1 layer (its view took
+    the stride), the layer's own otherwise."""
+    return (1, 1) if strided_pointwise(weight, stride, padding) else tuple(stride)
+
+
+def phase_view(x, stride):
+    """(shape, strides) of x's tensor map for a layer with this stride: (N, H / stride_h, stride_h,
+    W / stride_w, stride_w * C), each row and column index split into a position and a phase
+    (h = position * stride_h + phase), and a column's phases merged with its channels, which lie
+    one after another where the pixels of a row are dense (as for any stride-1 layer, with one
+    phase). None where x is no pixel grid, H or W is not a multiple of the stride, or a strided
+    row's pixels are not dense."""
+    grid = pixel_grid(x)
+    if grid is None:
+        return None
+    (n, c, h, w), (stride_h, stride_w) = x.shape, stride
+    n_stride, h_stride, w_stride = grid
+    if h % stride_h or w % stride_w or (stride_w > 1 and w_stride != c):
+        return None
+    shape = [n, h // stride_h, stride_h, w // stride_w, stride_w * c]
+    return shape, [n_stride, stride_h * h_stride, h_stride, stride_w * w_stride, 1]
+
+
+def whole_channel_blocks(C: int) -> bool:
+    """Whether every candidate's channel block divides C: where a column's phases are merged with
+    its channels, a block past C would read the next phase's channels instead of zeros."""
+    return all(C % config.kwargs["BLOCK_K"] == 0 for config in autotuned.configs)
+
+
 def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
-    """Whether this kernel takes the layer: stride 1 with a filter larger than 1x1 (the 1x1
-    stride-1 layers are conv2d_pointwise's), or a strided 1x1 layer without padding
-    (strided_pointwise); float16/bfloat16, at least one output pixel, C and K multiples of 8, and
-    x (as read), weight (channels_last: (K, R, S, C) memory), residual and out all pixel grids a
-    tensor map can address (pixel_grid) with int32 coordinates."""
+    """Whether this kernel takes the layer: a filter larger than 1x1, at any stride where H and W
+    are multiples of it (the phases of phase_view), with C a multiple of the channel block when
+    strided; or a strided 1x1 layer without padding (strided_pointwise); float16/bfloat16, at least
+    one output pixel, C and K multiples of 8, and x (as read), weight (channels_last: (K, R, S, C)
+    memory), residual and out all pixel grids a tensor map can address (pixel_grid) with int32
+    coordinates. The 1x1 stride-1 layers are conv2d_pointwise's."""
     K, C, R, S = weight.shape
-    if not strided_pointwise(weight, stride, padding) and (tuple(stride) != (1, 1) or (R, S) == (1, 1)):
+    if (R, S) == (1, 1) and not strided_pointwise(weight, stride, padding):
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or C % 8 or K % 8 or out.numel() == 0:
         return False
     # Coordinates, a tile past them, and the filter's reach are int32.
     if max(*x.shape, *out.shape, *padding, dilation[0] * R, dilation[1] * S) >= 2**31 - 512:
         return False
-    tensors = (pixels_read(x, weight, stride, padding), weight, out) + ((residual,) if residual is not None else ())
-    return all(pixel_grid(t) is not None for t in tensors)
+    kernel_stride = read_stride(weight, stride, padding)
+    if kernel_stride[1] > 1 and not whole_channel_blocks(C):
+        return False
+    if phase_view(pixels_read(x, weight, stride, padding), kernel_stride) is None:
+        return False
+    return all(pixel_grid(t) is not None for t in (weight, out) + ((residual,) if residual is not None else ()))
 
 
 def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool, config=None):
     """Launches the kernel for a layer `applies` accepts (inputs checked by cnnfast.ops.conv2d; out
     allocated, (N, K, P, Q)). `config` (a triton.Config) bypasses autotuning."""
+    stride_h, stride_w = read_stride(weight, stride, padding)
     x = pixels_read(x, weight, stride, padding)
     N, C, H, W = x.shape
     K, _, R, S = weight.shape
@@ -278,7 +335,7 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
     def descriptor(t, dims):  # (N|K, H|R, W|S, channels) over t's memory; block shapes set per config
         return TensorDescriptor(t, dims, [*pixel_grid(t), 1], [1, 1, 1, 16])
 
-    x_desc = descriptor(x, [N, H, W, C])
+    x_desc = TensorDescriptor(x, *phase_view(x, (stride_h, stride_w)), [1, 1, 1, 1, 16])
     w_desc = descriptor(weight, [K, R, S, C])
     out_desc = descriptor(out, [N, P, Q, K])
     res_desc = descriptor(residual, [N, P, Q, K]) if residual is not None else out_desc
@@ -294,6 +351,6 @@ def launch(x, weight, bias, residual, out, stride, padding, dilation, relu: bool
 
     conv2d_pointwise.run_persistent(
         conv2d_spatial_kernel, autotuned, candidates, (x_desc, w_desc, res_desc, out_desc),
-        (N, C, K, P, Q, R, S, padding[0], padding[1], dilation[0], dilation[1]),
+        (N, C, K, P, Q, R, S, stride_h, stride_w, padding[0], padding[1], dilation[0], dilation[1]),
         x, bias, residual, out, relu, grid, config)
     return out
