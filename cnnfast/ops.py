@@ -35,11 +35,21 @@ def check_float_tensor(op: str, name: str, t) -> None:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-    if t.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{op}: {name} requires grad, but cnnfast ops have no backward; "
-            "run under torch.no_grad() or torch.inference_mode()"
-        )
+    check_no_grad(op, **{name: t})
+
+
+def check_no_grad(op: str, **tensors) -> None:
+    """Refuses inputs that require grad where grad is enabled: the ops have no backward. The public
+    functions check first; each op's kernel checks again, for calls of torch.ops.cnnfast.* (the
+    ops have no autograd kernel, whose absence would only warn at backward)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"{op}: {name} requires grad, but cnnfast ops have no backward; "
+                "run under torch.no_grad() or torch.inference_mode()"
+            )
 
 
 def check_same_device(op: str, **tensors) -> None:
@@ -59,12 +69,8 @@ def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors may share memory (a conservative test on their storage byte ranges).
-    Never while torch.compile traces: traced tensors have no memory, and the compiled graph hands an
-    op that writes its output a buffer of its own wherever that output aliases an input."""
-    if a.device.type == "meta" or torch.compiler.is_compiling():
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether two tensors may share memory (a conservative test on their storage byte ranges)."""
+    if a.device.type == "meta" or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     def byte_range(t):
         start = t.storage_offset() * t.element_size()
@@ -332,10 +338,21 @@ def _empty_conv2d_output(x, weight, stride, padding, dilation):
 
 
 def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend) -> None:
+    operands = dict(x=x, weight=weight, bias=bias, residual=residual)
+    check_no_grad("conv2d", **operands)
+    # Checked here, on the tensors the kernel runs on: in a compiled graph those are only known at
+    # run time (tracing sees fake ones), and inductor may have written out in place of a copy.
+    for name, t in operands.items():
+        if t is not None and overlaps(out, t):
+            raise ValueError(f"conv2d: out overlaps {name}; the kernel needs a separate output")
     _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
+    # The Triton and CUDA kernels write through pointers: out's version moves as an in-place op's
+    # would, so that autograd refuses a backward through what out held before.
+    torch.autograd.graph.increment_version(out)
 
 
 def _conv2d_kernel(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
+    check_no_grad("conv2d", x=x, weight=weight, bias=bias, residual=residual)
     return _conv2d_dispatch(x, weight, bias, residual, None, stride, padding, dilation, groups, relu, backend)
 
 
@@ -449,9 +466,6 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
-        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
-            if t is not None and overlaps(out, t):
-                raise ValueError(f"{op}: out overlaps {name}; the kernel needs a separate output")
         _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
         return out
     return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
@@ -502,6 +516,7 @@ def _global_avg_pool_cuda(x: torch.Tensor) -> torch.Tensor:
 
 
 def _global_avg_pool_kernel(x: torch.Tensor, backend: str) -> torch.Tensor:
+    check_no_grad("global_avg_pool", x=x)
     if backend == "cuda":
         return _global_avg_pool_cuda(x)
     if backend == "triton":
@@ -549,6 +564,7 @@ def _empty_add_relu_output(x, y):
 
 
 def _add_relu_kernel(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> torch.Tensor:
+    check_no_grad("add_relu", x=x, y=y)
     out = _empty_add_relu_output(x, y)
     if backend == "triton":
         from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
@@ -612,6 +628,7 @@ def _gap_linear_cuda(x, weight, bias):
 
 
 def _gap_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    check_no_grad("gap_linear", x=x, weight=weight, bias=bias)
     if backend == "cuda":
         return _gap_linear_cuda(x, weight, bias)
     if backend == "triton":

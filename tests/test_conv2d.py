@@ -892,3 +892,57 @@ def test_triton_without_interpreter_needs_cuda_tensors(monkeypatch):
     monkeypatch.setattr(backends, "TRITON_INTERPRETED", False)
     with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors, got a tensor on cpu"):
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), backend="triton")
+
+
+def test_an_out_that_overlaps_an_input_is_refused_in_a_compiled_graph_too():
+    """The compiled graph may hand the op out itself (inductor writes in place where eager would
+    copy): the op checks the tensors it runs on, so the overlap eager refuses is refused there too,
+    or the graph gave the op a buffer of its own and the result is right."""
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, 3, 3)
+
+    def overlapping(big):
+        # The Triton kernel reads x while it writes out (PyTorch's would compute before writing).
+        ops.conv2d(big[:, :8], weight, padding=1, out=big[:, 4:12], backend="triton")
+        return big
+
+    big = torch.randn(2, 16, 6, 6).contiguous(memory_format=CHANNELS_LAST)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        overlapping(big.clone())
+    expected = big.clone()
+    expected[:, 4:12] = F.conv2d(big[:, :8], weight, padding=1)
+    try:
+        got = torch.compile(overlapping, fullgraph=True)(big.clone())
+    except ValueError as error:  # raised inside the compiled graph
+        assert "out overlaps x" in str(error)
+    else:
+        torch.testing.assert_close(got, expected)
+
+
+def test_out_written_by_a_kernel_moves_its_version_as_an_in_place_op_would():
+    """A tensor autograd saved for backward, overwritten through out=: backward must refuse."""
+    a = torch.randn(1, 8, 4, 4, requires_grad=True)
+    saved = torch.exp(a)  # exp's backward reads its output
+    x = torch.randn(1, 8, 4, 4)
+    weight = torch.randn(8, 8, 1, 1)
+    with torch.no_grad():
+        before = saved._version
+        ops.conv2d(x, weight, out=saved, backend="triton")
+    assert saved._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.sum().backward()
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.ops.cnnfast.conv2d(x, torch.randn(2, 3, 1, 1), None, None, [1, 1], [0, 0], [1, 1], 1, False,
+                                       "torch"),
+    lambda x: torch.ops.cnnfast.global_avg_pool(x, "torch"),
+    lambda x: torch.ops.cnnfast.add_relu(x, x, True, "torch"),
+    lambda x: torch.ops.cnnfast.gap_linear(x, torch.randn(2, 3), None, "torch"),
+], ids=["conv2d", "global_avg_pool", "add_relu", "gap_linear"])
+def test_the_ops_called_directly_refuse_inputs_that_require_grad(call):
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad, but cnnfast ops have no backward"):
+        call(x)
+    with torch.no_grad():
+        call(x)

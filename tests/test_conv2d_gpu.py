@@ -123,14 +123,14 @@ def check_tma_kernel_on_layer(module, configs, problem, dtype, config_index):
 
 
 def spatial_takes(problem) -> bool:
-    """The layers of the spatial TMA kernel: larger filters at stride 1, or at a stride that divides
-    the map with C a multiple of the 64-channel block; unpadded strided 1x1 layers."""
+    """The layers of the spatial TMA kernel: larger filters at a stride that divides the map (with
+    a column stride, C a multiple of the 64-channel block); unpadded strided 1x1 layers."""
     if problem.C % 8:
         return False
     if (problem.R, problem.S) == (1, 1):
         return problem.stride != (1, 1) and problem.padding == (0, 0)
     divides = problem.H % problem.stride[0] == 0 and problem.W % problem.stride[1] == 0
-    return problem.stride == (1, 1) or (divides and problem.C % 64 == 0)
+    return divides and (problem.stride[1] == 1 or problem.C % 64 == 0)
 
 
 # The layers the spatial TMA kernel takes, each of its configs in rotation (those that fit with a

@@ -122,6 +122,12 @@ def test_refuses_problems_past_int32_coordinates_and_empty_ones():
     x = torch.empty(1, 8, 4, 4, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
     assert conv2d_spatial.applies(x, weight, None, x, (1, 1), (1, 1), (1, 1))
     assert not conv2d_spatial.applies(x, weight, None, x, (1, 1), (2**30, 2**30), (2**30, 2**30))  # the filter's reach
+    # A tap's reach in the kernel, r*dil + (stride - 1)*pad: 2047 * 2^21 passes int32.
+    tall, column = (torch.empty(shape, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
+                    for shape in ((1, 16, 2048, 1), (16, 16, 3, 1)))
+    one_pixel = torch.empty(1, 16, 1, 1, dtype=torch.float16, device="meta").contiguous(memory_format=CHANNELS_LAST)
+    assert conv2d_spatial.applies(tall, column, None, one_pixel, (2048, 1), (1, 0), (1, 1))
+    assert not conv2d_spatial.applies(tall, column, None, one_pixel, (2048, 1), (2**21, 0), (1, 1))
     empty = torch.empty(0, 8, 3, 3, dtype=torch.float16).contiguous(memory_format=CHANNELS_LAST)
     assert not conv2d_spatial.applies(empty, weight, None, empty, (1, 1), (1, 1), (1, 1))
 

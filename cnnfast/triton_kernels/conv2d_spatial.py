@@ -312,8 +312,9 @@ def applies(x, weight, residual, out, stride, padding, dilation) -> bool:
         return False
     if x.dtype not in (torch.float16, torch.bfloat16) or C % 8 or K % 8 or out.numel() == 0:
         return False
-    # Coordinates, a tile past them, and the filter's reach are int32.
-    if max(*x.shape, *out.shape, *padding, dilation[0] * R, dilation[1] * S) >= 2**31 - 512:
+    # Coordinates, a tile past them, and a tap's reach (r*dil + (stride - 1)*pad in the kernel) are int32.
+    reach = (dilation[0] * R + stride[0] * padding[0], dilation[1] * S + stride[1] * padding[1])
+    if max(*x.shape, *out.shape, *padding, *reach) >= 2**31 - 512:
         return False
     kernel_stride = read_stride(weight, stride, padding)
     if kernel_stride[1] > 1 and not whole_channel_blocks(C):
