@@ -8,9 +8,9 @@ stride (ResNet's downsample convs) is a stride-1 1x1 layer over the pixels it re
 The implicit GEMM (conv2d.py) takes the rows of its A tile, the output pixels, in flat (n, p, q)
 order, so a tile's pixels can span the end of one output row and the start of the next, and each
 reduction step computes every row's input address and a mask for the padding halo. With stride 1
-(strides below) there is another way: take the tile's pixels as a spatial block, BLOCK_IMG images x BLOCK_H output
-rows x BLOCK_W output columns starting at (n0, p0, q0). For the filter tap (r, s), the inputs
-those pixels read are then themselves one block of x,
+(strides below) there is another way: take the tile's pixels as a spatial block, BLOCK_IMG images
+x BLOCK_H output rows x BLOCK_W output columns starting at (n0, p0, q0). For the filter tap (r,
+s), the inputs those pixels read are then themselves one block of x,
 
     x[n0 : n0 + BLOCK_IMG, p0 - pad_h + r*dil_h : ... + BLOCK_H, q0 - pad_w + s*dil_w : ... + BLOCK_W, c0 : c0 + BLOCK_K]
 
