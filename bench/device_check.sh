@@ -117,7 +117,8 @@ fi
 NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_torch_triton.py tests/test_cudnn_fused.py
   tests/test_reliability_gpu.py tests/test_gap_linear.py tests/test_optimize.py tests/test_global_avg_pool.py)
 # The Triton TMA conv kernels' cases (conv2d_pointwise.py, conv2d_spatial.py), which have never run
-# on a GPU, first and in a step of their own.
+# on a GPU, first and in a step of their own (98 spatial and 82 pointwise per-layer cases, each
+# compiling its config: 180 s).
 TMA_GPU_TESTS="triton_pointwise or triton_spatial or triton_tma or (past_2_31 and tma)"
 # A step's result file from an earlier run into the same folder would be summed with this run's.
 selected gpu-tests-tma && rm -f "$OUT/gpu_tests_tma.xml"
@@ -127,7 +128,7 @@ selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
 selected gpu-tests-cudnn && rm -f "$OUT/gpu_tests_cudnn.xml"
 # The CUDA extension's cases (ids with "cuda") in a step of their own: a fault in a kernel that has
 # never run on a GPU leaves its worker's CUDA context failing every case after it.
-step gpu-tests-tma 150 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "$TMA_GPU_TESTS" -q -n 4 -p no:cacheprovider \
+step gpu-tests-tma 180 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "$TMA_GPU_TESTS" -q -n 4 -p no:cacheprovider \
   --junitxml="$OUT/gpu_tests_tma.xml"
 step gpu-tests-new 150 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu \
   -k "not cuda and not cudnn_fused and not ($TMA_GPU_TESTS)" -q -n 4 -p no:cacheprovider --junitxml="$OUT/gpu_tests_new.xml"
