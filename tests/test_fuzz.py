@@ -8,15 +8,19 @@ Two value modes per example:
 - random normal values, compared with the tolerance table (cnnfast.testing).
 
 Hypothesis runs derandomized (the same examples on every run), CNNFAST_FUZZ_EXAMPLES examples
-per op (default 200). The interpreter is slow, so shapes stay tiny: at the default the file takes
-25-40 s on a 2-core CPU, conv2d most of it (`--hypothesis-show-statistics` shows how many
-examples were kernels larger than the padded input, which must raise, and how many batch 0).
+per op (default 200), and half as many again for the convolutions the TMA kernels may take. The
+interpreter is slow, so shapes stay tiny: at the default the file takes about 90 s on a
+2-core CPU, conv2d most of it (`--hypothesis-show-statistics` shows how many examples were
+kernels larger than the padded input, which must raise, and how many batch 0, and which kernel
+the TMA examples expected).
 """
+import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from cnnfast import backends, ops
@@ -107,6 +111,109 @@ def test_conv2d(data):
     check(result, reference_conv2d(conv, x, weight, bias, res, relu), "conv", exact)
     if into_slice:
         assert result is out
+        assert big[:, :first].isnan().all() and big[:, first + k :].isnan().all()
+
+
+def nan_map_holding(t, layout):
+    """t's values in channels_last memory, "dense", or as a view of a larger NaN-filled channels_last
+    map: "crop" (rows 1.., columns 2..) or "channel_slice" (channels 8.. of C + 16)."""
+    n, c, h, w = t.shape
+    if layout == "dense":
+        return t.contiguous(memory_format=torch.channels_last)
+    extra = (0, 2, 3) if layout == "crop" else (16, 0, 0)
+    big = nan_output((n, c + extra[0], h + extra[1], w + extra[2]), t.dtype)
+    view = big[:, 8 : 8 + c] if layout == "channel_slice" else big[:, :, 1 : 1 + h, 2 : 2 + w]
+    view.copy_(t)
+    return view
+
+
+def tma_kernel_expected(conv: Conv, x_layout: str, out_aligned: bool) -> str:
+    """Which kernel the documented conditions give a float16/bfloat16 layer with C and K multiples
+    of 8 and a channels_last weight: conv2d_pointwise for unpadded 1x1 stride-1 layers over pixel
+    rows (a dense map or a channel slice of one, a crop only along one dimension);
+    conv2d_spatial for larger filters at a stride that divides the map (with a column stride: a
+    row's pixels dense, so no channel slice, and C a multiple of the interpreter's 16-channel
+    block) and for unpadded strided 1x1 layers; the implicit GEMM otherwise, and wherever out is
+    a channel slice off the 16-byte grid."""
+    one_by_one = (conv.r, conv.s) == (1, 1)
+    unpadded = tuple(conv.padding) == (0, 0)
+    stride_h, stride_w = conv.stride
+    if not out_aligned or conv.n == 0:
+        return "implicit_gemm"
+    if one_by_one and (stride_h, stride_w) == (1, 1):
+        # A crop's pixels are rows one pitch apart only along one dimension of more than one pixel.
+        rows = x_layout != "crop" or sum(size > 1 for size in (conv.n, conv.h, conv.w)) <= 1
+        return "conv2d_pointwise" if unpadded and rows else "implicit_gemm"
+    if one_by_one:
+        return "conv2d_spatial" if unpadded else "implicit_gemm"
+    divides = conv.h % stride_h == 0 and conv.w % stride_w == 0
+    merged = stride_w == 1 or (x_layout != "channel_slice" and conv.c % 16 == 0)
+    return "conv2d_spatial" if divides and merged else "implicit_gemm"
+
+
+@fuzz_settings(EXAMPLES // 2)
+@given(data=st.data())
+def test_conv2d_where_the_tma_kernels_may_run(data):
+    """Random problems of the kind the TMA kernels take or narrowly refuse: float16/bfloat16,
+    channels_last weight, C and K multiples of 8, 1x1 to 5x5 filters at strides 1 to 3 on maps
+    that the stride divides or not, x dense, cropped or a channel slice of a NaN-filled map, out
+    new or a channel slice on or off the 16-byte grid. The result must match float64 and the
+    kernel that ran must be the one tma_kernel_expected names."""
+    from cnnfast.triton_kernels import conv2d_pointwise, conv2d_spatial
+
+    draw = data.draw
+    # Each kind of layer as likely as the others; the sizes then decide which kernel takes it.
+    kind = draw(st.sampled_from(("1x1", "strided 1x1", "filter", "strided filter")))
+    n = draw(st.sampled_from((1, 2, 3)))
+    c, k = 8 * draw(st.integers(1, 6)), 8 * draw(st.integers(1, 5))
+    if kind.endswith("1x1"):
+        r = s = 1
+        padding = (draw(st.sampled_from((0, 0, 0, 1))),) * 2
+    else:
+        r, s = draw(st.sampled_from((1, 2, 3, 5))), draw(st.sampled_from((2, 3, 5)))
+        padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    stride = (draw(st.sampled_from((1, 2, 3))), draw(st.sampled_from((2, 3)))) if kind.startswith("strided") else (1, 1)
+    h, w = (stride[0] * draw(st.integers(1, 5)) + draw(st.sampled_from((0, 0, 0, 1))),
+            stride[1] * draw(st.integers(1, 5)) + draw(st.sampled_from((0, 0, 0, 1))))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    conv = Conv(n, c, h, w, k, r, s, stride, padding, dilation)
+    # A filter larger than the padded input is an error, which test_conv2d covers.
+    assume(h + 2 * padding[0] > dilation[0] * (r - 1) and w + 2 * padding[1] > dilation[1] * (s - 1))
+    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    exact, relu, residual = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    x_layout = draw(st.sampled_from(("dense", "crop", "channel_slice")))
+    first, after = draw(st.sampled_from(((None, None), (0, 8), (8, 0), (3, 5), (8, 4))))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    if exact:
+        x, weight, bias = integers((n, c, h, w), -3, 3), integers((k, c, r, s), -2, 2), integers((k,), -3, 3)
+        res = integers(conv.output_shape(), -3, 3) if residual else None
+    else:
+        x, weight, bias, res = make_inputs(conv, dtype, residual=residual)
+    x = nan_map_holding(x.to(dtype), x_layout)
+    weight = weight.to(dtype).contiguous(memory_format=torch.channels_last)
+    res = None if res is None else res.to(dtype).contiguous(memory_format=torch.channels_last)
+    out, big = None, None
+    p, q = conv.output_shape()[2:]
+    if first is not None:
+        big = nan_output((n, first + k + after, p, q), dtype)
+        out = big[:, first : first + k]
+    # A single output pixel has no pitch to align.
+    out_aligned = first is None or (first % 8 == 0 and ((first + k + after) % 8 == 0 or n * p * q == 1))
+    expected_kernel = tma_kernel_expected(conv, x_layout, out_aligned)
+    event(kind)
+    event(expected_kernel + (" (strided filter)" if (r, s) != (1, 1) and stride != (1, 1)
+                             and expected_kernel != "implicit_gemm" else ""))
+    launched = []
+    with contextlib.ExitStack() as stack:
+        for module in (conv2d_pointwise, conv2d_spatial):
+            launch = module.launch
+            name = module.__name__.rsplit(".", 1)[-1]
+            recorded = lambda *a, _launch=launch, _name=name, **kw: launched.append(_name) or _launch(*a, **kw)
+            stack.enter_context(mock.patch.object(module, "launch", recorded))
+        result = run_conv2d(conv, x, weight, bias, res, relu, out=out)
+    assert launched == ([] if expected_kernel == "implicit_gemm" else [expected_kernel]), (conv, x_layout, first)
+    check(result, reference_conv2d(conv, x, weight, bias, res, relu), "conv", exact)
+    if big is not None:
         assert big[:, :first].isnan().all() and big[:, first + k :].isnan().all()
 
 
