@@ -11,11 +11,14 @@ from cnnfast.backends import cuda_extension, resolve_backend
 from cnnfast.layout import pixel_rows
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The integer codes of kernels/cuda/dtype.h.
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 # The ops' library. Each op is defined by its schema and registered with PyTorch's dispatcher
 # directly: one kernel for every device (CompositeExplicitAutograd) and a fake one for tracing.
 # torch.library.custom_op would wrap each call in about 20 us of Python (autograd and aliasing
-# checks, measured on a 2-core CPU), as long as a small layer's kernel; the public functions
-# below already refuse inputs that require grad, and the kernels return new tensors.
+# checks, measured on a 2-core CPU), as long as a small layer's kernel; the kernels refuse inputs
+# that require grad themselves (check_no_grad), and return new tensors or bump out's version.
 LIBRARY = torch.library.Library("cnnfast", "DEF")
 
 
@@ -26,8 +29,6 @@ def define_op(schema: str, kernel, fake):
     LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"cnnfast::{name}", fake, lib=LIBRARY)
     return getattr(torch.ops.cnnfast, name).default
-# The integer codes of kernels/cuda/dtype.h.
-CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def check_float_tensor(op: str, name: str, t) -> None:
