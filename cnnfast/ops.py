@@ -31,40 +31,68 @@ def define_op(schema: str, kernel, fake):
     return getattr(torch.ops.cnnfast, name).default
 
 
-def check_float_tensor(op: str, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
-    check_no_grad(op, **{name: t})
+def dispatcher_needed(*tensors) -> bool:
+    """Whether a call must go through PyTorch's dispatcher: while torch.compile or torch.jit traces
+    it, under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx), a functorch transform or
+    the profiler (whose trace then names the cnnfast op), with a tensor subclass, or with meta
+    tensors (which the dispatcher sends to the op's fake implementation). Otherwise the
+    public functions call the op's kernel themselves: the dispatcher's boxed call of a Python
+    kernel costs 7-20 us per call on a 2-core CPU, as long as a small layer's GPU kernel."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active() or torch.autograd._profiler_enabled()):
+        return True
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor or t.is_meta):
+            return True
+    return False
+
+
+def check_float_tensors(op: str, **tensors) -> None:
+    """Each tensor given (None: an absent optional one) is a torch.Tensor of a float dtype that does
+    not require grad where grad is enabled, and all are on one device. One pass over them: the
+    checks run on every call, and a small layer's kernel takes about as long as a few of them."""
+    grad_enabled = torch.is_grad_enabled()
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if grad_enabled and t.requires_grad:
+            raise_requires_grad(op, name)
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+            raise RuntimeError(f"{op}: all tensors must be on one device, got {listing}")
 
 
 def check_no_grad(op: str, **tensors) -> None:
     """Refuses inputs that require grad where grad is enabled: the ops have no backward. The public
-    functions check first; each op's kernel checks again, for calls of torch.ops.cnnfast.* (the
-    ops have no autograd kernel, whose absence would only warn at backward)."""
+    functions check first (check_float_tensors); each op's kernel checks again, for calls of
+    torch.ops.cnnfast.* (the ops have no autograd kernel, whose absence would only warn at backward)."""
     if not torch.is_grad_enabled():
         return
     for name, t in tensors.items():
         if t is not None and t.requires_grad:
-            raise RuntimeError(
-                f"{op}: {name} requires grad, but cnnfast ops have no backward; "
-                "run under torch.no_grad() or torch.inference_mode()"
-            )
+            raise_requires_grad(op, name)
 
 
-def check_same_device(op: str, **tensors) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise RuntimeError(f"{op}: all tensors must be on one device, got {listing}")
+def raise_requires_grad(op: str, name: str):
+    raise RuntimeError(
+        f"{op}: {name} requires grad, but cnnfast ops have no backward; run under torch.no_grad() or torch.inference_mode()"
+    )
 
 
 def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    """An int or a pair of ints (a tuple or list; bools are not ints here), each at least `minimum`."""
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if (len(pair) != 2 or not (isinstance(pair[0], int) and isinstance(pair[1], int))
+            or isinstance(pair[0], bool) or isinstance(pair[1], bool)):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
+    if pair[0] < minimum or pair[1] < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
     return pair
 
@@ -118,7 +146,8 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
     A float16/bfloat16 1x1 stride-1 conv on channels_last input (the bottleneck's reduce and expand
     layers, and the fully connected layers run as 1x1 convs) is one cuBLAS matrix product: addmm
     with the bias (cuBLASLt adds it in the GEMM's epilogue) or with the residual as the GEMM's C.
-    Any other layer runs cuDNN's convolution, then adds the float32 bias and the residual in place.
+    Any other layer runs cuDNN's convolution (with the bias when it is in x's dtype), then adds a
+    float32 bias to a half-precision result and the residual in place.
     ReLU is torch.relu_ (NaN stays NaN; cuBLASLt's ReLU epilogue is not used). No float32 copy of
     the output is made, so this stays at least as fast as eager PyTorch when backend=None picks it."""
     gemm = _pointwise_gemm_operands(x, weight, residual, stride, padding, groups)
@@ -135,9 +164,12 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
         if residual_rows is not None and bias is not None:
             y.add_(bias.view(1, -1, 1, 1))
     else:
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        if bias is not None:
-            y.add_(bias.view(1, -1, 1, 1))  # a float32 bias adds in float32 and rounds once to x's dtype
+        # A bias in x's dtype rides in the convolution; a float32 one on a half-precision layer is
+        # added after it, in float32, rounding once to x's dtype.
+        fused_bias = bias is not None and bias.dtype == x.dtype
+        y = F.conv2d(x, weight, bias if fused_bias else None, stride, padding, dilation, groups)
+        if bias is not None and not fused_bias:
+            y.add_(bias.view(1, -1, 1, 1))
         if residual is not None:
             y.add_(residual)
     return y.relu_() if relu else y
@@ -406,12 +438,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     "torch", or None for the default of x's device.
     """
     op = "conv2d"
-    check_float_tensor(op, "x", x)
-    check_float_tensor(op, "weight", weight)
-    for name, t in (("bias", bias), ("residual", residual), ("out", out)):
-        if t is not None:
-            check_float_tensor(op, name, t)
-    check_same_device(op, x=x, weight=weight, bias=bias, residual=residual, out=out)
+    check_float_tensors(op, x=x, weight=weight, bias=bias, residual=residual, out=out)
     if x.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D with shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -467,9 +494,11 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
-        _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
+        call = _conv2d_out_op if dispatcher_needed(x, weight, bias, residual, out) else _conv2d_out_kernel
+        call(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
         return out
-    return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
+    call = _conv2d_op if dispatcher_needed(x, weight, bias, residual) else _conv2d_kernel
+    return call(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
 
 
 def fold_bn(conv_weight: torch.Tensor, conv_bias, bn: torch.nn.BatchNorm2d):
@@ -540,9 +569,10 @@ def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
     `torch.mean`. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "global_avg_pool"
-    check_float_tensor(op, "x", x)
+    check_float_tensors(op, x=x)
     check_poolable(op, x)
-    return _global_avg_pool_op(x, resolve_backend(op, x, backend))
+    call = _global_avg_pool_op if dispatcher_needed(x) else _global_avg_pool_kernel
+    return call(x, resolve_backend(op, x, backend))
 
 
 def check_poolable(op: str, x: torch.Tensor) -> None:
@@ -597,16 +627,15 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
     channels_last otherwise. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "add_relu"
-    check_float_tensor(op, "x", x)
-    check_float_tensor(op, "y", y)
-    check_same_device(op, x=x, y=y)
+    check_float_tensors(op, x=x, y=y)
     if x.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
     if y.shape != x.shape:
         raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.dtype != x.dtype:
         raise TypeError(f"{op}: x dtype {x.dtype} and y dtype {y.dtype} differ")
-    return _add_relu_op(x, y, bool(relu), resolve_backend(op, x, backend))
+    call = _add_relu_op if dispatcher_needed(x, y) else _add_relu_kernel
+    return call(x, y, bool(relu), resolve_backend(op, x, backend))
 
 
 # ---------------------------------------------------------------- global average pooling + linear
@@ -664,11 +693,7 @@ def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None
     2 * N * C * out_features. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
     op = "gap_linear"
-    check_float_tensor(op, "x", x)
-    check_float_tensor(op, "weight", weight)
-    if bias is not None:
-        check_float_tensor(op, "bias", bias)
-    check_same_device(op, x=x, weight=weight, bias=bias)
+    check_float_tensors(op, x=x, weight=weight, bias=bias)
     check_poolable(op, x)
     if weight.dim() != 2:
         raise ValueError(
@@ -685,4 +710,5 @@ def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None
         raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
     if bias is not None and bias.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
-    return _gap_linear_op(x, weight, bias, resolve_backend(op, x, backend))
+    call = _gap_linear_op if dispatcher_needed(x, weight, bias) else _gap_linear_kernel
+    return call(x, weight, bias, resolve_backend(op, x, backend))

@@ -55,7 +55,18 @@ def fastest_layer_backend(times_ms: dict) -> str | None:
 
 def local_table_path() -> Path:
     """Where `cnnfast tune` keeps this machine's measurements."""
-    return Path(os.environ.get("CNNFAST_TUNING_FILE", Path.home() / ".cache" / "cnnfast" / "tuning.json"))
+    return Path(local_table_name())
+
+
+def local_table_name() -> str:
+    """local_table_path() as a string, worked out once per CNNFAST_TUNING_FILE setting and home
+    directory: every call with backend=None asks, and Path.home() alone takes about 15 us."""
+    return _local_table_name(os.environ.get("CNNFAST_TUNING_FILE"), os.environ.get("HOME"))
+
+
+@functools.lru_cache(maxsize=8)
+def _local_table_name(setting: str | None, home: str | None) -> str:
+    return setting if setting is not None else str(Path.home() / ".cache" / "cnnfast" / "tuning.json")
 
 
 def read_table(path: Path) -> dict:
@@ -78,7 +89,7 @@ def _table_at(local_path: str) -> dict:
 def tuning_table() -> dict:
     """The packaged table with the local one (cnnfast tune's) over it; read once per local path
     (save_local_choices rereads it)."""
-    return _table_at(str(local_table_path()))
+    return _table_at(local_table_name())
 
 
 def save_local_choices(choices: dict) -> Path:
@@ -114,7 +125,7 @@ def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, 
     answer as a constant of the graph instead of tracing the table's file reading and caches."""
     gpu = _device_name(device_index)
     if layer_key is not None:
-        chosen = _layer_backend(str(local_table_path()), gpu, dtype, layer_key, batch)
+        chosen = _layer_backend(local_table_name(), gpu, dtype, layer_key, batch)
         if chosen is not None:
             return chosen
     return tuning_table().get(gpu, {}).get(op, {}).get(dtype, "torch")

@@ -646,6 +646,8 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
     "stride-zero": (dict(stride=0), ValueError, "stride must be >= 1"),
     "stride-negative": (dict(stride=(1, -2)), ValueError, "stride must be >= 1"),
     "stride-triple": (dict(stride=(1, 1, 1)), TypeError, "stride must be an int or a pair of ints"),
+    "stride-float": (dict(stride=1.5), TypeError, r"stride must be an int or a pair of ints, got 1\.5"),
+    "padding-bool": (dict(padding=(1, True)), TypeError, r"padding must be an int or a pair of ints, got \(1, True\)"),
     "dilation-zero": (dict(dilation=(0, 1)), ValueError, "dilation must be >= 1"),
     "padding-negative": (dict(padding=-1), ValueError, "padding must be >= 0"),
     "groups-not-dividing": (dict(groups=3), ValueError, "groups=3 must divide the input channels 4"),

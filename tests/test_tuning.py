@@ -272,3 +272,14 @@ def test_tune_table_shows_times_choice_and_kernels():
     assert headers == ("layer", "problem", "torch ms", "triton ms", "cuda ms", "backend=None", "kernels")
     assert rows == [("conv0", tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)), "1.000", "0.500",
                      "0.600", "triton", "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-fprop-128x64x64")]
+
+
+def test_local_table_path_follows_the_environment(monkeypatch, tmp_path):
+    # Worked out once per setting and home directory, so a change of either still takes effect.
+    monkeypatch.delenv("CNNFAST_TUNING_FILE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "a"))
+    assert tuning.local_table_path() == tmp_path / "a" / ".cache" / "cnnfast" / "tuning.json"
+    monkeypatch.setenv("HOME", str(tmp_path / "b"))
+    assert tuning.local_table_path() == tmp_path / "b" / ".cache" / "cnnfast" / "tuning.json"
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", str(tmp_path / "mine.json"))
+    assert tuning.local_table_path() == tmp_path / "mine.json"

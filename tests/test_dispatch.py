@@ -1,0 +1,115 @@
+"""Eager calls of the public ops run their kernels directly; tracing, dispatch modes, the profiler,
+meta tensors and tensor subclasses go through PyTorch's dispatcher (ops.dispatcher_needed).
+
+Each test replaces the kernel functions the public wrappers call directly with ones that raise.
+The registered ops keep the original kernels, so a call that succeeds went through the dispatcher,
+and one that raises "direct call" did not."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from cnnfast import ops
+
+KERNELS = ("_conv2d_kernel", "_conv2d_out_kernel", "_global_avg_pool_kernel", "_add_relu_kernel", "_gap_linear_kernel")
+
+
+class DirectCall(Exception):
+    pass
+
+
+@pytest.fixture
+def direct_calls_raise(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise DirectCall("direct call")
+
+    for name in KERNELS:
+        monkeypatch.setattr(ops, name, refuse)
+
+
+def inputs(device="cpu"):
+    x = torch.randn(2, 8, 5, 5, device=device).to(memory_format=torch.channels_last)
+    return x, torch.randn(8, 8, 3, 3, device=device), torch.randn(8, device=device), torch.randn(4, 8, device=device)
+
+
+def every_op(x, weight, bias, linear):
+    """Runs each public op once (conv2d with and without out=); returns the results."""
+    out = torch.empty(2, 8, 5, 5, device=x.device)
+    return [
+        ops.conv2d(x, weight, bias, padding=1, relu=True),
+        ops.conv2d(x, weight, bias, padding=1, relu=True, out=out),
+        ops.global_avg_pool(x),
+        ops.add_relu(x, x),
+        ops.gap_linear(x, linear),
+    ]
+
+
+# The public call of each op, by the name of the op it reaches.
+CALLS = {
+    "conv2d": lambda x, w, b, lin: ops.conv2d(x, w, b, padding=1, relu=True),
+    "conv2d_out": lambda x, w, b, lin: ops.conv2d(x, w, b, padding=1, out=torch.empty(2, 8, 5, 5, device=x.device)),
+    "global_avg_pool": lambda x, w, b, lin: ops.global_avg_pool(x),
+    "add_relu": lambda x, w, b, lin: ops.add_relu(x, x),
+    "gap_linear": lambda x, w, b, lin: ops.gap_linear(x, lin),
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_an_eager_call_runs_the_kernel_directly(direct_calls_raise, call):
+    with pytest.raises(DirectCall):
+        call(*inputs())
+    with torch.no_grad(), pytest.raises(DirectCall):
+        call(*inputs())
+    with torch.inference_mode(), pytest.raises(DirectCall):
+        call(*inputs())
+
+
+def test_the_direct_calls_give_the_dispatched_results():
+    x, weight, bias, linear = inputs()
+    direct = every_op(x, weight, bias, linear)
+    with torch.profiler.profile():  # the profiler sends every call through the dispatcher
+        dispatched = every_op(x, weight, bias, linear)
+    for a, b in zip(direct, dispatched):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op, call", CALLS.items(), ids=CALLS.keys())
+def test_the_profiler_sees_the_cnnfast_op(direct_calls_raise, op, call):
+    with torch.profiler.profile() as prof:
+        call(*inputs())
+    assert f"cnnfast::{op}" in {event.name for event in prof.events()}
+
+
+def test_flop_counter_mode_counts_through_the_dispatcher(direct_calls_raise):
+    x, weight, bias, linear = inputs()
+    with FlopCounterMode(display=False) as counter:
+        ops.conv2d(x, weight, bias, padding=1, relu=True)
+        ops.gap_linear(x, linear)
+    assert counter.get_total_flops() == 2 * 2 * 8 * 5 * 5 * 8 * 3 * 3 + 2 * 2 * 8 * 4
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_meta_tensors_reach_the_fake_implementation(direct_calls_raise, call):
+    assert call(*inputs("meta")).device.type == "meta"
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_fake_tensors_reach_the_fake_implementation(direct_calls_raise, call):
+    with FakeTensorMode():
+        call(*inputs())
+
+
+def test_make_fx_records_the_cnnfast_ops(direct_calls_raise):
+    graph = make_fx(lambda x, w, b, lin: every_op(x, w, b, lin))(*inputs())
+    targets = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    for op in ("conv2d", "conv2d_out", "global_avg_pool", "add_relu", "gap_linear"):
+        assert f"cnnfast.{op}.default" in targets, targets
+
+
+def test_torch_compile_traces_the_ops(direct_calls_raise):
+    compiled = torch.compile(lambda x, w, b, lin: every_op(x, w, b, lin), backend="eager", fullgraph=True)
+    x, weight, bias, linear = inputs()
+    with torch.no_grad():
+        results = compiled(x, weight, bias, linear)
+    assert [tuple(r.shape) for r in results] == [(2, 8, 5, 5), (2, 8, 5, 5), (2, 8), (2, 8, 5, 5), (2, 4)]
