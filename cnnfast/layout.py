@@ -17,11 +17,12 @@ def pixel_rows(t: torch.Tensor):
     tensor (pitch C) or a channel slice of a wider one (pitch: the wider tensor's channels).
     None for any other layout."""
     n, c, h, w = t.shape
-    if (c > 1 and t.stride(1) != 1) or t.data_ptr() % TMA_ALIGNMENT:
+    stride_n, stride_c, stride_h, stride_w = t.stride()
+    if (c > 1 and stride_c != 1) or t.data_ptr() % TMA_ALIGNMENT:
         return None
     pitch = None
     span = 1  # pixels covered by the dimensions inside this one
-    for size, stride in ((w, t.stride(3)), (h, t.stride(2)), (n, t.stride(0))):
+    for size, stride in ((w, stride_w), (h, stride_h), (n, stride_n)):
         if size > 1:
             pitch = pitch if pitch is not None else stride
             if stride != span * pitch:
@@ -42,12 +43,13 @@ def pixel_grid(t: torch.Tensor):
     coordinate is always 0, gets the stride it would have in a dense tensor: the next inner stride
     times its extent (aligned, and at least the span)."""
     n, c, h, w = t.shape
-    if (c > 1 and t.stride(1) != 1) or t.data_ptr() % TMA_ALIGNMENT:
+    stride_n, stride_c, stride_h, stride_w = t.stride()
+    if (c > 1 and stride_c != 1) or t.data_ptr() % TMA_ALIGNMENT:
         return None
-    strides, span, dense = [], c, c
-    for extent, stride in ((w, t.stride(3)), (h, t.stride(2)), (n, t.stride(0))):
+    strides, span, dense, element_size = [], c, c, t.element_size()
+    for extent, stride in ((w, stride_w), (h, stride_h), (n, stride_n)):
         stride = stride if extent > 1 else dense
-        if stride < span or stride * t.element_size() % TMA_ALIGNMENT:
+        if stride < span or stride * element_size % TMA_ALIGNMENT:
             return None
         strides.append(stride)
         span += stride * (extent - 1)
