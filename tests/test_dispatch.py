@@ -1,5 +1,6 @@
-"""Eager calls of the public ops run their kernels directly; tracing, dispatch modes, the profiler,
-meta tensors and tensor subclasses go through PyTorch's dispatcher (ops.dispatcher_needed).
+"""Eager calls of the public ops run their kernels directly; tracing, dispatch and function modes,
+the profiler, meta tensors and tensor subclasses go through PyTorch's dispatcher
+(ops.dispatcher_needed).
 
 Each test replaces the kernel functions the public wrappers call directly with ones that raise.
 The registered ops keep the original kernels, so a call that succeeds went through the dispatcher,
@@ -79,6 +80,13 @@ def test_the_profiler_sees_the_cnnfast_op(direct_calls_raise, op, call):
     with torch.profiler.profile() as prof:
         call(*inputs())
     assert f"cnnfast::{op}" in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_a_function_mode_sees_the_cnnfast_op(direct_calls_raise, call):
+    # torch.device(...) as a context manager is a function mode.
+    with torch.device("cpu"):
+        call(*inputs())
 
 
 def test_flop_counter_mode_counts_through_the_dispatcher(direct_calls_raise):
