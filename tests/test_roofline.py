@@ -18,7 +18,7 @@ COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 
 MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
 POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
               "percent_of_bound", "kernel"}
-CEILING_KEYS = {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "measured_at"}
+CEILING_KEYS = {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"}
 
 
 def test_flops_and_bytes_of_a_3x3_layer():
@@ -58,12 +58,12 @@ def test_point_at_half_its_bound():
 
 def test_roofline_json_schema():
     ceiling = {"device": "CPU test", "dtype": "bf16", "matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11,
-               "measured_at": "2026-01-01T00:00:00+00:00"}
+               "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
     point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
     assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
                          "points"}
-    assert data["schema"] == "cnnfast.roofline/2"
+    assert data["schema"] == "cnnfast.roofline/3"
     assert (data["dtype"], data["device"], data["ridge_intensity"]) == ("bf16", "CPU test", 10)
     assert set(data["ceilings"]) == CEILING_KEYS
     assert [set(p) for p in data["points"]] == [POINT_KEYS]
@@ -95,6 +95,29 @@ def test_ceilings_are_measured_once_and_read_back(tmp_path, monkeypatch):
     assert ceilings("cpu", torch.float32) == first
     cached = json.loads((tmp_path / "ceilings.json").read_text())
     assert list(cached.values()) == [first]
+
+
+def test_a_cached_ceiling_timed_another_way_is_measured_again(tmp_path, monkeypatch):
+    # An entry without the current method (a median of a few runs, say, which a busy machine drags
+    # down) would put every measured layer above its roof.
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
+    key = f"{roofline.device_name('cpu')} / fp32"
+    stale = {"device": "CPU", "dtype": "fp32", "matmul_flop_per_s": 1.0, "copy_bytes_per_s": 1.0,
+             "measured_at": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / "ceilings.json").write_text(json.dumps({key: stale}))
+    measured = dict(stale, matmul_flop_per_s=2.0, method=roofline.CEILING_METHOD)
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: measured)
+    assert ceilings("cpu", torch.float32) == measured
+    assert json.loads((tmp_path / "ceilings.json").read_text()) == {key: measured}
+
+
+def test_ceilings_take_the_fastest_run(monkeypatch):
+    # A run slowed by other work must not lower a ceiling: the 10 ms run below is the one that counts.
+    clock = iter(t for pair in [(0.0, 0.5), (1.0, 1.01), (2.0, 2.3)] * 10 for t in pair)
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(clock))
+    assert roofline.time_ms(lambda: None, "cpu", warmup=0, reps=3, fastest=True) == pytest.approx(10.0)
+    clock = iter(t for pair in [(0.0, 0.5), (1.0, 1.01), (2.0, 2.3)] * 10 for t in pair)
+    assert roofline.time_ms(lambda: None, "cpu", warmup=0, reps=3) == pytest.approx(300.0)
 
 
 def test_cpu_timer_is_sane_and_repeatable():
