@@ -36,9 +36,9 @@ def dispatcher_needed(*tensors) -> bool:
     it, under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx) or a function mode (a
     `with torch.device(...)` block is one), a functorch transform or the profiler (whose trace then
     names the cnnfast op), with a tensor subclass, or with meta tensors (which the dispatcher
-    sends to the op's fake implementation). Otherwise the
-    public functions call the op's kernel themselves: the dispatcher's boxed call of a Python
-    kernel costs 7-20 us per call on a 2-core CPU, as long as a small layer's GPU kernel."""
+    sends to the op's fake implementation). Otherwise the public functions call the op's kernel
+    themselves: the dispatcher's boxed call of a Python kernel costs 7-20 us per call on a 2-core
+    CPU, as long as a small layer's GPU kernel."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
             or torch.autograd._profiler_enabled()):
