@@ -22,16 +22,27 @@ CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LIBRARY = torch.library.Library("cnnfast", "DEF")
 
 
-def define_op(schema: str, kernel, fake):
-    """Defines cnnfast::<name> by its schema, with kernel and fake; returns its overload."""
+class Op:
+    """A cnnfast op as the public functions call it: through its dispatcher overload where
+    dispatcher_needed says so, else its kernel directly."""
+
+    def __init__(self, overload, kernel):
+        self.overload, self.kernel = overload, kernel
+
+    def __call__(self, *args):
+        return self.overload(*args) if dispatcher_needed(*args) else self.kernel(*args)
+
+
+def define_op(schema: str, kernel, fake) -> Op:
+    """Defines cnnfast::<name> by its schema, with kernel and fake."""
     name = schema.split("(", 1)[0]
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"cnnfast::{name}", fake, lib=LIBRARY)
-    return getattr(torch.ops.cnnfast, name).default
+    return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
 
-def dispatcher_needed(*tensors) -> bool:
+def dispatcher_needed(*args) -> bool:
     """Whether a call must go through PyTorch's dispatcher: while torch.compile or torch.jit traces
     it, under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx) or a function mode (a
     `with torch.device(...)` block is one), a functorch transform or the profiler (whose trace then
@@ -43,8 +54,8 @@ def dispatcher_needed(*tensors) -> bool:
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
             or torch.autograd._profiler_enabled()):
         return True
-    for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or t.is_meta):
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and (type(arg) is not torch.Tensor or arg.is_meta):
             return True
     return False
 
@@ -496,11 +507,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     if out is not None:
         if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
             raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
-        call = _conv2d_out_op if dispatcher_needed(x, weight, bias, residual, out) else _conv2d_out_kernel
-        call(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
+        _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
         return out
-    call = _conv2d_op if dispatcher_needed(x, weight, bias, residual) else _conv2d_kernel
-    return call(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
+    return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
 
 
 def fold_bn(conv_weight: torch.Tensor, conv_bias, bn: torch.nn.BatchNorm2d):
@@ -573,8 +582,7 @@ def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
     op = "global_avg_pool"
     check_float_tensors(op, x=x)
     check_poolable(op, x)
-    call = _global_avg_pool_op if dispatcher_needed(x) else _global_avg_pool_kernel
-    return call(x, resolve_backend(op, x, backend))
+    return _global_avg_pool_op(x, resolve_backend(op, x, backend))
 
 
 def check_poolable(op: str, x: torch.Tensor) -> None:
@@ -636,8 +644,7 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
         raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.dtype != x.dtype:
         raise TypeError(f"{op}: x dtype {x.dtype} and y dtype {y.dtype} differ")
-    call = _add_relu_op if dispatcher_needed(x, y) else _add_relu_kernel
-    return call(x, y, bool(relu), resolve_backend(op, x, backend))
+    return _add_relu_op(x, y, bool(relu), resolve_backend(op, x, backend))
 
 
 # ---------------------------------------------------------------- global average pooling + linear
@@ -712,5 +719,4 @@ def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None
         raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
     if bias is not None and bias.dtype not in (torch.float32, x.dtype):
         raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
-    call = _gap_linear_op if dispatcher_needed(x, weight, bias) else _gap_linear_kernel
-    return call(x, weight, bias, resolve_backend(op, x, backend))
+    return _gap_linear_op(x, weight, bias, resolve_backend(op, x, backend))

@@ -2,8 +2,8 @@
 the profiler, meta tensors and tensor subclasses go through PyTorch's dispatcher
 (ops.dispatcher_needed).
 
-Each test replaces the kernel functions the public wrappers call directly with ones that raise.
-The registered ops keep the original kernels, so a call that succeeds went through the dispatcher,
+Each test replaces the kernel each op calls directly (ops.Op.kernel) with one that raises. The
+registered ops keep the original kernels, so a call that succeeds went through the dispatcher,
 and one that raises "direct call" did not."""
 import pytest
 import torch
@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cnnfast import ops
 
-KERNELS = ("_conv2d_kernel", "_conv2d_out_kernel", "_global_avg_pool_kernel", "_add_relu_kernel", "_gap_linear_kernel")
+OPS = (ops._conv2d_op, ops._conv2d_out_op, ops._global_avg_pool_op, ops._add_relu_op, ops._gap_linear_op)
 
 
 class DirectCall(Exception):
@@ -25,8 +25,8 @@ def direct_calls_raise(monkeypatch):
     def refuse(*args, **kwargs):
         raise DirectCall("direct call")
 
-    for name in KERNELS:
-        monkeypatch.setattr(ops, name, refuse)
+    for op in OPS:
+        monkeypatch.setattr(op, "kernel", refuse)
 
 
 def inputs(device="cpu"):
