@@ -24,10 +24,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cnnfast import json_file
 from cnnfast.backends import backends_of
 from cnnfast.bench import layer_times, problem_key
 from cnnfast.roofline import DTYPES
-from cnnfast.tuning import CONV_LAYERS, dtype_key, fastest_layer_backend, save_local_choices
+from cnnfast.tuning import CONV_LAYERS, TABLE_PATH, dtype_key, fastest_layer_backend, save_local_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -121,7 +122,7 @@ def build_table(results=RESULTS, runs=None) -> dict:
 def write_table() -> dict:
     """Rebuilds cnnfast/tuning.json from the committed results and returns the table."""
     table = build_table()
-    (ROOT / "cnnfast" / "tuning.json").write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    json_file.write_object(TABLE_PATH, table)
     return table
 
 

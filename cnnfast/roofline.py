@@ -38,16 +38,17 @@ the CUTLASS kernel and tile, the epilogue's tuned tile; ``cnnfast.bench.kernel_n
 the PyTorch paths.
 """
 import datetime
-import json
 import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from cnnfast import json_file
 from cnnfast.ops import conv2d_flops, conv2d_output_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -144,14 +145,20 @@ def cache_path() -> Path:
 
 def ceilings(device="cpu", dtype=torch.float32) -> dict:
     """The ceilings of device and dtype, measured on first use (or where the cached entry was timed
-    by another method) and read from the cache afterwards."""
+    by another method) and read from the cache afterwards. The cache's lock is held while measuring:
+    two processes that would measure at once (the test suite's workers) would each find half the
+    machine, and the low ceilings would stay cached; the second one waits and reads the first's."""
     path = cache_path()
-    cached = json.loads(path.read_text()) if path.exists() else {}
     key = f"{device_name(device)} / {dtype_name(dtype)}"
-    if cached.get(key, {}).get("method") != CEILING_METHOD:
-        cached[key] = measure_ceilings(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=2))
+    with json_file.locked(path):
+        try:
+            cached = json_file.read_object(path)
+        except ValueError as error:
+            warnings.warn(f"cnnfast: cannot read the cached ceilings ({error}); measuring again")
+            cached = {}
+        if cached.get(key, {}).get("method") != CEILING_METHOD:
+            cached[key] = measure_ceilings(device, dtype)
+            json_file.write_object(path, cached)
     return cached[key]
 
 

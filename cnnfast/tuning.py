@@ -16,12 +16,13 @@ nearest one), where "torch" is a choice too; then the op's entry; then "torch". 
 not in the table, and every CPU tensor, runs on the "torch" backend.
 """
 import functools
-import json
 import math
 import os
 from pathlib import Path
 
 import torch
+
+from cnnfast import json_file
 
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 CONV_LAYERS = "conv2d_layers"
@@ -70,7 +71,8 @@ def _local_table_name(setting: str | None, home: str | None) -> str:
 
 
 def read_table(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A table file's contents ({} where there is none); a ValueError naming a malformed one."""
+    return json_file.read_object(path)
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -93,10 +95,11 @@ def tuning_table() -> dict:
 
 
 def save_local_choices(choices: dict) -> Path:
-    """Merges choices (a table fragment) into the local table and makes backend=None use it now."""
+    """Merges choices (a table fragment) into the local table, under its lock (two `cnnfast tune`
+    runs may finish together), and makes backend=None use it now."""
     path = local_table_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged(read_table(path), choices), indent=1, sort_keys=True) + "\n")
+    with json_file.locked(path):
+        json_file.write_object(path, merged(read_table(path), choices))
     _table_at.cache_clear()
     _layer_backend.cache_clear()
     return path

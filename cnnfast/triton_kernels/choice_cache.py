@@ -23,14 +23,14 @@ again.
 """
 import functools
 import hashlib
-import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import triton
+
+from cnnfast import json_file
 
 KERNEL_FILES = ("conv2d.py", "conv2d_pointwise.py", "conv2d_spatial.py")
 
@@ -86,9 +86,7 @@ _contents: dict[Path, dict] = {}
 def _read(path: Path) -> dict:
     if path not in _contents:
         try:
-            contents = json.loads(path.read_text()) if path.is_file() else {}
-            if not isinstance(contents, dict):
-                raise ValueError(f"a JSON {type(contents).__name__}, not an object")
+            contents = json_file.read_object(path)
         except (OSError, ValueError) as error:
             warnings.warn(f"cnnfast: cannot read the kernel choices in {path} ({error}); measuring again")
             contents = {}
@@ -106,29 +104,19 @@ def entry(device: torch.device, problem: str) -> dict | None:
 
 
 def store(device: torch.device, problem: str, new_entry: dict) -> None:
-    """Records a problem's entry (merged with the file as it is now: other processes may have
-    written to it since this one read it) and rewrites the file whole, atomically. Two processes
-    storing at once may lose one entry, which is then measured again."""
+    """Records a problem's entry: under the file's lock, reads the file as it is now (other
+    processes may have written to it since this one read it), adds the entry and writes it back."""
     path = cache_path()
     if path is None:
         return
-    _contents.pop(path, None)
-    contents = _read(path)
-    gpu = device_name(device)
-    section = current_section(contents, gpu)
-    section["problems"][problem] = new_entry
-    contents[gpu] = section
-    written = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
-            written = Path(file.name)
-            json.dump(contents, file, indent=1, sort_keys=True)
-        written.chmod(0o644)  # as a file written plainly would be (the temporary one is owner-only)
-        os.replace(written, path)
-        written = None
+        with json_file.locked(path):
+            _contents.pop(path, None)
+            contents = _read(path)
+            gpu = device_name(device)
+            section = current_section(contents, gpu)
+            section["problems"][problem] = new_entry
+            contents[gpu] = section
+            json_file.write_object(path, contents)
     except OSError as error:
         warnings.warn(f"cnnfast: cannot keep the kernel choices in {path} ({error})")
-    finally:
-        if written is not None:
-            written.unlink(missing_ok=True)
