@@ -251,9 +251,28 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
+def layer_labels(points: list[dict], layers: list[str], scale: float) -> list[tuple[tuple, list[str]]]:
+    """(point, numbers) of the roofline's labels: each layer's number (its place in layers, from 1)
+    goes beside its first point; layers whose first points (nearly) coincide share one label."""
+    labels = []  # [(log x, log y), (x, y), numbers]
+    for number, layer in enumerate(layers, 1):
+        point = next(point for point in points if point["layer"] == layer)
+        xy = (point["intensity"], point["achieved_flop_per_s"] / scale)
+        spot = (math.log10(xy[0]), math.log10(xy[1]))
+        # Within about a label's size of another, in decades of the log axes.
+        near = next((label for label in labels if abs(label[0][0] - spot[0]) < 0.08 and abs(label[0][1] - spot[1]) < 0.04), None)
+        if near is None:
+            labels.append((spot, xy, [str(number)]))
+        else:
+            near[2].append(str(number))
+    return [(xy, numbers) for _, xy, numbers in labels]
+
+
 def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", rate=("GFLOP/s", 1e9)):
-    """Log-log roofline PNG: the roof, the ridge point and each layer per backend (labelled sparsely)."""
+    """Log-log roofline PNG: the roof, the ridge point and each layer per backend, each layer numbered
+    beside its first point and named in a key."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     unit, scale = rate
     peak, bandwidth, ridge = ceiling["matmul_flop_per_s"], ceiling["copy_bytes_per_s"], ridge_intensity(ceiling)
@@ -277,16 +296,9 @@ def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", ra
         axes.scatter([p["intensity"] for p in mine], [p["achieved_flop_per_s"] / scale for p in mine],
                      marker=MARKERS[index % len(MARKERS)], color=COLOURS[index % len(COLOURS)], s=40, alpha=0.8,
                      edgecolors="black", linewidths=0.4, label=backend, zorder=3)
-    labelled = []  # (log x, log y) of the labels placed so far: one label per layer, none too close
-    for point in points:
-        if point["backend"] != backends[0]:
-            continue
-        xy = (point["intensity"], point["achieved_flop_per_s"] / scale)
-        spot = (math.log10(xy[0]), math.log10(xy[1]))
-        if any(abs(spot[0] - x) < 0.4 and abs(spot[1] - y) < 0.06 for x, y in labelled):  # a label is ~0.4 decades
-            continue
-        labelled.append(spot)
-        axes.annotate(point["layer"], xy, xytext=(5, -3), textcoords="offset points", fontsize=7, color="#333")
+    layers = list(dict.fromkeys(point["layer"] for point in points))
+    for xy, numbers in layer_labels(points, layers, scale):
+        axes.annotate(", ".join(numbers), xy, xytext=(5, -3), textcoords="offset points", fontsize=7, color="#333")
     if any(point["percent_of_bound"] > 100 for point in points):
         axes.text(0.01, 0.01, "Points above the roof outran the measured torch.matmul ceiling.",
                   transform=axes.transAxes, fontsize=8, style="italic", color="#555")
@@ -301,5 +313,9 @@ def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", ra
                    fontsize=11)
     axes.grid(True, which="both", alpha=0.25)
     figure.legend(loc="outside right upper")
+    if layers:  # the key of the numbers beside the points
+        figure.legend(handles=[Line2D([], [], linestyle="none")] * len(layers),
+                      labels=[f"{number}  {layer}" for number, layer in enumerate(layers, 1)],
+                      loc="outside right lower", title="layers", handlelength=0, handletextpad=0, fontsize=7)
     figure.savefig(path, dpi=120)
     return Path(path)

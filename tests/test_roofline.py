@@ -127,3 +127,15 @@ def test_cpu_timer_is_sane_and_repeatable():
     again_ms = time_ms(lambda: large @ large, "cpu")
     assert 0 < small_ms < large_ms
     assert 1 / 3 < again_ms / large_ms < 3
+
+
+def test_every_layer_is_numbered_beside_its_first_point_and_coinciding_layers_share_a_label():
+    def point(layer, backend, intensity, gflops):
+        return {"layer": layer, "backend": backend, "intensity": intensity, "achieved_flop_per_s": gflops * 1e9}
+
+    points = [point("conv1", "torch", 10, 50), point("conv2", "torch", 100, 80),
+              point("conv3", "torch", 10.5, 51),  # within a label's size of conv1
+              point("conv1", "compile", 10, 20), point("conv4", "compile", 3, 5)]  # conv4: timed on compile only
+    layers = ["conv1", "conv2", "conv3", "conv4"]
+    assert roofline.layer_labels(points, layers, scale=1e9) == [
+        ((10, 50.0), ["1", "3"]), ((100, 80.0), ["2"]), ((3, 5.0), ["4"])]
