@@ -24,8 +24,9 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.conv import unsupported_reason
+from cnnfast.nn.conv import check_relu, computes_as, is_foldable_norm, unsupported_reason
 
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
 # Layers that have no fused form, with the reason the report gives.
 LEFT_ALONE = {
@@ -50,17 +51,21 @@ class FusionReport:
 
 
 class ModelInput:
-    """Forward pre-hook: converts a 4-D input to the model's dtype and channels_last, once, at the boundary."""
+    """Forward pre-hook: converts the 4-D tensors among a model's inputs, positional or keyword, to
+    its dtype and channels_last, once, at the boundary."""
 
     def __init__(self, dtype):
         self.dtype = dtype
 
-    def __call__(self, module, args):
-        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
-            return None
+    def convert(self, value):
+        if not isinstance(value, torch.Tensor) or value.dim() != 4:
+            return value
         # Integer inputs are not cast: the first fused op rejects them with a TypeError.
-        x = args[0].to(self.dtype) if self.dtype is not None and args[0].is_floating_point() else args[0]
-        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+        x = value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, module, args, kwargs):
+        return tuple(map(self.convert, args)), {name: self.convert(value) for name, value in kwargs.items()}
 
 
 def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbose=False) -> nn.Module:
@@ -83,8 +88,13 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise RuntimeError(f"optimize: BatchNorm {name!r} has no running statistics (track_running_stats=False)")
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise TypeError(f"optimize: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype is None:
+        other = {p.dtype for p in model.parameters() if p.is_floating_point()} - set(COMPUTE_DTYPES)
+        if other:
+            raise TypeError(f"optimize: the model's parameters are {', '.join(map(str, sorted(other, key=str)))}; "
+                            "the fused ops run float32, float16 and bfloat16: pass dtype= one of them")
     check_backend_name("optimize", backend)
     if backend in BACKEND_OPS:
         raise ValueError(
@@ -96,9 +106,12 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     report = FusionReport()
     with torch.no_grad():
         _fuse_tree(model, "", dict(dtype=dtype, backend=backend), report)
-        _cast_unfused(model, dtype)
+        _cast(model, dtype)
     model.eval()  # the fused modules are built in training mode, like every new nn.Module
-    model.register_forward_pre_hook(ModelInput(dtype))
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, ModelInput):  # an earlier optimize()'s: its dtype no longer holds
+            del model._forward_pre_hooks[key]
+    model.register_forward_pre_hook(ModelInput(dtype), with_kwargs=True)
     model.cnnfast_report = report
     if verbose:
         print(report)
@@ -107,7 +120,7 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
 
 def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionReport) -> None:
     _fuse_model_level(module, prefix, options, report)
-    if isinstance(module, nn.Sequential):
+    if computes_as(module, nn.Sequential):  # a subclass with its own forward may use a layer's output twice
         _fuse_sequential(module, prefix, options, report)
     for name, child in module.named_children():
         full = f"{prefix}{name}"
@@ -128,39 +141,65 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
 
 
 def _fuse_block(child: nn.Module, name: str, options: dict):
-    if isinstance(child, TvBasicBlock):
+    """The fused form of a known block, None for any other module (a subclass of a known block that
+    overrides how it computes, an SE block say, is another module); NotImplementedError, with the
+    reason, for a known block with a part that has no fused form."""
+    if computes_as(child, TvBasicBlock):
         return BasicBlock.from_torchvision(child, name=name, **options)
-    if isinstance(child, TvBottleneck):
+    if computes_as(child, TvBottleneck):
         return Bottleneck.from_torchvision(child, name=name, **options)
-    if isinstance(child, TvInception):
+    if computes_as(child, TvInception):
+        parts = [child.branch1, *child.branch2, *child.branch3, child.branch4[1]]
+        if not all(computes_as(part, TvBasicConv2d) for part in parts):
+            raise NotImplementedError(f"{name}: a branch is not made of torchvision's BasicConv2d")
         return Inception.from_torchvision(child, name=name, **options)
-    if isinstance(child, TvBasicConv2d):
+    if computes_as(child, TvBasicConv2d):  # its forward applies F.relu itself
         return ConvBNReLU.from_modules(child.conv, child.bn, True, name=name, **options)
-    if isinstance(child, preact.PreActBasicBlock):
+    if computes_as(child, preact.PreActBasicBlock):
         return PreActBasicBlock.from_module(child, name=name, **options)
     return None
 
 
 def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: FusionReport) -> None:
-    """The parts of a model that live as separate attributes rather than in one block: stems and heads."""
-    # The isinstance(..., nn.BatchNorm2d) tests make a second optimize() of a fused model a no-op, and
-    # leave a stem whose bn1 was replaced (by a GroupNorm, say) as it is.
-    stem = isinstance(module, (TvResNet, preact.PreActResNet)) and isinstance(module.bn1, nn.BatchNorm2d)
+    """The parts of a model that live as separate attributes rather than in one block: stems and heads.
+    Only for the models' own forward: a subclass that overrides it may use these parts otherwise."""
+    resnet = computes_as(module, TvResNet)
+    preact_resnet = computes_as(module, preact.PreActResNet)
+    # Already fused parts are skipped: a second optimize() of a fused model changes nothing.
+    stem = (resnet or preact_resnet) and not isinstance(module.conv1, ConvBNReLU) and _fuse_part(
+        report, f"{prefix}conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU",
+        lambda: ConvBNReLU.from_modules(module.conv1, module.bn1, module.relu, name=f"{prefix}conv1", **options))
     if stem:
-        module.conv1 = ConvBNReLU.from_modules(module.conv1, module.bn1, True, name=f"{prefix}conv1", **options)
-        module.bn1 = nn.Identity()
-        report.fused.append((f"{prefix}conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"))
-    final = isinstance(module, preact.PreActResNet) and isinstance(module.bn_final, nn.BatchNorm2d)
+        module.conv1, module.bn1 = stem, nn.Identity()
+    final = preact_resnet and not isinstance(module.bn_final, BatchNormReLU) and _fuse_part(
+        report, f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU",
+        lambda: _batch_norm_relu(module.bn_final, module.relu, options["dtype"], f"{prefix}bn_final"))
     if final:
-        module.bn_final = BatchNormReLU(module.bn_final, dtype=options["dtype"], name=f"{prefix}bn_final")
-        report.fused.append((f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU"))
-    if stem and (final or isinstance(module, TvResNet)):
+        module.bn_final = final
+    if stem and (final or resnet):
         module.relu = nn.Identity()  # all its uses (the stem's, and the pre-activated head's) are fused above
-    if isinstance(module, (TvResNet, TvGoogLeNet, preact.PreActResNet)) and _is_global_pool_linear(module):
+    if (resnet or preact_resnet or computes_as(module, TvGoogLeNet)) and _is_global_pool_linear(module):
         # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one op.
         module.avgpool = GlobalAvgPoolLinear.from_modules(module.fc, **options)
         module.fc = nn.Identity()
         report.fused.append((f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"))
+
+
+def _fuse_part(report: FusionReport, name: str, what: str, build):
+    """build()'s fused module, reported as fused; None, with the reason reported, where build
+    raises NotImplementedError (a part with no fused form stays as it is)."""
+    try:
+        fused = build()
+    except NotImplementedError as error:
+        report.left_alone.append((name, str(error)))
+        return None
+    report.fused.append((name, what))
+    return fused
+
+
+def _batch_norm_relu(bn, relu, dtype, name) -> BatchNormReLU:
+    check_relu(relu, name)
+    return BatchNormReLU(bn, dtype=dtype, name=name)
 
 
 def _is_global_pool_linear(model: nn.Module) -> bool:
@@ -172,33 +211,34 @@ def _is_global_pool_linear(model: nn.Module) -> bool:
 def _fuse_sequential(seq: nn.Sequential, prefix: str, options: dict, report: FusionReport) -> None:
     """Conv2d -> [BatchNorm2d] -> [ReLU] and Linear -> [ReLU] runs; the absorbed layers become nn.Identity,
     so the indices (and the names of the layers that stay) do not move."""
-    layers = list(seq)
+    names, layers = list(seq._modules), list(seq)
     for i, layer in enumerate(layers):
-        if type(layer) not in (nn.Conv2d, nn.Linear) or (type(layer) is nn.Conv2d and unsupported_reason(layer)):
+        conv = computes_as(layer, nn.Conv2d) and unsupported_reason(layer) is None
+        if not (conv or computes_as(layer, nn.Linear)):
             continue
         run = [i]
         j = i + 1
         bn = relu = None
-        if isinstance(layer, nn.Conv2d) and j < len(layers) and isinstance(layers[j], nn.BatchNorm2d):
+        if conv and j < len(layers) and is_foldable_norm(layers[j]):
             bn = layers[j]
             run.append(j)
             j += 1
-        if j < len(layers) and isinstance(layers[j], nn.ReLU):
+        if j < len(layers) and computes_as(layers[j], nn.ReLU):
             relu = layers[j]
             run.append(j)
-        if isinstance(layer, nn.Conv2d):
-            fused = ConvBNReLU.from_modules(layer, bn, relu, name=f"{prefix}{i}", **options)
+        if conv:
+            fused = ConvBNReLU.from_modules(layer, bn, relu, name=f"{prefix}{names[i]}", **options)
         else:
             fused = LinearReLU.from_modules(layer, relu, **options)
         seq[i] = fused
         for k in run[1:]:
             seq[k] = nn.Identity()
         parts = " + ".join(type(layers[k]).__name__ for k in run)
-        report.fused.append((f"{prefix}{i}", f"{parts} -> {type(fused).__name__}"))
+        report.fused.append((f"{prefix}{names[i]}", f"{parts} -> {type(fused).__name__}"))
 
 
 def _reason_left_alone(layer: nn.Module) -> str:
-    if type(layer) is nn.Conv2d:
+    if isinstance(layer, nn.Conv2d):
         return unsupported_reason(layer) or "a Conv2d outside an nn.Sequential run or a known block is not fused"
     for kind, reason in LEFT_ALONE.items():
         if isinstance(layer, kind):
@@ -206,19 +246,20 @@ def _reason_left_alone(layer: nn.Module) -> str:
     return f"{type(layer).__name__} has no fused form; it runs as it is"
 
 
-def _cast_unfused(model: nn.Module, dtype) -> None:
-    """Casts the parameters and buffers of the modules that were not fused (fused ones chose their
-    dtypes when they were built: weights in `dtype`, biases in float32), and makes 4-D weights channels_last."""
+def _cast(model: nn.Module, dtype) -> None:
+    """Casts every floating parameter and buffer to dtype (where given), but the fused modules'
+    biases, which stay float32 (the epilogue adds them in float32); makes 4-D ones channels_last;
+    and leaves no parameter requiring grad: the result is for inference, and a fused op refuses an
+    input that requires grad, which an unfused layer's trainable weights would give it."""
     for module in model.modules():
-        if isinstance(module, FUSED_LEAVES):
-            continue
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if not tensor.is_floating_point():
                 continue
-            converted = tensor.to(dtype) if dtype is not None else tensor
+            keep_float32 = isinstance(module, FUSED_LEAVES) and name == "bias"
+            converted = tensor.to(dtype) if dtype is not None and not keep_float32 else tensor.detach()
             if converted.dim() == 4:
                 converted = converted.contiguous(memory_format=torch.channels_last)
             if isinstance(tensor, nn.Parameter):
-                setattr(module, name, nn.Parameter(converted, requires_grad=tensor.requires_grad))
+                setattr(module, name, nn.Parameter(converted, requires_grad=False))
             else:
                 setattr(module, name, converted)

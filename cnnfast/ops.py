@@ -2,6 +2,8 @@
 implementation, so `torch.compile(fullgraph=True)` traces it; the wrapper checks its inputs and
 picks a backend, the launcher allocates the output and runs the kernel on the current stream.
 """
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -42,6 +44,9 @@ def define_op(schema: str, kernel, fake) -> Op:
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
 
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def dispatcher_needed(*args) -> bool:
     """Whether a call must go through PyTorch's dispatcher: while torch.compile or torch.jit traces
     it, under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx) or a function mode (a
@@ -55,19 +60,24 @@ def dispatcher_needed(*args) -> bool:
             or torch.autograd._profiler_enabled()):
         return True
     for arg in args:
-        if isinstance(arg, torch.Tensor) and (type(arg) is not torch.Tensor or arg.is_meta):
+        # nn.Parameter disables __torch_function__: the fused modules' weights are plain tensors here.
+        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or arg.is_meta):
             return True
     return False
 
 
+OPTIONAL_TENSORS = frozenset({"bias", "residual", "out"})
+
+
 def check_float_tensors(op: str, **tensors) -> None:
-    """Each tensor given (None: an absent optional one) is a torch.Tensor of a float dtype that does
-    not require grad where grad is enabled, and all are on one device. One pass over them: the
-    checks run on every call, and a small layer's kernel takes about as long as a few of them."""
+    """Each tensor given (None only for an absent optional one, OPTIONAL_TENSORS) is a torch.Tensor
+    of a float dtype that does not require grad where grad is enabled, and all are on one device.
+    One pass over them: the checks run on every call, and a small layer's kernel takes about as
+    long as a few of them."""
     grad_enabled = torch.is_grad_enabled()
     device = None
     for name, t in tensors.items():
-        if t is None:
+        if t is None and name in OPTIONAL_TENSORS:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -120,6 +130,18 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return start, start + (extent + 1) * t.element_size()
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
     return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two of t's elements may share memory: with its dimensions ordered by stride, each
+    stride must reach past everything the dimensions inside it span (conservative: an interleaving
+    of dimensions that never collides is refused too)."""
+    span = 1  # elements from the first to one past the last of the dimensions taken so far
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 # ---------------------------------------------------------------- fused convolution
@@ -391,6 +413,11 @@ def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation
     for name, t in operands.items():
         if t is not None and overlaps(out, t):
             raise ValueError(f"conv2d: out overlaps {name}; the kernel needs a separate output")
+    if overlaps_itself(out):
+        raise ValueError(f"conv2d: out {tuple(out.shape)} with strides {out.stride()} has elements that share "
+                         "memory (an expanded or overlapping view), so several outputs would land on one")
+    if out.is_inference() and not torch.is_inference_mode_enabled():  # as PyTorch's in-place ops refuse
+        raise RuntimeError("conv2d: out was made under torch.inference_mode() and can be written only inside it")
     _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
     # The Triton and CUDA kernels write through pointers: out's version moves as an in-place op's
     # would, so that autograd refuses a backward through what out held before.
@@ -458,10 +485,15 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
         raise ValueError(f"{op}: expected a 4-D (K, C, R, S) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    # PyTorch's own convolution answers these with a wrong shape or its own errors.
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{op}: x {tuple(x.shape)} has an empty channel or spatial dimension (only the batch may be 0)")
+    if 0 in weight.shape:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty dimension")
     stride = as_pair(op, "stride", stride, 1)
     padding = as_pair(op, "padding", padding, 0)
     dilation = as_pair(op, "dilation", dilation, 1)
-    if not isinstance(groups, int) or groups < 1:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     k = weight.shape[0]
     if x.shape[1] % groups or k % groups:
@@ -505,28 +537,35 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
         )
     if out is not None:
-        if any(size > 1 and step == 0 for size, step in zip(out.shape, out.stride())):
-            raise ValueError(f"{op}: out has stride 0 (an expanded tensor), so several outputs would share one element")
         _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
         return out
     return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
 
 
-def fold_bn(conv_weight: torch.Tensor, conv_bias, bn: torch.nn.BatchNorm2d):
-    """Folds an eval-mode BatchNorm into the convolution before it, in float32.
+def loaded_frozen_batch_norm():
+    """torchvision's FrozenBatchNorm2d class where torchvision.ops is loaded, else None (and then no
+    module is one): importing torchvision only to ask would take about a second."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return misc.FrozenBatchNorm2d if misc is not None else None
+
+
+def fold_bn(conv_weight: torch.Tensor, conv_bias, bn):
+    """Folds an eval-mode BatchNorm2d (or torchvision's FrozenBatchNorm2d, which has no training
+    mode) into the convolution before it, in float32.
 
     Returns (weight, bias): weight in conv_weight's dtype, bias in float32, such that
     conv2d(x, weight, bias) == bn(conv2d(x, conv_weight, conv_bias)).
     """
-    if not isinstance(bn, torch.nn.BatchNorm2d):
-        raise TypeError(f"fold_bn: expected a BatchNorm2d, got {type(bn).__name__}")
-    if bn.training:
+    frozen = loaded_frozen_batch_norm()
+    if not (isinstance(bn, torch.nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))):
+        raise TypeError(f"fold_bn: expected a BatchNorm2d or FrozenBatchNorm2d, got {type(bn).__name__}")
+    if isinstance(bn, torch.nn.BatchNorm2d) and bn.training:
         raise RuntimeError("fold_bn: the BatchNorm is in training mode; call .eval() first (its batch statistics change every step)")
     if bn.running_mean is None or bn.running_var is None:
         raise RuntimeError("fold_bn: the BatchNorm has no running statistics (track_running_stats=False)")
-    k = conv_weight.shape[0]
-    if bn.num_features != k:
-        raise ValueError(f"fold_bn: BatchNorm has {bn.num_features} features, the convolution {k} output channels")
+    k, features = conv_weight.shape[0], bn.running_mean.numel()
+    if features != k:
+        raise ValueError(f"fold_bn: BatchNorm has {features} features, the convolution {k} output channels")
     if conv_bias is not None and tuple(conv_bias.shape) != (k,):
         raise ValueError(f"fold_bn: conv bias must have shape ({k},), got {tuple(conv_bias.shape)}")
     with torch.no_grad():

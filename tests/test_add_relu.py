@@ -218,8 +218,10 @@ def zeros(*shape, **kwargs):
         (zeros(2, 3, 4, 4), zeros(2, 3, 4, 4, dtype=torch.float16), TypeError, "y dtype torch.float16 differ"),
         (zeros(2, 3, 4, 4), zeros(2, 3, 4, 4, device="meta"), RuntimeError, "one device"),
         (zeros(2, 3, 4, 4), [[1.0]], TypeError, "y must be a torch.Tensor"),
+        (zeros(2, 3, 4, 4), None, TypeError, "y must be a torch.Tensor, got NoneType"),
     ],
-    ids=["rank", "shape", "broadcast", "int", "bool", "complex", "dtype-mismatch", "device-mismatch", "not-tensor"],
+    ids=["rank", "shape", "broadcast", "int", "bool", "complex", "dtype-mismatch", "device-mismatch", "not-tensor",
+         "none"],
 )
 def test_bad_input(x, y, error, match):
     with pytest.raises(error, match=match):

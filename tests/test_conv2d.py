@@ -652,6 +652,19 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
     "padding-negative": (dict(padding=-1), ValueError, "padding must be >= 0"),
     "groups-not-dividing": (dict(groups=3), ValueError, "groups=3 must divide the input channels 4"),
     "groups-zero": (dict(groups=0), ValueError, "groups must be a positive int"),
+    "groups-bool": (dict(groups=True), ValueError, "groups must be a positive int, got True"),
+    "no-weight": (dict(weight=None), TypeError, "weight must be a torch.Tensor, got NoneType"),
+    # PyTorch's convolution returns (N, 0, P, Q) for C = 0, and raises its own errors for the others.
+    "no-input-channels": (dict(x=torch.randn(1, 0, 5, 5), weight=torch.randn(6, 0, 3, 3)), ValueError,
+                          r"x \(1, 0, 5, 5\) has an empty channel or spatial dimension"),
+    "empty-height": (dict(x=torch.randn(1, 4, 0, 5)), ValueError,
+                     r"x \(1, 4, 0, 5\) has an empty channel or spatial dimension"),
+    "no-output-channels": (dict(weight=torch.randn(0, 4, 3, 3), bias=None), ValueError,
+                           r"weight \(0, 4, 3, 3\) has an empty dimension"),
+    "empty-filter": (dict(weight=torch.randn(6, 4, 0, 3)), ValueError, r"weight \(6, 4, 0, 3\) has an empty dimension"),
+    "out-overlapping-itself": (dict(out=torch.empty(150).as_strided((1, 6, 5, 5), (150, 1, 5, 1))), ValueError,
+                               r"out \(1, 6, 5, 5\) with strides \(150, 1, 5, 1\) has elements that share memory"),
+    "out-expanded": (dict(out=torch.empty(1, 6, 1, 5).expand(1, 6, 5, 5)), ValueError, "has elements that share memory"),
     "unknown-backend": (dict(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
 }
 
@@ -678,10 +691,31 @@ def test_out_overlapping_an_input(victim, backend):
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
-def test_expanded_out_rejected(backend):
-    out = torch.empty(1, 6, 1, 5).expand(1, 6, 5, 5)
-    with pytest.raises(ValueError, match="out has stride 0"):
-        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), padding=1, out=out, backend=backend)
+def test_an_inference_tensor_out_is_written_only_in_inference_mode(backend):
+    """As PyTorch's own in-place ops: an inference tensor cannot be updated outside inference_mode."""
+    with torch.inference_mode():
+        out = torch.empty(1, 6, 5, 5)
+    args = valid_args()
+    with pytest.raises(RuntimeError, match=r"out was made under torch.inference_mode\(\)"):
+        ops.conv2d(args.pop("x"), args.pop("weight"), out=out, backend=backend, **args)
+    with torch.inference_mode():
+        args = valid_args()
+        ops.conv2d(args.pop("x"), args.pop("weight"), out=out, backend=backend, **args)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("strides, overlapping", [
+    ((150, 1, 30, 6), False),  # channels_last
+    ((300, 1, 60, 12), False),  # a channel slice of a 12-channel channels_last tensor
+    ((150, 25, 5, 1), False),  # NCHW
+    ((1, 1, 30, 6), False),  # batch 1: its stride does not count
+    ((150, 1, 6, 30), False),  # H and W transposed
+    ((150, 1, 5, 1), True),  # a row's pixels on one another's channels
+    ((150, 1, 30, 0), True),  # expanded
+    ((150, 2, 30, 6), True),  # channels two apart in a 6-wide pixel
+], ids=["channels-last", "channel-slice", "nchw", "batch-1", "transposed", "overlapping", "expanded", "wide-channels"])
+def test_overlaps_itself(strides, overlapping):
+    assert ops.overlaps_itself(torch.empty(1000).as_strided((1, 6, 5, 5), strides)) is overlapping
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

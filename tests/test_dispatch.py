@@ -66,6 +66,17 @@ def test_an_eager_call_runs_the_kernel_directly(direct_calls_raise, call):
         call(*inputs())
 
 
+def test_the_fused_modules_parameters_are_plain_tensors_to_it(direct_calls_raise):
+    """nn.Parameter disables __torch_function__: a module's weights do not send its calls through
+    the dispatcher."""
+    x, weight, bias, linear = inputs()
+    weight, bias, linear = (torch.nn.Parameter(t, requires_grad=False) for t in (weight, bias, linear))
+    with pytest.raises(DirectCall):
+        ops.conv2d(x, weight, bias, padding=1)
+    with pytest.raises(DirectCall):
+        ops.gap_linear(x, linear)
+
+
 def test_the_direct_calls_give_the_dispatched_results():
     x, weight, bias, linear = inputs()
     direct = every_op(x, weight, bias, linear)

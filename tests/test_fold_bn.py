@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cnnfast import backends, ops
 from cnnfast.testing import assert_close_to_reference
@@ -135,5 +136,19 @@ def test_refuses_wrong_conv_bias_length():
 
 def test_refuses_other_modules():
     weight, bias, _ = make_conv_bn(torch.float32)
-    with pytest.raises(TypeError, match="expected a BatchNorm2d, got BatchNorm1d"):
+    with pytest.raises(TypeError, match="expected a BatchNorm2d or FrozenBatchNorm2d, got BatchNorm1d"):
         ops.fold_bn(weight, bias, nn.BatchNorm1d(K).eval())
+
+
+def test_folds_torchvisions_frozen_batchnorm():
+    """FrozenBatchNorm2d (detection backbones' BatchNorm) folds as an eval-mode BatchNorm2d does,
+    whatever its module's training flag: it has no training mode."""
+    torch.manual_seed(0)
+    weight, bias, bn = make_conv_bn(torch.float32)
+    frozen = FrozenBatchNorm2d(K, eps=bn.eps)
+    frozen.load_state_dict({name: bn.state_dict()[name] for name in frozen.state_dict()})
+    x = torch.randn(2, C, 6, 7)
+    for module in (frozen, frozen.train()):
+        folded_weight, folded_bias = ops.fold_bn(weight, bias, module)
+        out = F.conv2d(x, folded_weight, folded_bias, padding=1)
+        assert_close_to_reference(out, reference_conv_bn(x, weight, bias, module), "conv")

@@ -256,10 +256,11 @@ def zeros(*shape, **kwargs):
         (zeros(2, 6, 4, 4), zeros(10, 6, device="meta"), None, RuntimeError, "one device"),
         (zeros(2, 6, 4, 4), zeros(10, 6), zeros(10, device="meta"), RuntimeError, "one device"),
         ([[1.0]], zeros(10, 6), None, TypeError, "x must be a torch.Tensor"),
+        (zeros(2, 6, 4, 4), None, None, TypeError, "weight must be a torch.Tensor, got NoneType"),
     ],
     ids=[
         "rank", "empty-hw", "weight-rank", "channels", "bias-length", "bias-rank", "int", "bool", "complex",
-        "weight-dtype", "bias-dtype", "weight-device", "bias-device", "not-tensor",
+        "weight-dtype", "bias-dtype", "weight-device", "bias-device", "not-tensor", "no-weight",
     ],
 )
 def test_bad_input(x, weight, bias, error, match):

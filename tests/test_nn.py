@@ -3,6 +3,7 @@ as the reference), with the torch backend and Triton (under the interpreter on a
 
 Also home of `randomize_bn`, which tests/test_optimize.py shares."""
 import copy
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torchvision.models.googlenet import Inception as TvInception
 from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from cnnfast.models import preact
 from cnnfast.nn import (
@@ -29,10 +31,10 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     draw = lambda t, low, high: t.copy_(torch.rand(t.shape, generator=generator) * (high - low) + low)
     with torch.no_grad():
         for bn in model.modules():
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if isinstance(bn, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
                 draw(bn.running_mean, -0.5, 0.5)
                 draw(bn.running_var, 0.5, 2.0)
-                if bn.affine:
+                if getattr(bn, "affine", True):  # FrozenBatchNorm2d always has gamma and beta
                     draw(bn.weight, 0.25, 0.75)
                     draw(bn.bias, -0.5, 0.5)
     return model.eval()
@@ -203,6 +205,13 @@ def test_batchnorm_relu_matches_unfused(affine):
     assert_close_to_reference(fused(x), reference(nn.Sequential(bn, nn.ReLU()), x), "elementwise")
     with pytest.raises(RuntimeError, match="training mode"):
         BatchNormReLU(nn.BatchNorm2d(6))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 3), (4, 6), (2, 7, 3, 3)], ids=["one-channel", "2-D", "seven-channels"])
+def test_batchnorm_relu_refuses_an_input_it_would_broadcast(shape):
+    fused = BatchNormReLU(randomize_bn(nn.BatchNorm2d(6)))
+    with pytest.raises(ValueError, match=rf"BatchNormReLU expects \(N, 6, H, W\) input, got shape {re.escape(str(shape))}"):
+        fused(torch.randn(shape))
 
 
 # ---------------------------------------------------------------- Inception

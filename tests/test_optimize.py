@@ -2,15 +2,22 @@
 input size, Triton under the interpreter on small inputs, bfloat16), the fusion report, what
 cnnfast.analysis counts before and after, models with parts optimize does not know, the bad-input
 contract, torch.compile and CUDA-graph capture."""
+import functools
+from collections import OrderedDict
+
 import pytest
 import torch
 import triton
 from torch import nn
 from torchvision import models as tv
+from torchvision.models.resnet import BasicBlock as TvBasicBlock
+from torchvision.models.resnet import ResNet as TvResNet
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import cnnfast
 from cnnfast import models
 from cnnfast.analysis import analyze, analyze_arch
+from cnnfast.convert import ModelInput
 from cnnfast.nn import BatchNormReLU, ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
 from cnnfast.testing import tolerance
 from cnnfast.triton_kernels import conv2d as triton_conv2d
@@ -260,6 +267,58 @@ def resnet18_with_new_head():
     return model.eval()
 
 
+def resnet18_with(**kwargs) -> nn.Module:
+    """A small torchvision ResNet-18 (10 classes), built with kwargs, its norms' statistics random."""
+    torch.manual_seed(0)
+    return randomize_bn(tv.resnet18(num_classes=10, **kwargs))
+
+
+def resnet18_with_other_activations():
+    model = resnet18_with()
+    model.relu = nn.LeakyReLU(0.2)
+    for block in [*model.layer1, *model.layer2, *model.layer3, *model.layer4]:
+        block.relu = nn.SiLU()
+    return model.eval()
+
+
+class SqueezeExciteBlock(TvBasicBlock):
+    """A BasicBlock subclass with its own forward (a channel gate before the sum): not a BasicBlock to fuse."""
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(y * torch.sigmoid(y.mean((2, 3), keepdim=True)) + shortcut)
+
+
+class ConvSkip(nn.Sequential):
+    """A Sequential subclass whose forward also uses the conv's output before the BatchNorm."""
+
+    def forward(self, x):
+        y = self[0](x)
+        return self[2](self[1](y)) + y
+
+
+def resnet18_with_average_pool_shortcut():
+    """ResNet-D's shortcut: average pooling, then the 1x1 conv at stride 1."""
+    model = resnet18_with()
+    block = model.layer2[0]
+    conv, bn = block.downsample
+    conv.stride = (1, 1)
+    block.downsample = nn.Sequential(nn.AvgPool2d(2), conv, bn)
+    return model.eval()
+
+
+def resnet18_with_reflect_padded_stem():
+    model = resnet18_with()
+    model.conv1.padding_mode = "reflect"
+    return model
+
+
+def named_sequential():
+    layers = OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
+    return randomize_bn(nn.Sequential(layers))
+
+
 # name -> (build, input shape, a report entry: (name, what it became) or (name, why it was left alone)).
 UNKNOWN_PARTS = {
     "custom": (lambda: randomize_bn(CustomNet()), (2, 3, 6, 5), [
@@ -284,6 +343,42 @@ UNKNOWN_PARTS = {
         ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
         ("left_alone", "layer2.0", "layer2.0.conv2: only groups=1 convolutions with numeric zero padding are fused"),
     ]),
+    "resnet18-other-activations": (resnet18_with_other_activations, (1, 3, 64, 64), [
+        ("left_alone", "conv1", "conv1: the activation is LeakyReLU, not ReLU; only ReLU is fused"),
+        ("left_alone", "layer1.0", "layer1.0.conv1: the activation is SiLU, not ReLU; only ReLU is fused"),
+        ("fused", "avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"),
+    ]),
+    "squeeze-excite-subclass": (lambda: randomize_bn(TvResNet(SqueezeExciteBlock, [1, 1, 1, 1], num_classes=10)),
+                                (1, 3, 64, 64), [
+        ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+        ("left_alone", "layer1.0.conv1", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
+    ]),
+    "sequential-subclass": (lambda: randomize_bn(nn.Sequential(ConvSkip(nn.Conv2d(3, 3, 3, padding=1),
+                                                                        nn.BatchNorm2d(3), nn.ReLU()))),
+                            (2, 3, 6, 5), [
+        ("left_alone", "0.0", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
+    ]),
+    "frozen-batchnorm": (lambda: resnet18_with(norm_layer=FrozenBatchNorm2d), (1, 3, 64, 64), [
+        ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+        ("fused", "layer2.0", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "group-norm": (lambda: resnet18_with(norm_layer=functools.partial(nn.GroupNorm, 4)), (1, 3, 64, 64), [
+        ("left_alone", "conv1",
+         "conv1: GroupNorm is not a BatchNorm2d; only BatchNorm2d and FrozenBatchNorm2d are folded"),
+        ("left_alone", "layer1.0",
+         "layer1.0.conv1: GroupNorm is not a BatchNorm2d; only BatchNorm2d and FrozenBatchNorm2d are folded"),
+    ]),
+    "average-pool-shortcut": (resnet18_with_average_pool_shortcut, (1, 3, 64, 64), [
+        ("left_alone", "layer2.0", "layer2.0.downsample: only a Sequential(Conv2d, BatchNorm2d) shortcut is fused"),
+        ("fused", "layer2.1", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "reflect-padded-stem": (resnet18_with_reflect_padded_stem, (1, 3, 64, 64), [
+        ("left_alone", "conv1", "conv1: only groups=1 convolutions with numeric zero padding are fused"),
+        ("fused", "layer1.0", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "named-sequential": (named_sequential, (2, 3, 6, 6), [
+        ("fused", "conv", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+    ]),
 }
 
 
@@ -306,6 +401,52 @@ def test_unknown_layers_are_the_same_modules_after():
         "ConvBNReLU", "Identity", "Identity", "GELU", "Upsample", "Conv2d", "ConvBNReLU", "Identity",
     ]
     assert type(fused.gate) is nn.Conv2d
+
+
+def test_no_frozen_batchnorm_is_left_in_the_fused_parts():
+    fused = cnnfast.optimize(resnet18_with(norm_layer=FrozenBatchNorm2d))
+    assert not [name for name, m in fused.named_modules() if isinstance(m, (FrozenBatchNorm2d, nn.ReLU))]
+
+
+def test_a_partly_fused_model_runs_without_no_grad_and_nothing_requires_grad():
+    """A trainable unfused layer would hand the next fused op an input that requires grad."""
+    original = randomize_bn(tv.resnext50_32x4d(num_classes=10))
+    fused = cnnfast.optimize(original)
+    assert not any(p.requires_grad for p in fused.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    out = fused(x)
+    with torch.no_grad():
+        assert_matches(out, original(x))
+
+
+def test_optimizing_again_with_another_dtype():
+    original = build("resnet18", num_classes=10)
+    twice = cnnfast.optimize(cnnfast.optimize(original), dtype=torch.bfloat16)
+    fused_biases = {f"{name}.bias" for name, m in twice.named_modules() if isinstance(m, FUSED_LEAVES)}
+    for name, p in twice.named_parameters():
+        assert p.dtype == (torch.float32 if name in fused_biases else torch.bfloat16), name
+    assert sum(isinstance(hook, ModelInput) for hook in twice._forward_pre_hooks.values()) == 1
+    x = torch.randn(1, 3, 32, 32)
+    out, expected = run_both(original, twice, x)
+    assert out.dtype == torch.bfloat16
+    assert_matches(out, expected)
+
+
+def test_an_input_given_by_keyword_is_converted_too():
+    fused = cnnfast.optimize(build("resnet18", num_classes=10), dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fused(x=x), fused(x))
+
+
+def test_refuses_a_float64_model_without_a_dtype():
+    model = build("resnet18", num_classes=10).double()
+    with pytest.raises(TypeError, match="parameters are torch.float64; .* pass dtype="):
+        cnnfast.optimize(model)
+    fused = cnnfast.optimize(model, dtype=torch.float32)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    out, expected = run_both(model, fused, x)
+    assert_matches(out, expected)
 
 
 def test_optimizing_twice_changes_nothing():

@@ -6,7 +6,7 @@ branch1..branch4), so a layer is found under the same name before and after fusi
 import torch
 from torch import nn
 
-from cnnfast.nn.conv import ConvBNReLU, check_foldable
+from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_relu, computes_as
 
 
 def _fuser(name, dtype, backend):
@@ -28,8 +28,8 @@ class BasicBlock(nn.Module):
     @classmethod
     def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
         fuse = _fuser(name, dtype, backend)
-        return cls(fuse(block.conv1, block.bn1, True, "conv1"), fuse(block.conv2, block.bn2, True, "conv2"),
-                   _downsample(block.downsample, fuse))
+        return cls(fuse(block.conv1, block.bn1, block.relu, "conv1"), fuse(block.conv2, block.bn2, block.relu, "conv2"),
+                   _downsample(block.downsample, fuse, name))
 
     def forward(self, x):
         shortcut = self.downsample(x) if self.downsample is not None else x
@@ -46,18 +46,21 @@ class Bottleneck(nn.Module):
     @classmethod
     def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
         fuse = _fuser(name, dtype, backend)
-        return cls(fuse(block.conv1, block.bn1, True, "conv1"), fuse(block.conv2, block.bn2, True, "conv2"),
-                   fuse(block.conv3, block.bn3, True, "conv3"), _downsample(block.downsample, fuse))
+        return cls(fuse(block.conv1, block.bn1, block.relu, "conv1"), fuse(block.conv2, block.bn2, block.relu, "conv2"),
+                   fuse(block.conv3, block.bn3, block.relu, "conv3"), _downsample(block.downsample, fuse, name))
 
     def forward(self, x):
         shortcut = self.downsample(x) if self.downsample is not None else x
         return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
 
 
-def _downsample(downsample, fuse):
-    """torchvision's projection shortcut, Sequential(conv 1x1, BatchNorm), as one fused conv without ReLU."""
+def _downsample(downsample, fuse, name):
+    """torchvision's projection shortcut, Sequential(conv 1x1, BatchNorm), as one fused conv without
+    ReLU; NotImplementedError for any other shortcut (a ResNet-D's average pool first, say)."""
     if downsample is None:
         return None
+    if not computes_as(downsample, nn.Sequential) or len(downsample) != 2:
+        raise NotImplementedError(f"{name}.downsample: only a Sequential(Conv2d, BatchNorm2d) shortcut is fused")
     conv, bn = downsample
     return fuse(conv, bn, False, "downsample")
 
@@ -69,6 +72,7 @@ class BatchNormReLU(nn.Module):
     def __init__(self, bn: nn.BatchNorm2d, *, dtype=None, name="bn"):
         super().__init__()
         check_foldable(bn, name)
+        self.channels = bn.running_mean.numel()
         scale = torch.rsqrt(bn.running_var.float() + bn.eps)
         if bn.weight is not None:  # affine=False has no gamma and beta
             scale = scale * bn.weight.detach().float()
@@ -80,7 +84,13 @@ class BatchNormReLU(nn.Module):
         self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))
 
     def forward(self, x):
+        # addcmul would broadcast a 1-channel or 2-D input to a wrong-shaped result.
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"BatchNormReLU expects (N, {self.channels}, H, W) input, got shape {tuple(x.shape)}")
         return torch.relu(torch.addcmul(self.shift, x, self.scale))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}"
 
 
 class PreActBasicBlock(nn.Module):
@@ -95,7 +105,8 @@ class PreActBasicBlock(nn.Module):
     def from_module(cls, block, *, dtype=None, backend=None, name="block"):
         fuse = _fuser(name, dtype, backend)
         downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
-        return cls(BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1"), fuse(block.conv1, block.bn2, True, "conv1"),
+        check_relu(block.relu, name)
+        return cls(BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1"), fuse(block.conv1, block.bn2, block.relu, "conv1"),
                    fuse(block.conv2, None, False, "conv2"), downsample)
 
     def forward(self, x):

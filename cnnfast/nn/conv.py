@@ -10,15 +10,51 @@ from torch import nn
 from cnnfast import ops
 
 
-def check_foldable(bn: nn.BatchNorm2d, where: str) -> None:
-    if bn.training:
+def computes_as(module, cls) -> bool:
+    """Whether module is a cls that computes what cls computes: every method cls (or a base of it
+    below nn.Module) defines comes from the same class for module, so a subclass that overrides
+    one (an SE block's forward, a weight-standardised conv's _conv_forward) is not taken for cls."""
+    if not isinstance(module, cls):
+        return False
+    methods = {name for klass in cls.__mro__[:cls.__mro__.index(nn.Module)] for name, value in vars(klass).items()
+               if callable(value) and name not in ("__init__", "extra_repr")}
+
+    def defined_in(klass, name):
+        return next(base for base in klass.__mro__ if name in vars(base))
+
+    return all(defined_in(type(module), name) is defined_in(cls, name) for name in methods)
+
+
+def is_foldable_norm(module) -> bool:
+    """Whether module is a normalisation that folds into the conv before it: a BatchNorm2d, or
+    torchvision's FrozenBatchNorm2d (detection backbones' BatchNorm, always in eval form)."""
+    frozen = ops.loaded_frozen_batch_norm()
+    return computes_as(module, nn.BatchNorm2d) or (frozen is not None and computes_as(module, frozen))
+
+
+def check_foldable(bn, where: str) -> None:
+    """Raises NotImplementedError for a module that is not a foldable normalisation (the part is
+    then left as it is), RuntimeError for a BatchNorm that cannot be folded as it stands."""
+    if not is_foldable_norm(bn):
+        raise NotImplementedError(f"{where}: {type(bn).__name__} is not a BatchNorm2d; only BatchNorm2d and "
+                                  "FrozenBatchNorm2d are folded")
+    if isinstance(bn, nn.BatchNorm2d) and bn.training:
         raise RuntimeError(f"{where}: BatchNorm is in training mode; call model.eval() before fusing")
     if bn.running_mean is None or bn.running_var is None:
         raise RuntimeError(f"{where}: BatchNorm has no running statistics (track_running_stats=False); it cannot be folded")
 
 
+def check_relu(relu, where: str) -> None:
+    """Raises NotImplementedError (the part is left as it is) for an activation module that is not
+    a ReLU: a LeakyReLU, SiLU or ReLU6 put in a ResNet's place of one is not fused as a ReLU."""
+    if isinstance(relu, nn.Module) and not computes_as(relu, nn.ReLU):
+        raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
+
+
 def unsupported_reason(conv: nn.Conv2d) -> str | None:
     """Why ConvBNReLU cannot take this convolution, or None when it can."""
+    if not computes_as(conv, nn.Conv2d):
+        return f"{type(conv).__name__} overrides how nn.Conv2d computes; it is not fused"
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "only groups=1 convolutions with numeric zero padding are fused"
     return None
@@ -41,10 +77,12 @@ class ConvBNReLU(nn.Conv2d):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn=None, relu=None, *, dtype=None, backend=None, name="conv"):
-        """Fuses conv -> [bn] -> [relu]; BN is folded once, in float32. relu: a ReLU module, or a bool."""
+        """Fuses conv -> [bn] -> [relu]; BN is folded once, in float32. relu: a ReLU module, or a bool.
+        NotImplementedError for a part it has no fused form of (a grouped conv, a GroupNorm, a SiLU)."""
         reason = unsupported_reason(conv)
         if reason is not None:
             raise NotImplementedError(f"{name}: {reason}")
+        check_relu(relu, name)
         if bn is not None:
             check_foldable(bn, name)
             weight, bias = ops.fold_bn(conv.weight, conv.bias, bn)
