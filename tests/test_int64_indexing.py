@@ -153,6 +153,20 @@ def batch_offset_problems(ops: list[Op], argument: str) -> list[str]:
     return problems
 
 
+def pixel_count_problems(ops: list[Op]) -> list[str]:
+    """The products of the batch size N (the pixel count N * P * Q a row index is compared with):
+    each must be i64, and there must be one. An i32 product wraps from 2^31 output pixels (a large
+    batch of small maps), and every row then looks out of range."""
+    derived, products = {"%N"}, []
+    for op in ops:
+        if derived.intersection(op.operands) and op.name in ("arith.muli", "arith.extsi", "tt.splat"):
+            derived.add(op.result)
+            if op.name == "arith.muli":
+                products.append(op)
+    problems = [f"{op.result} = arith.muli ... : {op.types}" for op in products if not is_i64(op.type)]
+    return problems if products else ["no product of N"]
+
+
 def flat_offset_problems(ops: list[Op]) -> list[str]:
     addptrs = [op for op in ops if op.name == "tt.addptr"]
     problems = [f"{op.result} = tt.addptr with an {op.offset_type} offset" for op in addptrs if not is_i64(op.offset_type)]
@@ -177,6 +191,29 @@ def test_batch_offsets_are_int64(ttirs, name):
     if not arguments:
         problems = flat_offset_problems(ops)
     assert not problems, f"{name} computes batch-dependent offsets in 32 bits:\n" + "\n".join(problems)
+
+
+# The kernels that compare a row index with N times the pixels of an image.
+PIXEL_COUNT_KERNELS = ("conv2d_flat", "conv2d_channel_blocked", "conv2d_split_k", "add_relu_strided", "conv_epilogue")
+
+
+@pytest.mark.parametrize("name", PIXEL_COUNT_KERNELS)
+def test_pixel_counts_are_int64(ttirs, name):
+    problems = pixel_count_problems(parse_ops(ttirs[name]))
+    assert not problems, f"{name} counts the output pixels in 32 bits:\n" + "\n".join(problems)
+
+
+def test_the_check_sees_an_int32_pixel_count():
+    narrow = parse_ops("""
+    %M = arith.muli %N, %P : i32 loc(#loc1)
+    %M_1 = arith.muli %M, %Q : i32 loc(#loc1)
+    """)
+    assert len(pixel_count_problems(narrow)) == 2
+    wide = parse_ops("""
+    %N_1 = arith.extsi %N : i32 to i64 loc(#loc1)
+    %M = arith.muli %N_1, %P : i64 loc(#loc1)
+    """)
+    assert pixel_count_problems(wide) == []
 
 
 def test_the_check_sees_int32_offsets():

@@ -149,9 +149,9 @@ def conv2d_bias_act_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
-    M = N * P * Q
+    M = tl.cast(N, tl.int64) * P * Q  # output pixels: 2^31 or more on a large batch of small maps
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int32)  # below the grid's 2^31 limit; keeps the tile arithmetic 32-bit
     num_pid_n = tl.cdiv(K, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_per_group) * GROUP_M
