@@ -2,14 +2,15 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import cnnfast
 from cnnfast.analysis import analyze_arch, format_table
 from cnnfast.analysis.claims import compute_claims
-from cnnfast.models import ARCHITECTURES
-from cnnfast.report import MIB, agreement_text, closed_form_value, write_report
+from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
+from cnnfast.report import LECTURE_NOTES_INTRO, MIB, agreement_text, closed_form_value, write_report
 
 
 def positive_int(text):
@@ -34,24 +35,51 @@ def text_table(headers, rows):
 def summary_line(analysis):
     """Totals per image, like the table that follows."""
     totals = analysis.totals
-    size, batch = analysis.input_size, analysis.batch
+    batch = analysis.batch
     return (
-        f"{analysis.arch}: input 3x{size}x{size}, batch {batch} | per image: "
+        f"{analysis.arch}: input 3x{analysis.image_text}, batch {batch} | per image: "
         f"{totals['macs'] / batch / 1e9:.3f} GMACs, {totals['params'] / 1e6:.2f} M params, "
         f"{totals['activation_bytes'] / batch / MIB:.1f} MB activations"
     )
+
+
+def fail(args, message) -> int:
+    """Prints `cnnfast COMMAND: error: message` to stderr; the exit status of a bad request."""
+    print(f"cnnfast {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def output_problem(json_file=None, out_dir=None) -> str | None:
+    """Why the command could not write its outputs (checked before it measures anything), or None.
+    The output directory is created here."""
+    if out_dir is not None:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"cannot create the output directory {out_dir}: {error.strerror}"
+        if not os.access(out_dir, os.W_OK):
+            return f"cannot write in the output directory {out_dir}"
+    if json_file is not None:
+        path = Path(json_file)
+        if path.is_dir():
+            return f"--json {json_file} is a directory"
+        writable = os.access(path, os.W_OK) if path.exists() else path.parent.is_dir() and os.access(path.parent, os.W_OK)
+        if not writable:
+            return f"cannot write --json {json_file}" + ("" if path.parent.is_dir() else f": no directory {path.parent}")
+    return None
 
 
 def run_analyze(args):
     try:
         analysis = analyze_arch(args.arch, input_size=args.input_size, batch=args.batch)
     except ValueError as error:  # an input too small for some layer: the message names the layer
-        print(f"cnnfast analyze: error: {error}", file=sys.stderr)
-        return 2
+        return fail(args, error)
     if args.json:
         print(json.dumps(analysis.to_dict(), indent=2))
     else:
         print(summary_line(analysis))
+        if args.arch in ARCHITECTURE_NOTES:
+            print(f"note: {ARCHITECTURE_NOTES[args.arch]}")
         print(format_table(analysis))
     return 0
 
@@ -59,6 +87,10 @@ def run_analyze(args):
 def run_claims(args):
     if args.measure:
         return run_measured_claims(args)
+    given = [option for option, value in (("--batch", args.batch), ("--dtype", args.dtype), ("--only", args.only))
+             if value is not None]
+    if given:
+        return fail(args, f"{', '.join(given)} only apply with --measure")
     claims = compute_claims()
     if args.json:
         print(json.dumps([claim.to_dict() for claim in claims], indent=2))
@@ -80,21 +112,27 @@ def run_claims(args):
     for claim in claims:
         if claim.closed_form_text:
             print(f"  {claim.title}: {claim.closed_form_text}")
+    print(f"\n{LECTURE_NOTES_INTRO}")
+    for claim in claims:
+        if claim.lecture_note:
+            print(f"  {claim.title}: {claim.lecture_note}")
     return 0
 
 
 def key_list(text):
-    return [key.strip() for key in text.split(",") if key.strip()]
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    if not keys:
+        raise argparse.ArgumentTypeError(f"expected comma-separated claim keys, got {text!r}")
+    return keys
 
 
 def run_measured_claims(args):
     from cnnfast.analysis.measure import measure_claims, measured_on, measured_rows
 
     try:
-        result = measure_claims(batch=args.batch, dtype=args.dtype, keys=args.only)
+        result = measure_claims(batch=args.batch or 1, dtype=args.dtype, keys=args.only)
     except ValueError as error:
-        print(f"cnnfast claims: error: {error}", file=sys.stderr)
-        return 2
+        return fail(args, error)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -113,6 +151,9 @@ def run_measured_claims(args):
 
 
 def run_report(args):
+    problem = output_problem(out_dir=args.out)
+    if problem:
+        return fail(args, problem)
     for path in write_report(args.out).values():
         print(path)
     return 0
@@ -132,6 +173,8 @@ def backend_list(text):
 
 
 def measure_layers(args, end_to_end):
+    """run_bench's result for the command's options; a ValueError (an input too small for the
+    architecture) when it cannot run."""
     from cnnfast.bench import run_bench
 
     return run_bench(args.arch, batch=args.batch, dtype=args.dtype, backends=args.backends,
@@ -149,7 +192,13 @@ def measured_on(result):
 def run_benchmarks(args):
     from cnnfast.bench import end_to_end_rows, layer_rows, summary_rows
 
-    result = measure_layers(args, end_to_end=True)
+    problem = output_problem(json_file=args.json)
+    if problem:
+        return fail(args, problem)
+    try:
+        result = measure_layers(args, end_to_end=True)
+    except ValueError as error:
+        return fail(args, error)
     print(measured_on(result))
     for backend, reason in result["skipped"].items():
         print(f"skipped {backend}: {reason}")
@@ -187,7 +236,13 @@ def run_tune(args):
         print("cnnfast tune: error: needs a CUDA device (on a CPU, backend=None always runs torch)", file=sys.stderr)
         return 2
     args.backends = list(TUNED_BACKENDS)
-    result = measure_layers(args, end_to_end=False)
+    problem = output_problem(json_file=args.json)
+    if problem:
+        return fail(args, problem)
+    try:
+        result = measure_layers(args, end_to_end=False)
+    except ValueError as error:
+        return fail(args, error)
     print(measured_on(result))
     for backend, reason in result["skipped"].items():
         print(f"skipped {backend}: {reason}")
@@ -207,12 +262,17 @@ def run_roofline(args):
         DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
     )
 
-    result = measure_layers(args, end_to_end=False)
+    problem = output_problem(out_dir=args.out)
+    if problem:
+        return fail(args, problem)
+    try:
+        result = measure_layers(args, end_to_end=False)
+    except ValueError as error:
+        return fail(args, error)
     ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
     points = roofline_points(result, ceiling)
     rate = rate_unit(result["device_type"])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     subject = f"{args.arch}, batch {result['batch']}, 3x{result['input_size']}x{result['input_size']}"
     chart = roofline_plot(points, ceiling, out / "roofline.png", subject=subject, rate=rate)
     data = out / "roofline.json"
@@ -281,7 +341,7 @@ def build_parser():
         help="time both sides of each time-relevant claim on the torch backend (schema: cnnfast.claims_measure)",
     )
     claims.add_argument(
-        "--batch", type=positive_int, default=1, metavar="B", help="with --measure: images per batch (default: 1)"
+        "--batch", type=positive_int, metavar="B", help="with --measure: images per batch (default: 1)"
     )
     claims.add_argument(
         "--dtype", choices=("bf16", "fp16", "fp32"), help="with --measure: default bf16 on a GPU, fp32 on a CPU"
@@ -325,7 +385,11 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as exit_request:  # --help, --version and usage errors: hand back their status
         return exit_request.code
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `cnnfast analyze vgg16 | head`: the reader has gone; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush does not fail
+        return 141
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import cnnfast
 from cnnfast.analysis import MEMORY_TYPES, analyze_arch
 from cnnfast.analysis.claims import compute_claims
-from cnnfast.models import ARCHITECTURES
+from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
 
 KIB = 1024
 MIB = 1024**2
@@ -221,9 +221,8 @@ def layer_chart(analysis, path):
         ha="right" if few_layers else "center",
         fontsize=8 if few_layers else 7,
     )
-    size = analysis.input_size
     figure.suptitle(
-        f"{analysis.arch}, 3x{size}x{size}, batch {analysis.batch}: "
+        f"{analysis.arch}, 3x{analysis.image_text}, batch {analysis.batch}: "
         "memory, parameters and MACs of each conv and linear layer"
     )
     return save_figure(figure, path)
@@ -240,7 +239,7 @@ def summary_section(data):
         totals = analysis.totals
         rows.append((
             name,
-            f"3x{analysis.input_size}x{analysis.input_size}",
+            f"3x{analysis.image_text}",
             f"{totals['params'] / 1e6:.2f}",
             f"{totals['macs'] / 1e9:.3f}",
             f"{totals['flops'] / 1e9:.3f}",
@@ -252,12 +251,18 @@ def summary_section(data):
     chart = macs_vs_params_chart(data.analyses, data.out_dir / "macs_vs_params.png")
     caption = "GMACs vs parameters; marker area grows with activation memory."
     intro = "Counted per image (batch 1) at each architecture's default input size."
+    notes = [f"{name}: {note}." for name, note in ARCHITECTURE_NOTES.items() if name in data.analyses]
+    html_notes = "".join(f"<p>{html.escape(note)}</p>\n" for note in notes)
+    markdown_notes = "".join(f"{markdown_escape(note)}\n\n" for note in notes)
     return Section(
         "Summary",
-        f"<p>{intro}</p>\n{html_table(headers, rows, align)}\n{html_figure(chart, caption)}",
-        f"{intro}\n\n{markdown_table(headers, rows, align)}\n\n{markdown_figure(chart, caption)}",
+        f"<p>{intro}</p>\n{html_table(headers, rows, align)}\n{html_notes}{html_figure(chart, caption)}",
+        f"{intro}\n\n{markdown_table(headers, rows, align)}\n\n{markdown_notes}{markdown_figure(chart, caption)}",
         [chart],
     )
+
+
+LECTURE_NOTES_INTRO = "Where the lecture's own figures differ from the counts:"
 
 
 def claims_section(data):
@@ -292,16 +297,21 @@ def claims_section(data):
              for row in measured["claims"] if row["explanation"]]
     statements = list(dict.fromkeys(claim.statement for claim in data.claims))  # several claims share one
     outro = "What the lecture says, in the order of the table:"
+    lecture_notes = [f"{claim.key}: {claim.lecture_note}" for claim in data.claims if claim.lecture_note]
     html_notes = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
     markdown_notes = "\n".join(f"- {markdown_escape(note)}" for note in notes)
+    html_lecture = "\n".join(f"<li>{html.escape(note)}</li>" for note in lecture_notes)
+    markdown_lecture = "\n".join(f"- {markdown_escape(note)}" for note in lecture_notes)
     html_statements = "\n".join(f"<li>{html.escape(statement)}</li>" for statement in statements)
     markdown_statements = "\n".join(f"- {markdown_escape(statement)}" for statement in statements)
     return Section(
         "The lecture's claims",
         f"<p>{html.escape(intro)}</p>\n{html_table(headers, rows, align)}\n<p>Where the measured ratio departs "
-        f"from the counted one:</p>\n<ul>\n{html_notes}\n</ul>\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
+        f"from the counted one:</p>\n<ul>\n{html_notes}\n</ul>\n<p>{LECTURE_NOTES_INTRO}</p>\n<ul>\n{html_lecture}\n"
+        f"</ul>\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
         f"{markdown_escape(intro)}\n\n{markdown_table(headers, rows, align)}\n\nWhere the measured ratio departs "
-        f"from the counted one:\n\n{markdown_notes}\n\n{outro}\n\n{markdown_statements}",
+        f"from the counted one:\n\n{markdown_notes}\n\n{LECTURE_NOTES_INTRO}\n\n{markdown_lecture}\n\n{outro}\n\n"
+        f"{markdown_statements}",
     )
 
 

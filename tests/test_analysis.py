@@ -101,8 +101,10 @@ def test_batch_scaling():
 
 def test_rectangular_input_and_channels():
     analysis = analyze(models.get_model("resnet18"), (160, 96), in_channels=3)
-    assert analysis.input_size == 160
+    assert analysis.input_size == (160, 96) and analysis.image_text == "160x96"
+    assert format_table(analysis).splitlines()[0] == "model at 160x96, per image"
     assert _layer(analysis, "conv1").output_shape == [64, 80, 48]
+    assert analyze(models.get_model("resnet18"), (64, 64)).input_size == 64  # square: an int, as the CLI gives
     gray = analyze(nn.Conv2d(1, 8, 3), 10, in_channels=1)
     assert gray.layers[0].macs == 8 * 8 * 8 * 9
 

@@ -80,6 +80,17 @@ def test_details_hold_the_raw_numbers(claims):
     assert claims["alexnet_fc_params_fraction"].details["fc6"]["params"] == 37_752_832
 
 
+def test_lecture_figures_that_differ_from_the_counts_are_noted(claims):
+    assert "18HWC^2" in claims["vgg_pool_double_macs"].lecture_note
+    stem = claims["googlenet_stem_vs_vgg16_macs"]
+    # The slide's rows sum to 481 MFLOP with about 3 of pooling: the count must be within that of it.
+    assert 475 < stem.details["googlenet_stem_mmac"] < 481
+    assert f"{stem.details['googlenet_stem_mmac']:.1f} M MACs" in stem.lecture_note
+    assert f"{stem.details['vgg16_through_conv3_2_mmac']:.1f} M MACs through conv3_2" in stem.lecture_note
+    assert [key for key, claim in claims.items() if claim.lecture_note] == ["vgg_pool_double_macs",
+                                                                          "googlenet_stem_vs_vgg16_macs"]
+
+
 def test_claims_serialise_to_json(claims):
     fields = {field.name for field in dataclasses.fields(Claim)}
     for claim in claims.values():

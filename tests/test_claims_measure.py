@@ -47,6 +47,16 @@ def test_explain_memory_boundedness():
     assert found["roofline_ratio"] == pytest.approx(2.0)
 
 
+def test_explain_a_roofline_that_closes_little_of_the_gap_is_not_the_cause():
+    # counted 10, measured 2.5, roofline 8 (memory-bound leaves, but a ratio barely moved): neither
+    found = explain(10.0, 2.5, side("a", 10.0, 8.0), side("b", 4.0, 1.0, memory_bound_ms=0.5), empty_ms=1e-4)
+    assert found["roofline_ratio"] == pytest.approx(8.0)
+    assert found["cause"] == "neither"
+    # roofline 4.5: a little more than half the gap closed (half, in log scale, is 5)
+    found = explain(10.0, 2.5, side("a", 10.0, 4.5), side("b", 4.0, 1.0, memory_bound_ms=0.5), empty_ms=1e-4)
+    assert found["cause"] == "memory-boundedness"
+
+
 def test_explain_neither():
     found = explain(10.0, 2.5, side("a", 10.0, 10.0), side("b", 4.0, 1.0), empty_ms=1e-4)
     assert found["cause"] == "neither"

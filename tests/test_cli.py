@@ -8,7 +8,7 @@ import pytest
 import cnnfast
 from cnnfast.analysis import analyze_arch
 from cnnfast.cli import main
-from cnnfast.models import ARCHITECTURES
+from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
 
 LAYER_KEYS = {
     "name", "type", "input_shape", "output_shape", "kernel_size", "stride", "padding",
@@ -109,3 +109,53 @@ def test_module_runs_as_a_script():
     assert result.returncode == 0
     for command in ("analyze", "claims", "report"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("claims", "--only", "gap_head_vs_fc_head_macs"), "--only only apply with --measure"),
+    (("claims", "--batch", "8", "--dtype", "fp32"), "--batch, --dtype only apply with --measure"),
+    (("claims", "--measure", "--only", ","), "expected comma-separated claim keys, got ','"),
+    (("claims", "--measure", "--only", "bogus"), "unknown claims: bogus (the claims: vgg_3x3_vs_5x5_params"),
+    (("claims", "--measure", "--only", "vgg_3x3_vs_5x5_params"), "not time-relevant claims"),
+], ids=["only-without-measure", "batch-dtype-without-measure", "no-keys", "unknown-key", "untimed-key"])
+def test_claims_options_that_cannot_apply_are_refused(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and not out
+
+
+@pytest.mark.parametrize("command", [("bench", "--json"), ("tune", "--json"), ("roofline", "--out"), ("report", "--out")])
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tmp_path, monkeypatch, command):
+    import cnnfast.bench
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured before checking the output")
+
+    monkeypatch.setattr(cnnfast.bench, "run_bench", must_not_measure)
+    monkeypatch.setattr(cnnfast.bench, "default_device", lambda: __import__("torch").device("cuda"))  # tune's check
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    name, option = command
+    arch = () if name == "report" else ("resnet18",)
+    code, _, err = run(capsys, name, *arch, option, str(blocker / "inside"))
+    assert code == 2 and f"cnnfast {name}: error: " in err and str(blocker / "inside") in err
+
+
+@pytest.mark.parametrize("command", ["bench", "roofline"])
+def test_an_input_too_small_for_the_architecture_is_an_error_not_a_traceback(capsys, tmp_path, command):
+    code, _, err = run(capsys, command, "alexnet", "--input-size", "10", "--backends", "torch",
+                       *(("--out", str(tmp_path)) if command == "roofline" else ()))
+    assert code == 2
+    assert err.startswith(f"cnnfast {command}: error: alexnet at input 10x10: layer 'features.2'")
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly():
+    result = subprocess.run(f"{sys.executable} -m cnnfast.cli analyze resnet152 --json | head -c 10", shell=True,
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.stdout == '{\n  "arch"' and "Traceback" not in result.stderr
+
+
+def test_analyze_notes_where_the_model_is_not_the_lectures(capsys):
+    code, out, _ = run(capsys, "analyze", "googlenet")
+    assert code == 0 and out.splitlines()[1] == f"note: {ARCHITECTURE_NOTES['googlenet']}"
+    code, out, _ = run(capsys, "analyze", "resnet18")
+    assert "note:" not in out

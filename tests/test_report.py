@@ -3,7 +3,7 @@ import html
 import pytest
 
 from cnnfast.analysis.claims import compute_claims
-from cnnfast.models import ARCHITECTURES
+from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
 from cnnfast.report import LAYER_CHART_ARCHS, markdown_escape, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -42,6 +42,10 @@ def test_pages_name_every_architecture_and_claim(report, page, escape):
     for claim in compute_claims():
         assert escape(claim.title) in text
         assert escape(claim.statement) in text
+        if claim.lecture_note:
+            assert escape(claim.lecture_note) in text
+    for note in ARCHITECTURE_NOTES.values():
+        assert escape(note) in text
 
 
 def test_markdown_escape_keeps_formulas_literal():

@@ -25,6 +25,8 @@ class Claim:
     closed_form: float | None
     closed_form_text: str | None
     details: dict
+    # Where the lecture's own figures differ from what is counted here, and why.
+    lecture_note: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,9 +158,10 @@ def _pool_then_double_claims() -> list[Claim]:
             quantity="macs",
             predicted=after_pool.totals["macs"] / before_pool.totals["macs"],
             closed_form=1.0,
-            # The notes print 18HWC^2 for the first option; (2H*2W*C)*(3*3*C) is 36HWC^2.
             closed_form_text="(H*W*2C)(3*3*2C) / (2H*2W*C)(3*3*C) = 36HWC^2 / 36HWC^2 = 1",
             details=details,
+            lecture_note=("the notes print 18HWC^2 for the conv before the pool, which would make the ratio 2, "
+                          "against their own conclusion of equal compute; (2H*2W*C)(3*3*C) is 36HWC^2"),
         ),
     ]
 
@@ -175,6 +178,12 @@ def _stem_claims(googlenet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
         "vgg16_through_conv3_2_mmac": _total(_rows_through(vgg16, "features.13"), "macs") / 1e6,
         "lecture_slide_mflop": {"googlenet_stem": 418, "vgg16": 7485},
     }
+    note = (
+        f"the slide's totals are 418 MFLOP for GoogLeNet's stem and 7485 for VGG-16 to 28x28; 418 is not the sum of "
+        f"the slide's own rows (118 + 2 + 13 + 347 + 1 = 481), which the {details['googlenet_stem_mmac']:.1f} M MACs "
+        f"counted here (pooling has none) match, and 7485 stops at conv3_2, one conv short of 28x28 "
+        f"({details['vgg16_through_conv3_2_mmac']:.1f} M MACs through conv3_2 here)"
+    )
     statement = (
         "GoogLeNet's stem aggressively downsamples the input (3x224x224 -> 192x28x28) with far "
         "less compute, fewer parameters and less memory than VGG-16 spends to reach 28x28."
@@ -191,6 +200,7 @@ def _stem_claims(googlenet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
                 closed_form=None,
                 closed_form_text=None,
                 details=details,
+                lecture_note=note if quantity == "macs" else None,
             )
         )
     return claims

@@ -62,10 +62,16 @@ class ModelAnalysis:
     """
 
     arch: str
-    input_size: int
+    input_size: int | tuple[int, int]  # an int for a square input, else (height, width)
     batch: int
     layers: list[LayerInfo]
     totals: dict[str, int]
+
+    @property
+    def image_text(self) -> str:
+        """The input's height x width, "224x224"."""
+        height, width = (self.input_size, self.input_size) if isinstance(self.input_size, int) else self.input_size
+        return f"{height}x{width}"
 
     @property
     def pool_ops(self) -> int:
@@ -237,7 +243,8 @@ def analyze(
         "flops": sum(row.flops for row in rows),
         "activation_bytes": sum(row.activation_bytes for row in rows if row.type in MEMORY_TYPES),
     }
-    return ModelAnalysis(arch=arch, input_size=height, batch=batch, layers=rows, totals=totals)
+    size = height if height == width else (height, width)
+    return ModelAnalysis(arch=arch, input_size=size, batch=batch, layers=rows, totals=totals)
 
 
 @dataclass(frozen=True)
@@ -270,7 +277,7 @@ def analyze_arch(name: str, input_size: int | tuple[int, int] | None = None, bat
 
     with torch.device("meta"):
         model = get_model(name)
-    return analyze(model, input_size or DEFAULT_INPUT_SIZE[name], batch=batch, arch=name)
+    return analyze(model, DEFAULT_INPUT_SIZE[name] if input_size is None else input_size, batch=batch, arch=name)
 
 
 def format_table(analysis: ModelAnalysis) -> str:
@@ -281,7 +288,7 @@ def format_table(analysis: ModelAnalysis) -> str:
     per_image = max(analysis.batch, 1)
     header = f"{'layer':<28} {'type':<9} {'output C x H x W':<18} {'memory KB':>11} {'params k':>11} {'MACs M':>11}"
     lines = [
-        f"{analysis.arch or 'model'} at {analysis.input_size}x{analysis.input_size}, per image",
+        f"{analysis.arch or 'model'} at {analysis.image_text}, per image",
         header,
         "-" * len(header),
     ]

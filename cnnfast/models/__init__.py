@@ -48,7 +48,8 @@ def vgg19_bn(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Mo
 
 
 def googlenet(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
-    """GoogLeNet's inference path: no auxiliary classifiers, no input transform."""
+    """GoogLeNet's inference path: no auxiliary classifiers, no input transform. It is torchvision's
+    GoogLeNet, as ARCHITECTURE_NOTES["googlenet"] says how it differs from the paper's."""
     kwargs.setdefault("aux_logits", False)
     kwargs.setdefault("init_weights", False)
     kwargs.setdefault("transform_input", False)
@@ -105,6 +106,14 @@ ARCHITECTURES = {
 DEFAULT_INPUT_SIZE = {name: 227 if name == "alexnet" else 224 for name in ARCHITECTURES}
 
 
+# Where a builder's model is not the one the lecture describes: said wherever its counts are shown.
+ARCHITECTURE_NOTES = {
+    "googlenet": "torchvision's GoogLeNet: BatchNorm after every conv (the lecture's had none; BN adds no MACs) "
+                 "and, in each Inception module, a 3x3 conv where the paper's branch has a 5x5, so its MACs and "
+                 "parameters are a little below the paper's",
+}
+
+
 def get_model(name: str, **kwargs) -> nn.Module:
     """Build the architecture called ``name`` (a key of ``ARCHITECTURES``)."""
     if name not in ARCHITECTURES:
@@ -113,6 +122,6 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_INPUT_SIZE", "PreActResNet", "ZFNet", "get_model", "preact_resnet18", "preact_resnet34",
+    "ARCHITECTURES", "ARCHITECTURE_NOTES", "DEFAULT_INPUT_SIZE", "PreActResNet", "ZFNet", "get_model", "preact_resnet18", "preact_resnet34",
     *ARCHITECTURES,
 ]
