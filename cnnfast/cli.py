@@ -172,11 +172,14 @@ def backend_list(text):
     return names
 
 
-def measure_layers(args, end_to_end):
-    """run_bench's result for the command's options; a ValueError (an input too small for the
-    architecture) when it cannot run."""
+def measure_layers(args, end_to_end, json_file=None, out_dir=None):
+    """run_bench's result for the command's options; a ValueError when it cannot run: an output
+    that cannot be written (checked first, output_problem) or an input too small for the architecture."""
     from cnnfast.bench import run_bench
 
+    problem = output_problem(json_file=json_file, out_dir=out_dir)
+    if problem:
+        raise ValueError(problem)
     return run_bench(args.arch, batch=args.batch, dtype=args.dtype, backends=args.backends,
                      input_size=args.input_size, max_layers=args.max_layers, end_to_end=end_to_end,
                      show_progress=True)
@@ -192,11 +195,8 @@ def measured_on(result):
 def run_benchmarks(args):
     from cnnfast.bench import end_to_end_rows, layer_rows, summary_rows
 
-    problem = output_problem(json_file=args.json)
-    if problem:
-        return fail(args, problem)
     try:
-        result = measure_layers(args, end_to_end=True)
+        result = measure_layers(args, end_to_end=True, json_file=args.json)
     except ValueError as error:
         return fail(args, error)
     print(measured_on(result))
@@ -233,14 +233,10 @@ def run_tune(args):
     from cnnfast.tuning import save_local_choices
 
     if default_device().type != "cuda":
-        print("cnnfast tune: error: needs a CUDA device (on a CPU, backend=None always runs torch)", file=sys.stderr)
-        return 2
+        return fail(args, "needs a CUDA device (on a CPU, backend=None always runs torch)")
     args.backends = list(TUNED_BACKENDS)
-    problem = output_problem(json_file=args.json)
-    if problem:
-        return fail(args, problem)
     try:
-        result = measure_layers(args, end_to_end=False)
+        result = measure_layers(args, end_to_end=False, json_file=args.json)
     except ValueError as error:
         return fail(args, error)
     print(measured_on(result))
@@ -262,11 +258,8 @@ def run_roofline(args):
         DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
     )
 
-    problem = output_problem(out_dir=args.out)
-    if problem:
-        return fail(args, problem)
     try:
-        result = measure_layers(args, end_to_end=False)
+        result = measure_layers(args, end_to_end=False, out_dir=args.out)
     except ValueError as error:
         return fail(args, error)
     ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
