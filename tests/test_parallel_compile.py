@@ -134,3 +134,29 @@ if __name__ == "__main__":
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # compile afresh, not from an earlier run's cache
     os.environ.pop("TRITON_CACHE_AUTOTUNING", None)
     print(json.dumps(tuning_reports(sys.argv[1])))
+
+
+def test_tuning_while_a_cuda_graph_is_captured_is_refused_with_what_to_do(monkeypatch):
+    """Timing configs synchronizes, which a CUDA graph capture forbids: where the autotuner would
+    tune, the launcher says to run once first; where it holds a choice, the launch goes ahead."""
+    import torch
+
+    from cnnfast.triton_kernels import add_relu, parallel_compile
+
+    x = torch.zeros(2, 8, 3, 3)
+    kernel, tuner, arguments, grid, flags = add_relu.launch_plan(x, x, torch.empty_like(x), True, None)
+    args = arguments(torch.empty_like(x))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "configs", tuner.configs * 2)  # the interpreter's set may hold one: nothing to tune
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="add_relu: the Triton kernel for this shape has not been tuned yet"):
+        parallel_compile.check_tuned_if_capturing("add_relu", cuda, tuner, args, flags)
+    parallel_compile.check_tuned_if_capturing("add_relu", torch.device("cpu"), tuner, args, flags)  # the interpreter
+    key = [value for name, value in zip(tuner.arg_names, args) if name in tuner.keys]
+    tuner.cache[tuple(key + [str(value.dtype) for value in args if hasattr(value, "dtype")])] = tuner.configs[0]
+    assert parallel_compile.autotuner_has_choice(tuner, args, flags)
+    parallel_compile.check_tuned_if_capturing("add_relu", cuda, tuner, args, flags)
+    tuner.cache.clear()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    parallel_compile.check_tuned_if_capturing("add_relu", cuda, tuner, args, flags)

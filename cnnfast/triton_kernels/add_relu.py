@@ -33,7 +33,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
-from cnnfast.triton_kernels.parallel_compile import autotuner_choice, autotuner_has_choice
+from cnnfast.triton_kernels.parallel_compile import autotuner_choice, autotuner_has_choice, check_tuned_if_capturing
 
 
 def add_relu_flat_configs(interpreted: bool = INTERPRETED):
@@ -160,6 +160,7 @@ def add_relu(x, y, out, relu, config=None, bias=None):
     args = arguments(out)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
+            check_tuned_if_capturing("add_relu", x.device, autotuned, args, flags)
             if (out.data_ptr() == x.data_ptr() and len(autotuned.configs) > 1
                     and not autotuner_has_choice(autotuned, args, flags)):
                 # Tuning times each config by running it many times: in place, every run would add

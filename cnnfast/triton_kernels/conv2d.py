@@ -57,7 +57,7 @@ import triton.testing
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.ops import conv2d_output_size
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
-from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, compile_in_parallel
+from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, check_tuned_if_capturing, compile_in_parallel
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for Hopper. The channel-blocked order: large tiles for
@@ -551,6 +551,7 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
+            check_tuned_if_capturing("conv2d", x.device, tuner, args, flags)
             # The tuner would compile its candidates one by one as it times them (unless it already
             # chose for its key, which leaves out padding, bias and ReLU).
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):

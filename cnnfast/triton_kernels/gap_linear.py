@@ -31,6 +31,7 @@ import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
+from cnnfast.triton_kernels.parallel_compile import check_tuned_if_capturing
 
 
 def linear_bias_configs(interpreted: bool = INTERPRETED, float32: bool = False):
@@ -123,7 +124,9 @@ def linear_bias(a, weight, bias, config=None):
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(O, meta["BLOCK_O"]),)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         if config is None:
-            LINEAR_BIAS_AUTOTUNED[a.dtype == torch.float32][grid](*args, **flags)
+            tuner = LINEAR_BIAS_AUTOTUNED[a.dtype == torch.float32]
+            check_tuned_if_capturing("gap_linear", a.device, tuner, args, flags)
+            tuner[grid](*args, **flags)
         else:
             linear_bias_kernel[grid(config.kwargs)](*args, **flags, **config.kwargs, num_warps=config.num_warps,
                                                     num_stages=config.num_stages)

@@ -20,6 +20,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.triton_kernels.parallel_compile import check_tuned_if_capturing
 
 
 def global_avg_pool_configs(interpreted: bool = INTERPRETED):
@@ -83,6 +84,7 @@ def global_avg_pool(x, config=None):
     grid = lambda meta: (N * triton.cdiv(C, meta["BLOCK_C"]),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         if config is None:
+            check_tuned_if_capturing("global_avg_pool", x.device, global_avg_pool_autotuned, args, {})
             global_avg_pool_autotuned[grid](*args)
         else:
             global_avg_pool_kernel[grid(config.kwargs)](*args, **config.kwargs, num_warps=config.num_warps,

@@ -10,6 +10,8 @@ of that config looks up, so the autotuner then only times them.
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from triton.runtime._async_compile import AsyncCompileMode, FutureKernel
 from triton.runtime.jit import JITFunction
 
@@ -28,6 +30,19 @@ def autotuner_choice(tuner, args, kwargs):
 def autotuner_has_choice(tuner, args, kwargs) -> bool:
     """Whether the autotuner already holds a choice for these launch arguments."""
     return autotuner_choice(tuner, args, kwargs) is not None
+
+
+def check_tuned_if_capturing(op: str, device, tuner, args, kwargs) -> None:
+    """Raises a RuntimeError that says what to do where launching tuner would tune (time its
+    configs, which synchronizes) while a CUDA graph is being captured on device's current stream:
+    the capture would otherwise fail with CUDA's own "operation not permitted when stream is
+    capturing". Call under torch.cuda.device(device)."""
+    if (device.type == "cuda" and len(tuner.configs) > 1 and torch.cuda.is_current_stream_capturing()
+            and not autotuner_has_choice(tuner, args, kwargs)):
+        raise RuntimeError(
+            f"{op}: the Triton kernel for this shape has not been tuned yet, and tuning cannot run while a CUDA "
+            "graph is captured; run the model (or the op) once with these shapes before capturing it"
+        )
 
 
 def compile_in_parallel(kernel, configs, args, kwargs) -> None:
