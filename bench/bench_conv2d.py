@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
+from cnnfast.testing import assert_close_to_reference
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, relu_keeps_nan
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
@@ -134,5 +135,6 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
 def test_conv2d_cpu_smoke(benchmark, backend):
     x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 16, 3, 3)
-    benchmark(ops.conv2d, x, w, padding=1, relu=True, backend=backend)
+    out = benchmark(ops.conv2d, x, w, padding=1, relu=True, backend=backend)
+    assert_close_to_reference(out, F.relu(F.conv2d(x.double(), w.double(), padding=1)), "conv")
     benchmark.extra_info.update(device="cpu", backend=backend, dtype="fp32", shape=[1, 16, 8, 8, 16, 3, 3, 1])

@@ -694,14 +694,14 @@ def test_out_overlapping_an_input(victim, backend):
 def test_an_inference_tensor_out_is_written_only_in_inference_mode(backend):
     """As PyTorch's own in-place ops: an inference tensor cannot be updated outside inference_mode."""
     with torch.inference_mode():
-        out = torch.empty(1, 6, 5, 5)
-    args = valid_args()
+        out = torch.full((1, 6, 5, 5), NAN)
+    x, weight, bias = (valid_args()[name] for name in ("x", "weight", "bias"))
     with pytest.raises(RuntimeError, match=r"out was made under torch.inference_mode\(\)"):
-        ops.conv2d(args.pop("x"), args.pop("weight"), out=out, backend=backend, **args)
+        ops.conv2d(x, weight, bias, padding=1, out=out, backend=backend)
+    assert out.isnan().all()  # refused before anything was written
     with torch.inference_mode():
-        args = valid_args()
-        ops.conv2d(args.pop("x"), args.pop("weight"), out=out, backend=backend, **args)
-    assert not out.isnan().any()
+        ops.conv2d(x, weight, bias, padding=1, out=out, backend=backend)
+    assert_close_to_reference(out, F.conv2d(x.double(), weight.double(), bias.double(), padding=1), "conv")
 
 
 @pytest.mark.parametrize("strides, overlapping", [
