@@ -2,6 +2,7 @@
 
     python -m bench.collect_results OUTDIR [--name NAME]
 
+OUTDIR holds the run's record as results.tar.gz (what device_check.sh leaves there), or unpacked.
 Copies the run's record (env.json, steps.tsv, summary.md, the GPU tests' JUnit files, the
 benchmark and `cnnfast tune` JSON files, the Triton conv's measured kernel choices, the report
 archive, the log gzipped) into bench/results/NAME, where NAME defaults to <gpu>-<date>-run<N>
@@ -14,12 +15,15 @@ import gzip
 import json
 import re
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 
 from bench import readme_results, tuning_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = tuning_table.RESULTS
+ARCHIVE = "results.tar.gz"  # device_check.sh's record, packed
 KEPT = ("env.json", "steps.tsv", "summary.md", "gpu_tests*.xml", "benchmarks*.json", "tune*.json",
         "triton_conv2d_choices.json", "report.tar.gz")
 
@@ -35,8 +39,13 @@ def run_name(out: Path, results: Path = RESULTS) -> str:
 
 def collect(out: Path, name: str | None = None, results: Path = RESULTS) -> Path:
     """Copies the run's record into results/name (which must not exist yet) and returns that folder."""
+    archive = out / ARCHIVE
+    if archive.is_file() and not (out / "env.json").is_file():
+        with tempfile.TemporaryDirectory() as unpacked, tarfile.open(archive) as tar:
+            tar.extractall(unpacked, filter="data")
+            return collect(Path(unpacked), name, results)
     if not (out / "env.json").is_file():
-        raise SystemExit(f"{out} has no env.json: not a device_check.sh output folder")
+        raise SystemExit(f"{out} has no env.json (nor {ARCHIVE} holding one): not a device_check.sh output folder")
     target = results / (name or run_name(out, results))
     target.mkdir(parents=True, exist_ok=False)
     for pattern in KEPT:

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
 # The GPU checks: build offline, GPU tests, sanitizer runs, benchmarks,
-# report. Everything lands in OUTDIR (default bench/out). Each step runs under its own time limit
-# and a failing step is recorded and the rest still run; the summary table is printed last. All
-# steps' limits add up to over 16 minutes, more than one 10-minute call of a lent GPU: CNNFAST_STEPS
-# picks some of them (comma-separated step names, or the part of a name before a dash, as
-# "sanitizer" or "gpu-tests"; environment, wheels and build always run), so that the checks can be
-# split over calls.
+# report. Each step runs under its own time limit and a failing step is recorded and the rest
+# still run; the summary table is printed last. All steps' limits add up to about half an hour,
+# more than one 10-minute call of a lent GPU: CNNFAST_STEPS picks some of them (comma-separated
+# step names, or the part of a name before a dash, as "sanitizer" or "gpu-tests"; environment,
+# wheels and build always run), so that the checks can be split over calls.
+#
+# The record (log, step table, environment, test and benchmark files) is kept in RUN_DIR
+# (CNNFAST_RUN_DIR, default bench/out/run, which a warm machine keeps between calls) and packed
+# into OUTDIR/results.tar.gz after every step, with OUTDIR/summary.md at the end: the device tool
+# brings back at most 8 files, so the record travels as one archive, complete up to the last
+# finished step whatever stops the call. CNNFAST_CONTINUE=1 adds to an earlier call's record on
+# the same machine instead of starting a new one. `python -m bench.collect_results OUTDIR` files it.
 #   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
 #   CNNFAST_STEPS=gpu-tests,benchmarks bash bench/device_check.sh OUTDIR
+# A 15-minute lease (two calls, about 8 and 4 minutes, plus the machine's start):
+#   CNNFAST_COMMIT=<sha> CNNFAST_STEPS=gpu-tests-tma,benchmarks-conv,benchmarks-table bash bench/device_check.sh "$OUT"
+#   CNNFAST_COMMIT=<sha> CNNFAST_CONTINUE=1 CNNFAST_STEPS=model-benchmarks,report bash bench/device_check.sh "$OUT"
 set -u
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "${1:-bench/out}" && cd "${1:-bench/out}" && pwd)
-LOG="$OUT/device_check.log"
-STEPS="$OUT/steps.tsv"
+RUN=${CNNFAST_RUN_DIR:-$PWD/bench/out/run}
+[ "${CNNFAST_CONTINUE:-0}" = 1 ] || rm -rf "$RUN"
+mkdir -p "$RUN"
+LOG="$RUN/device_check.log"
+STEPS="$RUN/steps.tsv"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD  # bench/ scripts import the references from tests/
@@ -29,8 +41,15 @@ export CNNFAST_TUNING_FILE=${CNNFAST_TUNING_FILE:-$HOME/.cache/cnnfast/tuning.js
 # the file comes back with the results. The GPU tests measure their own (TESTS_ENV).
 export CNNFAST_KERNEL_CACHE=${CNNFAST_KERNEL_CACHE:-$HOME/.cache/cnnfast/triton_conv2d.json}
 TESTS_ENV=(env CNNFAST_TUNING_FILE=/dev/null CNNFAST_KERNEL_CACHE=/dev/null)
-: >"$LOG"
-printf 'step\tstatus\tseconds\n' >"$STEPS"
+touch "$LOG"
+[ -f "$STEPS" ] || printf 'step\tstatus\tseconds\n' >"$STEPS"
+
+# pack: the record so far, with the Triton conv's measured choices, as OUTDIR/results.tar.gz
+# (written beside and renamed, so that a call stopped while packing leaves the last whole archive).
+pack() {
+  if [ -f "$CNNFAST_KERNEL_CACHE" ]; then cp "$CNNFAST_KERNEL_CACHE" "$RUN/triton_conv2d_choices.json"; fi
+  tar -czf "$OUT/results.tar.gz.part" -C "$RUN" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+}
 
 # Whether CNNFAST_STEPS selects step NAME: all, NAME itself, or a prefix of NAME ending at a dash.
 selected() {
@@ -55,10 +74,11 @@ step() {
   case $rc in 0) status=ok ;; 124 | 137) status="timeout (${limit}s)" ;; *) status="FAILED (exit $rc)" ;; esac
   printf '%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - start))" >>"$STEPS"
   echo "--- $name: $status" | tee -a "$LOG"
+  pack
   return $rc
 }
 
-step environment 60 "$PYTHON" bench/environment.py "$OUT/env.json"
+step environment 60 "$PYTHON" bench/environment.py "$RUN/env.json"
 
 # The GPU machine has no network: build requirements it lacks (nvidia-cutlass's headers) travel
 # as wheels in the git-ignored .whl/ folder (named in the device call's carry list).
@@ -121,40 +141,44 @@ NEW_GPU_TESTS=(tests/test_conv2d_gpu.py tests/test_torch_triton.py tests/test_cu
 # compiling its config: 180 s).
 TMA_GPU_TESTS="triton_pointwise or triton_spatial or triton_tma or (past_2_31 and tma)"
 # A step's result file from an earlier run into the same folder would be summed with this run's.
-selected gpu-tests-tma && rm -f "$OUT/gpu_tests_tma.xml"
-selected gpu-tests-new && rm -f "$OUT/gpu_tests_new.xml"
-selected gpu-tests-new-cuda && rm -f "$OUT/gpu_tests_new_cuda.xml"
-selected gpu-tests-rest && rm -f "$OUT/gpu_tests_rest.xml"
-selected gpu-tests-cudnn && rm -f "$OUT/gpu_tests_cudnn.xml"
+selected gpu-tests-tma && rm -f "$RUN/gpu_tests_tma.xml"
+selected gpu-tests-new && rm -f "$RUN/gpu_tests_new.xml"
+selected gpu-tests-new-cuda && rm -f "$RUN/gpu_tests_new_cuda.xml"
+selected gpu-tests-rest && rm -f "$RUN/gpu_tests_rest.xml"
+selected gpu-tests-cudnn && rm -f "$RUN/gpu_tests_cudnn.xml"
 # The CUDA extension's cases (ids with "cuda") in a step of their own: a fault in a kernel that has
 # never run on a GPU leaves its worker's CUDA context failing every case after it.
 step gpu-tests-tma 180 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k "$TMA_GPU_TESTS" -q -n 4 -p no:cacheprovider \
-  --junitxml="$OUT/gpu_tests_tma.xml"
+  --junitxml="$RUN/gpu_tests_tma.xml"
 step gpu-tests-new 150 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu \
-  -k "not cuda and not cudnn_fused and not ($TMA_GPU_TESTS)" -q -n 4 -p no:cacheprovider --junitxml="$OUT/gpu_tests_new.xml"
+  -k "not cuda and not cudnn_fused and not ($TMA_GPU_TESTS)" -q -n 4 -p no:cacheprovider --junitxml="$RUN/gpu_tests_new.xml"
 step gpu-tests-new-cuda 100 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k cuda -q -n 4 -p no:cacheprovider \
-  --junitxml="$OUT/gpu_tests_new_cuda.xml"
+  --junitxml="$RUN/gpu_tests_new_cuda.xml"
 step gpu-tests-rest 120 "${TESTS_ENV[@]}" "$PYTHON" -m pytest tests -m gpu -q -n 4 -p no:cacheprovider "${NEW_GPU_TESTS[@]/#/--ignore=}" \
-  --junitxml="$OUT/gpu_tests_rest.xml"
+  --junitxml="$RUN/gpu_tests_rest.xml"
 # cuDNN's fused convolution (ids with "cudnn_fused"): its runtime-fusion engines may compile a
 # kernel per new layer shape, so its cases get a time limit of their own, after the others.
 step gpu-tests-cudnn 90 "${TESTS_ENV[@]}" "$PYTHON" -m pytest "${NEW_GPU_TESTS[@]}" -m gpu -k cudnn_fused -q -n 4 -p no:cacheprovider \
-  --junitxml="$OUT/gpu_tests_cudnn.xml"
+  --junitxml="$RUN/gpu_tests_cudnn.xml"
 
-# The CUDA extension's cases run in a process of their own: a kernel fault there (the CUTLASS conv
-# and the CUDA head have not run on a GPU before) would leave a CUDA context that fails every case after it.
-step benchmarks 125 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k "not cuda" \
-  --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks.json"
-step benchmarks-cuda 75 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k cuda \
-  --ignore=bench/bench_models.py --benchmark-json="$OUT/benchmarks_cuda.json"
-step benchmarks-table 60 bash -c "\"$PYTHON\" -m bench.tuning_table --local \"$OUT\" && cp \"\$CNNFAST_TUNING_FILE\" \"$OUT/tuning_local.json\""
+# The conv layers (ResNet-50's first, then VGG-16's; each new layer tunes its Triton kernels, 10-20 s)
+# and the memory-bound ops in steps of their own. The CUDA extension's cases run in a process of
+# their own: a kernel fault there (the CUTLASS conv and the CUDA head have not run on a GPU before)
+# would leave a CUDA context that fails every case after it.
+step benchmarks-conv 240 "$PYTHON" -m pytest bench/bench_conv2d.py --benchmark-only -q -p no:cacheprovider \
+  -k "not cuda" --benchmark-json="$RUN/benchmarks_conv.json"
+step benchmarks-memory 90 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k "not cuda" \
+  --ignore=bench/bench_models.py --ignore=bench/bench_conv2d.py --benchmark-json="$RUN/benchmarks_memory.json"
+step benchmarks-cuda 100 "$PYTHON" -m pytest bench --benchmark-only -q -p no:cacheprovider -k cuda \
+  --ignore=bench/bench_models.py --benchmark-json="$RUN/benchmarks_cuda.json"
+step benchmarks-table 60 bash -c "\"$PYTHON\" -m bench.tuning_table --local \"$RUN\" && cp \"\$CNNFAST_TUNING_FILE\" \"$RUN/tuning_local.json\""
 
 step model-benchmarks 150 "$PYTHON" -m pytest bench/bench_models.py --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/benchmarks_models.json"
+  --benchmark-json="$RUN/benchmarks_models.json"
 
 # ResNet-50's layers at batch 1 on torch, triton and cuda, for the tuning table's batch-1 choices
 # (after the model benchmarks, whose batch-1 runs leave the Triton autotuning results on disk).
-step tune 90 "$PYTHON" -m cnnfast.cli tune resnet50 --batch 1 --dry-run --json "$OUT/tune_resnet50_b1.json"
+step tune 90 "$PYTHON" -m cnnfast.cli tune resnet50 --batch 1 --dry-run --json "$RUN/tune_resnet50_b1.json"
 
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for tool in memcheck racecheck initcheck; do
@@ -162,7 +186,13 @@ for tool in memcheck racecheck initcheck; do
     --error-exitcode 1 "$PYTHON" bench/sanitizer_cases.py
 done
 
-step report 45 bash -c "\"$PYTHON\" -m cnnfast.cli report --out \"$OUT/report\" && tar -czf \"$OUT/report.tar.gz\" -C \"$OUT\" report && rm -r \"$OUT/report\""
+# The report times a few ResNet-50 layers on every backend for its roofline (each tuning its
+# kernels): 2 minutes. Whatever it wrote is archived as one file, finished or not.
+step report 120 "$PYTHON" -m cnnfast.cli report --out "$RUN/report"
+if [ -d "$RUN/report" ]; then
+  tar -czf "$RUN/report.tar.gz" -C "$RUN" report && rm -r "$RUN/report"
+fi
 
-if [ -f "$CNNFAST_KERNEL_CACHE" ]; then cp "$CNNFAST_KERNEL_CACHE" "$OUT/triton_conv2d_choices.json"; fi
-"$PYTHON" bench/summarize_device_check.py "$OUT" | tee -a "$LOG"
+"$PYTHON" bench/summarize_device_check.py "$RUN" | tee -a "$LOG"
+cp "$RUN/summary.md" "$OUT/summary.md" 2>/dev/null
+pack

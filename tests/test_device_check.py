@@ -1,10 +1,13 @@
-"""bench/device_check.sh's own logic, without a GPU: which steps CNNFAST_STEPS selects, and when
-the extension build is skipped. The script runs from a scratch copy of the tree's layout with a
-stub in place of Python, so nothing is built or written in the repository."""
+"""bench/device_check.sh's own logic, without a GPU: which steps CNNFAST_STEPS selects, when the
+extension build is skipped, and how the record comes back (one archive). The script runs from a
+scratch copy of the tree's layout with a stub in place of Python, so nothing is built or written in
+the repository."""
+import io
 import os
 import shutil
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ STUB = """#!/bin/sh
 # Stands in for Python: records its arguments (and the kernels archive a build is given). `-m pip`
 # fails when FAIL_BUILD is set, or FAIL_PREBUILT and it is given an archive; the archive check
 # fails when ARCHIVE_MISMATCH is set, the import of the built module when FAIL_IMPORT is; pytest's
-# runs also record where the Triton conv's choices are kept.
+# runs also record where the Triton conv's choices are kept. The report, the summary and the
+# environment step write a file each where the real ones do (the report fails when FAIL_REPORT is set).
 echo "$@ ${CNNFAST_PREBUILT_KERNELS:+(archive $CNNFAST_PREBUILT_KERNELS)}" >> "$STUB_LOG"
 case "$*" in
   *"-m pip"*) [ -z "$FAIL_BUILD" ] || exit 1
@@ -22,6 +26,9 @@ case "$*" in
   *"kernels_archive check"*) [ -z "$ARCHIVE_MISMATCH" ] || { echo "does not fit"; exit 1; } ;;
   *"import cnnfast._C"*) [ -z "$FAIL_IMPORT" ] || exit 1 ;;
   *"-m pytest"*) echo "pytest's kernel choices: $CNNFAST_KERNEL_CACHE" >> "$STUB_LOG" ;;
+  *"cnnfast.cli report"*) mkdir -p "$5" && echo page > "$5/index.html"; [ -z "$FAIL_REPORT" ] || exit 1 ;;
+  *"summarize_device_check.py"*) echo summary > "$2/summary.md" ;;
+  *"environment.py"*) echo "{}" > "$2" ;;
 esac
 exit 0
 """
@@ -45,15 +52,21 @@ def tree(tmp_path):
 
 
 def run(tree: Path, steps: str, **env) -> list[tuple[str, str]]:
-    """Runs the script with CNNFAST_STEPS=steps; returns its (step, status) rows."""
+    """Runs the script with CNNFAST_STEPS=steps; returns the (step, status) rows of its record."""
     out = tree / "out"
     shutil.rmtree(out, ignore_errors=True)
     environment = {**os.environ, "PYTHON": str(tree / "python-stub"), "STUB_LOG": str(tree / "stub.log"),
                    "CNNFAST_STEPS": steps, "PATH": "/usr/bin:/bin", **env}
     subprocess.run(["bash", str(tree / "bench" / "device_check.sh"), str(out)], env=environment, check=True,
                    capture_output=True, timeout=60)
-    rows = (out / "steps.tsv").read_text().splitlines()[1:]
+    rows = record(tree)["steps.tsv"].decode().splitlines()[1:]
     return [tuple(row.split("\t")[:2]) for row in rows]
+
+
+def record(tree: Path) -> dict[str, bytes]:
+    """The files of out/results.tar.gz, the record the script leaves in its output folder."""
+    with tarfile.open(tree / "out" / "results.tar.gz") as tar:
+        return {member.name.removeprefix("./"): tar.extractfile(member).read() for member in tar if member.isfile()}
 
 
 def names(rows):
@@ -67,9 +80,12 @@ def test_steps_are_selected_by_name_or_prefix(tree):
     assert names(run(tree, "sanitizer")) == [
         "environment", "build", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck"]
     rows = run(tree, "benchmarks,report")
-    assert names(rows) == ["environment", "build", "benchmarks", "benchmarks-cuda", "benchmarks-table", "report"]
+    assert names(rows) == ["environment", "build", "benchmarks-conv", "benchmarks-memory", "benchmarks-cuda",
+                           "benchmarks-table", "report"]
     assert dict(rows)["benchmarks-table"] == "ok"  # its nested quoting runs the command and the copy
     assert names(run(tree, "benchmarks-cuda")) == ["environment", "build", "benchmarks-cuda"]
+    assert names(run(tree, "benchmarks-conv,benchmarks-table")) == [
+        "environment", "build", "benchmarks-conv", "benchmarks-table"]
     assert "model-benchmarks" in names(run(tree, "all"))
     assert names(run(tree, "tune")) == ["environment", "build", "tune"]
 
@@ -106,7 +122,7 @@ def test_a_kernels_archive_that_fits_is_linked_and_any_failure_falls_back_to_the
 
     # The archive's check refuses it: the full build, without the archive.
     assert rows_after_a_source_change(ARCHIVE_MISMATCH="1") == [("build", "ok"), ("tune", "ok")]
-    assert "does not fit" in (tree / "out" / "device_check.log").read_text()
+    assert b"does not fit" in record(tree)["device_check.log"]
     assert [line for line in log.read_text().splitlines() if "-m pip" in line][-1].endswith("-e . ")
     # The build from the archive, or the import of what it built, fails: the full build follows.
     assert rows_after_a_source_change(FAIL_PREBUILT="1") == [("build-prebuilt", "FAILED (exit 1)"), ("build", "ok")]
@@ -127,5 +143,28 @@ def test_the_kernel_choices_are_shared_by_the_benchmarks_and_filed_but_not_the_t
     choices.write_text('{"H200": {}}')
     run(tree, "gpu-tests-tma,benchmarks", CNNFAST_KERNEL_CACHE=str(choices))
     recorded = [line for line in (tree / "stub.log").read_text().splitlines() if line.startswith("pytest's")]
-    assert recorded == ["pytest's kernel choices: /dev/null"] + [f"pytest's kernel choices: {choices}"] * 2
-    assert (tree / "out" / "triton_conv2d_choices.json").read_text() == '{"H200": {}}'
+    assert recorded == ["pytest's kernel choices: /dev/null"] + [f"pytest's kernel choices: {choices}"] * 3
+    assert record(tree)["triton_conv2d_choices.json"] == b'{"H200": {}}'
+
+
+def test_the_record_comes_back_as_one_archive_and_a_summary(tree):
+    """The device tool brings back at most 8 files: the output folder holds the archive and the summary."""
+    run(tree, "all")
+    assert sorted(p.name for p in (tree / "out").iterdir()) == ["results.tar.gz", "summary.md"]
+    files = record(tree)
+    assert {"env.json", "steps.tsv", "device_check.log", "summary.md"} <= set(files)
+
+
+def test_a_report_is_archived_as_one_file_even_when_it_fails(tree):
+    assert dict(run(tree, "report", FAIL_REPORT="1"))["report"] == "FAILED (exit 1)"
+    files = record(tree)
+    assert "report.tar.gz" in files and not any(name.startswith("report/") for name in files)
+    with tarfile.open(fileobj=io.BytesIO(files["report.tar.gz"])) as report:
+        assert "report/index.html" in report.getnames()
+
+
+def test_a_second_call_adds_to_the_record_only_when_asked(tree):
+    run(tree, "tune")
+    assert names(run(tree, "report", CNNFAST_CONTINUE="1")) == ["environment", "build", "tune", "environment",
+                                                                 "build", "report"]
+    assert names(run(tree, "report")) == ["environment", "build", "report"]

@@ -1,6 +1,7 @@
 """bench/readme_results.py, bench/summarize_device_check.py and bench/collect_results.py, on synthetic GPU runs."""
 import gzip
 import json
+import tarfile
 
 import pytest
 
@@ -62,6 +63,24 @@ def test_collect_files_a_run_under_the_next_free_name(tmp_path):
     assert collect(out, results=results).name == "h200-2026-12-01-run2"
     with pytest.raises(SystemExit, match="no env.json"):
         collect(tmp_path / "results", results=results)
+
+
+def test_collect_unpacks_the_archive_device_check_leaves(tmp_path):
+    """device_check.sh leaves its record as results.tar.gz (the device tool brings back 8 files at most)."""
+    record, out, results = tmp_path / "record", tmp_path / "out", tmp_path / "results"
+    record.mkdir()
+    out.mkdir()
+    (record / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}))
+    (record / "benchmarks_conv.json").write_text("{}")
+    (record / "device_check.log").write_text("the log")
+    with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
+        tar.add(record, arcname=".")
+    (out / "summary.md").write_text("summary")
+    filed = collect(out, results=results)
+    assert sorted(p.name for p in filed.iterdir()) == ["benchmarks_conv.json", "device_check.log.gz", "env.json"]
+    (out / "results.tar.gz").unlink()
+    with pytest.raises(SystemExit, match="no env.json"):
+        collect(out, results=results)
 
 
 def test_results_list_every_run_with_a_benchmark_file_in_run_order(tmp_path, monkeypatch):
