@@ -12,8 +12,10 @@ Ceilings, measured once per device and dtype (``ceilings``), cached in
 Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, output K x P x Q):
 
 - ``flops`` = 2 * MACs = 2 * N * K * P * Q * C * R * S (as ``cnnfast.ops.conv2d_flops``);
-- ``bytes`` (compulsory traffic) = (N*C*H*W input + K*C*R*S weights + N*K*P*Q output
-  [+ N*K*P*Q residual]) * element size of the dtype: each tensor read or written once. The folded
+- ``bytes`` (compulsory traffic) = (N*C*H'*W' input + K*C*R*S weights + N*K*P*Q output
+  [+ N*K*P*Q residual]) * element size of the dtype: each tensor read or written once, where H'
+  and W' count the input rows and columns some filter tap reads (H and W, but where the stride
+  steps over some: a 1x1 stride-2 layer reads a quarter of its input). The folded
   BatchNorm bias (K float32 values) is not counted: under 0.1% of any layer's traffic;
 - ``intensity`` = flops / bytes (FLOP/byte);
 - ``bound_ms`` = max(flops / matmul_flop_per_s, bytes / copy_bytes_per_s): the fastest time the
@@ -180,12 +182,22 @@ def conv_flops(problem, batch: int) -> int:
     return conv2d_flops(*conv_shapes(problem, batch), problem.stride, problem.padding, (1, 1))
 
 
+def lines_read(size: int, out: int, kernel: int, stride: int, padding: int) -> int:
+    """How many of an input axis's `size` rows (or columns) some filter tap reads: all of them,
+    but where the stride steps over some (a 1x1 filter at stride 2 reads every other one)."""
+    return len({o * stride - padding + k for o in range(out) for k in range(kernel)} & set(range(size)))
+
+
 def conv_bytes(problem, batch: int, element_size: int, residual: bool = False) -> int:
-    """Compulsory traffic: input, weights, output (and a residual) each moved once."""
+    """Compulsory traffic: the input pixels the filter reads, the weights, the output (and a
+    residual), each moved once."""
     x_shape, w_shape = conv_shapes(problem, batch)
     p, q = conv2d_output_size("conv", x_shape, w_shape, problem.stride, problem.padding, (1, 1))
+    (stride_h, stride_w), (pad_h, pad_w) = problem.stride, problem.padding
+    rows, columns = (lines_read(problem.H, p, problem.R, stride_h, pad_h),
+                     lines_read(problem.W, q, problem.S, stride_w, pad_w))
     output = batch * problem.K * p * q
-    elements = math.prod(x_shape) + math.prod(w_shape) + output
+    elements = batch * problem.C * rows * columns + math.prod(w_shape) + output
     return (elements + (output if residual else 0)) * element_size
 
 

@@ -139,3 +139,13 @@ def test_every_layer_is_numbered_beside_its_first_point_and_coinciding_layers_sh
     layers = ["conv1", "conv2", "conv3", "conv4"]
     assert roofline.layer_labels(points, layers, scale=1e9) == [
         ((10, 50.0), ["1", "3"]), ((100, 80.0), ["2"]), ((3, 5.0), ["4"])]
+
+
+def test_a_strided_1x1_layer_reads_only_the_pixels_it_steps_on():
+    """ResNet-50's layer2.0.downsample.0: 1x1, stride 2, 256 -> 512 at 56x56 reads 28x28 of its pixels."""
+    problem = ConvProblem(C=256, H=56, W=56, K=512, R=1, S=1, stride=(2, 2), padding=(0, 0))
+    assert conv_bytes(problem, batch=256, element_size=2) == 2 * (256 * 256 * 28 * 28 + 512 * 256 + 256 * 512 * 28 * 28)
+    # A 3x3 stride-2 layer with padding 1 reads every row and column; a 2x2 stride-3 one two of every three.
+    assert roofline.lines_read(56, 28, 3, 2, 1) == 56
+    assert roofline.lines_read(9, 3, 2, 3, 0) == 6
+    assert roofline.lines_read(7, 4, 1, 2, 0) == 4
