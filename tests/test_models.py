@@ -50,6 +50,16 @@ def test_googlenet_is_the_inference_path():
     assert not model.transform_input
 
 
+def test_torchvisions_googlenet_weights_load_into_the_builder_with_their_settings():
+    """torchvision's GoogLeNet weights hold the auxiliary heads and expect its input transform:
+    googlenet(aux_logits=True, transform_input=True) takes its state_dict strictly."""
+    theirs = tv.googlenet(weights=None, aux_logits=True, init_weights=False)
+    ours = models.googlenet(aux_logits=True, transform_input=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        models.googlenet().load_state_dict(theirs.state_dict(), strict=True)
+
+
 def test_num_classes_and_kwargs_reach_the_model():
     assert _meta(models.get_model, name="resnet18", num_classes=10).fc.out_features == 10
     assert _meta(models.zfnet, num_classes=7).classifier[-1].out_features == 7

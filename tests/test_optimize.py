@@ -205,6 +205,11 @@ def test_repr_is_readable():
     text = repr(cnnfast.optimize(build_meta("vgg16")))
     assert "ConvBNReLU(3, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bn_folded=False, relu=True)" in text
     assert "LinearReLU(in_features=25088, out_features=4096, bias=True, relu=True)" in text
+    text = repr(cnnfast.optimize(build_meta("resnet18"), backend="triton"))  # a pinned backend is shown
+    assert "padding=(3, 3), bn_folded=True, relu=True, backend='triton')" in text
+    assert "GlobalAvgPoolLinear(in_features=512, out_features=1000, bias=True, backend='triton')" in text
+    assert "LinearReLU(in_features=25088, out_features=4096, bias=True, relu=True, backend='torch')" in repr(
+        cnnfast.optimize(build_meta("vgg16"), backend="torch"))
 
 
 # ---------------------------------------------------------------- what cnnfast.analysis counts

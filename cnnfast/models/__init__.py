@@ -49,7 +49,9 @@ def vgg19_bn(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Mo
 
 def googlenet(num_classes: int = 1000, *, fused: bool = False, **kwargs) -> nn.Module:
     """GoogLeNet's inference path: no auxiliary classifiers, no input transform. It is torchvision's
-    GoogLeNet, as ARCHITECTURE_NOTES["googlenet"] says how it differs from the paper's."""
+    GoogLeNet, as ARCHITECTURE_NOTES["googlenet"] says how it differs from the paper's. For
+    torchvision's trained weights, which hold the auxiliary heads and expect its input transform:
+    googlenet(aux_logits=True, transform_input=True), which loads them strictly."""
     kwargs.setdefault("aux_logits", False)
     kwargs.setdefault("init_weights", False)
     kwargs.setdefault("transform_input", False)
@@ -111,6 +113,9 @@ ARCHITECTURE_NOTES = {
     "googlenet": "torchvision's GoogLeNet: BatchNorm after every conv (the lecture's had none; BN adds no MACs) "
                  "and, in each Inception module, a 3x3 conv where the paper's branch has a 5x5, so its MACs and "
                  "parameters are a little below the paper's",
+    "zfnet": "the lecture's ZFNet: conv3, conv4 and conv5 have 512, 1024 and 512 filters where the 2013 paper's "
+             "main model has 384, 384 and 256, which more than doubles the first linear layer (18432 inputs, "
+             "not 9216)",
 }
 
 

@@ -1,8 +1,9 @@
 """Fused convolution and linear layers: one cnnfast.ops.conv2d call each.
 
 They subclass nn.Conv2d and nn.Linear, so they print, count (cnnfast.analysis) and move between
-devices like PyTorch's own. The weights are inference constants (requires_grad=False); the bias
-is the folded BatchNorm shift, kept in float32 whatever the weight's dtype.
+devices like PyTorch's own. Built by from_modules, their weights are inference constants
+(requires_grad=False); the bias is the folded BatchNorm shift, kept in float32 whatever the
+weight's dtype.
 """
 import torch
 from torch import nn
@@ -60,6 +61,11 @@ def unsupported_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def backend_repr(backend) -> str:
+    """", backend='triton'" for a module pinned to a backend; nothing for the default (None)."""
+    return "" if backend is None else f", backend={backend!r}"
+
+
 def _constant(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach(), requires_grad=False)
 
@@ -101,7 +107,7 @@ class ConvBNReLU(nn.Conv2d):
                           residual=residual, relu=self.relu, out=out, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bn_folded={self.bn_folded}, relu={self.relu}"
+        return f"{super().extra_repr()}, bn_folded={self.bn_folded}, relu={self.relu}{backend_repr(self.backend)}"
 
 
 def _take_linear(fused: nn.Linear, linear: nn.Linear, dtype) -> nn.Linear:
@@ -136,7 +142,7 @@ class LinearReLU(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}"
+        return f"{super().extra_repr()}, relu={self.relu}{backend_repr(self.backend)}"
 
 
 class GlobalAvgPoolLinear(nn.Linear):
@@ -153,3 +159,6 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     def forward(self, x):
         return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}{backend_repr(self.backend)}"
