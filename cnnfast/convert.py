@@ -52,20 +52,24 @@ class FusionReport:
 
 class ModelInput:
     """Forward pre-hook: converts the 4-D tensors among a model's inputs, positional or keyword, to
-    its dtype and channels_last, once, at the boundary."""
+    its dtype and channels_last, once, at the boundary. The dtype is `leaf`'s weight's where the
+    model has a fused module (so that it follows a later model.to(dtype)), else `dtype`; None (no
+    dtype= given to optimize) casts nothing."""
 
-    def __init__(self, dtype):
-        self.dtype = dtype
+    def __init__(self, dtype, leaf=None):
+        self.dtype, self.leaf = dtype, leaf
 
-    def convert(self, value):
+    def convert(self, value, dtype):
         if not isinstance(value, torch.Tensor) or value.dim() != 4:
             return value
         # Integer inputs are not cast: the first fused op rejects them with a TypeError.
-        x = value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
+        x = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         return x.contiguous(memory_format=torch.channels_last)
 
     def __call__(self, module, args, kwargs):
-        return tuple(map(self.convert, args)), {name: self.convert(value) for name, value in kwargs.items()}
+        dtype = self.leaf.weight.dtype if self.dtype is not None and self.leaf is not None else self.dtype
+        return (tuple(self.convert(value, dtype) for value in args),
+                {name: self.convert(value, dtype) for name, value in kwargs.items()})
 
 
 def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbose=False) -> nn.Module:
@@ -111,7 +115,8 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(hook, ModelInput):  # an earlier optimize()'s: its dtype no longer holds
             del model._forward_pre_hooks[key]
-    model.register_forward_pre_hook(ModelInput(dtype), with_kwargs=True)
+    leaf = next((m for m in model.modules() if isinstance(m, FUSED_LEAVES) and hasattr(m, "weight")), None)
+    model.register_forward_pre_hook(ModelInput(dtype, leaf), with_kwargs=True)
     model.cnnfast_report = report
     if verbose:
         print(report)

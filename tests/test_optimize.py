@@ -440,6 +440,14 @@ def test_optimizing_again_with_another_dtype():
     assert_matches(out, expected)
 
 
+def test_the_input_follows_the_model_to_another_dtype():
+    original = build("resnet18", num_classes=10)
+    fused = cnnfast.optimize(original, dtype=torch.bfloat16).float()  # as model.to(torch.float32)
+    out, expected = run_both(original, fused, torch.randn(1, 3, 32, 32))
+    assert out.dtype == torch.float32
+    assert_matches(out.bfloat16(), expected)  # its weights went through bfloat16: that row of the table
+
+
 def test_an_input_given_by_keyword_is_converted_too():
     fused = cnnfast.optimize(build("resnet18", num_classes=10), dtype=torch.bfloat16)
     x = torch.randn(1, 3, 32, 32)
