@@ -108,3 +108,11 @@ def test_unknown_name_lists_valid_names():
     assert "lenet" in str(error.value)
     for name in models.ARCHITECTURES:
         assert name in str(error.value)
+
+
+def test_the_first_preactivation_block_takes_the_stems_activation():
+    """He et al. 2016: after the stem's conv, BN and ReLU, the first unit has no BN -> ReLU of its own."""
+    model = _meta(models.preact_resnet18)
+    assert model.layer1[0].bn1 is None
+    assert all(block.bn1 is not None for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+               for block in stage if block is not model.layer1[0])

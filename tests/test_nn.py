@@ -186,13 +186,15 @@ def test_resnet_block_refuses_training_mode():
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
-@pytest.mark.parametrize("stride, in_channels", [(1, 8), (2, 6)], ids=["identity", "downsample"])
-def test_preact_block_matches_unfused(stride, in_channels, backend, device):
+@pytest.mark.parametrize("stride, in_channels, preactivate", [(1, 8, True), (2, 6, True), (1, 8, False)],
+                         ids=["identity", "downsample", "first-block"])
+def test_preact_block_matches_unfused(stride, in_channels, preactivate, backend, device):
     torch.manual_seed(0)
-    block = randomize_bn(preact.PreActBasicBlock(in_channels, 8, stride))
+    block = randomize_bn(preact.PreActBasicBlock(in_channels, 8, stride, preactivate=preactivate))
     fused = PreActBasicBlock.from_module(block, backend=backend).to(device)
     assert (fused.downsample is not None) == (stride == 2)
-    assert isinstance(fused.pre, BatchNormReLU) and fused.conv1.bn_folded and not fused.conv2.relu
+    assert isinstance(fused.pre, BatchNormReLU if preactivate else nn.Identity)
+    assert fused.conv1.bn_folded and not fused.conv2.relu
     x = image(2, in_channels, 7, 6, device)
     assert_close_to_reference(fused(x), reference(block, x), conv_kind(device))
 

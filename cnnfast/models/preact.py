@@ -8,16 +8,21 @@ Layout, at 224x224: a 7x7/2 stem conv with BN and ReLU and a 3x3/2 max pool (as 
 four stages of pre-activation basic blocks with ResNet-18/34's widths and depths, then the final
 BN -> ReLU that the last block's output still needs, global average pooling and one linear layer.
 A block that changes width or resolution takes its 1x1 projection shortcut from the
-pre-activated input, as the paper does.
+pre-activated input, as the paper does. The first block takes the stem's activated output as its
+pre-activation, without a BN -> ReLU of its own (the paper's appendix: the first unit follows a
+stand-alone conv1 with its BN and ReLU; its reference code builds that unit without pre-activation).
 """
 import torch
 from torch import nn
 
 
 class PreActBasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+    """preactivate=False: the input is already activated (the first block, after the stem), so the
+    block has no bn1 and its convolution reads the input as it is."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, preactivate: bool = True):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.bn1 = nn.BatchNorm2d(in_channels) if preactivate else None
         self.relu = nn.ReLU()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
@@ -27,7 +32,7 @@ class PreActBasicBlock(nn.Module):
             self.downsample = nn.Conv2d(in_channels, channels, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
+        pre = self.relu(self.bn1(x)) if self.bn1 is not None else x
         shortcut = self.downsample(pre) if self.downsample is not None else x
         out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
         return out + shortcut
@@ -45,7 +50,7 @@ class PreActResNet(nn.Module):
             blocks = []
             for block in range(depth):
                 stride = 2 if index > 0 and block == 0 else 1
-                blocks.append(PreActBasicBlock(in_channels, channels, stride))
+                blocks.append(PreActBasicBlock(in_channels, channels, stride, preactivate=index > 0 or block > 0))
                 in_channels = channels
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -94,10 +94,12 @@ class BatchNormReLU(nn.Module):
 
 
 class PreActBasicBlock(nn.Module):
-    """Pre-activation block: BN1+ReLU, then conv1 with BN2 folded in and the ReLU in its epilogue,
-    then conv2 whose epilogue adds the shortcut (no ReLU after the sum)."""
+    """Pre-activation block: BN1+ReLU (an Identity in the first block, whose input is already
+    activated), then conv1 with BN2 folded in and the ReLU in its epilogue, then conv2 whose
+    epilogue adds the shortcut (no ReLU after the sum)."""
 
-    def __init__(self, pre: BatchNormReLU, conv1: ConvBNReLU, conv2: ConvBNReLU, downsample: ConvBNReLU | None):
+    def __init__(self, pre: BatchNormReLU | nn.Identity, conv1: ConvBNReLU, conv2: ConvBNReLU,
+                 downsample: ConvBNReLU | None):
         super().__init__()
         self.pre, self.conv1, self.conv2, self.downsample = pre, conv1, conv2, downsample
 
@@ -106,7 +108,8 @@ class PreActBasicBlock(nn.Module):
         fuse = _fuser(name, dtype, backend)
         downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
         check_relu(block.relu, name)
-        return cls(BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1"), fuse(block.conv1, block.bn2, block.relu, "conv1"),
+        pre = BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1") if block.bn1 is not None else nn.Identity()
+        return cls(pre, fuse(block.conv1, block.bn2, block.relu, "conv1"),
                    fuse(block.conv2, None, False, "conv2"), downsample)
 
     def forward(self, x):
