@@ -27,10 +27,10 @@ Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, ou
 Timing (``time_ms``): on a GPU, ``triton.testing.do_bench`` (CUDA events, median, L2 flushed);
 on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures are CPU figures.
 
-``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/3"::
+``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/4"::
 
     {"schema", "arch", "batch", "input_size", "dtype", "device",
-     "ceilings": {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"},
+     "ceilings": {"device", "dtype", "tf32", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"},
      "ridge_intensity",
      "points": [{"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound",
                  "ms", "achieved_flop_per_s", "percent_of_bound", "kernel"}]}
@@ -54,7 +54,7 @@ from cnnfast import json_file
 from cnnfast.ops import conv2d_flops, conv2d_output_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROOFLINE_SCHEMA = "cnnfast.roofline/3"
+ROOFLINE_SCHEMA = "cnnfast.roofline/4"
 # Square matmul size and copy size of the ceiling measurements (a CPU run takes ~0.1-0.3 s).
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -116,23 +116,38 @@ def timer_description(device) -> str:
 # The ceilings' timing: the fastest of CEILING_REPS runs after CEILING_WARMUP (CUDA: do_bench's
 # fastest). Stored with each cached entry; an entry timed otherwise is measured again.
 CEILING_WARMUP, CEILING_REPS = 2, 10
-CEILING_METHOD = f"fastest of {CEILING_REPS} runs after {CEILING_WARMUP} warm-up runs (CUDA: do_bench, min)"
+CEILING_METHOD = (f"fastest of {CEILING_REPS} runs after {CEILING_WARMUP} warm-up runs (CUDA: do_bench, min); "
+                  "matmul in the convolutions' precision")
+
+
+def tf32_convolutions(device, dtype) -> bool:
+    """Whether float32 convolutions on device run as TF32: cuDNN's, Triton's and CUTLASS's follow
+    torch.backends.cudnn.allow_tf32 (on by default), while torch.matmul follows its own setting (off
+    by default), so the matmul ceiling is timed with the convolutions' precision, like for like."""
+    return torch.device(device).type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
 
 def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:
-    """Peak matmul FLOP/s and copy bandwidth (bytes read + written per second) of device in dtype."""
+    """Peak matmul FLOP/s (in the convolutions' precision: tf32_convolutions) and copy bandwidth
+    (bytes read + written per second) of device in dtype."""
     device = torch.device(device)
     n = MATMUL_SIZE[device.type]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     timing = dict(warmup=CEILING_WARMUP, reps=CEILING_REPS, fastest=True)
-    matmul_ms = time_ms(lambda: torch.matmul(a, b), device, **timing)
+    tf32, matmul_tf32 = tf32_convolutions(device, dtype), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 if device.type == "cuda" else matmul_tf32
+    try:
+        matmul_ms = time_ms(lambda: torch.matmul(a, b), device, **timing)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     source = torch.empty(COPY_BYTES[device.type], dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_ms = time_ms(lambda: target.copy_(source), device, **timing)
     return {
         "device": device_name(device),
         "dtype": dtype_name(dtype),
+        "tf32": tf32,
         "matmul_flop_per_s": 2 * n**3 / (matmul_ms * 1e-3),
         "copy_bytes_per_s": 2 * source.numel() / (copy_ms * 1e-3),
         "method": CEILING_METHOD,
@@ -151,7 +166,7 @@ def ceilings(device="cpu", dtype=torch.float32) -> dict:
     two processes that would measure at once (the test suite's workers) would each find half the
     machine, and the low ceilings would stay cached; the second one waits and reads the first's."""
     path = cache_path()
-    key = f"{device_name(device)} / {dtype_name(dtype)}"
+    key = f"{device_name(device)} / {dtype_name(dtype)}{' as tf32' if tf32_convolutions(device, dtype) else ''}"
     with json_file.locked(path):
         try:
             cached = json_file.read_object(path)

@@ -82,7 +82,7 @@ def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
     assert code == 0
     assert (out_dir / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out_dir / "roofline.json").read_text())
-    assert data["schema"] == "cnnfast.roofline/3"
+    assert data["schema"] == "cnnfast.roofline/4"
     assert [(p["layer"], p["backend"]) for p in data["points"]] == [
         ("conv1", "torch"), ("conv1", "torch_folded"), ("layer1.0.conv1", "torch"), ("layer1.0.conv1", "torch_folded"),
     ]

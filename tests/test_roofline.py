@@ -18,7 +18,7 @@ COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 
 MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
 POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
               "percent_of_bound", "kernel"}
-CEILING_KEYS = {"device", "dtype", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"}
+CEILING_KEYS = {"device", "dtype", "tf32", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"}
 
 
 def test_flops_and_bytes_of_a_3x3_layer():
@@ -57,13 +57,13 @@ def test_point_at_half_its_bound():
 
 
 def test_roofline_json_schema():
-    ceiling = {"device": "CPU test", "dtype": "bf16", "matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11,
-               "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
+    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12,
+               "copy_bytes_per_s": 1e11, "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
     point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
     assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
                          "points"}
-    assert data["schema"] == "cnnfast.roofline/3"
+    assert data["schema"] == "cnnfast.roofline/4"
     assert (data["dtype"], data["device"], data["ridge_intensity"]) == ("bf16", "CPU test", 10)
     assert set(data["ceilings"]) == CEILING_KEYS
     assert [set(p) for p in data["points"]] == [POINT_KEYS]
@@ -149,3 +149,16 @@ def test_a_strided_1x1_layer_reads_only_the_pixels_it_steps_on():
     assert roofline.lines_read(56, 28, 3, 2, 1) == 56
     assert roofline.lines_read(9, 3, 2, 3, 0) == 6
     assert roofline.lines_read(7, 4, 1, 2, 0) == 4
+
+
+def test_the_float32_matmul_ceiling_follows_the_convolutions_tf32_setting(monkeypatch):
+    """cuDNN, Triton and CUTLASS run float32 convolutions as TF32 while cudnn.allow_tf32 is set;
+    torch.matmul's own setting is off by default: the ceiling takes the convolutions' and keeps it apart."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert roofline.tf32_convolutions("cuda", torch.float32)
+    assert not roofline.tf32_convolutions("cuda", torch.bfloat16) and not roofline.tf32_convolutions("cpu", torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not roofline.tf32_convolutions("cuda", torch.float32)
+    before = torch.backends.cuda.matmul.allow_tf32
+    assert roofline.measure_ceilings("cpu", torch.float32)["tf32"] is False
+    assert torch.backends.cuda.matmul.allow_tf32 == before  # restored
