@@ -4,13 +4,16 @@ only, unless CNNFAST_TUNING_FILE names a local one (device_check.sh does, for th
 local table that `cnnfast tune` left on this machine would make runs depend on it. Likewise the Triton
 convolution's stored kernel choices are neither read nor written, unless CNNFAST_KERNEL_CACHE names a file
 (device_check.sh does for the benchmarks, which share it, and sets /dev/null for the tests, some of which
-force a kernel's choice).
+force a kernel's choice). The roofline ceilings' cache is the run's own (CNNFAST_CACHE_DIR).
 
 On a GPU, a kernel that faults (an illegal address, say) leaves the process's CUDA context unusable, and
 every later case in that process would fail on the error. So after each case that used CUDA, the context is
 checked; if it is broken, a pytest-xdist worker ends itself (xdist reports the case as crashed and starts a
 fresh worker for the remaining cases), and a run without workers stops, naming the case."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -20,6 +23,12 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CNNFAST_TUNING_FILE", os.devnull)  # not a regular file: read as an empty table
 os.environ.setdefault("CNNFAST_KERNEL_CACHE", os.devnull)  # the Triton conv measures its choices afresh
+if "CNNFAST_CACHE_DIR" not in os.environ:
+    # The roofline ceilings a test measures while other tests load the machine would be low: they go
+    # to a cache of the run's own (shared by its xdist workers, which inherit the variable), never
+    # to the user's, which `make report` then measures on a quiet machine.
+    os.environ["CNNFAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="cnnfast-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CNNFAST_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
