@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
-from cnnfast.testing import assert_close_to_reference
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, relu_keeps_nan
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
+from cnnfast.testing import assert_close_to_reference
 
 BATCH = {"resnet50": 256, "vgg16": 64}
 BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "torch_triton", "cudnn_fused")

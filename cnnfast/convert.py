@@ -24,7 +24,7 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.conv import check_relu, computes_as, is_foldable_norm, unsupported_reason
+from cnnfast.nn.conv import computes_as, is_foldable_norm, unsupported_reason
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
@@ -178,7 +178,7 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
         module.conv1, module.bn1 = stem, nn.Identity()
     final = preact_resnet and not isinstance(module.bn_final, BatchNormReLU) and _fuse_part(
         report, f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU",
-        lambda: _batch_norm_relu(module.bn_final, module.relu, options["dtype"], f"{prefix}bn_final"))
+        lambda: BatchNormReLU.from_modules(module.bn_final, module.relu, dtype=options["dtype"], name=f"{prefix}bn_final"))
     if final:
         module.bn_final = final
     if stem and (final or resnet):
@@ -200,11 +200,6 @@ def _fuse_part(report: FusionReport, name: str, what: str, build):
         return None
     report.fused.append((name, what))
     return fused
-
-
-def _batch_norm_relu(bn, relu, dtype, name) -> BatchNormReLU:
-    check_relu(relu, name)
-    return BatchNormReLU(bn, dtype=dtype, name=name)
 
 
 def _is_global_pool_linear(model: nn.Module) -> bool:

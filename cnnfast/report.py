@@ -120,6 +120,14 @@ def markdown_table(headers, rows, align):
     return "\n".join([line(headers), rule] + [line(row) for row in rows])
 
 
+def html_list(items):
+    return "<ul>\n" + "\n".join(f"<li>{html.escape(item)}</li>" for item in items) + "\n</ul>"
+
+
+def markdown_list(items):
+    return "\n".join(f"- {markdown_escape(item)}" for item in items)
+
+
 def html_figure(path, caption):
     return (
         f'<figure><img src="{html.escape(path.name)}" alt="{html.escape(caption)}">'
@@ -298,20 +306,14 @@ def claims_section(data):
     statements = list(dict.fromkeys(claim.statement for claim in data.claims))  # several claims share one
     outro = "What the lecture says, in the order of the table:"
     lecture_notes = [f"{claim.key}: {claim.lecture_note}" for claim in data.claims if claim.lecture_note]
-    html_notes = "\n".join(f"<li>{html.escape(note)}</li>" for note in notes)
-    markdown_notes = "\n".join(f"- {markdown_escape(note)}" for note in notes)
-    html_lecture = "\n".join(f"<li>{html.escape(note)}</li>" for note in lecture_notes)
-    markdown_lecture = "\n".join(f"- {markdown_escape(note)}" for note in lecture_notes)
-    html_statements = "\n".join(f"<li>{html.escape(statement)}</li>" for statement in statements)
-    markdown_statements = "\n".join(f"- {markdown_escape(statement)}" for statement in statements)
     return Section(
         "The lecture's claims",
         f"<p>{html.escape(intro)}</p>\n{html_table(headers, rows, align)}\n<p>Where the measured ratio departs "
-        f"from the counted one:</p>\n<ul>\n{html_notes}\n</ul>\n<p>{LECTURE_NOTES_INTRO}</p>\n<ul>\n{html_lecture}\n"
-        f"</ul>\n<p>{outro}</p>\n<ul>\n{html_statements}\n</ul>",
+        f"from the counted one:</p>\n{html_list(notes)}\n<p>{LECTURE_NOTES_INTRO}</p>\n{html_list(lecture_notes)}\n"
+        f"<p>{outro}</p>\n{html_list(statements)}",
         f"{markdown_escape(intro)}\n\n{markdown_table(headers, rows, align)}\n\nWhere the measured ratio departs "
-        f"from the counted one:\n\n{markdown_notes}\n\n{LECTURE_NOTES_INTRO}\n\n{markdown_lecture}\n\n{outro}\n\n"
-        f"{markdown_statements}",
+        f"from the counted one:\n\n{markdown_list(notes)}\n\n{LECTURE_NOTES_INTRO}\n\n{markdown_list(lecture_notes)}"
+        f"\n\n{outro}\n\n{markdown_list(statements)}",
     )
 
 
@@ -381,12 +383,7 @@ CONVENTIONS = (
 
 
 def conventions_section(data):
-    html_items = "\n".join(f"<li>{html.escape(item)}</li>" for item in CONVENTIONS)
-    return Section(
-        "Counting conventions",
-        f"<ul>\n{html_items}\n</ul>",
-        "\n".join(f"- {item}" for item in CONVENTIONS),
-    )
+    return Section("Counting conventions", html_list(CONVENTIONS), markdown_list(CONVENTIONS))
 
 
 def git_commit():
@@ -444,13 +441,12 @@ def roofline_section(data):
     headers, rows = roofline_rows(points, rate)
     align = "llrrrrrll"
     caption = f"Roofline of {ROOFLINE_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."
-    html_skipped = "".join(f"<li>{html.escape(line)}</li>" for line in skipped)
     return Section(
         f"Roofline (measured on {result['device']})",
-        f"<p>{html.escape(intro)}</p>\n<ul>{html_skipped}</ul>\n{html_figure(chart, caption)}\n"
+        f"<p>{html.escape(intro)}</p>\n{html_list(skipped)}\n{html_figure(chart, caption)}\n"
         f"{html_table(headers, rows, align)}",
-        f"{markdown_escape(intro)}\n\n" + "".join(f"- {markdown_escape(line)}\n" for line in skipped)
-        + f"\n{markdown_figure(chart, caption)}\n\n{markdown_table(headers, rows, align)}",
+        f"{markdown_escape(intro)}\n\n{markdown_list(skipped)}\n\n{markdown_figure(chart, caption)}\n\n"
+        f"{markdown_table(headers, rows, align)}",
         [chart],
     )
 

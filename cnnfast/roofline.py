@@ -136,7 +136,8 @@ def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:
     b = torch.randn(n, n, device=device).to(dtype)
     timing = dict(warmup=CEILING_WARMUP, reps=CEILING_REPS, fastest=True)
     tf32, matmul_tf32 = tf32_convolutions(device, dtype), torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32 if device.type == "cuda" else matmul_tf32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         matmul_ms = time_ms(lambda: torch.matmul(a, b), device, **timing)
     finally:

@@ -83,6 +83,13 @@ class BatchNormReLU(nn.Module):
         self.register_buffer("scale", scale.to(dtype).view(1, -1, 1, 1))
         self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))
 
+    @classmethod
+    def from_modules(cls, bn, relu, *, dtype=None, name="bn"):
+        """relu(bn(x)) from the model's BatchNorm and activation module: NotImplementedError where
+        the activation is not a ReLU."""
+        check_relu(relu, name)
+        return cls(bn, dtype=dtype, name=name)
+
     def forward(self, x):
         # addcmul would broadcast a 1-channel or 2-D input to a wrong-shaped result.
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -107,8 +114,8 @@ class PreActBasicBlock(nn.Module):
     def from_module(cls, block, *, dtype=None, backend=None, name="block"):
         fuse = _fuser(name, dtype, backend)
         downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
-        check_relu(block.relu, name)
-        pre = BatchNormReLU(block.bn1, dtype=dtype, name=f"{name}.bn1") if block.bn1 is not None else nn.Identity()
+        pre = (BatchNormReLU.from_modules(block.bn1, block.relu, dtype=dtype, name=f"{name}.bn1")
+               if block.bn1 is not None else nn.Identity())
         return cls(pre, fuse(block.conv1, block.bn2, block.relu, "conv1"),
                    fuse(block.conv2, None, False, "conv2"), downsample)
 
