@@ -2,19 +2,22 @@
 
     pytest bench/bench_conv2d.py --benchmark-only [--benchmark-json FILE]
 
-Per layer (bfloat16, channels_last, batch 256 for ResNet-50 and 64 for VGG-16), each backend
-computes the layer with its BatchNorm and ReLU:
+Per layer as cnnfast.optimize runs it (cnnfast.bench.conv_layers: the geometry and the epilogue,
+bfloat16, channels_last, batch 256 for ResNet-50 and 64 for VGG-16), each backend computes the
+layer with its BatchNorm and its epilogue (the ReLU, the shortcut added before it in a ResNet
+block's last conv, neither in a projection shortcut):
 - cudnn:        F.conv2d alone (cuDNN's bare convolution: the bar for the fused kernel),
-- eager:        F.conv2d -> BatchNorm2d (eval) -> ReLU, three kernels, as PyTorch runs a model,
-- eager_folded: F.conv2d with the BN folded into weight and bias -> ReLU,
+- eager:        F.conv2d -> BatchNorm2d (eval) [-> + residual] -> ReLU, as PyTorch runs a model,
+- eager_folded: F.conv2d with the BN folded into weight and bias [-> + residual] -> ReLU,
 - torch:        cnnfast.ops.conv2d(backend="torch") with the folded BN: eager_folded's kernels,
                 except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM with the bias
-                in cuBLASLt's epilogue, then ReLU,
-- triton:       cnnfast.ops.conv2d with the folded BN and the ReLU in its epilogue,
+                in cuBLASLt's epilogue, then residual and ReLU,
+- triton:       cnnfast.ops.conv2d with the folded BN, the residual and the ReLU in its epilogue,
 - cuda:         the same on the CUTLASS kernel of cnnfast._C (the C=3 stem padded to 8 channels),
 - torch_triton: cnnfast.ops.conv2d(backend="torch_triton"): torch's convolution (or GEMM) without
                 the bias, then bias and ReLU in one Triton pass over its result,
-- cudnn_fused:  cnnfast.ops.conv2d(backend="cudnn_fused"): cuDNN's runtime-fused conv + bias + ReLU,
+- cudnn_fused:  cnnfast.ops.conv2d(backend="cudnn_fused"): cuDNN's runtime-fused conv + bias
+                (+ residual) + ReLU, on the layers that end in a ReLU,
 - cuda_fprop:   on the 1x1 stride-1 layers only, where cuda runs a GEMM (K > 64), the same with the
                 CUTLASS implicit-GEMM conv kernel forced: the measurement behind that choice.
 extra_info["kernel"] names what ran on triton (the tuned config), cuda and cuda_fprop (the CUTLASS
@@ -26,8 +29,8 @@ choose it.
 Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before each run);
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
-measured matmul and copy ceilings) that the layer reaches, and the layer's batch and geometry,
-from which bench/tuning_table.py picks each layer's backend for backend=None.
+measured matmul and copy ceilings) that the layer reaches, and the layer's batch, geometry and
+epilogue, from which bench/tuning_table.py picks each layer's backend for backend=None.
 """
 import functools
 
@@ -37,8 +40,10 @@ import torch.nn.functional as F
 
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
-from cnnfast.analysis import analyze_arch, conv_problems
-from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, relu_keeps_nan
+from cnnfast.bench import (
+    conv_layers, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason, relu_keeps_nan,
+)
+from cnnfast.tuning import EPILOGUES
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 from cnnfast.testing import assert_close_to_reference
 
@@ -54,52 +59,64 @@ def pointwise(problem) -> bool:
 
 def problem_cases():
     for arch, batch in BATCH.items():
-        for problem, layers in conv_problems(analyze_arch(arch)).items():
+        for (problem, epilogue), layers in conv_layers(arch).items():
             for backend in BACKENDS + (("cuda_fprop",) if pointwise(problem) else ()):
-                yield pytest.param(arch, batch, problem, backend, id=f"{arch}.{layers[0]}-b{batch}-{backend}")
+                if layer_skip_reason(backend, epilogue) is None:
+                    yield pytest.param(arch, batch, problem, epilogue, backend, id=f"{arch}.{layers[0]}-b{batch}-{backend}")
 
 
 @functools.lru_cache(maxsize=1)
-def layer_tensors(batch, problem, device="cuda"):
-    """cnnfast.bench's layer (the same seeded input, weight and BatchNorm as `cnnfast bench`) in
-    bfloat16: x, the unfolded weight and BN for the PyTorch paths, the folded weight and bias."""
+def layer_tensors(batch, problem, epilogue, device="cuda"):
+    """cnnfast.bench's layer (the same seeded input, weight, BatchNorm and residual as `cnnfast
+    bench`) in bfloat16: x, the unfolded weight and BN for the PyTorch paths, the folded weight and
+    bias, the residual (None unless the epilogue adds one)."""
     x, raw_weight, bn = layer_parts(problem, batch, torch.bfloat16, device)
     weight, bias = fold_layer(raw_weight, bn, torch.bfloat16, device)
     raw_weight = raw_weight.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    return x, raw_weight, bn.to(device, torch.bfloat16), weight, bias
+    residual = layer_residual(problem, batch, epilogue, torch.bfloat16, device)
+    return x, raw_weight, bn.to(device, torch.bfloat16), weight, bias, residual
 
 
-def layer_fn(backend, batch, problem, device="cuda"):
-    x, raw_weight, bn, weight, bias = layer_tensors(batch, problem, device)
+def layer_fn(backend, batch, problem, epilogue, device="cuda"):
+    x, raw_weight, bn, weight, bias, residual = layer_tensors(batch, problem, epilogue, device)
+    relu = EPILOGUES[epilogue][1]
     if backend == "cudnn":
         return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
     if backend == "eager":
-        return lambda: torch.relu(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)))
+        def eager():
+            y = bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding))
+            y = y + residual if residual is not None else y
+            return torch.relu(y) if relu else y
+
+        return eager
     if backend == "cuda_fprop":
         def forced_fprop():
             out = ops._empty_conv2d_output(x, weight, problem.stride, problem.padding, (1, 1))
-            ops._conv2d_cuda(x, weight, bias, None, out, problem.stride, problem.padding, (1, 1), True, schedule="fprop")
+            ops._conv2d_cuda(x, weight, bias, residual, out, problem.stride, problem.padding, (1, 1), relu,
+                             schedule="fprop")
             return out
 
         return forced_fprop
-    return layer_function("torch_folded" if backend == "eager_folded" else backend, problem, x, weight, bias)
+    return layer_function("torch_folded" if backend == "eager_folded" else backend, problem, x, weight, bias,
+                          residual, relu)
 
 
 @functools.lru_cache(maxsize=None)
-def cudnn_ms(batch, problem):
+def cudnn_ms(batch, problem, epilogue):
     import triton.testing
 
-    return triton.testing.do_bench(layer_fn("cudnn", batch, problem), warmup=10, rep=50)
+    # The bare convolution ignores the epilogue; passing the layer's keeps layer_tensors' one entry.
+    return triton.testing.do_bench(layer_fn("cudnn", batch, problem, epilogue), warmup=10, rep=50)
 
 
 @needs_gpu
-@pytest.mark.parametrize("arch, batch, problem, backend", list(problem_cases()))
-def test_conv2d_layer(benchmark, arch, batch, problem, backend):
+@pytest.mark.parametrize("arch, batch, problem, epilogue, backend", list(problem_cases()))
+def test_conv2d_layer(benchmark, arch, batch, problem, epilogue, backend):
     import triton.testing
 
-    fn = layer_fn(backend, batch, problem)
+    fn = layer_fn(backend, batch, problem, epilogue)
     if backend in FUSED_BACKENDS:  # a broken kernel is not timed: compare with the folded eager result
-        expected = layer_fn("eager_folded", batch, problem)()
+        expected = layer_fn("eager_folded", batch, problem, epilogue)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
         if backend != "cuda_fprop":
             assert relu_keeps_nan(backend, torch.device("cuda")), f"{backend}'s ReLU turns NaN into 0"
@@ -110,24 +127,26 @@ def test_conv2d_layer(benchmark, arch, batch, problem, backend):
 
     benchmark.pedantic(run, warmup_rounds=3, rounds=10)
     ms = triton.testing.do_bench(fn, warmup=10, rep=50)
-    flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, element_size=2)
+    residual = EPILOGUES[epilogue][0]
+    flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, element_size=2, residual=residual)
     point = roofline_point(arch, backend, flops, traffic, ms, ceilings("cuda", torch.bfloat16))
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), dtype="bf16", backend=backend, arch=arch,
         shape=[batch, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride[0]],
         batch=batch, problem={"C": problem.C, "H": problem.H, "W": problem.W, "K": problem.K, "R": problem.R,
                               "S": problem.S, "stride": list(problem.stride), "padding": list(problem.padding),
-                              "dilation": [1, 1]},
+                              "dilation": [1, 1], "epilogue": epilogue},
         ms=ms, tflops=flops / (ms * 1e-3) / 1e12, gbps=traffic / (ms * 1e-3) / 1e9,
-        speedup_vs_cudnn=cudnn_ms(batch, problem) / ms, percent_of_roofline=point["percent_of_bound"],
+        speedup_vs_cudnn=cudnn_ms(batch, problem, epilogue) / ms, percent_of_roofline=point["percent_of_bound"],
         bound_by=point["bound"],
     )
-    x, _, _, weight, bias = layer_tensors(batch, problem)
+    x, _, _, weight, bias, residual = layer_tensors(batch, problem, epilogue)
+    relu = EPILOGUES[epilogue][1]
     if backend in ("triton", "cuda", "torch_triton"):
-        benchmark.extra_info["kernel"] = kernel_name(backend, problem, x, weight, bias)
+        benchmark.extra_info["kernel"] = kernel_name(backend, problem, x, weight, bias, residual, relu)
     elif backend == "cuda_fprop":
         benchmark.extra_info["kernel"] = ops.cuda_conv2d_kernel(
-            x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, True, schedule="fprop")
+            x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu, schedule="fprop")
 
 
 @cpu_smoke

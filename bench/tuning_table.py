@@ -8,7 +8,7 @@ for the convolution, cuDNN's bare convolution, which does less work than the fus
 backend chosen is the one faster than the baseline in every measured case (the fastest such, by
 median speedup); when none is, the op stays on torch and is left out of the table.
 
-Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry and batch that
+Per conv layer ("conv2d_layers"). For each GPU, dtype, layer geometry, epilogue and batch that
 bench/bench_conv2d.py or `cnnfast tune --json` (a run's tune*.json) timed, the fastest of torch,
 triton, cuda, torch_triton and cudnn_fused by cnnfast.tuning's layer rule (a kernel must beat torch
 by 3 %).

@@ -64,7 +64,7 @@ def check_backend_name(where: str, backend) -> None:
 
 def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = None):
     """Checks an explicit backend against the op and the tensor, or picks the default (for a
-    convolution, layer = (weight shape, stride, padding, dilation) selects its per-layer entry)."""
+    convolution, layer = (weight shape, stride, padding, dilation, epilogue name) selects its per-layer entry)."""
     if backend is None:
         chosen = default_backend(op, x, layer)
         # A table measured with the CUDA extension, read where it is not built (or lacks the op).

@@ -1,10 +1,13 @@
 """Times every distinct conv layer of an architecture on each backend, and the whole model.
 
-Backends, each computing relu(conv(x) with the BatchNorm folded into weight and bias):
+A layer is a convolution as ``cnnfast.optimize`` runs it (``conv_layers``): the conv with its
+BatchNorm folded into weight and bias, then its epilogue (``cnnfast.tuning.EPILOGUES``): the ReLU,
+and in a ResNet block's last conv the shortcut added before it; a projection shortcut has neither.
+Layers of the same geometry and epilogue are timed once. Backends:
 
 - ``torch``:        ``cnnfast.ops.conv2d(backend="torch")``: PyTorch's ops in the layer's dtype
-  (cuDNN's conv then in-place bias and ReLU; a float16/bfloat16 1x1 layer as one cuBLAS GEMM);
-- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias))``;
+  (cuDNN's conv then in-place bias, residual and ReLU; a float16/bfloat16 1x1 layer as one cuBLAS GEMM);
+- ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias) + residual)``;
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
@@ -12,28 +15,33 @@ Backends, each computing relu(conv(x) with the BatchNorm folded into weight and 
 - ``torch_triton``: ``cnnfast.ops.conv2d(backend="torch_triton")``: PyTorch's conv, then bias
   and ReLU in one Triton pass; needs a CUDA device (as triton);
 - ``cudnn_fused``:  ``cnnfast.ops.conv2d(backend="cudnn_fused")``: cuDNN's runtime-fused
-  conv + bias + ReLU; needs a CUDA device.
+  conv + bias (+ residual) + ReLU; needs a CUDA device, and a layer that ends in a ReLU.
 
-A backend that cannot run here is listed in ``skipped`` with the reason, never dropped silently.
+A backend that cannot run here is listed in ``skipped`` with the reason, one that cannot run a
+layer's epilogue in that layer's ``skipped``: never dropped silently.
 Inputs are channels_last. Times: ``cnnfast.roofline.time_ms`` (GPU: CUDA events, median, L2
 flushed; CPU: perf_counter median after warm-up; CPU figures are CPU figures).
 End to end: the plain model (eager) and ``cnnfast.optimize(model)`` with its default backends
 (backend=None: cnnfast.tuning's choice per op and conv layer on a GPU, torch on a CPU), images/s
 and latency at the same batch.
 
-JSON (``run_bench``), schema "cnnfast.bench/2"::
+JSON (``run_bench``), schema "cnnfast.bench/3"::
 
     {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type" ("cpu" | "cuda"),
      "torch_version", "timer",
      "backends": [timed backend names], "skipped": {backend: reason},
      "layers": [{"layer": first layer name, "layers": [every layer with this problem],
-                 "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding"},
+                 "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding", "epilogue"},
                  "flops", "bytes",
-                 "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}}}],
+                 "results": {backend: {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}},
+                 "skipped": {backend: reason}}],
      "end_to_end": [{"variant": "eager" | "cnnfast", "backend" ("torch" | "default"), "ms", "images_per_s",
                      "speedup_vs_eager"}]}
 
-``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does; ``speedup_vs_torch``
+Layer names are the fused model's ("layer1.0.downsample", "inception3a.branch2.1"); "epilogue" is
+an EPILOGUES name (results of schema 2 timed every layer with "relu").
+``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does (the residual read
+too); ``speedup_vs_torch``
 is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
 what ran on triton (the tuned config, "128x128x64-g8-w8-s3-split1"), cuda (the CUTLASS kernel
 and tile, "cutlass-fprop-128x64x64", "cutlass-gemm-pingpong-128x128x64") and torch_triton (its
@@ -52,17 +60,18 @@ import torch
 import torch.nn.functional as F
 
 from cnnfast import ops
-from cnnfast.analysis import analyze_arch, conv_problems
+from cnnfast.analysis import ConvProblem, analyze_arch
 from cnnfast.backends import backends_of, cuda_ops
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.convert import optimize
 from cnnfast.roofline import (
     DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
 )
-from cnnfast.tuning import CONV_LAYERS, conv2d_layer_key, dtype_key, fastest_layer_backend
+from cnnfast.nn import ConvBNReLU
+from cnnfast.tuning import CONV_LAYERS, EPILOGUES, conv2d_layer_key, dtype_key, epilogue_name, fastest_layer_backend
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
-BENCH_SCHEMA = "cnnfast.bench/2"
+BENCH_SCHEMA = "cnnfast.bench/3"
 # The backends that are cnnfast.ops.conv2d's own: what `cnnfast tune` times and backend=None chooses from.
 TUNED_BACKENDS = backends_of("conv2d")
 
@@ -93,6 +102,13 @@ def skip_reason(backend: str, device) -> str | None:
     return None
 
 
+def layer_skip_reason(backend: str, epilogue: str) -> str | None:
+    """Why backend cannot run a layer with this epilogue, or None when it can."""
+    if backend == "cudnn_fused" and not EPILOGUES[epilogue][1]:
+        return "cuDNN's fused convolution ends in a ReLU; this layer has none"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def relu_keeps_nan(backend: str, device) -> bool:
     """Whether backend's conv + ReLU leaves NaN wherever a NaN input pixel reaches, as torch.relu
@@ -103,6 +119,34 @@ def relu_keeps_nan(backend: str, device) -> bool:
     with torch.inference_mode():
         y = ops.conv2d(x, w, torch.zeros(64, device=device), padding=1, relu=True, backend=backend)
     return bool(y[0, :, 1:4, 2:5].isnan().all())
+
+
+def conv_layers(arch: str, input_size: int | None = None) -> dict[tuple[ConvProblem, str], list[str]]:
+    """The distinct conv layers of arch as cnnfast.optimize runs them, in order of first call:
+    {(problem, epilogue name): [the fused model's names of the layers that run it]}. The model is
+    built, fused and run on the meta device (shapes only, well under a second); an input too small
+    for arch is analyze_arch's ValueError, which names the layer where the feature map vanishes."""
+    size = input_size or DEFAULT_INPUT_SIZE[arch]
+    analyze_arch(arch, input_size=size)
+    with torch.device("meta"):
+        fused = optimize(get_model(arch).eval())
+    layers: dict[tuple[ConvProblem, str], list[str]] = {}
+
+    def record(module, args, kwargs, name):
+        c, h, w = args[0].shape[1:]
+        problem = ConvProblem(c, h, w, module.out_channels, *module.kernel_size, module.stride, module.padding)
+        epilogue = epilogue_name(kwargs.get("residual") is not None, module.relu)
+        layers.setdefault((problem, epilogue), []).append(name)
+
+    handles = [module.register_forward_pre_hook(functools.partial(record, name=name), with_kwargs=True)
+               for name, module in fused.named_modules() if isinstance(module, ConvBNReLU)]
+    try:
+        with torch.no_grad():
+            fused(torch.empty(1, 3, size, size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers
 
 
 def layer_parts(problem, batch, dtype, device):
@@ -128,21 +172,34 @@ def fold_layer(weight, bn, dtype, device):
     return weight.to(device=device, dtype=dtype, memory_format=torch.channels_last), bias.to(device)
 
 
-def layer_inputs(problem, batch, dtype, device):
-    """Input, BN-folded weight (in dtype) and float32 bias of one layer."""
+def layer_residual(problem, batch, epilogue, dtype, device):
+    """The shortcut a layer with this epilogue adds (the output's shape, channels_last, seeded), or None."""
+    if not EPILOGUES[epilogue][0]:
+        return None
+    p, q = ops.conv2d_output_size("conv2d", *conv_shapes(problem, batch), problem.stride, problem.padding, (1, 1))
+    residual = torch.randn((batch, problem.K, p, q), generator=torch.Generator().manual_seed(1))
+    return residual.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def layer_inputs(problem, batch, dtype, device, epilogue="relu"):
+    """Input, BN-folded weight (in dtype), float32 bias and residual (None unless the epilogue adds
+    one) of one layer."""
     x, weight, bn = layer_parts(problem, batch, dtype, device)
-    return (x, *fold_layer(weight, bn, dtype, device))
+    return (x, *fold_layer(weight, bn, dtype, device), layer_residual(problem, batch, epilogue, dtype, device))
 
 
-def layer_function(backend, problem, x, weight, bias):
+def layer_function(backend, problem, x, weight, bias, residual=None, relu=True):
     """A no-argument callable that computes the layer on backend."""
     stride, padding = problem.stride, problem.padding
     if backend in TUNED_BACKENDS:
-        return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, relu=True, backend=backend)
+        return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, residual=residual, relu=relu,
+                                  backend=backend)
     bias_in_dtype = bias.to(x.dtype)
 
     def folded():
-        return torch.relu(F.conv2d(x, weight, bias_in_dtype, stride, padding))
+        y = F.conv2d(x, weight, bias_in_dtype, stride, padding)
+        y = y + residual if residual is not None else y
+        return torch.relu(y) if relu else y
 
     if backend == "torch_folded":
         return folded
@@ -150,21 +207,22 @@ def layer_function(backend, problem, x, weight, bias):
     return torch.compile(folded)
 
 
-def kernel_name(backend, problem, x, weight, bias) -> str | None:
+def kernel_name(backend, problem, x, weight, bias, residual=None, relu=True) -> str | None:
     """What layer_function(backend, ...) runs, once it has run: the tuned Triton config, the CUTLASS
     kernel and its CTA tile, or torch_triton's epilogue tile; None for the PyTorch paths (or a
     Triton layer not yet run)."""
     if backend == "triton":
         from cnnfast.triton_kernels.conv2d import tuned_kernel_name
 
-        return tuned_kernel_name(x, weight, bias, None, x.dtype, problem.stride, problem.padding, (1, 1))
+        return tuned_kernel_name(x, weight, bias, residual, x.dtype, problem.stride, problem.padding, (1, 1))
     if backend == "cuda":
-        return ops.cuda_conv2d_kernel(x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu=True)
+        return ops.cuda_conv2d_kernel(x.dtype, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu)
     if backend == "torch_triton":  # PyTorch's convolution, then the epilogue over its channels_last result
         from cnnfast.triton_kernels.add_relu import tuned_config_name
 
         conv_result = ops._empty_conv2d_output(x.to("meta"), weight.to("meta"), problem.stride, problem.padding, (1, 1))
-        name = tuned_config_name(conv_result, None, conv_result, True, bias.to("meta"))
+        meta_residual = residual.to("meta") if residual is not None else None
+        name = tuned_config_name(conv_result, meta_residual, conv_result, relu, bias.to("meta"))
         return f"torch+epilogue-{name}" if name is not None else None
     return None
 
@@ -225,18 +283,23 @@ class Progress:
             self.stream.flush()
 
 
-def bench_layers(problems, batch, dtype, device, backends, progress=None) -> list[dict]:
-    """The "layers" rows: every (problem, names) of problems timed on each backend; each layer is a
-    step of progress (a Progress), when given."""
+def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[dict]:
+    """The "layers" rows: every ((problem, epilogue), names) of layers (conv_layers') timed on each
+    backend that can run its epilogue; each layer is a step of progress (a Progress), when given."""
     rows = []
-    for problem, names in problems.items():
+    for (problem, epilogue), names in layers.items():
         if progress is not None:
             progress.step(f"{names[0]}: {', '.join(backends)}")
-        x, weight, bias = layer_inputs(problem, batch, dtype, device)
-        flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, dtype.itemsize)
+        x, weight, bias, residual = layer_inputs(problem, batch, dtype, device, epilogue)
+        relu = EPILOGUES[epilogue][1]
+        flops = conv_flops(problem, batch)
+        traffic = conv_bytes(problem, batch, dtype.itemsize, residual=residual is not None)
+        skipped = {backend: reason for backend in backends if (reason := layer_skip_reason(backend, epilogue))}
         times = {}
         for backend in backends:
-            fn = layer_function(backend, problem, x, weight, bias)
+            if backend in skipped:
+                continue
+            fn = layer_function(backend, problem, x, weight, bias, residual, relu)
             with torch.inference_mode():
                 fn()  # compiles (compile), autotunes (triton) or warms caches before timing
                 times[backend] = time_ms(fn, device)
@@ -246,14 +309,14 @@ def bench_layers(problems, batch, dtype, device, backends, progress=None) -> lis
                 "flop_per_s": flops / (ms * 1e-3),
                 "bytes_per_s": traffic / (ms * 1e-3),
                 "speedup_vs_torch": times["torch"] / ms if "torch" in times else None,
-                "kernel": kernel_name(backend, problem, x, weight, bias),
+                "kernel": kernel_name(backend, problem, x, weight, bias, residual, relu),
             }
             for backend, ms in times.items()
         }
         shape = {"C": problem.C, "H": problem.H, "W": problem.W, "K": problem.K, "R": problem.R, "S": problem.S,
-                 "stride": list(problem.stride), "padding": list(problem.padding)}
+                 "stride": list(problem.stride), "padding": list(problem.padding), "epilogue": epilogue}
         rows.append({"layer": names[0], "layers": names, "problem": shape, "flops": flops, "bytes": traffic,
-                     "results": results})
+                     "results": results, "skipped": skipped})
     return rows
 
 
@@ -287,11 +350,10 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
         raise ValueError(f"unknown backends {unknown}; expected some of {', '.join(BACKENDS)}")
     skipped = {backend: reason for backend in backends if (reason := skip_reason(backend, device))}
     timed = [backend for backend in backends if backend not in skipped]
-    problems = conv_problems(analyze_arch(arch, input_size=input_size))
-    problems = dict(list(problems.items())[:max_layers])
-    progress = Progress(len(problems) + end_to_end, show_progress)
+    layers = dict(list(conv_layers(arch, input_size).items())[:max_layers])
+    progress = Progress(len(layers) + end_to_end, show_progress)
     try:
-        layers = bench_layers(problems, batch, DTYPES[dtype], device, timed, progress)
+        rows = bench_layers(layers, batch, DTYPES[dtype], device, timed, progress)
         end_to_end_rows = []
         if end_to_end:
             progress.step(f"end to end: {arch} eager and cnnfast.optimize")
@@ -310,12 +372,24 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
         "timer": timer_description(device),
         "backends": timed,
         "skipped": skipped,
-        "layers": layers,
+        "layers": rows,
         "end_to_end": end_to_end_rows,
     }
 
 
 # ---------------------------------------------------------------- tables
+
+
+def skipped_lines(result) -> list[str]:
+    """What a bench result did not time, and why: the backends that cannot run on this machine,
+    then those that cannot run some layers' epilogue, with those layers."""
+    lines = [f"skipped {backend}: {reason}" for backend, reason in result["skipped"].items()]
+    by_reason = {}
+    for layer in result["layers"]:
+        for backend, reason in layer["skipped"].items():
+            by_reason.setdefault((backend, reason), []).append(layer["layer"])
+    lines += [f"skipped {backend} on {', '.join(layers)}: {reason}" for (backend, reason), layers in by_reason.items()]
+    return lines
 
 
 def layer_rows(result) -> tuple[tuple, list[tuple]]:
@@ -326,7 +400,7 @@ def layer_rows(result) -> tuple[tuple, list[tuple]]:
     for layer in result["layers"]:
         shape = layer["problem"]
         problem = (f"{shape['C']}x{shape['H']}x{shape['W']}->{shape['K']} "
-                   f"{shape['R']}x{shape['S']} s{shape['stride'][0]}")
+                   f"{shape['R']}x{shape['S']} s{shape['stride'][0]} {shape['epilogue']}")
         for backend, figures in layer["results"].items():
             speedup = figures["speedup_vs_torch"]
             rows.append((layer["layer"], problem, backend, f"{figures['ms']:.3f}",
@@ -336,18 +410,20 @@ def layer_rows(result) -> tuple[tuple, list[tuple]]:
 
 
 def summary_rows(result) -> tuple[tuple, list[tuple]]:
-    """(headers, rows): per backend, every conv call of the model summed (each distinct layer times its uses)."""
+    """(headers, rows): per backend, every conv call of the model summed (each distinct layer times
+    its uses); a backend that could not run some layers' epilogue sums the others and says how many."""
     unit, scale = rate_unit(result["device_type"])
     headers = ("backend", "conv ms (all calls)", unit, "speedup vs torch (geomean)")
     rows = []
     for backend in result["backends"]:
-        layers = result["layers"]
+        layers = [layer for layer in result["layers"] if backend in layer["results"]]
         total_ms = sum(layer["results"][backend]["ms"] * len(layer["layers"]) for layer in layers)
         total_flops = sum(layer["flops"] * len(layer["layers"]) for layer in layers)
         speedups = [layer["results"][backend]["speedup_vs_torch"] for layer in layers]
         geomean = statistics.geometric_mean(speedups) if speedups and None not in speedups else None
-        rows.append((backend, f"{total_ms:.3f}", f"{total_flops / (total_ms * 1e-3) / scale:,.1f}",
-                     "-" if geomean is None else f"{geomean:.2f}"))
+        share = "" if len(layers) == len(result["layers"]) else f" ({len(layers)} of {len(result['layers'])} layers)"
+        rate = f"{total_flops / (total_ms * 1e-3) / scale:,.1f}" if layers else "-"
+        rows.append((backend, f"{total_ms:.3f}{share}", rate, "-" if geomean is None else f"{geomean:.2f}"))
     return headers, rows
 
 
@@ -360,10 +436,10 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
 
 def problem_key(problem: dict) -> str:
     """The tuning table's key of a layer problem as the results record it ({"C", "H", "W", "K", "R",
-    "S", "stride", "padding"} and, from the conv benchmark, "dilation"; 1 when absent)."""
+    "S", "stride", "padding", "epilogue"} and, from the conv benchmark, "dilation"; 1 when absent)."""
     p = problem
     return conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"],
-                            p.get("dilation", (1, 1)))
+                            p.get("dilation", (1, 1)), p["epilogue"])
 
 
 def layer_times(layer) -> tuple[str, dict]:

@@ -193,15 +193,15 @@ def measured_on(result):
 
 
 def run_benchmarks(args):
-    from cnnfast.bench import end_to_end_rows, layer_rows, summary_rows
+    from cnnfast.bench import end_to_end_rows, layer_rows, skipped_lines, summary_rows
 
     try:
         result = measure_layers(args, end_to_end=True, json_file=args.json)
     except ValueError as error:
         return fail(args, error)
     print(measured_on(result))
-    for backend, reason in result["skipped"].items():
-        print(f"skipped {backend}: {reason}")
+    for line in skipped_lines(result):
+        print(line)
     tables = [summary_rows(result), end_to_end_rows(result)] + ([layer_rows(result)] if args.layers else [])
     for headers, rows in tables:
         print()
@@ -223,13 +223,13 @@ def tune_table(result):
         key, chosen = layer_choice(layer)
         kernels = ", ".join(f"{backend} {figures['kernel']}" for backend, figures in layer["results"].items()
                             if figures.get("kernel"))
-        rows.append((layer["layer"], key, *(f"{layer['results'][b]['ms']:.3f}" for b in result["backends"]),
-                     str(chosen), kernels))
+        times = (f"{layer['results'][b]['ms']:.3f}" if b in layer["results"] else "-" for b in result["backends"])
+        rows.append((layer["layer"], key, *times, str(chosen), kernels))
     return headers, rows
 
 
 def run_tune(args):
-    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices
+    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices, skipped_lines
     from cnnfast.tuning import save_local_choices
 
     if default_device().type != "cuda":
@@ -240,8 +240,8 @@ def run_tune(args):
     except ValueError as error:
         return fail(args, error)
     print(measured_on(result))
-    for backend, reason in result["skipped"].items():
-        print(f"skipped {backend}: {reason}")
+    for line in skipped_lines(result):
+        print(line)
     print()
     print(text_table(*tune_table(result)))
     if args.json:
@@ -253,7 +253,7 @@ def run_tune(args):
 
 
 def run_roofline(args):
-    from cnnfast.bench import roofline_points
+    from cnnfast.bench import roofline_points, skipped_lines
     from cnnfast.roofline import (
         DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
     )
@@ -272,8 +272,8 @@ def run_roofline(args):
     summary = roofline_json(args.arch, result["batch"], result["input_size"], ceiling, points)
     data.write_text(json.dumps(summary, indent=2))
     print(measured_on(result))
-    for backend, reason in result["skipped"].items():
-        print(f"skipped {backend}: {reason}")
+    for line in skipped_lines(result):
+        print(line)
     unit, scale = rate
     print(f"ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, copy "
           f"{ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s, ridge {ridge_intensity(ceiling):.1f} FLOP/byte\n")

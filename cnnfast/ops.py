@@ -11,6 +11,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnfast.backends import cuda_extension, resolve_backend
 from cnnfast.layout import pixel_rows
+from cnnfast.tuning import epilogue_name
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The integer codes of kernels/cuda/dtype.h.
@@ -514,13 +515,14 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
             raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
-    requested, backend = backend, resolve_backend(op, x, backend, (tuple(weight.shape), stride, padding, dilation))
+    layer = (tuple(weight.shape), stride, padding, dilation, epilogue_name(residual is not None, relu))
+    requested, backend = backend, resolve_backend(op, x, backend, layer)
     ieee_float32_on_tf32 = backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
     unfused_epilogue = backend == "cudnn_fused" and not relu
     cudnn_settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
     if requested is None and (groups != 1 or ieee_float32_on_tf32 or unfused_epilogue or cudnn_settings):
-        # The table measured groups=1 layers with a ReLU (and float32 on CUTLASS as TF32, cuDNN under
-        # its default settings): the rest stays on PyTorch's own ops.
+        # The table measured groups=1 layers (float32 on CUTLASS as TF32, cuDNN's fused conv with a
+        # ReLU and under its default settings): the rest stays on PyTorch's own ops.
         backend = "torch"
     if groups != 1 and backend not in ("torch", "torch_triton"):
         raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")

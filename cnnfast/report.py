@@ -418,7 +418,7 @@ ROOFLINE_LAYERS = 5  # the first distinct conv layers only: the whole report sta
 
 
 def roofline_section(data):
-    from cnnfast.bench import roofline_points, run_bench
+    from cnnfast.bench import roofline_points, run_bench, skipped_lines
     from cnnfast.roofline import DTYPES, ceilings, rate_unit, ridge_intensity, roofline_plot, roofline_rows
 
     result = run_bench(ROOFLINE_ARCH, batch=1, max_layers=ROOFLINE_LAYERS, end_to_end=False)
@@ -434,10 +434,10 @@ def roofline_section(data):
         f"layers of {ROOFLINE_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
         f"({timings}; {result['timer']}). Ceilings: torch.matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, "
         f"copy {ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s (bytes read + written), ridge "
-        f"{ridge_intensity(ceiling):.1f} FLOP/byte. Traffic counts input, weights and output once each; "
+        f"{ridge_intensity(ceiling):.1f} FLOP/byte. Traffic counts input, weights, output and the residual a layer adds once each; "
         "% of bound is the roofline's time over the measured time. Full runs: cnnfast roofline ARCH."
     )
-    skipped = [f"{backend} skipped: {reason}" for backend, reason in result["skipped"].items()]
+    skipped = skipped_lines(result)
     headers, rows = roofline_rows(points, rate)
     align = "llrrrrrll"
     caption = f"Roofline of {ROOFLINE_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."

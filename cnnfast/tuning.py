@@ -11,9 +11,12 @@ merges its choices into a local table, CNNFAST_TUNING_FILE (default
 ~/.cache/cnnfast/tuning.json), whose entries override the packaged table's.
 
 A convolution looks its layer up first: same geometry (channels, input size, filter, stride,
-padding, dilation) and a measured batch within a factor of MAX_BATCH_RATIO of its own (the
-nearest one), where "torch" is a choice too; then the op's entry; then "torch". Anything else
-not in the table, and every CPU tensor, runs on the "torch" backend.
+padding, dilation), same epilogue after the bias (EPILOGUES: a ResNet block's last conv adds the
+shortcut before its ReLU, its projection shortcut has no ReLU, and either changes which kernel
+is fastest, since PyTorch runs the add and the ReLU as passes of their own) and a measured batch
+within a factor of MAX_BATCH_RATIO of its own (the nearest one), where "torch" is a choice too;
+then the op's entry; then "torch". Anything else not in the table, and every CPU tensor, runs on
+the "torch" backend.
 """
 import functools
 import math
@@ -34,10 +37,21 @@ MAX_BATCH_RATIO = 4
 MIN_LAYER_SPEEDUP = 1.03
 
 
-def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation) -> str:
-    """The table's name for a conv layer's geometry (the batch is kept apart)."""
+# A convolution's epilogue after the bias, by name: (adds a residual, applies a ReLU after it).
+EPILOGUES = {"none": (False, False), "relu": (False, True), "residual": (True, False), "residual+relu": (True, True)}
+
+
+def epilogue_name(residual: bool, relu: bool) -> str:
+    """EPILOGUES' name of a convolution's epilogue: "residual+relu" for a ResNet block's last conv."""
+    return next(name for name, parts in EPILOGUES.items() if parts == (bool(residual), bool(relu)))
+
+
+def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation, epilogue: str) -> str:
+    """The table's name for a conv layer's geometry and epilogue (the batch is kept apart)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown conv epilogue {epilogue!r}; expected one of {', '.join(EPILOGUES)}")
     return (f"c{c} h{h} w{w} k{k} r{r} s{s} stride{stride[0]}x{stride[1]} "
-            f"pad{padding[0]}x{padding[1]} dil{dilation[0]}x{dilation[1]}")
+            f"pad{padding[0]}x{padding[1]} dil{dilation[0]}x{dilation[1]} {epilogue}")
 
 
 def dtype_key(dtype: torch.dtype) -> str:
@@ -136,11 +150,11 @@ def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, 
 
 def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str:
     """The table's backend for op on x's GPU and dtype; "torch" on a CPU or when unmeasured.
-    layer: for conv2d, (weight shape, stride, padding, dilation) of the call."""
+    layer: for conv2d, (weight shape, stride, padding, dilation, epilogue name) of the call."""
     if x.device.type != "cuda":
         return "torch"
     layer_key = None
     if layer is not None:
-        (k, c, r, s), stride, padding, dilation = layer
-        layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation)
+        (k, c, r, s), stride, padding, dilation, epilogue = layer
+        layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation, epilogue)
     return table_choice(op, x.device.index or 0, dtype_key(x.dtype), layer_key, int(x.shape[0]))

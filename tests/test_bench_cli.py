@@ -16,8 +16,8 @@ from cnnfast.cli import main
 SMALL = ("resnet18", "--batch", "1", "--input-size", "32", "--max-layers", "2")
 BENCH_KEYS = {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type", "torch_version", "timer",
               "backends", "skipped", "layers", "end_to_end"}
-LAYER_KEYS = {"layer", "layers", "problem", "flops", "bytes", "results"}
-PROBLEM_KEYS = {"C", "H", "W", "K", "R", "S", "stride", "padding"}
+LAYER_KEYS = {"layer", "layers", "problem", "flops", "bytes", "results", "skipped"}
+PROBLEM_KEYS = {"C", "H", "W", "K", "R", "S", "stride", "padding", "epilogue"}
 RESULT_KEYS = {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}
 END_TO_END_KEYS = {"variant", "backend", "ms", "images_per_s", "speedup_vs_eager"}
 
@@ -39,7 +39,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert code == 0
     result = json.loads(path.read_text())
     assert set(result) == BENCH_KEYS
-    assert result["schema"] == "cnnfast.bench/2"
+    assert result["schema"] == "cnnfast.bench/3"
     assert (result["arch"], result["batch"], result["input_size"]) == ("resnet18", 1, 32)
     assert (result["dtype"], result["device_type"]) == ("fp32", "cpu")
     assert result["backends"] == ["torch", "torch_folded", "compile"]
@@ -48,11 +48,13 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert [layer["layer"] for layer in result["layers"]] == ["conv1", "layer1.0.conv1"]
     for layer in result["layers"]:
         assert set(layer) == LAYER_KEYS and set(layer["problem"]) == PROBLEM_KEYS
+        assert layer["problem"]["epilogue"] == "relu" and layer["skipped"] == {}
         assert set(layer["results"]) == set(result["backends"])
         for figures in layer["results"].values():
             assert set(figures) == RESULT_KEYS and figures["ms"] > 0 and figures["kernel"] is None
         assert layer["results"]["torch"]["speedup_vs_torch"] == 1
-    assert layer["layers"] == ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    # Each block's conv2 has the same geometry but adds the shortcut: a layer of its own.
+    assert layer["layers"] == ["layer1.0.conv1", "layer1.1.conv1"]
     assert [row["variant"] for row in result["end_to_end"]] == ["eager", "cnnfast"]
     assert all(set(row) == END_TO_END_KEYS and row["images_per_s"] > 0 for row in result["end_to_end"])
     assert "CPU timings" in out
@@ -90,21 +92,81 @@ def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
     assert "skipped triton" in out and "% of bound" in out and "roofline.png" in out
 
 
+def expected_epilogue(arch: str, name: str) -> str:
+    """What a conv of arch does after its bias in the fused model, from its name."""
+    last_conv = "conv3" if arch in ("resnet50", "resnet101", "resnet152") else "conv2"
+    if arch.startswith("resnet") and name.startswith("layer"):
+        return {"downsample": "none", last_conv: "residual+relu"}.get(name.rsplit(".", 1)[1], "relu")
+    return "relu"
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16_bn", "googlenet", "resnet18", "resnet50"])
+def test_bench_layers_are_the_fused_models_convolutions(arch):
+    """conv_layers: every conv call of the model once, under the fused model's name, with the
+    epilogue the fused model runs it with; the geometries are the analysis'."""
+    from cnnfast.analysis import analyze_arch, conv_problems
+    from cnnfast.bench import conv_layers
+
+    layers = conv_layers(arch)
+    names = [name for layer_names in layers.values() for name in layer_names]
+    analysis = analyze_arch(arch)
+    assert len(names) == len(set(names)) == len(analysis.of_type("conv"))
+    assert {problem for problem, _ in layers} == set(conv_problems(analysis))
+    for (_, epilogue), layer_names in layers.items():
+        assert {expected_epilogue(arch, name) for name in layer_names} == {epilogue}, layer_names
+    if arch == "resnet50":  # conv3 and the projection of layer1's first block share a geometry
+        assert len(layers) == len(conv_problems(analysis)) + 1
+        assert ["layer1.0.downsample"] in layers.values()
+
+
+def test_a_backend_that_cannot_run_some_layers_is_summed_over_the_rest():
+    from cnnfast.bench import skipped_lines, summary_rows
+    from cnnfast.cli import tune_table
+
+    def layer(name, epilogue, times):
+        return {"layer": name, "layers": [name, name + "'"], "flops": 2e9, "bytes": 1e6,
+                "problem": {"C": 64, "H": 56, "W": 56, "K": 256, "R": 1, "S": 1, "stride": [1, 1], "padding": [0, 0],
+                            "epilogue": epilogue},
+                "results": {backend: {"ms": ms, "speedup_vs_torch": times["torch"] / ms, "kernel": None}
+                            for backend, ms in times.items()},
+                "skipped": {} if "cudnn_fused" in times else {"cudnn_fused": "ends in a ReLU; this layer has none"}}
+
+    result = {"device_type": "cuda", "backends": ["torch", "cudnn_fused"], "skipped": {"cuda": "not built"},
+              "layers": [layer("conv3", "residual+relu", {"torch": 2.0, "cudnn_fused": 1.0}),
+                         layer("downsample", "none", {"torch": 1.0})]}
+    _, rows = summary_rows(result)
+    assert rows[0] == ("torch", "6.000", "1.3", "1.00")
+    assert rows[1] == ("cudnn_fused", "2.000 (1 of 2 layers)", "2.0", "2.00")
+    assert skipped_lines(result) == ["skipped cuda: not built",
+                                     "skipped cudnn_fused on downsample: ends in a ReLU; this layer has none"]
+    _, rows = tune_table(result)
+    assert [row[2:5] for row in rows] == [("2.000", "1.000", "cudnn_fused"), ("1.000", "-", "torch")]
+
+
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton backend on CPU tensors")
-def test_conv_benchmark_layers_compute_the_same_layer():
-    """bench/bench_conv2d.py's callables, on the CPU: the BN-folded paths (eager_folded, triton)
-    match conv -> BN -> ReLU (eager), and cudnn is the bare convolution of the same input."""
+@pytest.mark.parametrize("epilogue", ["relu", "residual+relu", "none"])
+def test_conv_benchmark_layers_compute_the_same_layer(epilogue):
+    """bench/bench_conv2d.py's callables, on the CPU: the BN-folded paths (eager_folded, torch,
+    triton) match conv -> BN [-> + residual] [-> ReLU] in float64, and cudnn is the bare
+    convolution of the same input."""
     from bench.bench_conv2d import layer_fn, layer_tensors
+    from cnnfast.testing import assert_close_to_reference
 
     problem = ConvProblem(C=16, H=6, W=5, K=24, R=3, S=3, stride=(2, 2), padding=(1, 1))
-    outputs = {backend: layer_fn(backend, 2, problem, device="cpu")().double()
-               for backend in ("cudnn", "eager", "eager_folded", "triton")}
-    x, raw_weight, _, _, _ = layer_tensors(2, problem, device="cpu")
-    reference = F.conv2d(x.double(), raw_weight.double(), None, problem.stride, problem.padding)
-    torch.testing.assert_close(outputs["cudnn"], reference, rtol=2e-2, atol=2e-2)
-    for backend in ("eager_folded", "triton"):
-        torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=3e-2, atol=3e-2)
-    assert outputs["eager"].min() == 0 and outputs["eager"].max() > 0  # the ReLU ran, and not on all zeros
+    outputs = {backend: layer_fn(backend, 2, problem, epilogue, device="cpu")()
+               for backend in ("cudnn", "eager", "eager_folded", "torch", "triton")}
+    x, raw_weight, bn, _, _, residual = layer_tensors(2, problem, epilogue, device="cpu")
+    conv = F.conv2d(x.double(), raw_weight.double(), None, problem.stride, problem.padding)
+    assert_close_to_reference(outputs["cudnn"], conv, "conv")
+    scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+    shift = bn.bias.double() - bn.running_mean.double() * scale
+    reference = conv * scale[:, None, None] + shift[:, None, None]
+    assert (residual is not None) == (epilogue == "residual+relu")
+    reference = reference + residual.double() if residual is not None else reference
+    assert (reference < 0).any()  # a ReLU has work to do
+    reference = torch.relu(reference) if epilogue.endswith("relu") else reference
+    for backend in ("eager", "eager_folded", "torch", "triton"):
+        assert_close_to_reference(outputs[backend], reference, "conv")
 
 
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
@@ -123,15 +185,20 @@ def test_kernel_name_says_what_ran(monkeypatch):
     problem = ConvProblem(C=16, H=6, W=5, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
     # In float32 the implicit GEMM's tile; in bfloat16 the spatial TMA kernel's (which the
     # interpreter always runs where it applies).
-    x32, weight32, bias32 = layer_inputs(problem, 2, torch.float32, torch.device("cpu"))
+    x32, weight32, bias32, _ = layer_inputs(problem, 2, torch.float32, torch.device("cpu"))
     assert kernel_name("triton", problem, x32, weight32, bias32) is None  # not tuned yet
     layer_function("triton", problem, x32, weight32, bias32)()
     first_config = conv2d_module.conv2d_configs(flat=False, interpreted=True)[0]
     assert kernel_name("triton", problem, x32, weight32, bias32) == conv2d_module.config_name(first_config)
-    x, weight, bias = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"))
+    x, weight, bias, _ = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"))
     assert kernel_name("triton", problem, x, weight, bias) is None
     layer_function("triton", problem, x, weight, bias)()
     assert kernel_name("triton", problem, x, weight, bias) == "tma-2x4x8-16x16-g8-w4-s1"
+    # The same geometry with a residual is tuned apart: named once it has run.
+    *_, residual = layer_inputs(problem, 2, torch.bfloat16, torch.device("cpu"), "residual+relu")
+    assert kernel_name("triton", problem, x, weight, bias, residual) is None
+    layer_function("triton", problem, x, weight, bias, residual)()
+    assert kernel_name("triton", problem, x, weight, bias, residual).startswith("tma-")
     assert kernel_name("torch", problem, x, weight, bias) is None
     # torch_triton: the epilogue's tile, once its tuner has chosen (two configs, so it times them).
     tuners_that_time(monkeypatch)

@@ -241,9 +241,10 @@ def test_graph_capture_with_a_bias_not_yet_rounded():
 def test_default_backend_runs_it_where_the_table_says(monkeypatch):
     tuning._layer_backend.cache_clear()
     problem = next(p for p in PROBLEMS if p.R == 3 and p.C == 64 and p.K == 64)
-    key = tuning.conv2d_layer_key(problem.C, problem.H, problem.W, problem.K, problem.R, problem.S,
-                                  problem.stride, problem.padding, (1, 1))
-    table = {torch.cuda.get_device_name(): {tuning.CONV_LAYERS: {"bfloat16": {key: {"2": "cudnn_fused"}}}}}
+    geometry = (problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride, problem.padding, (1, 1))
+    # The no-ReLU entry stands for a hand-edited table: cudnn_fused cannot run that layer.
+    layers = {tuning.conv2d_layer_key(*geometry, epilogue): {"2": "cudnn_fused"} for epilogue in ("relu", "none")}
+    table = {torch.cuda.get_device_name(): {tuning.CONV_LAYERS: {"bfloat16": layers}}}
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
     x, w, b, _, _ = make_problem(problem, 2, torch.bfloat16)
     ran, cudnn_fused = [], ops._conv2d_cudnn_fused

@@ -89,7 +89,7 @@ def write_layer_run(folder, cases):
     benchmarks = []
     for c, h, k, r, stride, batch, backend, ms in cases:
         problem = {"C": c, "H": h, "W": h, "K": k, "R": r, "S": r, "stride": [stride, stride],
-                   "padding": [r // 2, r // 2], "dilation": [1, 1]}
+                   "padding": [r // 2, r // 2], "dilation": [1, 1], "epilogue": "relu"}
         benchmarks.append({"name": f"test_conv2d_layer[l{c}-{h}-{k}-{r}-b{batch}-{backend}]", "extra_info": {
             "device": "NVIDIA H200", "dtype": "bf16", "backend": backend, "ms": ms, "batch": batch,
             "problem": problem, "speedup_vs_cudnn": 0.5}})
@@ -110,8 +110,8 @@ def test_layer_rule_picks_the_fastest_backend_per_layer_and_batch(tmp_path):
         (64, 56, 64, 3, 1, 8, "torch", 0.05), (64, 56, 64, 3, 1, 8, "triton", 0.04),
     ])
     layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
-    key3x3 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
-    key1x1 = tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1))
+    key3x3 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    key1x1 = tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), "relu")
     assert layers == {key3x3: {"256": "triton", "8": "triton"}, key1x1: {"256": "cudnn_fused"}}
     assert "conv2d" not in build_table(tmp_path)["NVIDIA H200"]  # no backend beat bare cuDNN everywhere
 
@@ -124,31 +124,67 @@ class FakeCudaTensor:
 
 
 def test_conv_default_looks_up_the_layer_at_the_nearest_batch(monkeypatch, fresh_tables):
-    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
     table = {"NVIDIA H200": {"conv2d": {"bfloat16": "triton"},
                              tuning.CONV_LAYERS: {"bfloat16": {key: {"256": "cuda", "8": "torch"}}}}}
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
-    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu")
     batches = (1, 2, 16, 32, 64, 200, 1024, 1025)
     choice = {n: tuning.default_backend("conv2d", FakeCudaTensor((n, 64, 56, 56)), layer) for n in batches}
     # 2, 16 and 32 are within 4x of 8 (and 32 nearer 8 than 256); 64 is nearer 256; 1 (8x
     # below 8) and 1025 (past 4 x 256) are too far from any measured batch: the op's entry.
     assert choice == {1: "triton", 2: "torch", 16: "torch", 32: "torch", 64: "cuda", 200: "cuda", 1024: "cuda",
                       1025: "triton"}
-    other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1))  # not measured: the op's entry
+    other_layer = ((64, 64, 3, 3), (2, 2), (1, 1), (1, 1), "relu")  # not measured: the op's entry
     assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), other_layer) == "triton"
     assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56), torch.float16), layer) == "torch"
 
 
 def test_equally_near_batches_pick_the_smaller(monkeypatch, fresh_tables):
-    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
     # "32" sorts before "8" as text: the tie at 16 must not follow the file's key order.
     table = {"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {key: {"32": "cuda", "8": "triton"}}}}}
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     monkeypatch.setattr(tuning, "tuning_table", lambda: table)
-    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu")
     assert tuning.default_backend("conv2d", FakeCudaTensor((16, 64, 56, 56)), layer) == "triton"
+
+
+def test_conv_default_follows_the_epilogue_of_the_call(monkeypatch, fresh_tables):
+    """One geometry, three epilogues measured apart: a call finds its own epilogue's choice, and
+    one not measured (residual without ReLU) the op's entry, never another epilogue's."""
+    geometry = (64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1))
+    layers = {tuning.conv2d_layer_key(*geometry, "relu"): {"256": "triton"},
+              tuning.conv2d_layer_key(*geometry, "residual+relu"): {"256": "cuda"},
+              tuning.conv2d_layer_key(*geometry, "none"): {"256": "torch"}}
+    table = {"NVIDIA H200": {"conv2d": {"bfloat16": "torch_triton"}, tuning.CONV_LAYERS: {"bfloat16": layers}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+    x = FakeCudaTensor((256, 64, 56, 56))
+    chosen = {epilogue: tuning.default_backend("conv2d", x, ((256, 64, 1, 1), (1, 1), (0, 0), (1, 1), epilogue))
+              for epilogue in tuning.EPILOGUES}
+    assert chosen == {"relu": "triton", "residual+relu": "cuda", "none": "torch", "residual": "torch_triton"}
+
+
+def test_conv2d_asks_the_table_for_its_own_epilogue(monkeypatch):
+    asked = []
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: asked.append(layer) or "torch")
+    x, w = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3)
+    residual = torch.randn(1, 4, 3, 3)
+    for kwargs in ({}, {"relu": True}, {"residual": residual}, {"residual": residual, "relu": True}):
+        ops.conv2d(x, w, **kwargs)
+    assert [layer[-1] for layer in asked] == ["none", "relu", "residual", "residual+relu"]
+    assert asked[0][:-1] == ((4, 8, 3, 3), (1, 1), (0, 0), (1, 1))
+
+
+def test_epilogue_names_and_keys():
+    assert {tuning.epilogue_name(*parts): name for name, parts in tuning.EPILOGUES.items()} == {
+        name: name for name in tuning.EPILOGUES}
+    key = tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), "residual+relu")
+    assert key == "c64 h56 w56 k256 r1 s1 stride1x1 pad0x0 dil1x1 residual+relu"
+    with pytest.raises(ValueError, match="unknown conv epilogue 'gelu'"):
+        tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), "gelu")
 
 
 def test_table_lookup_is_a_constant_under_torch_compile(monkeypatch):
@@ -182,9 +218,9 @@ def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
 
 
 def bench_result(device, batch, layer_times):
-    """A cnnfast.bench/2 result with one 3x3 layer per entry of layer_times ({backend: ms})."""
+    """A cnnfast.bench/3 result with one 3x3 layer per entry of layer_times ({backend: ms})."""
     layers = [{"layer": f"conv{i}", "problem": {"C": 64, "H": 56 >> i, "W": 56 >> i, "K": 64, "R": 3, "S": 3,
-                                                 "stride": [1, 1], "padding": [1, 1]},
+                                                 "stride": [1, 1], "padding": [1, 1], "epilogue": "relu"},
                "results": {backend: {"ms": ms} for backend, ms in times.items()}}
               for i, times in enumerate(layer_times)]
     return {"device": device, "dtype": "bf16", "batch": batch, "layers": layers}
@@ -201,15 +237,15 @@ def test_tune_saves_layer_choices_that_backend_none_then_reads(monkeypatch, tmp_
         {"torch": 1.0, "triton": 0.99},
         {"triton": 0.5},  # torch not timed: left out
     ])
-    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
-    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
     choices = layer_choices(result)
     assert choices == {"NVIDIA H100": {tuning.CONV_LAYERS: {"bfloat16": {key0: {"1": "triton"}, key1: {"1": "torch"}}}}}
     tuning.save_local_choices(choices)
     tuning.save_local_choices(layer_choices(bench_result("NVIDIA H100", 64, [{"torch": 1.0, "cuda": 0.5}])))
     saved = json.loads(local.read_text())["NVIDIA H100"][tuning.CONV_LAYERS]["bfloat16"]
     assert saved == {key0: {"1": "triton", "64": "cuda"}, key1: {"1": "torch"}}  # merged, batch by batch
-    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu")
     assert tuning.default_backend("conv2d", FakeCudaTensor((1, 64, 56, 56)), layer) == "triton"
     assert tuning.default_backend("conv2d", FakeCudaTensor((64, 64, 56, 56)), layer) == "cuda"
     # The packaged table is still read beneath the local one.
@@ -235,8 +271,8 @@ def test_tune_refuses_a_machine_without_gpu(capsys, monkeypatch):
 
 def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
     """`cnnfast tune --json` output filed with a run (tune*.json) gives layer choices, newest run first."""
-    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1))
-    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1))
+    key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    key1 = tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
     old, new = tmp_path / "h200-2026-05-01-run1", tmp_path / "h200-2026-05-01-run2"
     for folder, times in ((old, [{"torch": 1.0, "triton": 0.5}, {"torch": 1.0, "cuda": 0.5}]),
                           (new, [{"torch": 1.0, "triton": 1.5}])):  # Triton slower on layer 0 now
@@ -256,7 +292,7 @@ def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path, fres
     monkeypatch.setenv("CNNFAST_TUNING_FILE", str(tmp_path / "local.json"))
     monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
     tuning_table.main(["--local", str(out)])
-    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu")
     assert tuning.default_backend("conv2d", FakeCudaTensor((256, 64, 56, 56)), layer) == "cuda"
 
 
@@ -270,8 +306,9 @@ def test_tune_table_shows_times_choice_and_kernels():
     figures["cuda"]["kernel"] = "cutlass-fprop-128x64x64"
     headers, rows = tune_table(result)
     assert headers == ("layer", "problem", "torch ms", "triton ms", "cuda ms", "backend=None", "kernels")
-    assert rows == [("conv0", tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1)), "1.000", "0.500",
-                     "0.600", "triton", "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-fprop-128x64x64")]
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    assert rows == [("conv0", key, "1.000", "0.500", "0.600", "triton",
+                     "triton 64x64x64-g8-w4-s4-split4, cuda cutlass-fprop-128x64x64")]
 
 
 def test_local_table_path_follows_the_environment(monkeypatch, tmp_path):
