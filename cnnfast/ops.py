@@ -561,26 +561,41 @@ def fold_bn(conv_weight: torch.Tensor, conv_bias, bn):
     frozen = loaded_frozen_batch_norm()
     if not (isinstance(bn, torch.nn.BatchNorm2d) or (frozen is not None and isinstance(bn, frozen))):
         raise TypeError(f"fold_bn: expected a BatchNorm2d or FrozenBatchNorm2d, got {type(bn).__name__}")
-    if isinstance(bn, torch.nn.BatchNorm2d) and bn.training:
-        raise RuntimeError("fold_bn: the BatchNorm is in training mode; call .eval() first (its batch statistics change every step)")
-    if bn.running_mean is None or bn.running_var is None:
-        raise RuntimeError("fold_bn: the BatchNorm has no running statistics (track_running_stats=False)")
+    problem = batch_norm_statistics_problem(bn)
+    if problem:
+        raise RuntimeError(f"fold_bn: {problem}")
     k, features = conv_weight.shape[0], bn.running_mean.numel()
     if features != k:
         raise ValueError(f"fold_bn: BatchNorm has {features} features, the convolution {k} output channels")
     if conv_bias is not None and tuple(conv_bias.shape) != (k,):
         raise ValueError(f"fold_bn: conv bias must have shape ({k},), got {tuple(conv_bias.shape)}")
+    scale, shift = batch_norm_scale_shift(bn, conv_bias)
+    with torch.no_grad():
+        weight = (conv_weight.float() * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
+    return weight, shift
+
+
+def batch_norm_statistics_problem(bn) -> str | None:
+    """Why an eval-form BatchNorm's statistics cannot be folded as they stand, or None when they can."""
+    if isinstance(bn, torch.nn.BatchNorm2d) and bn.training:
+        return "the BatchNorm is in training mode; call .eval() first (its batch statistics change every step)"
+    if bn.running_mean is None or bn.running_var is None:
+        return "the BatchNorm has no running statistics (track_running_stats=False)"
+    return None
+
+
+def batch_norm_scale_shift(bn, input_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float32, such that bn(y + input_bias) == y * scale + shift per channel."""
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:
+        if bn.weight is not None:  # affine=False has no gamma and beta
             scale = scale * bn.weight.float()
         # (b - mean) first: the running mean tracks the conv bias, and the difference is then exact.
-        centre = -bn.running_mean.float() if conv_bias is None else conv_bias.float() - bn.running_mean.float()
+        centre = -bn.running_mean.float() if input_bias is None else input_bias.float() - bn.running_mean.float()
         shift = centre * scale
         if bn.bias is not None:
             shift = shift + bn.bias.float()
-        weight = (conv_weight.float() * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
-    return weight, shift
+    return scale, shift
 
 
 # ---------------------------------------------------------------- global average pooling

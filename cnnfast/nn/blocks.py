@@ -6,6 +6,7 @@ branch1..branch4), so a layer is found under the same name before and after fusi
 import torch
 from torch import nn
 
+from cnnfast import ops
 from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_relu, computes_as
 
 
@@ -73,12 +74,7 @@ class BatchNormReLU(nn.Module):
         super().__init__()
         check_foldable(bn, name)
         self.channels = bn.running_mean.numel()
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-        if bn.weight is not None:  # affine=False has no gamma and beta
-            scale = scale * bn.weight.detach().float()
-        shift = -bn.running_mean.float() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.detach().float()
+        scale, shift = ops.batch_norm_scale_shift(bn)
         dtype = dtype or bn.running_var.dtype
         self.register_buffer("scale", scale.to(dtype).view(1, -1, 1, 1))
         self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))

@@ -39,10 +39,9 @@ def check_foldable(bn, where: str) -> None:
     if not is_foldable_norm(bn):
         raise NotImplementedError(f"{where}: {type(bn).__name__} is not a BatchNorm2d; only BatchNorm2d and "
                                   "FrozenBatchNorm2d are folded")
-    if isinstance(bn, nn.BatchNorm2d) and bn.training:
-        raise RuntimeError(f"{where}: BatchNorm is in training mode; call model.eval() before fusing")
-    if bn.running_mean is None or bn.running_var is None:
-        raise RuntimeError(f"{where}: BatchNorm has no running statistics (track_running_stats=False); it cannot be folded")
+    problem = ops.batch_norm_statistics_problem(bn)
+    if problem:
+        raise RuntimeError(f"{where}: {problem}")
 
 
 def check_relu(relu, where: str) -> None:
