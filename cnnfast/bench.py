@@ -12,8 +12,8 @@ Layers of the same geometry and epilogue are timed once. Backends:
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
   interpreter runs on a CPU, but its times say nothing about speed, so it is not timed);
 - ``cuda``:         the compiled extension's conv, when ``cnnfast._C`` has one;
-- ``torch_triton``: ``cnnfast.ops.conv2d(backend="torch_triton")``: PyTorch's conv, then bias
-  and ReLU in one Triton pass; needs a CUDA device (as triton);
+- ``torch_triton``: ``cnnfast.ops.conv2d(backend="torch_triton")``: PyTorch's conv, then bias,
+  residual and ReLU in one Triton pass; needs a CUDA device (as triton);
 - ``cudnn_fused``:  ``cnnfast.ops.conv2d(backend="cudnn_fused")``: cuDNN's runtime-fused
   conv + bias (+ residual) + ReLU; needs a CUDA device, and a layer that ends in a ReLU.
 
@@ -62,12 +62,12 @@ import torch.nn.functional as F
 from cnnfast import ops
 from cnnfast.analysis import ConvProblem, analyze_arch
 from cnnfast.backends import backends_of, cuda_ops
-from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.convert import optimize
+from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
+from cnnfast.nn import ConvBNReLU
 from cnnfast.roofline import (
     DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
 )
-from cnnfast.nn import ConvBNReLU
 from cnnfast.tuning import CONV_LAYERS, EPILOGUES, conv2d_layer_key, dtype_key, epilogue_name, fastest_layer_backend
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
@@ -135,7 +135,8 @@ def conv_layers(arch: str, input_size: int | None = None) -> dict[tuple[ConvProb
     def record(module, args, kwargs, name):
         c, h, w = args[0].shape[1:]
         problem = ConvProblem(c, h, w, module.out_channels, *module.kernel_size, module.stride, module.padding)
-        epilogue = epilogue_name(kwargs.get("residual") is not None, module.relu)
+        residual = args[1] if len(args) > 1 else kwargs.get("residual")  # forward(x, residual=None, out=None)
+        epilogue = epilogue_name(residual is not None, module.relu)
         layers.setdefault((problem, epilogue), []).append(name)
 
     handles = [module.register_forward_pre_hook(functools.partial(record, name=name), with_kwargs=True)
@@ -438,8 +439,9 @@ def problem_key(problem: dict) -> str:
     """The tuning table's key of a layer problem as the results record it ({"C", "H", "W", "K", "R",
     "S", "stride", "padding", "epilogue"} and, from the conv benchmark, "dilation"; 1 when absent)."""
     p = problem
+    # Results of bench schema 2 (tune*.json filed with a run) timed every layer with a ReLU.
     return conv2d_layer_key(p["C"], p["H"], p["W"], p["K"], p["R"], p["S"], p["stride"], p["padding"],
-                            p.get("dilation", (1, 1)), p["epilogue"])
+                            p.get("dilation", (1, 1)), p.get("epilogue", "relu"))
 
 
 def layer_times(layer) -> tuple[str, dict]:

@@ -119,6 +119,19 @@ def test_bench_layers_are_the_fused_models_convolutions(arch):
         assert ["layer1.0.downsample"] in layers.values()
 
 
+def test_bench_layers_skip_a_backend_that_cannot_run_the_epilogue():
+    """cudnn_fused on a layer without ReLU: listed in the layer's skipped, not timed (on the CPU it
+    could not run at all, so timing it would fail the test)."""
+    from cnnfast.bench import bench_layers
+
+    problem = ConvProblem(C=8, H=6, W=6, K=16, R=1, S=1, stride=(2, 2), padding=(0, 0))
+    (row,) = bench_layers({(problem, "none"): ["layer1.0.downsample"]}, 1, torch.float32, torch.device("cpu"),
+                          ["torch", "cudnn_fused"])
+    assert list(row["results"]) == ["torch"]
+    assert row["skipped"] == {"cudnn_fused": "cuDNN's fused convolution ends in a ReLU; this layer has none"}
+    assert row["problem"]["epilogue"] == "none"
+
+
 def test_a_backend_that_cannot_run_some_layers_is_summed_over_the_rest():
     from cnnfast.bench import skipped_lines, summary_rows
     from cnnfast.cli import tune_table

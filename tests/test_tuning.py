@@ -282,6 +282,18 @@ def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
     assert layers == {key0: {"1": "torch"}, key1: {"1": "cuda"}}
 
 
+def test_tune_files_of_schema_2_timed_relu_layers(tmp_path):
+    """A `cnnfast tune --json` file of bench schema 2 (no epilogue: every layer timed with a ReLU)
+    still feeds the table, under the ReLU layer's key."""
+    run = tmp_path / "h200-2026-05-01-run1"
+    run.mkdir()
+    result = bench_result("NVIDIA H200", 1, [{"torch": 1.0, "triton": 0.5}])
+    del result["layers"][0]["problem"]["epilogue"]
+    (run / "tune_resnet50_b1.json").write_text(json.dumps(result))
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    assert build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"] == {key: {"1": "triton"}}
+
+
 def test_a_device_check_folder_fills_the_local_table(monkeypatch, tmp_path, fresh_tables):
     """device_check.sh's benchmarks-table step: the conv benchmarks of its own output folder become
     local layer choices, which backend=None reads at once (the model benchmarks after it)."""
