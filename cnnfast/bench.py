@@ -150,13 +150,20 @@ def conv_layers(arch: str, input_size: int | None = None) -> dict[tuple[ConvProb
     return layers
 
 
+def seeded_feature_map(shape, seed: int, dtype, device) -> torch.Tensor:
+    """A standard normal (N, C, H, W) tensor, channels_last, drawn on device itself (a batch-256
+    feature map takes seconds to draw on a CPU and copy over) from a generator seeded with seed."""
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device).to(dtype=dtype, memory_format=torch.channels_last)
+
+
 def layer_parts(problem, batch, dtype, device):
     """One layer as PyTorch runs it: input (channels_last, dtype, device), the conv weight (float32,
     CPU, scaled by 1/sqrt(fan_in)) and the eval-mode BatchNorm after it, with random statistics and
     affine parameters (float32, CPU); seeded, so every backend sees the same layer."""
     generator = torch.Generator().manual_seed(0)
     x_shape, w_shape = conv_shapes(problem, batch)
-    x = torch.randn(x_shape, generator=generator)
+    x = seeded_feature_map(x_shape, 0, dtype, device)
     weight = torch.randn(w_shape, generator=generator) / (problem.C * problem.R * problem.S) ** 0.5
     bn = torch.nn.BatchNorm2d(problem.K).eval()
     with torch.no_grad():
@@ -164,7 +171,7 @@ def layer_parts(problem, batch, dtype, device):
         bn.running_var.uniform_(0.5, 2, generator=generator)
         bn.weight.uniform_(0.5, 1.5, generator=generator)
         bn.bias.uniform_(-1, 1, generator=generator)
-    return x.to(device=device, dtype=dtype, memory_format=torch.channels_last), weight, bn
+    return x, weight, bn
 
 
 def fold_layer(weight, bn, dtype, device):
@@ -178,8 +185,7 @@ def layer_residual(problem, batch, epilogue, dtype, device):
     if not EPILOGUES[epilogue][0]:
         return None
     p, q = ops.conv2d_output_size("conv2d", *conv_shapes(problem, batch), problem.stride, problem.padding, (1, 1))
-    residual = torch.randn((batch, problem.K, p, q), generator=torch.Generator().manual_seed(1))
-    return residual.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    return seeded_feature_map((batch, problem.K, p, q), 1, dtype, device)
 
 
 def layer_inputs(problem, batch, dtype, device, epilogue="relu"):
