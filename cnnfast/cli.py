@@ -192,23 +192,35 @@ def measured_on(result):
             f"{len(result['layers'])} distinct conv layers, measured on {where} ({result['timer']})")
 
 
+def print_measured_on(result) -> None:
+    """What a bench result measured and where, then what it skipped and why."""
+    from cnnfast.bench import skipped_lines
+
+    print(measured_on(result))
+    for line in skipped_lines(result):
+        print(line)
+
+
+def write_result(path, result) -> None:
+    """result as JSON in path (when the command was given one), and the path printed."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"\n{path}")
+
+
 def run_benchmarks(args):
-    from cnnfast.bench import end_to_end_rows, layer_rows, skipped_lines, summary_rows
+    from cnnfast.bench import end_to_end_rows, layer_rows, summary_rows
 
     try:
         result = measure_layers(args, end_to_end=True, json_file=args.json)
     except ValueError as error:
         return fail(args, error)
-    print(measured_on(result))
-    for line in skipped_lines(result):
-        print(line)
+    print_measured_on(result)
     tables = [summary_rows(result), end_to_end_rows(result)] + ([layer_rows(result)] if args.layers else [])
     for headers, rows in tables:
         print()
         print(text_table(headers, rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"\n{args.json}")
+    write_result(args.json, result)
     return 0
 
 
@@ -229,7 +241,7 @@ def tune_table(result):
 
 
 def run_tune(args):
-    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices, skipped_lines
+    from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices
     from cnnfast.tuning import save_local_choices
 
     if default_device().type != "cuda":
@@ -239,21 +251,17 @@ def run_tune(args):
         result = measure_layers(args, end_to_end=False, json_file=args.json)
     except ValueError as error:
         return fail(args, error)
-    print(measured_on(result))
-    for line in skipped_lines(result):
-        print(line)
+    print_measured_on(result)
     print()
     print(text_table(*tune_table(result)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"\n{args.json}")
+    write_result(args.json, result)
     if not args.dry_run:
         print(f"\nsaved to {save_local_choices(layer_choices(result))}")
     return 0
 
 
 def run_roofline(args):
-    from cnnfast.bench import roofline_points, skipped_lines
+    from cnnfast.bench import roofline_points
     from cnnfast.roofline import (
         DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
     )
@@ -271,9 +279,7 @@ def run_roofline(args):
     data = out / "roofline.json"
     summary = roofline_json(args.arch, result["batch"], result["input_size"], ceiling, points)
     data.write_text(json.dumps(summary, indent=2))
-    print(measured_on(result))
-    for line in skipped_lines(result):
-        print(line)
+    print_measured_on(result)
     unit, scale = rate
     print(f"ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, copy "
           f"{ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s, ridge {ridge_intensity(ceiling):.1f} FLOP/byte\n")
