@@ -23,6 +23,7 @@ def test_expected_claims_present(claims):
         "alexnet_conv_memory_fraction", "alexnet_fc_params_fraction", "alexnet_conv_macs_fraction",
         "alexnet_pool_ops_vs_conv_macs", "resnet34_vs_resnet18_macs",
         "bottleneck_vs_basic_macs", "bottleneck_vs_basic_params",
+        "bottleneck_vs_basic_at_c_macs", "bottleneck_vs_basic_at_c_params",
     }
 
 
@@ -36,6 +37,8 @@ def test_expected_claims_present(claims):
         ("vgg_pool_double_macs", 1),
         ("bottleneck_vs_basic_macs", 17 / 288),
         ("bottleneck_vs_basic_params", 17 / 288),
+        ("bottleneck_vs_basic_at_c_macs", 17 / 18),
+        ("bottleneck_vs_basic_at_c_params", 17 / 18),
     ],
 )
 def test_exact_closed_forms(claims, key, value):
@@ -87,8 +90,17 @@ def test_lecture_figures_that_differ_from_the_counts_are_noted(claims):
     assert 475 < stem.details["googlenet_stem_mmac"] < 481
     assert f"{stem.details['googlenet_stem_mmac']:.1f} M MACs" in stem.lecture_note
     assert f"{stem.details['vgg16_through_conv3_2_mmac']:.1f} M MACs through conv3_2" in stem.lecture_note
-    assert [key for key, claim in claims.items() if claim.lecture_note] == ["vgg_pool_double_macs",
-                                                                          "googlenet_stem_vs_vgg16_macs"]
+    # The slide's VGG-16 parameters and memory stop at conv3_2 too: 1.1M and 42.9 MB are what they
+    # round from there (the memory without pooling outputs), and the stem's 124K and 7.5 MB match.
+    assert round(stem.details["vgg16_through_conv3_2_params"] / 1e6, 1) == 1.1
+    assert round(stem.details["vgg16_conv_outputs_through_conv3_2_mib"], 1) == 42.9
+    assert round(stem.details["googlenet_stem"]["params"] / 1e3) == 125  # 124K of conv weights, 640 of BatchNorm
+    assert round(stem.details["googlenet_stem"]["activation_bytes"] / 2**20, 1) == 7.5
+    assert "1,145,408 through conv3_2" in claims["googlenet_stem_vs_vgg16_params"].lecture_note
+    assert "42.875 MiB" in claims["googlenet_stem_vs_vgg16_activation_bytes"].lecture_note
+    assert [key for key, claim in claims.items() if claim.lecture_note] == [
+        "vgg_pool_double_macs", "googlenet_stem_vs_vgg16_macs", "googlenet_stem_vs_vgg16_params",
+        "googlenet_stem_vs_vgg16_activation_bytes"]
 
 
 def test_claims_serialise_to_json(claims):

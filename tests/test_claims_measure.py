@@ -85,7 +85,7 @@ def test_every_time_relevant_claim_has_a_measurement():
     from cnnfast.analysis.measure import _sides
 
     timed = [claim for claim in compute_claims() if claim.quantity in TIME_QUANTITIES]
-    assert len(timed) == 8
+    assert len(timed) == 9
     for claim in timed:
         numerator, denominator = _sides(claim)
         assert numerator[1] and denominator[1]

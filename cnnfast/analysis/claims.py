@@ -169,21 +169,41 @@ def _pool_then_double_claims() -> list[Claim]:
 def _stem_claims(googlenet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
     stem = _summary(_rows_through(googlenet, "maxpool2"))
     vgg = _summary(_rows_until_size(vgg16, 28))
+    # The slide's VGG-16 figures are sums through conv3_2, one conv short of 28x28 (its memory
+    # figure, the conv outputs alone).
+    vgg_to_conv3_2 = _rows_through(vgg16, "features.13")
     details = {
         "googlenet_stem": stem,
         "vgg16_to_28x28": vgg,
         "googlenet_stem_mmac": stem["macs"] / 1e6,
         "vgg16_to_28x28_mmac": vgg["macs"] / 1e6,
-        # The slide's VGG-16 figure (7485) is the sum through conv3_2, one conv short of 28x28.
-        "vgg16_through_conv3_2_mmac": _total(_rows_through(vgg16, "features.13"), "macs") / 1e6,
+        "vgg16_through_conv3_2_mmac": _total(vgg_to_conv3_2, "macs") / 1e6,
+        "vgg16_through_conv3_2_params": _total(vgg_to_conv3_2, "params"),
+        "vgg16_conv_outputs_through_conv3_2_mib": _total([row for row in vgg_to_conv3_2 if row.type == "conv"],
+                                                         "activation_bytes") / 2**20,
         "lecture_slide_mflop": {"googlenet_stem": 418, "vgg16": 7485},
+        "lecture_slide_params": {"googlenet_stem": "124K", "vgg16": "1.1M"},
+        "lecture_slide_memory_mb": {"googlenet_stem": 7.5, "vgg16": 42.9},
     }
-    note = (
-        f"the slide's totals are 418 MFLOP for GoogLeNet's stem and 7485 for VGG-16 to 28x28; 418 is not the sum of "
-        f"the slide's own rows (118 + 2 + 13 + 347 + 1 = 481), which the {details['googlenet_stem_mmac']:.1f} M MACs "
-        f"counted here (pooling has none) match, and 7485 stops at conv3_2, one conv short of 28x28 "
-        f"({details['vgg16_through_conv3_2_mmac']:.1f} M MACs through conv3_2 here)"
-    )
+    notes = {
+        "macs": (
+            f"the slide's totals are 418 MFLOP for GoogLeNet's stem and 7485 for VGG-16 to 28x28; 418 is not the sum "
+            f"of the slide's own rows (118 + 2 + 13 + 347 + 1 = 481), which the {details['googlenet_stem_mmac']:.1f} "
+            f"M MACs counted here (pooling has none) match, and 7485 stops at conv3_2, one conv short of 28x28 "
+            f"({details['vgg16_through_conv3_2_mmac']:.1f} M MACs through conv3_2 here)"
+        ),
+        "params": (
+            f"the slide's figures are 124K parameters for GoogLeNet's stem ({stem['params']:,} here, with its "
+            f"BatchNorms') and 1.1M for VGG-16 (8.9x); 1.1M stops at conv3_2, as the slide's MFLOP do "
+            f"({details['vgg16_through_conv3_2_params']:,} through conv3_2 here, {vgg['params']:,} to 28x28)"
+        ),
+        "activation_bytes": (
+            f"the slide's figures are 7.5 MB for GoogLeNet's stem ({stem['activation_bytes'] / 2**20:.2f} MiB of "
+            f"float32 conv and pooling outputs here) and 42.9 MB for VGG-16 (5.7x), which is its conv outputs "
+            f"through conv3_2 alone ({details['vgg16_conv_outputs_through_conv3_2_mib']:.3f} MiB here), without "
+            f"conv3_3 and the pooling outputs counted here to 28x28 ({vgg['activation_bytes'] / 2**20:.1f} MiB)"
+        ),
+    }
     statement = (
         "GoogLeNet's stem aggressively downsamples the input (3x224x224 -> 192x28x28) with far "
         "less compute, fewer parameters and less memory than VGG-16 spends to reach 28x28."
@@ -200,7 +220,7 @@ def _stem_claims(googlenet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
                 closed_form=None,
                 closed_form_text=None,
                 details=details,
-                lecture_note=note if quantity == "macs" else None,
+                lecture_note=notes[quantity],
             )
         )
     return claims
@@ -314,27 +334,37 @@ def _resnet_depth_claim(resnet18: ModelAnalysis, resnet34: ModelAnalysis) -> Cla
 
 
 def _bottleneck_claims() -> list[Claim]:
+    """The notes say two things of the bottleneck block: it cuts compute and parameters (against a
+    basic block at its own 4C width), and it adds depth without much more compute (against the
+    basic block at C, whose 3x3 width it keeps: ResNet-34's stage against ResNet-50's)."""
     width, size = 64, 56  # ResNet-50's first stage: 4C = 256 channels in and out
     bottleneck = _convs(4 * width, size, (width, 1), (width, 3), (4 * width, 1))
     basic = _convs(4 * width, size, (4 * width, 3), (4 * width, 3))
+    narrow_basic = _convs(width, size, (width, 3), (width, 3))
     details = {
         "C": width,
         "H": size,
         "W": size,
         "bottleneck_1x1_3x3_1x1": bottleneck.totals,
         "basic_two_3x3": basic.totals,
+        "basic_two_3x3_at_C": narrow_basic.totals,
         "note": "convolutions only; BatchNorm adds 2 parameters a channel and no MACs",
     }
-    statement = (
-        "The bottleneck block (1x1 to reduce the channels, 3x3, 1x1 to restore them) is much "
-        "cheaper than a basic block of two 3x3 convolutions at the same width, which lets "
-        "ResNet-50/101/152 go deep without a blow-up in compute."
+    cheaper = (
+        "The bottleneck block (1x1 to reduce the channels, 3x3, 1x1 to restore them) cuts compute "
+        "and parameters: it is much cheaper than a basic block of two 3x3 convolutions at the same "
+        "width, which lets ResNet-50/101/152 go deep without a blow-up in compute."
     )
-    return [
+    deeper = (
+        "The bottleneck block adds depth without a significant increase in compute: three "
+        "convolutions at 4C channels in and out (256-64-64-256) cost about what the basic block's "
+        "two 3x3 convolutions at C = 64 channels do."
+    )
+    same_width = [
         Claim(
             key=f"bottleneck_vs_basic_{quantity}",
             title=f"ResNet: bottleneck vs basic block at 4C = 256 channels, {noun}",
-            statement=statement,
+            statement=cheaper,
             quantity=quantity,
             predicted=bottleneck.totals[quantity] / basic.totals[quantity],
             closed_form=17 / 288,
@@ -344,6 +374,22 @@ def _bottleneck_claims() -> list[Claim]:
         for quantity, noun, text in (
             ("macs", "MACs", "HW(4C*C + 9C^2 + C*4C) / (2*9*(4C)^2 HW) = 17HWC^2 / 288HWC^2 = 17/288"),
             ("params", "parameters", "(4C*C + 9C^2 + C*4C) / (2*9*(4C)^2) = 17C^2 / 288C^2 = 17/288"),
+        )
+    ]
+    return same_width + [
+        Claim(
+            key=f"bottleneck_vs_basic_at_c_{quantity}",
+            title=f"ResNet: bottleneck at 4C = 256 vs basic block at C = 64, {noun}",
+            statement=deeper,
+            quantity=quantity,
+            predicted=bottleneck.totals[quantity] / narrow_basic.totals[quantity],
+            closed_form=17 / 18,
+            closed_form_text=text,
+            details=details,
+        )
+        for quantity, noun, text in (
+            ("macs", "MACs", "HW(4C*C + 9C^2 + C*4C) / (2*9*C^2 HW) = 17HWC^2 / 18HWC^2 = 17/18"),
+            ("params", "parameters", "(4C*C + 9C^2 + C*4C) / (2*9*C^2) = 17C^2 / 18C^2 = 17/18"),
         )
     ]
 

@@ -14,7 +14,8 @@ parts (a module and its input); its time is the sum of its parts' times:
   the fraction is of one sum, at most 1: a whole-model time can be below the sum of its layers');
 - ``alexnet_pool_ops_vs_conv_macs``: AlexNet's pooling layers / its conv layers (each timed alone);
 - ``resnet34_vs_resnet18_macs``: the whole ResNet-34 / the whole ResNet-18;
-- ``bottleneck_vs_basic_macs``: 1x1 -> 3x3 -> 1x1 (256-64-64-256) / two 3x3 (256-256-256), 56x56.
+- ``bottleneck_vs_basic_macs``: 1x1 -> 3x3 -> 1x1 (256-64-64-256) / two 3x3 (256-256-256), 56x56;
+- ``bottleneck_vs_basic_at_c_macs``: the same bottleneck / two 3x3 (64-64-64), 56x56.
 
 The measured ratio is time(numerator) / time(denominator). cnnfast's fused forms are not timed here
 (listed in ``skipped`` with the reason).
@@ -126,11 +127,13 @@ def _sides(claim) -> tuple[tuple[str, list], tuple[str, list]]:
         c, h = d["C"], d["H"]
         return ((f"3x3 conv {2 * c}->{2 * c} at {h}x{h}", [(_convs(2 * c, (2 * c, 3)), (2 * c, h, h))]),
                 (f"3x3 conv {c}->{c} at {2 * h}x{2 * h}", [(_convs(c, (c, 3)), (c, 2 * h, 2 * h))]))
-    if claim.key == "bottleneck_vs_basic_macs":
+    if claim.key in ("bottleneck_vs_basic_macs", "bottleneck_vs_basic_at_c_macs"):
         c, h = d["C"], d["H"]
+        basic_width = 4 * c if claim.key == "bottleneck_vs_basic_macs" else c
         return ((f"bottleneck 1x1/3x3/1x1 {4 * c}-{c}-{c}-{4 * c} at {h}x{h}",
                  [(_convs(4 * c, (c, 1), (c, 3), (4 * c, 1)), (4 * c, h, h))]),
-                (f"two 3x3 {4 * c}->{4 * c} at {h}x{h}", [(_convs(4 * c, (4 * c, 3), (4 * c, 3)), (4 * c, h, h))]))
+                (f"two 3x3 {basic_width}->{basic_width} at {h}x{h}",
+                 [(_convs(basic_width, (basic_width, 3), (basic_width, 3)), (basic_width, h, h))]))
     if claim.key == "googlenet_stem_vs_vgg16_macs":
         vgg = _segment(get_model("vgg16"), _rows("vgg16", d["vgg16_to_28x28"]["layers"]), depth=2)
         stem = _segment(get_model("googlenet"), _rows("googlenet", d["googlenet_stem"]["layers"]), depth=1)
