@@ -1,6 +1,8 @@
 """The public functional ops. Each is a torch.library op (namespace `cnnfast`) with a fake
 implementation, so `torch.compile(fullgraph=True)` traces it; the wrapper checks its inputs and
-picks a backend, the launcher allocates the output and runs the kernel on the current stream.
+picks a backend, the launcher allocates the output and runs the kernel on the current stream. The
+registered op checks its arguments as the wrapper does, for calls that reach it without the
+wrapper's checks (torch.ops.cnnfast.*, a compiled graph).
 """
 import sys
 
@@ -18,7 +20,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # The ops' library. Each op is defined by its schema and registered with PyTorch's dispatcher
-# directly: one kernel for every device (CompositeExplicitAutograd) and a fake one for tracing.
+# directly: one kernel for every device (CompositeExplicitAutograd), which checks its arguments as
+# the public function does, and a fake one for tracing.
 # torch.library.custom_op would wrap each call in about 20 us of Python (autograd and aliasing
 # checks, measured on a 2-core CPU), as long as a small layer's kernel; the kernels refuse inputs
 # that require grad themselves (check_no_grad), and return new tensors or bump out's version.
@@ -26,8 +29,8 @@ LIBRARY = torch.library.Library("cnnfast", "DEF")
 
 
 class Op:
-    """A cnnfast op as the public functions call it: through its dispatcher overload where
-    dispatcher_needed says so, else its kernel directly."""
+    """A cnnfast op as the public functions call it, once they have checked its arguments: through
+    its dispatcher overload where dispatcher_needed says so, else its kernel directly."""
 
     def __init__(self, overload, kernel):
         self.overload, self.kernel = overload, kernel
@@ -36,11 +39,19 @@ class Op:
         return self.overload(*args) if dispatcher_needed(*args) else self.kernel(*args)
 
 
-def define_op(schema: str, kernel, fake) -> Op:
-    """Defines cnnfast::<name> by its schema, with kernel and fake."""
+def define_op(schema: str, kernel, fake, check) -> Op:
+    """Defines cnnfast::<name> by its schema, with kernel and fake. The dispatcher runs check (the
+    public function's checks, on the op's own arguments) before kernel, so that a call of
+    torch.ops.cnnfast.<name>, and a compiled graph's, gets the public function's errors where a
+    kernel would read out of bounds or run a backend that was not asked for."""
     name = schema.split("(", 1)[0]
+
+    def checked_kernel(*args):
+        check(*args)
+        return kernel(*args)
+
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
-    LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+    LIBRARY.impl(name, checked_kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"cnnfast::{name}", fake, lib=LIBRARY)
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
@@ -434,11 +445,94 @@ def _conv2d_fake(x, weight, bias, residual, stride, padding, dilation, groups, r
     return _empty_conv2d_output(x, weight, stride, padding, dilation)
 
 
+def check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilation, groups, relu):
+    """conv2d's checks of its tensors and settings, whatever the backend; returns stride, padding
+    and dilation as pairs."""
+    op = "conv2d"
+    check_float_tensors(op, x=x, weight=weight, bias=bias, residual=residual, out=out)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (K, C, R, S) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    # PyTorch's own convolution answers these with a wrong shape or its own errors.
+    if 0 in x.shape[1:]:
+        raise ValueError(f"{op}: x {tuple(x.shape)} has an empty channel or spatial dimension (only the batch may be 0)")
+    if 0 in weight.shape:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty dimension")
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: relu must be a bool, got {relu!r}")
+    stride = as_pair(op, "stride", stride, 1)
+    padding = as_pair(op, "padding", padding, 0)
+    dilation = as_pair(op, "dilation", dilation, 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    k = weight.shape[0]
+    if x.shape[1] % groups or k % groups:
+        raise ValueError(f"{op}: groups={groups} must divide the input channels {x.shape[1]} and output channels {k}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} with groups={groups} "
+            f"expects {weight.shape[1] * groups}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != k):
+        raise ValueError(f"{op}: bias must have shape ({k},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
+    p, q = conv2d_output_size(op, x.shape, weight.shape, stride, padding, dilation)
+    out_shape = (x.shape[0], k, p, q)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and tuple(t.shape) != out_shape:
+            raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
+    return stride, padding, dilation
+
+
+def conv2d_backend_refusal(x, groups, relu, backend) -> tuple[type, str] | None:
+    """(error type, message) when backend cannot run this call, None when it can: a grouped conv
+    off torch and torch_triton, cudnn_fused without ReLU or under cuDNN settings its op ignores,
+    IEEE float32 on CUTLASS (which computes float32 as TF32)."""
+    op = "conv2d"
+    if groups != 1 and backend not in ("torch", "torch_triton"):
+        return NotImplementedError, f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}"
+    if backend == "cudnn_fused" and not relu:
+        return NotImplementedError, (
+            f"{op}: backend 'cudnn_fused' runs layers that end in a ReLU only (PyTorch exposes cuDNN's fused "
+            "convolution with its ReLU); use backend='torch' for relu=False"
+        )
+    settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
+    if settings:
+        return RuntimeError, f"{op}: backend 'cudnn_fused' cannot run here: {settings}"
+    if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return NotImplementedError, (
+            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
+            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
+        )
+    return None
+
+
+def _check_conv2d_call(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out=None):
+    """The dispatcher's checks of a conv2d call (and of conv2d_out's, with its out)."""
+    check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
+    resolve_backend("conv2d", x, backend)
+    refusal = conv2d_backend_refusal(x, groups, relu, backend)
+    if refusal is not None:
+        error, message = refusal
+        raise error(message)
+
+
+def _check_conv2d_out_call(x, weight, bias, residual, out, *settings):
+    _check_conv2d_call(x, weight, bias, residual, *settings, out=out)
+
+
 _CONV2D_OPERANDS = "Tensor x, Tensor weight, Tensor? bias, Tensor? residual"
 _CONV2D_SETTINGS = "int[] stride, int[] padding, int[] dilation, int groups, bool relu, str backend"
 _conv2d_out_op = define_op(f"conv2d_out({_CONV2D_OPERANDS}, Tensor(a!) out, {_CONV2D_SETTINGS}) -> ()",
-                           _conv2d_out_kernel, lambda *args: None)
-_conv2d_op = define_op(f"conv2d({_CONV2D_OPERANDS}, {_CONV2D_SETTINGS}) -> Tensor", _conv2d_kernel, _conv2d_fake)
+                           _conv2d_out_kernel, lambda *args: None, _check_conv2d_out_call)
+_conv2d_op = define_op(f"conv2d({_CONV2D_OPERANDS}, {_CONV2D_SETTINGS}) -> Tensor", _conv2d_kernel, _conv2d_fake,
+                       _check_conv2d_call)
 
 
 def conv2d_flops(x_shape, w_shape, stride, padding, dilation) -> int:
@@ -479,69 +573,22 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     "torch", or None for the default of x's device.
     """
     op = "conv2d"
-    check_float_tensors(op, x=x, weight=weight, bias=bias, residual=residual, out=out)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) input, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"{op}: expected a 4-D (K, C, R, S) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
-    # PyTorch's own convolution answers these with a wrong shape or its own errors.
-    if 0 in x.shape[1:]:
-        raise ValueError(f"{op}: x {tuple(x.shape)} has an empty channel or spatial dimension (only the batch may be 0)")
-    if 0 in weight.shape:
-        raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty dimension")
-    stride = as_pair(op, "stride", stride, 1)
-    padding = as_pair(op, "padding", padding, 0)
-    dilation = as_pair(op, "dilation", dilation, 1)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    k = weight.shape[0]
-    if x.shape[1] % groups or k % groups:
-        raise ValueError(f"{op}: groups={groups} must divide the input channels {x.shape[1]} and output channels {k}")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(
-            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} with groups={groups} "
-            f"expects {weight.shape[1] * groups}"
-        )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != k):
-        raise ValueError(f"{op}: bias must have shape ({k},), got {tuple(bias.shape)}")
-    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
-        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
-    p, q = conv2d_output_size(op, x.shape, weight.shape, stride, padding, dilation)
-    out_shape = (x.shape[0], k, p, q)
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None and tuple(t.shape) != out_shape:
-            raise ValueError(f"{op}: {name} must have the output's shape {out_shape}, got {tuple(t.shape)}")
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} dtype {t.dtype} differs from the input's {x.dtype}")
+    stride, padding, dilation = check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilation, groups,
+                                                    relu)
     layer = (tuple(weight.shape), stride, padding, dilation, epilogue_name(residual is not None, relu))
     requested, backend = backend, resolve_backend(op, x, backend, layer)
-    ieee_float32_on_tf32 = backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
-    unfused_epilogue = backend == "cudnn_fused" and not relu
-    cudnn_settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
-    if requested is None and (groups != 1 or ieee_float32_on_tf32 or unfused_epilogue or cudnn_settings):
+    refusal = conv2d_backend_refusal(x, groups, relu, backend)
+    if refusal is not None and requested is None:
         # The table measured groups=1 layers (float32 on CUTLASS as TF32, cuDNN's fused conv with a
         # ReLU and under its default settings): the rest stays on PyTorch's own ops.
-        backend = "torch"
-    if groups != 1 and backend not in ("torch", "torch_triton"):
-        raise NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
-    if backend == "cudnn_fused" and not relu:
-        raise NotImplementedError(
-            f"{op}: backend 'cudnn_fused' runs layers that end in a ReLU only (PyTorch exposes cuDNN's fused "
-            "convolution with its ReLU); use backend='torch' for relu=False"
-        )
-    if backend == "cudnn_fused" and cudnn_settings:
-        raise RuntimeError(f"{op}: backend 'cudnn_fused' cannot run here: {cudnn_settings}")
-    if backend == "cuda" and ieee_float32_on_tf32:
-        raise NotImplementedError(
-            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
-            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
-        )
+        backend, refusal = "torch", None
+    if refusal is not None:
+        error, message = refusal
+        raise error(message)
     if out is not None:
-        _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, bool(relu), backend)
+        _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
         return out
-    return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, bool(relu), backend)
+    return _conv2d_op(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
 
 
 def loaded_frozen_batch_norm():
@@ -623,9 +670,20 @@ def _global_avg_pool_kernel(x: torch.Tensor, backend: str) -> torch.Tensor:
     return torch.mean(x, dim=(2, 3))
 
 
+def check_global_avg_pool_input(x) -> None:
+    op = "global_avg_pool"
+    check_float_tensors(op, x=x)
+    check_poolable(op, x)
+
+
+def _check_global_avg_pool_call(x, backend) -> None:
+    check_global_avg_pool_input(x)
+    resolve_backend("global_avg_pool", x, backend)
+
+
 _global_avg_pool_op = define_op(
     "global_avg_pool(Tensor x, str backend) -> Tensor", _global_avg_pool_kernel,
-    lambda x, backend: x.new_empty((x.shape[0], x.shape[1])),
+    lambda x, backend: x.new_empty((x.shape[0], x.shape[1])), _check_global_avg_pool_call,
 )
 
 
@@ -635,10 +693,8 @@ def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
     Any strides are accepted (channels_last is the fast path). NaN and Inf propagate as in
     `torch.mean`. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
-    op = "global_avg_pool"
-    check_float_tensors(op, x=x)
-    check_poolable(op, x)
-    return _global_avg_pool_op(x, resolve_backend(op, x, backend))
+    check_global_avg_pool_input(x)
+    return _global_avg_pool_op(x, resolve_backend("global_avg_pool", x, backend))
 
 
 def check_poolable(op: str, x: torch.Tensor) -> None:
@@ -678,9 +734,27 @@ def _add_relu_kernel(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str)
     return torch.relu_(out) if relu else out
 
 
+def check_add_relu_inputs(x, y, relu) -> None:
+    op = "add_relu"
+    check_float_tensors(op, x=x, y=y)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if y.shape != x.shape:
+        raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"{op}: x dtype {x.dtype} and y dtype {y.dtype} differ")
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: relu must be a bool, got {relu!r}")
+
+
+def _check_add_relu_call(x, y, relu, backend) -> None:
+    check_add_relu_inputs(x, y, relu)
+    resolve_backend("add_relu", x, backend)
+
+
 _add_relu_op = define_op(
     "add_relu(Tensor x, Tensor y, bool relu, str backend) -> Tensor", _add_relu_kernel,
-    lambda x, y, relu, backend: _empty_add_relu_output(x, y),
+    lambda x, y, relu, backend: _empty_add_relu_output(x, y), _check_add_relu_call,
 )
 
 
@@ -692,15 +766,8 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
     x and y share when both are contiguous in one (channels_last or NCHW: the fast path), and is
     channels_last otherwise. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
-    op = "add_relu"
-    check_float_tensors(op, x=x, y=y)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
-    if y.shape != x.shape:
-        raise ValueError(f"{op}: y must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"{op}: x dtype {x.dtype} and y dtype {y.dtype} differ")
-    return _add_relu_op(x, y, bool(relu), resolve_backend(op, x, backend))
+    check_add_relu_inputs(x, y, relu)
+    return _add_relu_op(x, y, relu, resolve_backend("add_relu", x, backend))
 
 
 # ---------------------------------------------------------------- global average pooling + linear
@@ -734,9 +801,35 @@ def _gap_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(torch.mean(x, dim=(2, 3)), weight, None if bias is None else bias.to(x.dtype))
 
 
+def check_gap_linear_inputs(x, weight, bias) -> None:
+    op = "gap_linear"
+    check_float_tensors(op, x=x, weight=weight, bias=bias)
+    check_poolable(op, x)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{op}: expected a 2-D (out_features, C) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    out_features = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
+
+
+def _check_gap_linear_call(x, weight, bias, backend) -> None:
+    check_gap_linear_inputs(x, weight, bias)
+    resolve_backend("gap_linear", x, backend)
+
+
 _gap_linear_op = define_op(
     "gap_linear(Tensor x, Tensor weight, Tensor? bias, str backend) -> Tensor", _gap_linear_kernel,
-    lambda x, weight, bias, backend: x.new_empty((x.shape[0], weight.shape[0])),
+    lambda x, weight, bias, backend: x.new_empty((x.shape[0], weight.shape[0])), _check_gap_linear_call,
 )
 
 
@@ -757,22 +850,5 @@ def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None
     linear does), which accumulates in float32. FlopCounterMode counts the linear layer,
     2 * N * C * out_features. backend: "triton", "cuda", "torch", or None for the default of x's device.
     """
-    op = "gap_linear"
-    check_float_tensors(op, x=x, weight=weight, bias=bias)
-    check_poolable(op, x)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"{op}: expected a 2-D (out_features, C) weight, got {weight.dim()}-D with shape {tuple(weight.shape)}"
-        )
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} expects {weight.shape[1]}"
-        )
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
-    out_features = weight.shape[0]
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
-        raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    if bias is not None and bias.dtype not in (torch.float32, x.dtype):
-        raise TypeError(f"{op}: bias dtype {bias.dtype} must be float32 or the input's {x.dtype}")
-    return _gap_linear_op(x, weight, bias, resolve_backend(op, x, backend))
+    check_gap_linear_inputs(x, weight, bias)
+    return _gap_linear_op(x, weight, bias, resolve_backend("gap_linear", x, backend))

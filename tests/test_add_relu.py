@@ -98,12 +98,14 @@ def test_integer_values_exact(backend, device, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("y_layout", (torch.channels_last, torch.contiguous_format), ids=("flat", "strided"))
 @pytest.mark.parametrize("relu", (True, False), ids=("relu", "no-relu"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
-def test_propagates_nan_and_inf(backend, device, dtype, relu):
+def test_propagates_nan_and_inf(backend, device, dtype, relu, y_layout):
+    # y in x's layout runs the flat kernel, in another the strided one: each has its own ReLU.
     x = torch.randn(2, 8, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    y = torch.randn(2, 8, 3, 3, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 8, 3, 3, device=device).to(dtype).contiguous(memory_format=y_layout)
     x[0, 1, 0, 0] = float("nan")
     x[0, 2, 1, 1], y[0, 2, 1, 1] = float("inf"), float("-inf")  # inf - inf is NaN
     x[1, 3, 2, 2] = float("-inf")  # ReLU makes it 0

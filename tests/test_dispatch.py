@@ -132,3 +132,44 @@ def test_torch_compile_traces_the_ops(direct_calls_raise):
     with torch.no_grad():
         results = compiled(x, weight, bias, linear)
     assert [tuple(r.shape) for r in results] == [(2, 8, 5, 5), (2, 8, 5, 5), (2, 8), (2, 8, 5, 5), (2, 4)]
+
+
+# Calls of the registered ops themselves (torch.ops.cnnfast.*, as a compiled graph makes them), each
+# with one bad argument that a kernel would read out of bounds on or run a backend not asked for.
+BAD_OP_CALLS = {
+    "conv2d-channels": (lambda x, w, b, lin: torch.ops.cnnfast.conv2d(
+        x, w[:, :4], b, None, [1, 1], [1, 1], [1, 1], 1, True, "triton"), ValueError, "input has 8 channels"),
+    "conv2d-backend": (lambda x, w, b, lin: torch.ops.cnnfast.conv2d(
+        x, w, b, None, [1, 1], [1, 1], [1, 1], 1, True, "bogus"), ValueError, "unknown backend 'bogus'"),
+    "conv2d-groups": (lambda x, w, b, lin: torch.ops.cnnfast.conv2d(
+        x, w[:, :4], b, None, [1, 1], [1, 1], [1, 1], 2, True, "triton"), NotImplementedError, "groups=1 only"),
+    "conv2d_out-shape": (lambda x, w, b, lin: torch.ops.cnnfast.conv2d_out(
+        x, w, b, None, torch.empty(2, 8, 4, 4), [1, 1], [1, 1], [1, 1], 1, True, "torch"), ValueError,
+        "out must have the output's shape"),
+    "global_avg_pool-backend": (lambda x, w, b, lin: torch.ops.cnnfast.global_avg_pool(x, "nonsense"), ValueError,
+                                "unknown backend 'nonsense'"),
+    "global_avg_pool-rank": (lambda x, w, b, lin: torch.ops.cnnfast.global_avg_pool(x[0], "torch"), ValueError,
+                             "expected a 4-D"),
+    "add_relu-shape": (lambda x, w, b, lin: torch.ops.cnnfast.add_relu(x, x[:, :, :, :1].expand(2, 8, 5, 5)[:, :, :1],
+                                                                       True, "triton"), ValueError, "y must have x's shape"),
+    "add_relu-backend": (lambda x, w, b, lin: torch.ops.cnnfast.add_relu(x, x, True, "gap"), ValueError,
+                         "unknown backend 'gap'"),
+    "add_relu-op": (lambda x, w, b, lin: torch.ops.cnnfast.add_relu(x, x, True, "cudnn_fused"), NotImplementedError,
+                    "no kernel for this op"),
+    "gap_linear-channels": (lambda x, w, b, lin: torch.ops.cnnfast.gap_linear(x, lin[:, :5], None, "triton"),
+                            ValueError, "input has 8 channels"),
+}
+
+
+@pytest.mark.parametrize("call, error, message", BAD_OP_CALLS.values(), ids=BAD_OP_CALLS.keys())
+def test_a_call_of_the_registered_op_is_checked_as_the_public_one(call, error, message):
+    with pytest.raises(error, match=message):
+        call(*inputs())
+
+
+def test_relu_must_be_a_bool():
+    x, weight, _, _ = inputs()
+    with pytest.raises(TypeError, match="add_relu: relu must be a bool, got None"):
+        ops.add_relu(x, x, None)
+    with pytest.raises(TypeError, match="conv2d: relu must be a bool, got 'False'"):
+        ops.conv2d(x, weight, padding=1, relu="False")
