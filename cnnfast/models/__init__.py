@@ -1,7 +1,7 @@
 """Builders for the classic CNNs, with torchvision's state_dict keys.
 
-Every builder takes ``(num_classes=1000, *, fused=False, **kwargs)`` and returns an untrained
-plain PyTorch model; the keyword arguments go to the underlying constructor. ``fused=True``
+Every builder takes ``(num_classes=1000, *, fused=False)`` and returns an untrained plain PyTorch
+model; those built on torchvision's take ``**kwargs`` too, for the torchvision constructor. ``fused=True``
 returns it in eval mode, optimized by ``cnnfast.optimize`` (BatchNorm folded, blocks fused).
 All of them can be called under ``with torch.device("meta"):`` to get a model without memory,
 for shape and FLOP analysis.
@@ -114,8 +114,8 @@ ARCHITECTURE_NOTES = {
                  "and, in each Inception module, a 3x3 conv where the paper's branch has a 5x5, so its MACs and "
                  "parameters are a little below the paper's",
     "zfnet": "the lecture's ZFNet: conv3, conv4 and conv5 have 512, 1024 and 512 filters where the 2013 paper's "
-             "main model has 384, 384 and 256, which more than doubles the first linear layer (18432 inputs, "
-             "not 9216)",
+             "main model has 384, 384 and 256, which doubles the first linear layer's inputs (18432, not 9216) "
+             "and so its weights",
 }
 
 
