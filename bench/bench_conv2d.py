@@ -107,7 +107,7 @@ def cudnn_ms(batch, problem, epilogue):
     import triton.testing
 
     # The bare convolution ignores the epilogue; passing the layer's keeps layer_tensors' one entry.
-    return triton.testing.do_bench(layer_fn("cudnn", batch, problem, epilogue), warmup=10, rep=50)
+    return triton.testing.do_bench(layer_fn("cudnn", batch, problem, epilogue), warmup=10, rep=50, return_mode="median")
 
 
 @needs_gpu
@@ -131,7 +131,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, epilogue, backend):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, warmup_rounds=3, rounds=10)
-    ms = triton.testing.do_bench(fn, warmup=10, rep=50)
+    ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
     residual = EPILOGUES[epilogue][0]
     flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, element_size=2, residual=residual)
     point = roofline_point(arch, backend, flops, traffic, ms, ceilings("cuda", torch.bfloat16))

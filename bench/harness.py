@@ -37,8 +37,8 @@ def time_case(benchmark, op, backend, traffic_bytes, copy_bandwidth, **info):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, warmup_rounds=10, rounds=50)
-    ms = triton.testing.do_bench(lambda: op(backend), warmup=25, rep=100)
-    ms_torch = triton.testing.do_bench(lambda: op("torch"), warmup=25, rep=100)
+    ms = triton.testing.do_bench(lambda: op(backend), warmup=25, rep=100, return_mode="median")
+    ms_torch = triton.testing.do_bench(lambda: op("torch"), warmup=25, rep=100, return_mode="median")
     # The same, replayed from a CUDA graph: the kernel's own time, without the Python launch cost
     # that dominates a kernel of a few microseconds (the L2 is not flushed between replays).
     graph_ms = triton.testing.do_bench_cudagraph(lambda: op(backend), rep=50, return_mode="median")

@@ -159,6 +159,34 @@ def test_the_float32_matmul_ceiling_follows_the_convolutions_tf32_setting(monkey
     assert not roofline.tf32_convolutions("cuda", torch.bfloat16) and not roofline.tf32_convolutions("cpu", torch.float32)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert not roofline.tf32_convolutions("cuda", torch.float32)
-    before = torch.backends.cuda.matmul.allow_tf32
     assert roofline.measure_ceilings("cpu", torch.float32)["tf32"] is False
-    assert torch.backends.cuda.matmul.allow_tf32 == before  # restored
+    # The switch itself (flags only: no GPU needed), on while the matmul is timed, restored after.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    matmul = torch.backends.cuda.matmul  # not monkeypatch: its settings are properties of a C++ module
+    before, matmul.allow_tf32 = matmul.allow_tf32, False
+    try:
+        with roofline.matmul_in_convolution_precision("cuda", torch.float32):
+            assert matmul.allow_tf32
+        assert not matmul.allow_tf32
+        with roofline.matmul_in_convolution_precision("cpu", torch.float32):
+            assert not matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before
+    # The cache keeps float32 timed as TF32 apart from IEEE float32.
+    monkeypatch.setattr(roofline, "device_name", lambda device: "GPU")
+    assert roofline.ceiling_key("cuda", torch.float32) == "GPU / fp32 as tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert roofline.ceiling_key("cuda", torch.float32) == "GPU / fp32"
+
+
+def test_the_note_on_points_above_the_roof_names_the_ceiling_they_outran():
+    ceiling = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    memory_bound = roofline.roofline_point("a", "torch", 1e6, 1e6, 0.005, ceiling)  # twice the copy rate
+    compute_bound = roofline.roofline_point("b", "torch", 1e9, 1e3, 0.5, ceiling)  # twice the matmul rate
+    under = roofline.roofline_point("c", "torch", 1e9, 1e3, 2.0, ceiling)
+    assert (memory_bound["bound"], memory_bound["percent_of_bound"]) == ("memory", 200)
+    assert roofline.above_roof_note([memory_bound, under]) == "Points above the roof outran the measured copy bandwidth."
+    assert roofline.above_roof_note([compute_bound]) == (
+        "Points above the roof outran the measured torch.matmul ceiling.")
+    assert "torch.matmul ceiling or copy bandwidth" in roofline.above_roof_note([compute_bound, memory_bound])
+    assert roofline.above_roof_note([under]) is None
