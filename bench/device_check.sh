@@ -83,7 +83,11 @@ step() {
   return $rc
 }
 
-step environment 60 "$PYTHON" bench/environment.py "$RUN/env.json"
+# A continued record keeps its first call's environment (its start time and commit name the run);
+# the later call's goes beside it.
+ENV_FILE="$RUN/env.json"
+[ -f "$ENV_FILE" ] && ENV_FILE="$RUN/env_continued.json"
+step environment 60 "$PYTHON" bench/environment.py "$ENV_FILE"
 
 # The GPU machine has no network: build requirements it lacks (nvidia-cutlass's headers) travel
 # as wheels in the git-ignored .whl/ folder (named in the device call's carry list).
@@ -201,3 +205,5 @@ fi
 "$PYTHON" bench/summarize_device_check.py "$RUN" | tee -a "$LOG"
 cp "$RUN/summary.md" "$OUT/summary.md" 2>/dev/null
 pack
+# The exit status says whether every step of the record (this call's and any it continues) passed.
+! cut -f2 "$STEPS" | grep -qE '^(FAILED|timeout)' 

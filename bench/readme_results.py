@@ -4,10 +4,13 @@
 
 Reads every bench/results/*/benchmarks*.json (with its env.json) and rewrites the text between
 the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per run, the hardware,
-software and date, then per benchmark and backend the median over cases of the speedup against
-the baseline, and the range; then the end-to-end models, per architecture and batch, each
+software and date, the steps that failed or ran out of time (a step cut short by its time limit
+keeps the cases it measured: those counts are partial), the GPU tests' counts, the run's own note (env.json's
+"note", and a run folder's NOTE.md: what was learnt about a run after it was filed, such as a
+kernel since rewritten), then per benchmark and backend the median over cases of the speedup
+against the baseline, and the range; then the end-to-end models, per architecture and batch, each
 variant's images/s (or latency at batch 1) and speedup over eager PyTorch. Nothing in that
-section is typed by hand.
+section is typed in the README by hand.
 """
 import json
 import statistics
@@ -15,6 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from bench.summarize_device_check import tests_line
 from bench.tuning_table import RESULTS, run_order
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -56,6 +60,7 @@ def run_section(folder: Path) -> list[str]:
         f"**{folder.name}**: {env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, "
         f"CUDA {env.get('cuda')}, {env.get('date', '')[:10]}, commit {env.get('commit')}. "
         f"Full table: `bench/results/{folder.name}/summary.md`.",
+        *run_notes(folder, env),
         "",
         "| benchmark | backend | dtypes | cases | speedup, median (min - max) | over | median % copy BW | median TFLOP/s |",
         "| --- | --- | --- | ---: | --- | --- | ---: | ---: |",
@@ -81,6 +86,25 @@ def run_section(folder: Path) -> list[str]:
             f"| {f'{statistics.median(tflops):.0f}' if tflops else ''} |"
         )
     return lines + model_table(benchmarks) + [""]
+
+
+def run_notes(folder: Path, env: dict) -> list[str]:
+    """The run's lines beside its tables: steps that did not finish, GPU test counts, its notes."""
+    lines = []
+    steps = folder / "steps.tsv"
+    if steps.is_file():
+        rows = [line.split("\t") for line in steps.read_text().splitlines()[1:] if line.strip()]
+        unfinished = [f"{name} ({status})" for name, status, *_ in rows if not status.startswith(("ok", "cached"))]
+        if unfinished:
+            lines.append(f"Steps that failed or ran out of time (a timed-out step's counts are partial): "
+                         f"{', '.join(unfinished)}.")
+    if any(folder.glob("gpu_tests*.xml")):
+        lines.append(f"{tests_line(folder)}.")
+    notes = [env["note"]] if env.get("note") else []
+    if (folder / "NOTE.md").is_file():
+        notes.append((folder / "NOTE.md").read_text().strip())
+    lines += [f"Note: {note.rstrip('.')}." for note in notes]
+    return [line for text in lines for line in ("", text)]
 
 
 def results_markdown() -> str:

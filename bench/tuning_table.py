@@ -15,7 +15,9 @@ by 3 %).
 
 Each backend's cases (per op, or per layer and batch) come from the newest run that measured them,
 runs ordered by their date and number (h200-DATE-runN), so a kernel rewritten and measured again
-replaces its old figures.
+replaces its old figures. A layer's backend that a newer run left out where it timed torch on
+that layer and batch (the backend failed its correctness or NaN check there, or was not run) loses
+its older figures: it is not chosen on them.
 """
 import argparse
 import json
@@ -62,6 +64,14 @@ def run_files(runs, *patterns: str):
     return sorted(paths, key=lambda path: (run_order(path.parent), path.name))
 
 
+def by_run(paths) -> list[list[Path]]:
+    """run_files' paths grouped by run folder, oldest run first."""
+    groups = defaultdict(list)
+    for path in paths:
+        groups[path.parent].append(path)
+    return list(groups.values())
+
+
 def measured_speedups(runs) -> dict:
     """{(gpu, op, dtype, backend): [speedup over the baseline per case]}, from the newest run of each."""
     speedups = {}
@@ -84,21 +94,28 @@ def measured_layer_times(runs) -> dict:
     `cnnfast tune --json` measurements (tune*.json) of the runs, each backend's time from the
     newest run that timed it on that layer and batch."""
     times = defaultdict(dict)
-    for path in run_files(runs, "benchmarks*.json", "tune*.json"):
-        data = json.loads(path.read_text())
-        if path.name.startswith("tune"):
-            dtype = dtype_key(DTYPES[data["dtype"]])
-            for layer in data["layers"]:
-                key, layer_ms = layer_times(layer)
-                times[(data["device"], dtype, key, data["batch"])].update(layer_ms)
-            continue
-        for bench in data["benchmarks"]:
-            info = bench["extra_info"]
-            backend = info.get("backend")
-            if bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS or "problem" not in info:
+    for paths in by_run(run_files(runs, "benchmarks*.json", "tune*.json")):
+        run = defaultdict(dict)
+        for path in paths:
+            data = json.loads(path.read_text())
+            if path.name.startswith("tune"):
+                dtype = dtype_key(DTYPES[data["dtype"]])
+                for layer in data["layers"]:
+                    key, layer_ms = layer_times(layer)
+                    run[(data["device"], dtype, key, data["batch"])].update(layer_ms)
                 continue
-            dtype = dtype_key(DTYPES[info["dtype"]])
-            times[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
+            for bench in data["benchmarks"]:
+                info = bench["extra_info"]
+                backend = info.get("backend")
+                if (bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS
+                        or "problem" not in info):
+                    continue
+                dtype = dtype_key(DTYPES[info["dtype"]])
+                run[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
+        for key, layer_ms in run.items():
+            if "torch" in layer_ms:  # what this run timed beside torch is all it still chooses from
+                times[key] = {}
+            times[key].update(layer_ms)
     return dict(times)
 
 

@@ -52,15 +52,18 @@ def tree(tmp_path):
 
 
 def run(tree: Path, steps: str, **env) -> list[tuple[str, str]]:
-    """Runs the script with CNNFAST_STEPS=steps; returns the (step, status) rows of its record."""
+    """Runs the script with CNNFAST_STEPS=steps; returns the (step, status) rows of its record, having
+    checked that the script's exit status says whether every step of the record passed."""
     out = tree / "out"
     shutil.rmtree(out, ignore_errors=True)
     environment = {**os.environ, "PYTHON": str(tree / "python-stub"), "STUB_LOG": str(tree / "stub.log"),
                    "CNNFAST_STEPS": steps, "PATH": "/usr/bin:/bin", **env}
-    subprocess.run(["bash", str(tree / "bench" / "device_check.sh"), str(out)], env=environment, check=True,
-                   capture_output=True, timeout=60)
-    rows = record(tree)["steps.tsv"].decode().splitlines()[1:]
-    return [tuple(row.split("\t")[:2]) for row in rows]
+    done = subprocess.run(["bash", str(tree / "bench" / "device_check.sh"), str(out)], env=environment,
+                          capture_output=True, timeout=60)
+    rows = [tuple(row.split("\t")[:2]) for row in record(tree)["steps.tsv"].decode().splitlines()[1:]]
+    failed = any(status.startswith(("FAILED", "timeout")) for _, status in rows)
+    assert done.returncode == (1 if failed else 0), (rows, done.stderr)
+    return rows
 
 
 def record(tree: Path) -> dict[str, bytes]:
@@ -165,6 +168,10 @@ def test_a_report_is_archived_as_one_file_even_when_it_fails(tree):
 
 def test_a_second_call_adds_to_the_record_only_when_asked(tree):
     run(tree, "tune")
+    assert set(record(tree)) >= {"env.json"} and "env_continued.json" not in record(tree)
     assert names(run(tree, "report", CNNFAST_CONTINUE="1")) == ["environment", "build", "tune", "environment",
                                                                  "build", "report"]
+    # The first call's environment (its start time and commit) stays the record's; the second's goes beside it.
+    assert {"env.json", "env_continued.json"} <= set(record(tree))
     assert names(run(tree, "report")) == ["environment", "build", "report"]
+    assert "env_continued.json" not in record(tree)

@@ -30,7 +30,15 @@ def test_run_section_has_the_kernel_and_model_tables(tmp_path):
         model_case("resnet50", 1, "eager", 2.0, 1.0), model_case("resnet50", 1, "cnnfast_graph", 0.4, 5.0),
     ]
     (run / "benchmarks.json").write_text(json.dumps({"benchmarks": benchmarks}))
+    (run / "steps.tsv").write_text("step\tstatus\tseconds\nbuild\tcached\t0\ngpu-tests-tma\tok\t100\n"
+                                   "benchmarks-conv\ttimeout (240s)\t240\n")
+    (run / "gpu_tests_tma.xml").write_text('<testsuite tests="12" failures="1" errors="0" skipped="2"/>')
+    (run / "NOTE.md").write_text("The conv kernel was rewritten after this run.\n")
     text = "\n".join(run_section(run))
+    assert ("Steps that failed or ran out of time (a timed-out step's counts are partial): "
+            "benchmarks-conv (timeout (240s)).") in text
+    assert "GPU tests: 9 passed, 1 failed, 2 skipped." in text
+    assert "Note: The conv kernel was rewritten after this run." in text
     assert "| test_add_relu_gpu | triton | bf16 | 2 | 1.50 (1.40 - 1.60) | torch | 95 |  |" in text
     assert "test_model" not in text  # the models have their own table
     assert "| model | batch | eager | cnnfast | cnnfast_graph |" in text
@@ -46,23 +54,56 @@ def test_device_check_summary_sums_the_gpu_test_steps(tmp_path):
     assert summarize_device_check.tests_line(tmp_path) == "GPU tests: 11 passed, 2 failed, 2 skipped"
 
 
+H200_ENV = {"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00", "commit": "abc1234"}
+
+
 def test_collect_files_a_run_under_the_next_free_name(tmp_path):
     out, results = tmp_path / "out", tmp_path / "results"
     out.mkdir()
-    (out / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}))
+    (out / "env.json").write_text(json.dumps(H200_ENV))
     for name in ("steps.tsv", "summary.md", "gpu_tests_new.xml", "benchmarks.json", "tune_resnet50_b1.json",
-                 "stray.txt"):
+                 "tuning_local.json", "stray.txt"):
         (out / name).write_text(name)
     (out / "device_check.log").write_text("the log")
+    (results / "h200-2026-12-01-run2-memory-bound").mkdir(parents=True)  # a run with a note counts too
     first = collect(out, results=results)
-    assert first.name == "h200-2026-12-01-run1"
+    assert first.name == "h200-2026-12-01-run3"
     assert sorted(p.name for p in first.iterdir()) == [
         "benchmarks.json", "device_check.log.gz", "env.json", "gpu_tests_new.xml", "steps.tsv", "summary.md",
-        "tune_resnet50_b1.json"]
+        "tune_resnet50_b1.json", "tuning_local.json"]
     assert gzip.decompress((first / "device_check.log.gz").read_bytes()) == b"the log"
-    assert collect(out, results=results).name == "h200-2026-12-01-run2"
+    # The same record again (a later call's archive holds the first's): refused, or filed in its place.
+    with pytest.raises(SystemExit, match="filed already, as h200-2026-12-01-run3"):
+        collect(out, results=results)
+    (out / "benchmarks_models.json").write_text("models")
+    again = collect(out, results=results, replace=True)
+    assert again.name == "h200-2026-12-01-run3" and (again / "benchmarks_models.json").is_file()
+    assert sorted(p.name for p in results.iterdir()) == ["h200-2026-12-01-run2-memory-bound", "h200-2026-12-01-run3"]
     with pytest.raises(SystemExit, match="no env.json"):
         collect(tmp_path / "results", results=results)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({**H200_ENV, "gpu": None}, "has no GPU"),
+    ({key: value for key, value in H200_ENV.items() if key != "commit"}, "which commit"),
+    ({**H200_ENV, "commit": "unknown"}, "which commit"),
+])
+def test_collect_refuses_a_record_it_cannot_label_unless_forced(tmp_path, env, message):
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "env.json").write_text(json.dumps(env))
+    with pytest.raises(SystemExit, match=message):
+        collect(out, results=results)
+    assert collect(out, results=results, force=True).is_dir()
+
+
+def test_collect_takes_only_names_runs_are_ordered_by(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "env.json").write_text(json.dumps(H200_ENV))
+    with pytest.raises(SystemExit, match="expected <gpu>-<YYYY-MM-DD>-run<N>"):
+        collect(out, "h200-tma-check", results=results)
+    assert collect(out, "h200-2026-12-01-run7-tma-check", results=results).name == "h200-2026-12-01-run7-tma-check"
 
 
 def test_collect_unpacks_the_archive_device_check_leaves(tmp_path):
@@ -70,7 +111,7 @@ def test_collect_unpacks_the_archive_device_check_leaves(tmp_path):
     record, out, results = tmp_path / "record", tmp_path / "out", tmp_path / "results"
     record.mkdir()
     out.mkdir()
-    (record / "env.json").write_text(json.dumps({"gpu": "NVIDIA H200", "date": "2026-12-01T10:00:00+00:00"}))
+    (record / "env.json").write_text(json.dumps(H200_ENV))
     (record / "benchmarks_conv.json").write_text("{}")
     (record / "device_check.log").write_text("the log")
     with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
@@ -95,3 +136,13 @@ def test_results_list_every_run_with_a_benchmark_file_in_run_order(tmp_path, mon
     monkeypatch.setattr(readme_results, "RESULTS", tmp_path)
     monkeypatch.setattr(readme_results, "run_section", lambda folder: [folder.name])
     assert readme_results.results_markdown() == "h200-2026-12-01-run2\nh200-2026-12-01-run10"
+
+
+def test_the_readme_results_section_is_the_one_the_committed_runs_give():
+    from pathlib import Path
+
+    from bench import readme_results
+
+    readme = (Path(readme_results.__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split(readme_results.START, 1)[1].split(readme_results.END, 1)[0]
+    assert section == f"\n{readme_results.results_markdown()}\n"

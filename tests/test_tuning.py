@@ -282,6 +282,22 @@ def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
     assert layers == {key0: {"1": "torch"}, key1: {"1": "cuda"}}
 
 
+def test_a_backend_a_newer_run_left_out_is_not_chosen_on_older_figures(tmp_path):
+    """Run 2 timed torch and triton on the layer, not cuda (its check failed there): cuda's run-1
+    time, the fastest, no longer counts; a run that timed cuda alone (no torch) only updates it."""
+    write_layer_run(tmp_path / "h200-2026-04-01-run1", [
+        (64, 56, 64, 3, 1, 256, "torch", 1.0), (64, 56, 64, 3, 1, 256, "cuda", 0.5),
+        (64, 28, 64, 3, 1, 256, "torch", 1.0), (64, 28, 64, 3, 1, 256, "cuda", 0.5),
+    ])
+    write_layer_run(tmp_path / "h200-2026-04-01-run2", [
+        (64, 56, 64, 3, 1, 256, "torch", 1.0), (64, 56, 64, 3, 1, 256, "triton", 0.9),
+        (64, 28, 64, 3, 1, 256, "cuda", 0.6),
+    ])
+    layers = build_table(tmp_path)["NVIDIA H200"][tuning.CONV_LAYERS]["bfloat16"]
+    assert layers[tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")] == {"256": "triton"}
+    assert layers[tuning.conv2d_layer_key(64, 28, 28, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")] == {"256": "cuda"}
+
+
 def test_tune_files_of_schema_2_timed_relu_layers(tmp_path):
     """A `cnnfast tune --json` file of bench schema 2 (no epilogue: every layer timed with a ReLU)
     still feeds the table, under the ReLU layer's key."""
