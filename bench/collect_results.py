@@ -12,8 +12,10 @@ given must have that form too, since the tuning table orders runs by it. Then re
 cnnfast/tuning.json (bench/tuning_table.py) and the README's results section
 (bench/readme_results.py).
 
-Refused, unless --force: a record without a GPU (device_check.sh run on a CPU machine) or without
-the commit measured (CNNFAST_COMMIT unset). A record already filed (same GPU, start time and
+Refused, unless --force: a record without a GPU (device_check.sh run on a CPU machine), without
+the commit measured (CNNFAST_COMMIT unset), or whose tree differs from that commit (env.json's
+"sources" against `git ls-tree`: changes not yet committed were measured; forced, its commit is
+filed as "<commit>+changes"). A record already filed (same GPU, start time and
 commit: the archive of a second call with CNNFAST_CONTINUE=1 holds the first's too) is refused
 unless --replace, which files it in place of the earlier copy.
 """
@@ -22,11 +24,13 @@ import gzip
 import json
 import re
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
 from bench import readme_results, tuning_table
+from bench.environment import is_source
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = tuning_table.RESULTS
@@ -46,6 +50,27 @@ def run_name(out: Path, results: Path = RESULTS) -> str:
     stem = f"{gpu}-{str(env.get('date', 'undated'))[:10]}-run"
     taken = [int(match.group(1)) for p in results.glob(f"{stem}*") if (match := re.match(r"(\d+)", p.name[len(stem):]))]
     return f"{stem}{max(taken, default=0) + 1}"
+
+
+def tree_differences(env: dict, root: Path = ROOT) -> list[str] | None:
+    """How the measured tree's source files (env.json's "sources") differ from the commit it names
+    ("changed PATH", "missing PATH", "extra PATH"); None when the record has no "sources" or the
+    commit is not in this repository, so nothing can be compared."""
+    if "sources" not in env:
+        return None
+    listing = subprocess.run(["git", "-C", str(root), "ls-tree", "-r", str(env.get("commit")), "--"],
+                             capture_output=True, text=True)
+    if listing.returncode != 0:
+        return None
+    committed = {}
+    for line in listing.stdout.splitlines():
+        meta, path = line.split("\t", 1)
+        if is_source(path):
+            committed[path] = meta.split()[2]
+    measured = env["sources"]
+    return ([f"changed {path}" for path in sorted(committed) if path in measured and measured[path] != committed[path]]
+            + [f"missing {path}" for path in sorted(committed.keys() - measured.keys())]
+            + [f"extra {path}" for path in sorted(measured.keys() - committed.keys())])
 
 
 def filed_as(env: dict, results: Path) -> Path | None:
@@ -73,6 +98,13 @@ def collect(out: Path, name: str | None = None, results: Path = RESULTS, *, repl
     if not force and env.get("commit", "unknown") == "unknown":
         raise SystemExit(f"{out}: the record does not say which commit it measured (CNNFAST_COMMIT was unset); "
                          "--force files it anyway")
+    differences = tree_differences(env)
+    if differences is None and "sources" in env:
+        print(f"warning: commit {env.get('commit')} is not in this repository: the tree measured is not checked")
+    if differences and not force:
+        raise SystemExit(f"{out}: the tree measured differs from commit {env['commit']} ({', '.join(differences[:8])}"
+                         f"{', ...' if len(differences) > 8 else ''}); commit first and measure again, or --force "
+                         f"files it as {env['commit']}+changes")
     if name is not None and not RUN_NAME.fullmatch(name):
         raise SystemExit(f"--name {name!r}: expected <gpu>-<YYYY-MM-DD>-run<N>[-note], the form runs are ordered by")
     earlier = filed_as(env, results) if results.is_dir() else None
@@ -86,6 +118,9 @@ def collect(out: Path, name: str | None = None, results: Path = RESULTS, *, repl
     for pattern in KEPT:
         for path in sorted(out.glob(pattern)):
             shutil.copy2(path, target / path.name)
+    if differences:
+        env["commit"] = f"{env['commit']}+changes"
+        (target / "env.json").write_text(json.dumps(env, indent=1))
     log = out / "device_check.log"
     if log.is_file():
         with log.open("rb") as source, gzip.open(target / "device_check.log.gz", "wb") as sink:

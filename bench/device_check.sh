@@ -17,7 +17,8 @@
 # A 15-minute lease (two calls, about 8 and 4 minutes, plus the machine's start):
 #   CNNFAST_COMMIT=<sha> CNNFAST_STEPS=gpu-tests-tma,benchmarks-conv,benchmarks-table bash bench/device_check.sh "$OUT"
 #   CNNFAST_COMMIT=<sha> CNNFAST_CONTINUE=1 CNNFAST_STEPS=model-benchmarks,report bash bench/device_check.sh "$OUT"
-# (<sha> written out: the machine's copy of the tree has no .git.) The first call carries .whl and
+# (<sha> written out: the machine's copy of the tree has no .git; commit first, since env.json records
+# the tree's source files and collect_results refuses a record whose tree differs from <sha>.) The first call carries .whl and
 # .prebuilt; the second, made at once, finds the machine warm (build, tuning table, kernel choices).
 # On a fresh machine instead, unpack the first archive into a git-ignored folder, carry it, and set
 # CNNFAST_TUNING_FILE and CNNFAST_KERNEL_CACHE to its tuning_local.json and triton_conv2d_choices.json.

@@ -146,3 +146,42 @@ def test_the_readme_results_section_is_the_one_the_committed_runs_give():
     readme = (Path(readme_results.__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split(readme_results.START, 1)[1].split(readme_results.END, 1)[0]
     assert section == f"\n{readme_results.results_markdown()}\n"
+
+
+def test_the_tree_measured_is_checked_against_its_commit(tmp_path, monkeypatch):
+    """env.json's "sources" (git blob ids of the measured tree's source files) against the commit's."""
+    import subprocess
+
+    from bench import collect_results
+    from bench.environment import source_files
+
+    repo = tmp_path / "repo"
+    (repo / "cnnfast").mkdir(parents=True)
+    (repo / "cnnfast" / "ops.py").write_text("v1\n")
+    (repo / "setup.py").write_text("setup\n")
+    (repo / "notes.txt").write_text("not a source\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = {"commit": commit, "sources": source_files(repo)}
+    assert set(env["sources"]) == {"cnnfast/ops.py", "setup.py"}
+    assert collect_results.tree_differences(env, repo) == []
+    (repo / "cnnfast" / "ops.py").write_text("v2, not committed\n")
+    (repo / "cnnfast" / "new.py").write_text("new\n")
+    (repo / "setup.py").unlink()
+    env["sources"] = source_files(repo)
+    assert collect_results.tree_differences(env, repo) == ["changed cnnfast/ops.py", "missing setup.py",
+                                                           "extra cnnfast/new.py"]
+    assert collect_results.tree_differences({**env, "commit": "0000000"}, repo) is None  # not in this repository
+    assert collect_results.tree_differences({"commit": commit}, repo) is None  # an older record: no "sources"
+    # collect refuses such a record, or files it as <commit>+changes when forced.
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "env.json").write_text(json.dumps(H200_ENV))
+    monkeypatch.setattr(collect_results, "tree_differences", lambda env: ["changed cnnfast/ops.py"])
+    with pytest.raises(SystemExit, match="differs from commit abc1234 \\(changed cnnfast/ops.py\\)"):
+        collect(out, results=results)
+    filed = collect(out, results=results, force=True)
+    assert json.loads((filed / "env.json").read_text())["commit"] == "abc1234+changes"
