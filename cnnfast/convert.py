@@ -24,10 +24,12 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.conv import computes_as, is_foldable_norm, unsupported_reason
+from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsupported_reason
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
+# What an earlier optimize() made: a second one leaves them (and what is inside them) as they are.
+FUSED = FUSED_LEAVES + (BasicBlock, Bottleneck, Inception, PreActBasicBlock)
 # Layers that have no fused form, with the reason the report gives.
 LEFT_ALONE = {
     nn.MaxPool2d: "max pooling runs in PyTorch (channels_last)",
@@ -41,10 +43,13 @@ LEFT_ALONE = {
 class FusionReport:
     fused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it became)
     left_alone: list[tuple[str, str]] = field(default_factory=list)  # (name, why)
+    already_fused: list[str] = field(default_factory=list)  # fused by an earlier optimize()
 
     def __str__(self) -> str:
         lines = [f"fused {len(self.fused)} modules:"]
         lines += [f"  {name}: {what}" for name, what in self.fused]
+        if self.already_fused:
+            lines.append(f"already fused by an earlier optimize(): {len(self.already_fused)} modules")
         lines.append(f"left alone {len(self.left_alone)} modules:")
         lines += [f"  {name}: {why}" for name, why in self.left_alone]
         return "\n".join(lines)
@@ -52,9 +57,9 @@ class FusionReport:
 
 class ModelInput:
     """Forward pre-hook: converts the 4-D tensors among a model's inputs, positional or keyword, to
-    its dtype and channels_last, once, at the boundary. The dtype is `leaf`'s weight's where the
-    model has a fused module (so that it follows a later model.to(dtype)), else `dtype`; None (no
-    dtype= given to optimize) casts nothing."""
+    its dtype and, where it has a fused module (`leaf`), to channels_last, once, at the boundary.
+    The dtype is `leaf`'s weight's where the model has a fused module (so that it follows a later
+    model.to(dtype)), else `dtype`; None (no dtype= given to optimize) casts nothing."""
 
     def __init__(self, dtype, leaf=None):
         self.dtype, self.leaf = dtype, leaf
@@ -64,7 +69,8 @@ class ModelInput:
             return value
         # Integer inputs are not cast: the first fused op rejects them with a TypeError.
         x = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-        return x.contiguous(memory_format=torch.channels_last)
+        # A model with nothing fused keeps its input's layout: its own code may .view it.
+        return x.contiguous(memory_format=torch.channels_last) if self.leaf is not None else x
 
     def __call__(self, module, args, kwargs):
         dtype = self.leaf.weight.dtype if self.dtype is not None and self.leaf is not None else self.dtype
@@ -113,7 +119,9 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
         _cast(model, dtype)
     model.eval()  # the fused modules are built in training mode, like every new nn.Module
     for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, ModelInput):  # an earlier optimize()'s: its dtype no longer holds
+        if isinstance(hook, ModelInput):  # an earlier optimize()'s, replaced
+            # Without a dtype now, the model keeps the one it was given: its input is still cast to it.
+            dtype = dtype if dtype is not None else hook.dtype
             del model._forward_pre_hooks[key]
     leaf = next((m for m in model.modules() if isinstance(m, FUSED_LEAVES) and hasattr(m, "weight")), None)
     model.register_forward_pre_hook(ModelInput(dtype, leaf), with_kwargs=True)
@@ -127,8 +135,14 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
     _fuse_model_level(module, prefix, options, report)
     if computes_as(module, nn.Sequential):  # a subclass with its own forward may use a layer's output twice
         _fuse_sequential(module, prefix, options, report)
+    reported = {name for name, _ in report.fused + report.left_alone}
     for name, child in module.named_children():
         full = f"{prefix}{name}"
+        if full in reported or isinstance(child, nn.Identity):  # a stem or head part handled above
+            continue
+        if isinstance(child, FUSED):
+            report.already_fused.append(full)
+            continue
         try:
             fused = _fuse_block(child, full, options)
         except NotImplementedError as error:  # e.g. a ResNeXt Bottleneck's grouped conv
@@ -137,8 +151,6 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
         if fused is not None:
             setattr(module, name, fused)
             report.fused.append((full, f"{type(child).__name__} -> fused {type(fused).__name__}"))
-        elif isinstance(child, FUSED_LEAVES) or isinstance(child, nn.Identity):
-            continue
         elif next(child.children(), None) is not None:
             _fuse_tree(child, f"{full}.", options, report)
         else:
@@ -148,7 +160,10 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
 def _fuse_block(child: nn.Module, name: str, options: dict):
     """The fused form of a known block, None for any other module (a subclass of a known block that
     overrides how it computes, an SE block say, is another module); NotImplementedError, with the
-    reason, for a known block with a part that has no fused form."""
+    reason, for a known block with a part that has no fused form or with hooks."""
+    known = (TvBasicBlock, TvBottleneck, TvInception, TvBasicConv2d, preact.PreActBasicBlock)
+    if any(computes_as(child, block) for block in known):
+        check_no_hooks(name, child)
     if computes_as(child, TvBasicBlock):
         return BasicBlock.from_torchvision(child, name=name, **options)
     if computes_as(child, TvBottleneck):
@@ -185,9 +200,13 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
         module.relu = nn.Identity()  # all its uses (the stem's, and the pre-activated head's) are fused above
     if (resnet or preact_resnet or computes_as(module, TvGoogLeNet)) and _is_global_pool_linear(module):
         # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one op.
-        module.avgpool = GlobalAvgPoolLinear.from_modules(module.fc, **options)
-        module.fc = nn.Identity()
-        report.fused.append((f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"))
+        def head():
+            check_no_hooks(f"{prefix}avgpool", module.avgpool)
+            return GlobalAvgPoolLinear.from_modules(module.fc, name=f"{prefix}fc", **options)
+
+        fused_head = _fuse_part(report, f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear", head)
+        if fused_head:
+            module.avgpool, module.fc = fused_head, nn.Identity()
 
 
 def _fuse_part(report: FusionReport, name: str, what: str, build):
@@ -226,10 +245,14 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, options: dict, report: Fus
         if j < len(layers) and computes_as(layers[j], nn.ReLU):
             relu = layers[j]
             run.append(j)
-        if conv:
-            fused = ConvBNReLU.from_modules(layer, bn, relu, name=f"{prefix}{names[i]}", **options)
-        else:
-            fused = LinearReLU.from_modules(layer, relu, **options)
+        try:
+            if conv:
+                fused = ConvBNReLU.from_modules(layer, bn, relu, name=f"{prefix}{names[i]}", **options)
+            else:
+                fused = LinearReLU.from_modules(layer, relu, name=f"{prefix}{names[i]}", **options)
+        except NotImplementedError as error:  # a part with hooks
+            report.left_alone.append((f"{prefix}{names[i]}", str(error)))
+            continue
         seq[i] = fused
         for k in run[1:]:
             seq[k] = nn.Identity()
@@ -240,6 +263,8 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, options: dict, report: Fus
 def _reason_left_alone(layer: nn.Module) -> str:
     if isinstance(layer, nn.Conv2d):
         return unsupported_reason(layer) or "a Conv2d outside an nn.Sequential run or a known block is not fused"
+    if is_foldable_norm(layer):
+        return "a BatchNorm folds only into the convolution it follows in a fused run; this one runs as it is"
     for kind, reason in LEFT_ALONE.items():
         if isinstance(layer, kind):
             return reason
@@ -248,8 +273,9 @@ def _reason_left_alone(layer: nn.Module) -> str:
 
 def _cast(model: nn.Module, dtype) -> None:
     """Casts every floating parameter and buffer to dtype (where given), but the fused modules'
-    biases, which stay float32 (the epilogue adds them in float32); makes 4-D ones channels_last;
-    and leaves no parameter requiring grad: the result is for inference, and a fused op refuses an
+    biases, which stay float32 (the epilogue adds them in float32); makes the fused modules' 4-D
+    ones channels_last (a module left alone keeps its layout: its code may .view its weight); and
+    leaves no parameter requiring grad: the result is for inference, and a fused op refuses an
     input that requires grad, which an unfused layer's trainable weights would give it."""
     for module in model.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
@@ -257,7 +283,7 @@ def _cast(model: nn.Module, dtype) -> None:
                 continue
             keep_float32 = isinstance(module, FUSED_LEAVES) and name == "bias"
             converted = tensor.to(dtype) if dtype is not None and not keep_float32 else tensor.detach()
-            if converted.dim() == 4:
+            if converted.dim() == 4 and isinstance(module, FUSED_LEAVES):
                 converted = converted.contiguous(memory_format=torch.channels_last)
             if isinstance(tensor, nn.Parameter):
                 setattr(module, name, nn.Parameter(converted, requires_grad=False))

@@ -322,6 +322,26 @@ def resnet18_with_reflect_padded_stem():
     return model
 
 
+def hooked_batchnorm():
+    """Conv -> BN -> ReLU whose BN output a forward hook keeps (a feature extractor's way)."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(True)))
+    model[1].register_forward_hook(lambda module, args, output: setattr(module, "kept", output.clone()))
+    return model
+
+
+def legacy_spectral_norm():
+    """torch.nn.utils.spectral_norm: a forward pre-hook recomputes the conv's weight."""
+    torch.manual_seed(0)
+    conv = nn.utils.spectral_norm(nn.Conv2d(3, 8, 3, padding=1))
+    return randomize_bn(nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU()))
+
+
+def resnet18_with_a_hooked_block():
+    model = resnet18_with()
+    model.layer1[0].register_forward_hook(lambda module, args, output: None)
+    return model.eval()
+
+
 def named_sequential():
     layers = OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
     return randomize_bn(nn.Sequential(layers))
@@ -387,6 +407,20 @@ UNKNOWN_PARTS = {
     "named-sequential": (named_sequential, (2, 3, 6, 6), [
         ("fused", "conv", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
     ]),
+    "hooked-batchnorm": (hooked_batchnorm, (2, 3, 6, 6), [
+        ("left_alone", "0", "0: its BatchNorm2d has forward hooks, which a fused module would not run"),
+    ]),
+    "legacy-spectral-norm": (legacy_spectral_norm, (2, 3, 6, 6), [
+        ("left_alone", "0", "0: its Conv2d has forward pre-hooks, which a fused module would not run"),
+    ]),
+    "hooked-block": (resnet18_with_a_hooked_block, (1, 3, 64, 64), [
+        ("left_alone", "layer1.0", "layer1.0: its BasicBlock has forward hooks, which a fused module would not run"),
+        ("fused", "layer1.1", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "batchnorm-after-no-conv": (lambda: randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))), (2, 3, 6, 6), [
+        ("left_alone", "1", "a BatchNorm folds only into the convolution it follows in a fused run; this one runs as "
+                            "it is"),
+    ]),
 }
 
 
@@ -401,6 +435,53 @@ def test_parts_it_does_not_know_stay_and_keep_working(case):
         assert (name, text) in getattr(report, kind)
     out, expected = run_both(original, fused, torch.randn(shape))
     assert_matches(out, expected)
+
+
+def test_a_hook_left_with_its_module_still_runs():
+    original = hooked_batchnorm()
+    fused = cnnfast.optimize(original)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        original(x)
+        fused(x)
+    torch.testing.assert_close(fused[1].kept, original[1].kept)
+
+
+def test_a_stem_left_alone_is_reported_once():
+    report = cnnfast.optimize(resnet18_with_other_activations()).cnnfast_report
+    assert [name for name, _ in report.left_alone].count("conv1") == 1
+
+
+def test_a_model_with_nothing_fused_keeps_its_layouts():
+    """Its own code may .view its input or its weights, which channels_last would break."""
+
+    class Flatten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding_mode="circular", padding=1)
+            self.fc = nn.Linear(4 * 5 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x.view(x.shape[0], 3, 5, 6)).view(x.shape[0], -1)) + self.conv.weight.view(4, -1).sum()
+
+    original = Flatten().eval()
+    fused = cnnfast.optimize(original)
+    assert not fused.cnnfast_report.fused and fused.conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x))
+
+
+def test_an_unbatched_image_runs_as_nn_conv2d_takes_it():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()  # VGG's features
+    fused = cnnfast.optimize(original)
+    assert isinstance(fused[0], ConvBNReLU)
+    x = torch.randn(3, 6, 6)
+    with torch.no_grad():
+        out = fused(x)
+        assert out.shape == (8, 3, 3)
+        torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_layers_are_the_same_modules_after():
@@ -463,6 +544,22 @@ def test_refuses_a_float64_model_without_a_dtype():
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     out, expected = run_both(model, fused, x)
     assert_matches(out, expected)
+
+
+def test_optimizing_again_without_a_dtype_keeps_the_first_ones():
+    half = cnnfast.optimize(build("resnet18", num_classes=10), dtype=torch.float16)
+    again = cnnfast.optimize(half)
+    x = torch.randn(1, 3, 32, 32)  # float32, cast at the boundary as the first optimize() did
+    with torch.no_grad():
+        assert again(x).dtype == torch.float16
+        assert torch.equal(again(x), half(x))
+
+
+def test_a_second_optimize_reports_what_the_first_fused():
+    once = cnnfast.optimize(build_meta("googlenet"))
+    twice = cnnfast.optimize(once)
+    assert not twice.cnnfast_report.fused and twice.cnnfast_report.left_alone == once.cnnfast_report.left_alone
+    assert "already fused by an earlier optimize(): " in str(twice.cnnfast_report)
 
 
 def test_optimizing_twice_changes_nothing():

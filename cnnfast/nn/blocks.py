@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cnnfast import ops
-from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_relu, computes_as
+from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_no_hooks, check_relu, computes_as
 
 
 def _fuser(name, dtype, backend):
@@ -84,6 +84,7 @@ class BatchNormReLU(nn.Module):
         """relu(bn(x)) from the model's BatchNorm and activation module: NotImplementedError where
         the activation is not a ReLU."""
         check_relu(relu, name)
+        check_no_hooks(name, bn, relu)
         return cls(bn, dtype=dtype, name=name)
 
     def forward(self, x):

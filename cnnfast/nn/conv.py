@@ -51,6 +51,22 @@ def check_relu(relu, where: str) -> None:
         raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
 
 
+HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+              "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def check_no_hooks(where: str, *modules) -> None:
+    """Raises NotImplementedError (the part is left as it is) where one of the part's modules, or
+    a module inside one, has hooks: the fused module would drop them (a hook that reads a
+    BatchNorm's output; the legacy spectral_norm's pre-hook, which recomputes the weight)."""
+    for module in modules:
+        for sub in module.modules() if isinstance(module, nn.Module) else ():
+            kinds = [kind for attribute, kind in HOOK_KINDS.items() if getattr(sub, attribute, None)]
+            if kinds:
+                raise NotImplementedError(f"{where}: its {type(sub).__name__} has {' and '.join(kinds)}, which a "
+                                          "fused module would not run")
+
+
 def unsupported_reason(conv: nn.Conv2d) -> str | None:
     """Why ConvBNReLU cannot take this convolution, or None when it can."""
     if not computes_as(conv, nn.Conv2d):
@@ -88,6 +104,7 @@ class ConvBNReLU(nn.Conv2d):
         if reason is not None:
             raise NotImplementedError(f"{name}: {reason}")
         check_relu(relu, name)
+        check_no_hooks(name, conv, bn, relu)
         if bn is not None:
             check_foldable(bn, name)
             weight, bias = ops.fold_bn(conv.weight, conv.bias, bn)
@@ -102,6 +119,9 @@ class ConvBNReLU(nn.Conv2d):
         return fused
 
     def forward(self, x, residual=None, out=None):
+        if x.dim() == 3:  # one unbatched (C, H, W) image, as nn.Conv2d takes it
+            unbatched = [t.unsqueeze(0) if t is not None else None for t in (x, residual, out)]
+            return self.forward(*unbatched).squeeze(0)
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
                           residual=residual, relu=self.relu, out=out, backend=self.backend)
 
@@ -128,7 +148,8 @@ class LinearReLU(nn.Linear):
         self.backend = backend
 
     @classmethod
-    def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None):
+    def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None, name="linear"):
+        check_no_hooks(name, linear, relu)
         fused = cls(linear.in_features, linear.out_features, relu=bool(relu), backend=backend, device="meta")
         return _take_linear(fused, linear, dtype)
 
@@ -152,7 +173,8 @@ class GlobalAvgPoolLinear(nn.Linear):
         self.backend = backend
 
     @classmethod
-    def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None):
+    def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None, name="fc"):
+        check_no_hooks(name, linear)
         fused = cls(linear.in_features, linear.out_features, backend=backend, device="meta")
         return _take_linear(fused, linear, dtype)
 
