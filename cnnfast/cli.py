@@ -90,7 +90,7 @@ def run_claims(args):
     given = [option for option, value in (("--batch", args.batch), ("--dtype", args.dtype), ("--only", args.only))
              if value is not None]
     if given:
-        return fail(args, f"{', '.join(given)} only apply with --measure")
+        return fail(args, f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} with --measure only")
     claims = compute_claims()
     if args.json:
         print(json.dumps([claim.to_dict() for claim in claims], indent=2))

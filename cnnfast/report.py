@@ -22,6 +22,7 @@ import cnnfast
 from cnnfast.analysis import MEMORY_TYPES, analyze_arch
 from cnnfast.analysis.claims import compute_claims
 from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
+from cnnfast.roofline import device_name
 
 KIB = 1024
 MIB = 1024**2
@@ -405,6 +406,7 @@ def environment_section(data):
         ("cnnfast", cnnfast.__version__),
         ("torch", torch.__version__),
         ("python", sys.version.split()[0]),
+        ("device", device_name("cuda" if torch.cuda.is_available() else "cpu")),
         ("platform", platform.platform()),
         ("git commit", git_commit()),
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),

@@ -47,7 +47,7 @@ def stand_in_clock(monkeypatch) -> list:
     timed = []
     monkeypatch.setattr(conv2d_module, "kernels_can_be_timed", lambda: True)
     monkeypatch.setattr(conv2d_module.triton.testing, "do_bench",
-                        lambda fn, warmup, rep: timed.append(fn) or len(timed))
+                        lambda fn, warmup, rep, return_mode: timed.append(fn) or len(timed))
     return timed
 
 

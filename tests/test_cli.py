@@ -112,8 +112,8 @@ def test_module_runs_as_a_script():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("claims", "--only", "gap_head_vs_fc_head_macs"), "--only only apply with --measure"),
-    (("claims", "--batch", "8", "--dtype", "fp32"), "--batch, --dtype only apply with --measure"),
+    (("claims", "--only", "gap_head_vs_fc_head_macs"), "--only applies with --measure only"),
+    (("claims", "--batch", "8", "--dtype", "fp32"), "--batch, --dtype apply with --measure only"),
     (("claims", "--measure", "--only", ","), "expected comma-separated claim keys, got ','"),
     (("claims", "--measure", "--only", "bogus"), "unknown claims: bogus (the claims: vgg_3x3_vs_5x5_params"),
     (("claims", "--measure", "--only", "vgg_3x3_vs_5x5_params"), "not time-relevant claims"),

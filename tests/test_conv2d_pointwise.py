@@ -190,7 +190,8 @@ def check_measured_choice(monkeypatch, launches, conv: Conv, tma_faster: bool, t
     monkeypatch.setattr(conv2d_module, "tma_choices", {})
     timings = []
 
-    def stand_in_do_bench(fn, warmup, rep):
+    def stand_in_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "median"  # do_bench's default is the mean: one slow run would sway it
         fn()
         timings.append(fn)
         return 1.0 if (len(timings) == 1) == tma_faster else 2.0  # the TMA kernel is timed first
