@@ -28,6 +28,8 @@ from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsup
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
+# The fused modules that take (N, C, H, W) feature maps (LinearReLU takes features).
+FEATURE_MAP_LEAVES = (ConvBNReLU, GlobalAvgPoolLinear, BatchNormReLU)
 # What an earlier optimize() made: a second one leaves them (and what is inside them) as they are.
 FUSED = FUSED_LEAVES + (BasicBlock, Bottleneck, Inception, PreActBasicBlock)
 # Layers that have no fused form, with the reason the report gives.
@@ -56,21 +58,25 @@ class FusionReport:
 
 
 class ModelInput:
-    """Forward pre-hook: converts the 4-D tensors among a model's inputs, positional or keyword, to
-    its dtype and, where it has a fused module (`leaf`), to channels_last, once, at the boundary.
-    The dtype is `leaf`'s weight's where the model has a fused module (so that it follows a later
-    model.to(dtype)), else `dtype`; None (no dtype= given to optimize) casts nothing."""
+    """Forward pre-hook: converts the floating tensors among a model's inputs, positional or
+    keyword, to its dtype, and the 4-D ones to channels_last where it has a fused module that takes
+    feature maps, once, at the boundary. The dtype is `leaf`'s weight's where the model has a fused
+    module (so that it follows a later model.to(dtype)), else `dtype`; None (no dtype= given to
+    optimize) casts nothing."""
 
-    def __init__(self, dtype, leaf=None):
-        self.dtype, self.leaf = dtype, leaf
+    converts_input_only = True  # not a hook a second optimize() must keep a part unfused for
+
+    def __init__(self, dtype, leaf=None, channels_last=False):
+        self.dtype, self.leaf, self.channels_last = dtype, leaf, channels_last
 
     def convert(self, value, dtype):
-        if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        if not isinstance(value, torch.Tensor):
             return value
         # Integer inputs are not cast: the first fused op rejects them with a TypeError.
         x = value.to(dtype) if dtype is not None and value.is_floating_point() else value
-        # A model with nothing fused keeps its input's layout: its own code may .view it.
-        return x.contiguous(memory_format=torch.channels_last) if self.leaf is not None else x
+        # Without a fused module that takes feature maps (nothing fused, or an MLP's linear layers
+        # only), the input keeps its layout: the model's own code may .view it.
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def __call__(self, module, args, kwargs):
         dtype = self.leaf.weight.dtype if self.dtype is not None and self.leaf is not None else self.dtype
@@ -124,7 +130,8 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
             dtype = dtype if dtype is not None else hook.dtype
             del model._forward_pre_hooks[key]
     leaf = next((m for m in model.modules() if isinstance(m, FUSED_LEAVES) and hasattr(m, "weight")), None)
-    model.register_forward_pre_hook(ModelInput(dtype, leaf), with_kwargs=True)
+    feature_maps = any(isinstance(m, FEATURE_MAP_LEAVES) for m in model.modules())
+    model.register_forward_pre_hook(ModelInput(dtype, leaf, feature_maps), with_kwargs=True)
     model.cnnfast_report = report
     if verbose:
         print(report)
@@ -201,7 +208,7 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
     if (resnet or preact_resnet or computes_as(module, TvGoogLeNet)) and _is_global_pool_linear(module):
         # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one op.
         def head():
-            check_no_hooks(f"{prefix}avgpool", module.avgpool)
+            check_no_hooks(f"{prefix}avgpool", module.avgpool, getattr(module, "dropout", None))
             return GlobalAvgPoolLinear.from_modules(module.fc, name=f"{prefix}fc", **options)
 
         fused_head = _fuse_part(report, f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear", head)

@@ -578,9 +578,10 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     layer = (tuple(weight.shape), stride, padding, dilation, epilogue_name(residual is not None, relu))
     requested, backend = backend, resolve_backend(op, x, backend, layer)
     refusal = conv2d_backend_refusal(x, groups, relu, backend)
-    if refusal is not None and requested is None:
-        # The table measured groups=1 layers (float32 on CUTLASS as TF32, cuDNN's fused conv with a
-        # ReLU and under its default settings): the rest stays on PyTorch's own ops.
+    if requested is None and (groups != 1 or refusal is not None):
+        # The table measured groups=1 layers (its key has C/groups channels: a grouped layer would
+        # find a dense one's entry), float32 on CUTLASS as TF32, cuDNN's fused conv with a ReLU and
+        # under its default settings: the rest stays on PyTorch's own ops.
         backend, refusal = "torch", None
     if refusal is not None:
         error, message = refusal

@@ -336,6 +336,13 @@ def legacy_spectral_norm():
     return randomize_bn(nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU()))
 
 
+def hooked_dropout():
+    """GoogLeNet's head runs avgpool -> flatten -> dropout -> fc: a hook on the dropout sees the pooled features."""
+    model = build("googlenet", num_classes=10)
+    model.dropout.register_forward_hook(lambda module, args, output: None)
+    return model
+
+
 def resnet18_with_a_hooked_block():
     model = resnet18_with()
     model.layer1[0].register_forward_hook(lambda module, args, output: None)
@@ -413,6 +420,9 @@ UNKNOWN_PARTS = {
     "legacy-spectral-norm": (legacy_spectral_norm, (2, 3, 6, 6), [
         ("left_alone", "0", "0: its Conv2d has forward pre-hooks, which a fused module would not run"),
     ]),
+    "hooked-dropout": (lambda: hooked_dropout(), (1, 3, 64, 64), [
+        ("left_alone", "avgpool", "avgpool: its Dropout has forward hooks, which a fused module would not run"),
+    ]),
     "hooked-block": (resnet18_with_a_hooked_block, (1, 3, 64, 64), [
         ("left_alone", "layer1.0", "layer1.0: its BasicBlock has forward hooks, which a fused module would not run"),
         ("fused", "layer1.1", "BasicBlock -> fused BasicBlock"),
@@ -482,6 +492,41 @@ def test_an_unbatched_image_runs_as_nn_conv2d_takes_it():
         out = fused(x)
         assert out.shape == (8, 3, 3)
         torch.testing.assert_close(out, original(x), rtol=1e-4, atol=1e-4)
+        # Cast at the boundary like a batch, in another dtype too.
+        half = cnnfast.optimize(original, dtype=torch.bfloat16)
+        torch.testing.assert_close(half(x).float(), out, **dict(zip(("rtol", "atol"), tolerance(None, torch.bfloat16))))
+        written = torch.full((8, 6, 6), float("nan"))
+        assert fused[0](x, out=written) is written and not written.isnan().any()
+        with pytest.raises(ValueError, match="unbatched .* residual and out must be"):
+            fused[0](x, residual=torch.zeros(1, 8, 6, 6))
+
+
+def test_an_mlp_keeps_its_input_layout():
+    """Only fused modules that take feature maps make the input channels_last, not linear layers."""
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(3 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.layers(x.view(x.shape[0], -1))
+
+    torch.manual_seed(0)
+    original = MLP().eval()
+    fused = cnnfast.optimize(original)
+    assert isinstance(fused.layers[0], LinearReLU)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-4, atol=1e-4)
+
+
+def test_an_earlier_optimize_of_a_part_does_not_keep_it_unfused():
+    """optimize(block) fuses nothing but leaves its input conversion hook, which is not a user's hook."""
+    model = build("resnet18", num_classes=10)
+    model.layer1[0] = cnnfast.optimize(model.layer1[0])
+    fused = cnnfast.optimize(model)
+    assert ("layer1.0", "BasicBlock -> fused BasicBlock") in fused.cnnfast_report.fused
 
 
 def test_unknown_layers_are_the_same_modules_after():

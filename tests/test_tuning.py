@@ -208,13 +208,16 @@ def test_default_backend_never_picks_a_missing_cuda_extension(monkeypatch):
     assert resolve_backend("conv2d", torch.empty(1), None) == "cuda"
 
 
-def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch):
+@pytest.mark.parametrize("table_choice", ["triton", "torch_triton"])
+def test_conv_default_keeps_grouped_convolutions_on_torch(monkeypatch, table_choice):
+    """Even on torch_triton, which runs groups: the table's key has C/groups channels, so a grouped
+    layer would find a dense layer's entry."""
     chosen = []
-    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend or "triton")
+    monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: backend or table_choice)
     monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: chosen.append(args[-1]) or torch.empty(0))
     ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 4, 3, 3), groups=2)
     ops.conv2d(torch.randn(1, 8, 5, 5), torch.randn(8, 8, 3, 3))
-    assert chosen == ["torch", "triton"]  # were the table to pick Triton, the grouped call stays on torch
+    assert chosen == ["torch", table_choice]
 
 
 def bench_result(device, batch, layer_times):

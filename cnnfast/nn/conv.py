@@ -58,10 +58,13 @@ HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forw
 def check_no_hooks(where: str, *modules) -> None:
     """Raises NotImplementedError (the part is left as it is) where one of the part's modules, or
     a module inside one, has hooks: the fused module would drop them (a hook that reads a
-    BatchNorm's output; the legacy spectral_norm's pre-hook, which recomputes the weight)."""
+    BatchNorm's output; the legacy spectral_norm's pre-hook, which recomputes the weight). An
+    earlier optimize()'s input conversion (a hook with converts_input_only) is not counted: the
+    fused model converts its input itself."""
     for module in modules:
         for sub in module.modules() if isinstance(module, nn.Module) else ():
-            kinds = [kind for attribute, kind in HOOK_KINDS.items() if getattr(sub, attribute, None)]
+            kinds = [kind for attribute, kind in HOOK_KINDS.items()
+                     if any(not getattr(hook, "converts_input_only", False) for hook in getattr(sub, attribute, {}).values())]
             if kinds:
                 raise NotImplementedError(f"{where}: its {type(sub).__name__} has {' and '.join(kinds)}, which a "
                                           "fused module would not run")
@@ -120,8 +123,10 @@ class ConvBNReLU(nn.Conv2d):
 
     def forward(self, x, residual=None, out=None):
         if x.dim() == 3:  # one unbatched (C, H, W) image, as nn.Conv2d takes it
-            unbatched = [t.unsqueeze(0) if t is not None else None for t in (x, residual, out)]
-            return self.forward(*unbatched).squeeze(0)
+            if any(t is not None and t.dim() != 3 for t in (residual, out)):
+                raise ValueError("ConvBNReLU: with an unbatched (C, H, W) input, residual and out must be (K, P, Q)")
+            y = self.forward(*(t.unsqueeze(0) if t is not None else None for t in (x, residual, out)))
+            return out if out is not None else y.squeeze(0)
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
                           residual=residual, relu=self.relu, out=out, backend=self.backend)
 
