@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.bench import (
-    conv_layers, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason, relu_keeps_nan,
+    apply_epilogue, conv_layers, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason,
+    relu_keeps_nan,
 )
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 from cnnfast.testing import assert_close_to_reference
@@ -84,12 +85,7 @@ def layer_fn(backend, batch, problem, epilogue, device="cuda"):
     if backend == "cudnn":
         return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
     if backend == "eager":
-        def eager():
-            y = bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding))
-            y = y + residual if residual is not None else y
-            return torch.relu(y) if relu else y
-
-        return eager
+        return lambda: apply_epilogue(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)), residual, relu)
     if backend == "cuda_fprop":
         def forced_fprop():
             out = ops._empty_conv2d_output(x, weight, problem.stride, problem.padding, (1, 1))

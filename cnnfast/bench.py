@@ -195,6 +195,12 @@ def layer_inputs(problem, batch, dtype, device, epilogue="relu"):
     return (x, *fold_layer(weight, bn, dtype, device), layer_residual(problem, batch, epilogue, dtype, device))
 
 
+def apply_epilogue(y, residual, relu):
+    """y [+ residual] [then ReLU], in PyTorch's ops: a layer's epilogue after its convolution."""
+    y = y + residual if residual is not None else y
+    return torch.relu(y) if relu else y
+
+
 def layer_function(backend, problem, x, weight, bias, residual=None, relu=True):
     """A no-argument callable that computes the layer on backend."""
     stride, padding = problem.stride, problem.padding
@@ -204,9 +210,7 @@ def layer_function(backend, problem, x, weight, bias, residual=None, relu=True):
     bias_in_dtype = bias.to(x.dtype)
 
     def folded():
-        y = F.conv2d(x, weight, bias_in_dtype, stride, padding)
-        y = y + residual if residual is not None else y
-        return torch.relu(y) if relu else y
+        return apply_epilogue(F.conv2d(x, weight, bias_in_dtype, stride, padding), residual, relu)
 
     if backend == "torch_folded":
         return folded

@@ -39,11 +39,13 @@ MIN_LAYER_SPEEDUP = 1.03
 
 # A convolution's epilogue after the bias, by name: (adds a residual, applies a ReLU after it).
 EPILOGUES = {"none": (False, False), "relu": (False, True), "residual": (True, False), "residual+relu": (True, True)}
+_EPILOGUE_NAMES = {parts: name for name, parts in EPILOGUES.items()}
 
 
 def epilogue_name(residual: bool, relu: bool) -> str:
-    """EPILOGUES' name of a convolution's epilogue: "residual+relu" for a ResNet block's last conv."""
-    return next(name for name, parts in EPILOGUES.items() if parts == (bool(residual), bool(relu)))
+    """EPILOGUES' name of a convolution's epilogue: "residual+relu" for a ResNet block's last conv
+    (a lookup: every conv2d call with backend=None asks)."""
+    return _EPILOGUE_NAMES[(bool(residual), bool(relu))]
 
 
 def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation, epilogue: str) -> str:

@@ -360,36 +360,27 @@ def _bottleneck_claims() -> list[Claim]:
         "convolutions at 4C channels in and out (256-64-64-256) cost about what the basic block's "
         "two 3x3 convolutions at C = 64 channels do."
     )
-    same_width = [
+    # (key, what is compared, statement, the basic block, its weights in C^2 (its MACs in HWC^2), their formula)
+    comparisons = (
+        ("bottleneck_vs_basic", "bottleneck vs basic block at 4C = 256 channels", cheaper, basic, 288, "2*9*(4C)^2"),
+        ("bottleneck_vs_basic_at_c", "bottleneck at 4C = 256 vs basic block at C = 64", deeper, narrow_basic, 18,
+         "2*9*C^2"),
+    )
+    return [
         Claim(
-            key=f"bottleneck_vs_basic_{quantity}",
-            title=f"ResNet: bottleneck vs basic block at 4C = 256 channels, {noun}",
-            statement=cheaper,
+            key=f"{key}_{quantity}",
+            title=f"ResNet: {against}, {noun}",
+            statement=statement,
             quantity=quantity,
-            predicted=bottleneck.totals[quantity] / basic.totals[quantity],
-            closed_form=17 / 288,
-            closed_form_text=text,
+            predicted=bottleneck.totals[quantity] / other.totals[quantity],
+            closed_form=17 / weights,
+            closed_form_text=text.format(formula=formula, weights=weights),
             details=details,
         )
+        for key, against, statement, other, weights, formula in comparisons
         for quantity, noun, text in (
-            ("macs", "MACs", "HW(4C*C + 9C^2 + C*4C) / (2*9*(4C)^2 HW) = 17HWC^2 / 288HWC^2 = 17/288"),
-            ("params", "parameters", "(4C*C + 9C^2 + C*4C) / (2*9*(4C)^2) = 17C^2 / 288C^2 = 17/288"),
-        )
-    ]
-    return same_width + [
-        Claim(
-            key=f"bottleneck_vs_basic_at_c_{quantity}",
-            title=f"ResNet: bottleneck at 4C = 256 vs basic block at C = 64, {noun}",
-            statement=deeper,
-            quantity=quantity,
-            predicted=bottleneck.totals[quantity] / narrow_basic.totals[quantity],
-            closed_form=17 / 18,
-            closed_form_text=text,
-            details=details,
-        )
-        for quantity, noun, text in (
-            ("macs", "MACs", "HW(4C*C + 9C^2 + C*4C) / (2*9*C^2 HW) = 17HWC^2 / 18HWC^2 = 17/18"),
-            ("params", "parameters", "(4C*C + 9C^2 + C*4C) / (2*9*C^2) = 17C^2 / 18C^2 = 17/18"),
+            ("macs", "MACs", "HW(4C*C + 9C^2 + C*4C) / ({formula} HW) = 17HWC^2 / {weights}HWC^2 = 17/{weights}"),
+            ("params", "parameters", "(4C*C + 9C^2 + C*4C) / ({formula}) = 17C^2 / {weights}C^2 = 17/{weights}"),
         )
     ]
 
