@@ -41,6 +41,7 @@ KEPT = ("env.json", "env_continued.json", "steps.tsv", "summary.md", "gpu_tests*
 RUN_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*-\d{4}-\d{2}-\d{2}-run\d+(-[a-z0-9-]+)?")
 # The facts that tell one device_check.sh record from another.
 IDENTITY = ("gpu", "date", "commit")
+CHANGED_TREE = "+changes"  # appended to the commit of a record filed with --force from a differing tree
 
 
 def run_name(out: Path, results: Path = RESULTS) -> str:
@@ -75,10 +76,11 @@ def tree_differences(env: dict, root: Path = ROOT) -> list[str] | None:
 
 def filed_as(env: dict, results: Path) -> Path | None:
     """The run folder under results already holding the record env describes, if any."""
-    identity = [env.get(field) for field in IDENTITY]
+    def identity(record: dict) -> list:
+        return [str(record.get(field)).removesuffix(CHANGED_TREE) for field in IDENTITY]
+
     for path in sorted(results.glob("*/env.json")):
-        filed = json.loads(path.read_text())
-        if [filed.get(field) for field in IDENTITY] == identity:
+        if identity(json.loads(path.read_text())) == identity(env):
             return path.parent
     return None
 
@@ -104,7 +106,7 @@ def collect(out: Path, name: str | None = None, results: Path = RESULTS, *, repl
     if differences and not force:
         raise SystemExit(f"{out}: the tree measured differs from commit {env['commit']} ({', '.join(differences[:8])}"
                          f"{', ...' if len(differences) > 8 else ''}); commit first and measure again, or --force "
-                         f"files it as {env['commit']}+changes")
+                         f"files it as {env['commit']}{CHANGED_TREE}")
     if name is not None and not RUN_NAME.fullmatch(name):
         raise SystemExit(f"--name {name!r}: expected <gpu>-<YYYY-MM-DD>-run<N>[-note], the form runs are ordered by")
     earlier = filed_as(env, results) if results.is_dir() else None
@@ -119,7 +121,7 @@ def collect(out: Path, name: str | None = None, results: Path = RESULTS, *, repl
         for path in sorted(out.glob(pattern)):
             shutil.copy2(path, target / path.name)
     if differences:
-        env["commit"] = f"{env['commit']}+changes"
+        env["commit"] = f"{env['commit']}{CHANGED_TREE}"
         (target / "env.json").write_text(json.dumps(env, indent=1))
     log = out / "device_check.log"
     if log.is_file():

@@ -490,23 +490,23 @@ def check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilatio
     return stride, padding, dilation
 
 
-def conv2d_backend_refusal(x, groups, relu, backend) -> tuple[type, str] | None:
-    """(error type, message) when backend cannot run this call, None when it can: a grouped conv
-    off torch and torch_triton, cudnn_fused without ReLU or under cuDNN settings its op ignores,
-    IEEE float32 on CUTLASS (which computes float32 as TF32)."""
+def conv2d_backend_refusal(x, groups, relu, backend) -> Exception | None:
+    """The error to raise when backend cannot run this call, None when it can: a grouped conv off
+    torch and torch_triton, cudnn_fused without ReLU or under cuDNN settings its op ignores, IEEE
+    float32 on CUTLASS (which computes float32 as TF32)."""
     op = "conv2d"
     if groups != 1 and backend not in ("torch", "torch_triton"):
-        return NotImplementedError, f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}"
+        return NotImplementedError(f"{op}: backend {backend!r} supports groups=1 only, got groups={groups}")
     if backend == "cudnn_fused" and not relu:
-        return NotImplementedError, (
+        return NotImplementedError(
             f"{op}: backend 'cudnn_fused' runs layers that end in a ReLU only (PyTorch exposes cuDNN's fused "
             "convolution with its ReLU); use backend='torch' for relu=False"
         )
     settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
     if settings:
-        return RuntimeError, f"{op}: backend 'cudnn_fused' cannot run here: {settings}"
+        return RuntimeError(f"{op}: backend 'cudnn_fused' cannot run here: {settings}")
     if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
-        return NotImplementedError, (
+        return NotImplementedError(
             f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
             "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
         )
@@ -519,8 +519,7 @@ def _check_conv2d_call(x, weight, bias, residual, stride, padding, dilation, gro
     resolve_backend("conv2d", x, backend)
     refusal = conv2d_backend_refusal(x, groups, relu, backend)
     if refusal is not None:
-        error, message = refusal
-        raise error(message)
+        raise refusal
 
 
 def _check_conv2d_out_call(x, weight, bias, residual, out, *settings):
@@ -584,8 +583,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
         # under its default settings: the rest stays on PyTorch's own ops.
         backend, refusal = "torch", None
     if refusal is not None:
-        error, message = refusal
-        raise error(message)
+        raise refusal
     if out is not None:
         _conv2d_out_op(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
         return out

@@ -185,3 +185,8 @@ def test_the_tree_measured_is_checked_against_its_commit(tmp_path, monkeypatch):
         collect(out, results=results)
     filed = collect(out, results=results, force=True)
     assert json.loads((filed / "env.json").read_text())["commit"] == "abc1234+changes"
+    # The same record is still known as filed, and --replace files it in place of that copy.
+    with pytest.raises(SystemExit, match=f"filed already, as {filed.name}"):
+        collect(out, results=results, force=True)
+    assert collect(out, results=results, force=True, replace=True) == filed
+    assert [p.name for p in results.iterdir()] == [filed.name]
