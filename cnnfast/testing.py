@@ -22,5 +22,6 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, kin
     """Compares an op's output with a float64 reference; NaN must match NaN (pre-filled outputs
     that a kernel never wrote show up as NaN where the reference has a number)."""
     assert actual.shape == reference.shape, f"shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"
+    assert reference.dtype == torch.float64, f"the reference is {reference.dtype}, not float64"
     rtol, atol = (0.0, 0.0) if exact else tolerance(kind, actual.dtype)
     torch.testing.assert_close(actual.double().cpu(), reference.double().cpu(), rtol=rtol, atol=atol, equal_nan=True)
