@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cnnfast.backends import cuda_extension, resolve_backend
+from cnnfast.backends import cuda_extension, resolve_backend, tf32_allowed
 from cnnfast.layout import pixel_rows
 from cnnfast.tuning import epilogue_name
 
@@ -174,7 +174,7 @@ def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
     """(x, weight, residual) as matrices when a float16/bfloat16 conv is a plain matrix product: a
     1x1 filter (whatever its dilation), stride 1, no padding, one group, x and residual dense
     channels_last ((N*H*W, C) and (N*H*W, K) views, no copy); else None. (Float32 stays on the
-    convolution, whose TF32 setting, torch.backends.cudnn.allow_tf32, is not the GEMM's.)"""
+    convolution, whose TF32 setting is not the GEMM's: backends.tf32_allowed.)"""
     pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
     dense = [t for t in (x, residual) if t is not None]
     if (x.dtype not in (torch.float16, torch.bfloat16) or not pointwise
@@ -505,10 +505,11 @@ def conv2d_backend_refusal(x, groups, relu, backend) -> Exception | None:
     settings = cudnn_fused_refusal() if backend == "cudnn_fused" else ""
     if settings:
         return RuntimeError(f"{op}: backend 'cudnn_fused' cannot run here: {settings}")
-    if backend == "cuda" and x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if backend == "cuda" and x.dtype == torch.float32 and not tf32_allowed("conv"):
         return NotImplementedError(
-            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and "
-            "torch.backends.cudnn.allow_tf32 is False; use backend='triton' or 'torch' for IEEE float32"
+            f"{op}: backend 'cuda' (CUTLASS) computes float32 as TF32 only, and PyTorch's convolutions are set to "
+            "IEEE float32 (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.conv.fp32_precision); "
+            "use backend='triton' or 'torch' for IEEE float32"
         )
     return None
 
@@ -561,8 +562,9 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     after its epilogue, and the torch backend rounds after each of its steps.
     out: an (N, K, P, Q) tensor to write into, with any strides (a channel slice of a larger
     channels_last tensor works); otherwise a channels_last output is allocated.
-    backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when
-    torch.backends.cudnn.allow_tf32 is set; C or K not a multiple of 8 is zero-padded to one,
+    backend: "triton", "cuda" (CUTLASS: float16, bfloat16, and float32 as TF32 when PyTorch's
+    convolutions may use TF32: torch.backends.cudnn.allow_tf32, or torch.backends.cudnn.conv.fp32_precision;
+    C or K not a multiple of 8 is zero-padded to one,
     which costs a copy of x for C and a scratch output copied back for K, as does an `out` whose
     pixels are not 16-byte aligned), "torch_triton" (PyTorch's convolution, then bias, residual and
     ReLU in one Triton pass; any groups), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,

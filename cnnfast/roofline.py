@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from cnnfast import json_file
+from cnnfast.backends import tf32_allowed
 from cnnfast.ops import conv2d_flops, conv2d_output_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -124,15 +125,17 @@ CEILING_METHOD = (f"fastest of {CEILING_REPS} runs after {CEILING_WARMUP} warm-u
 
 def tf32_convolutions(device, dtype) -> bool:
     """Whether float32 convolutions on device run as TF32: cuDNN's, Triton's and CUTLASS's follow
-    torch.backends.cudnn.allow_tf32 (on by default), while torch.matmul follows its own setting (off
-    by default), so the matmul ceiling is timed with the convolutions' precision, like for like."""
-    return torch.device(device).type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    PyTorch's convolution setting (TF32 by default), while torch.matmul follows its own (IEEE by
+    default), so the matmul ceiling is timed with the convolutions' precision, like for like."""
+    return torch.device(device).type == "cuda" and dtype == torch.float32 and tf32_allowed("conv")
 
 
 @contextlib.contextmanager
 def matmul_in_convolution_precision(device, dtype):
     """torch.matmul on device set to the convolutions' precision (tf32_convolutions) for the
-    duration, and its own setting restored after."""
+    duration, and its own setting restored after. Through the legacy flag, which keeps PyTorch's
+    two matmul settings in step: torch.backends.cuda.matmul.fp32_precision set alone leaves
+    torch.get_float32_matmul_precision() and the legacy flag raising (seen in torch 2.14)."""
     before = torch.backends.cuda.matmul.allow_tf32
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32_convolutions(device, dtype)

@@ -757,10 +757,48 @@ def test_cuda_backend_runs_float32_only_as_tf32(monkeypatch):
     # Meta tensors pass the device check, so the dtype check is what speaks.
     x, weight = torch.empty(1, 8, 5, 5, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    with pytest.raises(NotImplementedError, match="computes float32 as TF32 only, and torch.backends.cudnn.allow_tf32 is False"):
+    with pytest.raises(NotImplementedError, match="computes float32 as TF32 only, and PyTorch's convolutions are set to IEEE"):
         ops.conv2d(x, weight, backend="cuda")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert ops.conv2d(x, weight, backend="cuda").shape == (1, 8, 3, 3)
+
+
+@pytest.fixture
+def precision_settings():
+    """PyTorch's float32 precision settings, most specific first per op, restored after the test."""
+    settings = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul, torch.backends.cudnn,
+                torch.backends)
+    before = [setting.fp32_precision for setting in settings]
+    yield
+    for setting, value in zip(settings, before):
+        setting.fp32_precision = value
+
+
+@pytest.mark.parametrize("conv, rnn, cudnn, generic, tf32", [
+    ("ieee", "tf32", "none", "none", False),  # the legacy flag raises here: conv and rnn differ
+    ("tf32", "ieee", "none", "none", True),
+    ("none", "ieee", "tf32", "none", True),
+    ("none", "tf32", "none", "ieee", False),
+    ("none", "none", "none", "none", False),  # what torch.backends.cudnn.allow_tf32 = False leaves
+])
+def test_convolutions_follow_the_per_op_precision_settings(monkeypatch, precision_settings, conv, rnn, cudnn, generic,
+                                                           tf32):
+    """torch.backends.cudnn.conv.fp32_precision and the levels above it, as PyTorch resolves them:
+    the CUTLASS conv refuses IEEE float32 with its own error (not the legacy flag's RuntimeError),
+    the Triton conv's dot precision follows, and the matmul's setting stays apart."""
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = conv, rnn
+    torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision = cudnn, generic
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if tf32 else "tf32"
+    assert backends.tf32_allowed("conv") == tf32 and backends.tf32_allowed("matmul") != tf32
+    x, weight = torch.empty(1, 8, 5, 5, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
+    if tf32:
+        assert ops.conv2d(x, weight, backend="cuda").shape == (1, 8, 3, 3)
+    else:
+        with pytest.raises(NotImplementedError, match="computes float32 as TF32 only"):
+            ops.conv2d(x, weight, backend="cuda")
+    monkeypatch.setattr(conv2d_module, "INTERPRETED", False)  # the interpreter has no TF32: IEEE there
+    assert conv2d_module.dot_precision(torch.empty(1, device="meta")) == ("tf32" if tf32 else "ieee")
+    assert conv2d_module.dot_precision(torch.empty(1, device="meta", dtype=torch.bfloat16)) == "ieee"
 
 
 def test_default_backend_keeps_ieee_float32_off_the_tf32_kernel(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnfast import ops
+from cnnfast.backends import tf32_allowed
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference
@@ -63,7 +64,7 @@ def needs_cutlass():
 
 
 def tolerance_kind(dtype):
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "conv"
+    return "tf32" if dtype == torch.float32 and tf32_allowed("conv") else "conv"
 
 
 # Every layer in bfloat16, every fourth in float16 and float32. Each case runs one config of the

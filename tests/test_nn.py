@@ -13,6 +13,7 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from cnnfast.backends import tf32_allowed
 from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
@@ -47,7 +48,7 @@ def reference(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
 
 def conv_kind(device: str) -> str:
     """The tolerance row: a float32 convolution on a GPU runs as TF32 when cuDNN's flag allows it."""
-    return "tf32" if device == "cuda" and torch.backends.cudnn.allow_tf32 else "conv"
+    return "tf32" if device == "cuda" and tf32_allowed("conv") else "conv"
 
 
 def image(n, c, h, w, device="cpu") -> torch.Tensor:

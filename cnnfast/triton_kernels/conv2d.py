@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED, tf32_allowed
 from cnnfast.ops import conv2d_output_size
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, check_tuned_if_capturing, compile_in_parallel
@@ -342,7 +342,7 @@ chosen_configs: dict[tuple, triton.Config] = {}
 
 def dot_precision(x) -> str:
     """tl.dot's input precision: TF32 for float32 where cuDNN would use it (not in the interpreter)."""
-    return "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRETED else "ieee"
+    return "tf32" if x.dtype == torch.float32 and not INTERPRETED and tf32_allowed("conv") else "ieee"
 
 
 def problem_key(x, weight, bias, residual, out_dtype, stride, padding, dilation) -> tuple:

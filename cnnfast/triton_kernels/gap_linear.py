@@ -18,8 +18,8 @@ owning one BLOCK_N x BLOCK_O tile of out; the BLOCK_O blocks of one row block ha
 ids, so the programs running together share their rows of pooled in L2. A program walks C in
 BLOCK_C steps, multiplying a [BLOCK_N, BLOCK_C] tile of pooled by a [BLOCK_C, BLOCK_O] tile of
 weight^T on the tensor cores with float32 accumulation; the epilogue adds the bias in float32 and
-stores in x's dtype. float32 inputs use TF32 when torch.backends.cuda.matmul.allow_tf32 is set
-(as F.linear does), IEEE otherwise. Row offsets are int64.
+stores in x's dtype. float32 inputs use TF32 where PyTorch's matmuls may (as F.linear does:
+torch.backends.cuda.matmul.allow_tf32 or its fp32_precision), IEEE otherwise. Row offsets are int64.
 """
 import contextlib
 import functools
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED, tf32_allowed
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from cnnfast.triton_kernels.parallel_compile import check_tuned_if_capturing
 
@@ -116,7 +116,7 @@ def linear_bias(a, weight, bias, config=None):
     out = torch.empty((N, O), dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
-    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRETED
+    tf32 = a.dtype == torch.float32 and not INTERPRETED and tf32_allowed("matmul")
     b = bias if bias is not None else out  # never read when HAS_BIAS is False
     args = (a, weight, b, out, N, C, O, *a.stride(), *weight.stride(), b.stride(0), *out.stride())
     # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
