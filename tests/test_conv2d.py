@@ -402,7 +402,7 @@ def test_tuned_choice_is_launched_directly(monkeypatch, chosen_split):
     tuner_runs = []
     tuned_run = tuner.run
     monkeypatch.setattr(tuner, "run", lambda *args, **kwargs: tuner_runs.append(1) or tuned_run(*args, **kwargs))
-    monkeypatch.setattr(conv2d_module, "conv2d_bias_act_autotuned", {(False, False): tuner})
+    monkeypatch.setattr(conv2d_module, "conv2d_bias_act_autotuned", {(torch.device("cpu"), False, False): tuner})
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
     made = recording_workspace(monkeypatch)
 
@@ -467,6 +467,48 @@ def test_layouts_give_the_same_result(conv, layout, dtype):
     dense = [t.contiguous(memory_format=CHANNELS_LAST) for t in (x, weight, res)]
     expected = run_conv2d(conv, dense[0], dense[1], bias, dense[2], relu=True)
     assert torch.equal(out, expected)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
+def test_wide_offsets_are_taken_where_a_32_bit_term_would_wrap():
+    """wide_offsets, on meta tensors of any size: a channel or filter-tap term of x, the weight, the
+    residual or out that reaches 2^31 elements (a huge image; a view of a (C, N, H, W) buffer)."""
+    def tensor(shape, strides=None):
+        return torch.empty_strided(shape, strides or torch.empty(shape, device="meta").stride(), device="meta")
+
+    x, weight, out = tensor((8, 64, 56, 56)), tensor((64, 64, 3, 3)), tensor((8, 64, 56, 56))
+    assert not conv2d_module.wide_offsets(x, weight, out, out, (1, 1))
+    huge = tensor((1, 64, 8192, 8192)).contiguous(memory_format=CHANNELS_LAST)  # 2^32 elements, one image
+    assert not conv2d_module.wide_offsets(huge, weight, None, out, (1, 1))  # its channel and tap terms: small
+    assert conv2d_module.wide_offsets(tensor((1, 64, 8192, 8192)), weight, None, out, (1, 1))  # NCHW: c * 2^26
+    assert conv2d_module.wide_offsets(huge, weight, None, out, (4096, 1))  # a dilated tap 2 * 4096 rows down
+    # (C, N, H, W) buffers seen as (N, C, H, W): the channel stride is the whole batch.
+    transposed = tensor((128, 512, 256, 256)).transpose(0, 1)  # 127 * 2^25 past 2^31
+    assert conv2d_module.wide_offsets(transposed, tensor((64, 128, 3, 3)), None, out, (1, 1))
+    assert not conv2d_module.wide_offsets(transposed[:, :64], weight, None, out, (1, 1))  # 63 * 2^25: fits
+    wide_out = tensor((64, 8, 56, 56)).transpose(0, 1)[:, :, :, :]
+    assert not conv2d_module.wide_offsets(x, weight, None, wide_out, (1, 1))  # 63 * 8 * 56 * 56: fits
+    assert conv2d_module.wide_offsets(x, weight, None, tensor((64, 8, 4096, 4096)).transpose(0, 1), (1, 1))  # 63 * 2^27
+    assert conv2d_module.wide_offsets(x, weight, tensor((64, 8, 4096, 4096)).transpose(0, 1), out, (1, 1))
+    many = tensor((1, 2**16 + 1, 56, 56)).contiguous(memory_format=CHANNELS_LAST)  # its channel term: 2^16
+    assert conv2d_module.wide_offsets(x, tensor((2**16 + 1, 2**15, 1, 1)), None, many, (1, 1))  # k * sw_k = 2^31
+    assert not conv2d_module.wide_offsets(x, tensor((2**16, 2**15, 1, 1)), None, many[:, 1:], (1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", [Conv(2, 5, 6, 7, 9, 3, 3, padding=1, dilation=2),
+                                  Conv(3, 32, 4, 5, 12, 3, 3, stride=2, padding=1)], ids=["flat", "channel-blocked"])
+def test_wide_offsets_give_the_same_result(monkeypatch, conv, dtype):
+    """The kernel with every stride product in int64 (forced here: a 2^31-element case needs 8 GB):
+    NCHW operands, whose channel strides are not 1, into a NaN-filled channel slice."""
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x, weight, res = (t.contiguous() for t in (x, weight, res))
+    expected = run_conv2d(conv, x, weight, bias, res, relu=True)
+    monkeypatch.setattr(conv2d_module, "wide_offsets", lambda *args: True)
+    big = torch.full((conv.n, conv.k + 3, *conv.output_shape()[2:]), NAN, dtype=dtype)
+    out = run_conv2d(conv, x, weight, bias, res, relu=True, out=big[:, 2:2 + conv.k])
+    assert torch.equal(out, expected) and big[:, :2].isnan().all() and big[:, -1].isnan().all()
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
 
 

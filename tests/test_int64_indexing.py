@@ -92,6 +92,25 @@ def conv2d_launch(problem: str, split_k: bool = False):
     return recorded_launch("float16", problem, configs[0])
 
 
+# The conv kernel's channel and filter-tap strides, which WIDE_OFFSETS multiplies in int64.
+WIDE_STRIDES = ("sx_c", "sx_h", "sx_w", "sw_k", "sw_c", "sw_r", "sw_s", "sr_c", "so_c")
+
+
+def conv2d_wide_launch(flat: bool):
+    """The conv kernel launched with WIDE_OFFSETS (as for a 2^31-element image, which wide_offsets
+    detects) on NCHW tensors, whose channel strides are not 1 (a stride of 1 is a constant in the
+    compiled kernel, with nothing to widen)."""
+    from cnnfast.triton_kernels import conv2d as module
+
+    c, k = (3, 64) if flat else (144, 288)
+    x, weight = torch.empty(8, c, 14, 14, dtype=F16), torch.empty(k, c, 3, 3, dtype=F16)
+    out, residual = torch.empty(8, k, 14, 14, dtype=F16), torch.empty(8, k, 14, 14, dtype=F16)
+    config = module.conv2d_configs(flat=flat, interpreted=False)[0]
+    module.wide_offsets = lambda *args: True
+    return recorded(module.conv2d_bias_act_kernel, lambda: module.conv2d_bias_act(
+        x, weight, torch.empty(k), residual, out, (1, 1), (1, 1), (1, 1), True, config=config))
+
+
 # name: (launch, the batch stride arguments; none for the flat kernel, whose every offset is checked)
 KERNELS = {
     "conv2d_flat": (lambda: conv2d_launch("flat"), ("sx_n", "sr_n", "so_n")),
@@ -102,7 +121,10 @@ KERNELS = {
     "conv_epilogue": (conv_epilogue_launch, ("sx_n", "so_n")),
     "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),
     "gap_linear_product": (linear_bias_launch, ("sa_n", "so_n")),
+    "conv2d_flat_wide": (lambda: conv2d_wide_launch(flat=True), ("sx_n", "sr_n", "so_n")),
+    "conv2d_channel_blocked_wide": (lambda: conv2d_wide_launch(flat=False), ("sx_n", "sr_n", "so_n")),
 }
+WIDE_KERNELS = ("conv2d_flat_wide", "conv2d_channel_blocked_wide")
 
 
 # ---------------------------------------------------------------- reading the TTIR
@@ -191,6 +213,20 @@ def test_batch_offsets_are_int64(ttirs, name):
     if not arguments:
         problems = flat_offset_problems(ops)
     assert not problems, f"{name} computes batch-dependent offsets in 32 bits:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", WIDE_KERNELS)
+def test_wide_offsets_multiply_every_stride_in_int64(ttirs, name):
+    """With WIDE_OFFSETS, each value computed from a channel or filter-tap stride is i64 up to the
+    pointer it offsets; without it (the plain channel-blocked kernel) the filter-tap terms are
+    32-bit, which the same check sees."""
+    ops = parse_ops(ttirs[name])
+    strides = [argument for argument in WIDE_STRIDES if f"%{argument}" in ttirs[name]]
+    assert {"sx_c", "sx_h", "sw_k", "sw_c", "sw_r", "sr_c", "so_c"} <= set(strides)  # not constants here
+    problems = [f"{argument}: {problem}" for argument in strides for problem in batch_offset_problems(ops, argument)]
+    assert not problems, f"{name} computes channel or filter-tap offsets in 32 bits:\n" + "\n".join(problems)
+    narrow = parse_ops(ttirs["conv2d_channel_blocked"])
+    assert batch_offset_problems(narrow, "sx_h"), "the plain kernel's filter-tap offsets were expected 32-bit"
 
 
 # The kernels that compare a row index with N times the pixels of an image.

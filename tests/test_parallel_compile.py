@@ -66,7 +66,9 @@ def tuning_reports(dtype_name: str) -> dict:
     conv2d.config_fits = lambda config, dtype, device: True
     conv2d_pointwise.fits = lambda config, x, has_residual: True
     timed, compiles, fail_next_pool_compile = [], [], []
-    for tuner in [*conv2d.conv2d_bias_act_autotuned.values(), conv2d_pointwise.autotuned]:
+    implicit_gemm_tuners = [conv2d.autotuner_for(torch.device("cpu"), flat, split)
+                            for flat in (False, True) for split in (False, True)]
+    for tuner in [*implicit_gemm_tuners, conv2d_pointwise.autotuned]:
         tuner.configs = tuner.configs[:3]  # three candidates show the mechanism; each compile takes seconds
         tuner.do_bench = lambda kernel_call, quantiles: timed.append(kernel_call()) or [1.0, 1.0, 1.0]
     real_compile = triton.compiler.compile
@@ -82,7 +84,7 @@ def tuning_reports(dtype_name: str) -> dict:
     triton.compiler.compile = recording_compile  # the jit function takes it at its first launch
     dtype = getattr(torch, dtype_name)
 
-    def tune(kernel_size, padding, pointwise=False):
+    def tune(kernel_size, padding, pointwise=False, relu=True):
         """A 64-channel layer on a 14x14 map, on the implicit GEMM or (1x1) the TMA kernel."""
         out_size = 14 + 2 * padding - kernel_size + 1
         x = torch.randn(4, 64, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -91,20 +93,20 @@ def tuning_reports(dtype_name: str) -> dict:
         timed.clear()
         compiles.clear()
         if pointwise:
-            conv2d_pointwise.launch(x, weight, torch.randn(64), None, out, (1, 1), (0, 0), (1, 1), True)
+            conv2d_pointwise.launch(x, weight, torch.randn(64), None, out, (1, 1), (0, 0), (1, 1), relu)
         else:
-            conv2d.implicit_gemm(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), True)
+            conv2d.implicit_gemm(x, weight, torch.randn(64), None, out, (1, 1), (padding, padding), (1, 1), relu)
         return {"timed": len(timed), "compiles_on_main_thread": sum(compiles),
                 "compiles_on_pool": len(compiles) - sum(compiles)}
 
     return {
-        "candidates": len(conv2d.conv2d_bias_act_autotuned[(False, False)].configs),
+        "candidates": len(implicit_gemm_tuners[0].configs),
         "pointwise_candidates": len(conv2d_pointwise.autotuned.configs),
         "pointwise_new_problem": tune(1, padding=0, pointwise=True),
         "new_problem": tune(3, padding=1),
-        # The same autotuner key (it leaves out the padding): it runs its choice, compiled for the
-        # new specialization; nothing is timed, so nothing should be compiled ahead.
-        "tuner_already_chose": tune(3, padding=0),
+        # The same autotuner key (it leaves out the ReLU): it runs its choice, compiled for the new
+        # specialization; nothing is timed, so nothing should be compiled ahead.
+        "tuner_already_chose": tune(3, padding=1, relu=False),
         # A new key (1x1), and a compile on the pool fails: the autotuner must compile that config
         # again, not reuse the failure.
         "a_pool_compile_fails": fail_next_pool_compile.append(True) or tune(1, padding=0),

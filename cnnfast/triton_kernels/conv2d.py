@@ -38,7 +38,10 @@ them one after another.
 
 The epilogue adds the bias (the folded BatchNorm shift) and the residual in float32, applies the
 ReLU (NaN stays NaN, as in torch.relu), casts, and stores through out's strides, so out may be a
-channel slice of a larger tensor. Offsets are int64: N*H*W*C passes 2^31 on large batches.
+channel slice of a larger tensor. Offsets are int64 where they can pass 2^31: the batch and pixel
+terms always (N*H*W*C passes 2^31 on large batches), the channel and filter-tap terms where the
+launcher finds they can (WIDE_OFFSETS: a huge image, or a layout whose batch stride is not the
+outermost); otherwise those stay 32-bit, which keeps the inner loop's address arithmetic cheap.
 
 conv2d_bias_act, the launcher, runs a float16/bfloat16 layer on a persistent TMA kernel instead
 (unpadded 1x1 stride-1 layers: conv2d_pointwise.py; layers with larger filters, stride 1 or a
@@ -146,9 +149,15 @@ def conv2d_bias_act_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     FLAT_REDUCTION: tl.constexpr, EVEN_C: tl.constexpr, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
+    if WIDE_OFFSETS:  # a channel or filter-tap term can pass 2^31 (wide_offsets): those products in int64
+        sx_c, sx_h, sx_w = tl.cast(sx_c, tl.int64), tl.cast(sx_h, tl.int64), tl.cast(sx_w, tl.int64)
+        sw_k, sw_c = tl.cast(sw_k, tl.int64), tl.cast(sw_c, tl.int64)
+        sw_r, sw_s = tl.cast(sw_r, tl.int64), tl.cast(sw_s, tl.int64)
+        sr_c, so_c = tl.cast(sr_c, tl.int64), tl.cast(so_c, tl.int64)
     M = tl.cast(N, tl.int64) * P * Q  # output pixels: 2^31 or more on a large batch of small maps
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int32)  # below the grid's 2^31 limit; keeps the tile arithmetic 32-bit
@@ -292,21 +301,37 @@ conv2d_bias_act_heuristic = triton.heuristics({"EVEN_C": lambda args: args["C"] 
     conv2d_bias_act_kernel
 )
 
+def candidate_configs(flat: bool, split: bool):
+    """A tuner's candidates: the tiles the reduction order compiles well, with or without split-K."""
+    return conv2d_configs(flat) + (split_k_configs(flat) if split else [])
+
+
 def autotuned(flat: bool, split: bool):
-    configs = conv2d_configs(flat) + (split_k_configs(flat) if split else [])
+    configs = candidate_configs(flat, split)
     return triton.autotune(
         # The interpreter cannot time configs, so it runs the first of its set.
         configs=configs[:1] if INTERPRETED else configs,
-        key=["N", "C", "H", "W", "K", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
+        # Everything that changes which tile is fastest (Triton adds every operand's dtype), except
+        # the bias and the ReLU, a few instructions of the epilogue.
+        key=["N", "C", "H", "W", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL",
+             "INPUT_PRECISION"],
         prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
         # 10 ms warm-up and 40 ms of timing per config: a layer runs in about a millisecond or less.
         do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
     )(conv2d_bias_act_heuristic)
 
 
-# One tuner per reduction order, each with the tiles that order compiles well, and with or without
-# the split-K candidates.
-conv2d_bias_act_autotuned = {(flat, split): autotuned(flat, split) for flat in (False, True) for split in (False, True)}
+# The tuners by (device, reduction order, split-K offered), each made at its first use. One per
+# device: an autotuner keeps its choice by its key alone, and a tile tuned on one GPU may not fit
+# another's shared memory.
+conv2d_bias_act_autotuned: dict[tuple, triton.runtime.Autotuner] = {}
+
+
+def autotuner_for(device: torch.device, flat: bool, split: bool) -> triton.runtime.Autotuner:
+    key = (device, flat, split)
+    if key not in conv2d_bias_act_autotuned:
+        conv2d_bias_act_autotuned[key] = autotuned(flat, split)
+    return conv2d_bias_act_autotuned[key]
 
 
 def use_flat_reduction(C: int) -> bool:
@@ -338,6 +363,21 @@ def split_k_workspace(configs, M: int, K: int, device: torch.device):
 # counter fill is a kernel launch of its own, one per conv in a batch-1 CUDA graph). The key holds
 # everything the tuner's key does, so the choice read back is the one the tuner would make.
 chosen_configs: dict[tuple, triton.Config] = {}
+
+
+def wide_offsets(x, weight, residual, out, dilation) -> bool:
+    """Whether one of the kernel's 32-bit offset terms can reach 2^31 elements, so that it must
+    multiply every stride in int64 (WIDE_OFFSETS): the filter-tap and channel term of x's
+    addresses, the weight's two terms, and the channel term of residual's and out's (their batch
+    and pixel terms are int64 anyway). A huge image gets there, or a layout whose batch stride is
+    not the outermost (a view of a (C, N, H, W) buffer)."""
+    k, c, r, s = weight.shape
+    _, sx_c, sx_h, sx_w = x.stride()
+    sw_k, sw_c, sw_r, sw_s = weight.stride()
+    terms = [(r - 1) * dilation[0] * sx_h + (s - 1) * dilation[1] * sx_w + (c - 1) * sx_c,
+             (k - 1) * sw_k, (r - 1) * sw_r + (s - 1) * sw_s + (c - 1) * sw_c]
+    terms += [(k - 1) * t.stride(1) for t in (residual, out) if t is not None]
+    return max(terms) >= 2**31
 
 
 def dot_precision(x) -> str:
@@ -389,7 +429,7 @@ def recall_choices(x, problem) -> None:
     if stored is None:
         return
     if "implicit_gemm" in stored and problem not in chosen_configs:
-        configs = [config for tuner in conv2d_bias_act_autotuned.values() for config in tuner.configs]
+        configs = candidate_configs(flat=False, split=True) + candidate_configs(flat=True, split=True)
         config = named_config(configs, config_name, stored["implicit_gemm"])
         if config is not None:
             chosen_configs[problem] = config
@@ -527,7 +567,7 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
     if config is None:
         config = chosen_configs.get(problem)
     if config is None:
-        tuner = conv2d_bias_act_autotuned[(flat, split_k_helps(N * P * Q, K, x.device))]
+        tuner = autotuner_for(x.device, flat, split_k_helps(N * P * Q, K, x.device))
         candidates = tuner.configs
     else:
         candidates = [config]
@@ -545,6 +585,7 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, RELU=relu,
         # tl.dot on bfloat16 operands is wrong under the interpreter (triton 3.8): upcast there.
         FLAT_REDUCTION=flat, UPCAST_DOT=INTERPRETED, INPUT_PRECISION=precision,
+        WIDE_OFFSETS=wide_offsets(x, weight, residual, out, dilation),
     )
 
     def grid(meta):
@@ -554,7 +595,7 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
         if config is None:
             check_tuned_if_capturing("conv2d", x.device, tuner, args, flags)
             # The tuner would compile its candidates one by one as it times them (unless it already
-            # chose for its key, which leaves out padding, bias and ReLU).
+            # chose for its key, which leaves out bias and ReLU).
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
                 compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}), args, flags)
             tuner[grid](*args, **flags)
