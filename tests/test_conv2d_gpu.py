@@ -269,6 +269,38 @@ def test_cuda_kernel_choice_and_epilogues(dtype, kernel, k, relu):
 
 
 @pytest.mark.usefixtures("needs_cutlass")
+@pytest.mark.parametrize("kernel", [1, 3], ids=["1x1", "3x3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_nan_float32_and_current_stream(dtype, kernel):
+    """The CUTLASS epilogue leaves NaN in one input pixel as NaN through bias, residual and ReLU,
+    as torch.relu does, with and without each; float32 runs as TF32 (both ReLU forms); and the
+    kernel runs on the current stream: on a side stream, behind a sleep and the copy that fills
+    its input, a launch on any other stream would read the zeros that were there before."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    x[1, :, 4, 5] = float("nan")
+    w = (torch.randn(96, 64, kernel, kernel, device="cuda") / (64 * kernel * kernel) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(96, device="cuda")
+    res = torch.randn(3, 96, 15, 13, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    padding = (kernel // 2, kernel // 2)
+    side = torch.cuda.Stream()
+    for relu in (False, True):
+        for residual in (None, res):
+            x_side = torch.zeros_like(x)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(20_000_000)  # about 10 ms
+                x_side.copy_(x)
+                y = ops.conv2d(x_side, w, b, padding=padding, residual=residual, relu=relu, backend="cuda")
+            side.synchronize()
+            expected = F.conv2d(x.double(), w.double(), b.double(), padding=padding)
+            expected = expected + residual.double() if residual is not None else expected
+            assert y.isnan().any()
+            assert_close_to_reference(y, torch.relu(expected) if relu else expected, tolerance_kind(dtype))
+
+
+@pytest.mark.usefixtures("needs_cutlass")
 @pytest.mark.parametrize(
     "dtype, start, extra, residual, kernel",
     [(torch.bfloat16, 8, 16, False, 3), (torch.bfloat16, 8, 16, True, 3), (torch.float32, 4, 8, True, 3),

@@ -142,13 +142,15 @@ void launch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
 }
 
 // 16-byte vectors when the channel run of every pixel starts 16-byte aligned and C fills whole
-// vectors; the plane kernel when each channel's pixels are contiguous (NCHW) and a map has more
-// than one pixel; the scalar channel-wide kernel otherwise.
+// vectors (the stride of a size-1 dimension is never stepped, whatever it is: an NCHW N x C x 1 x 1
+// tensor qualifies); the plane kernel when each channel's pixels are contiguous (NCHW) and a map
+// has more than one pixel; the scalar channel-wide kernel otherwise.
 template <typename T>
 void dispatch(const GlobalAvgPoolArgs& a, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool aligned = a.x % 16 == 0 && a.stride_c == 1 && a.C % kVec == 0 &&
-                       a.stride_n % kVec == 0 && a.stride_h % kVec == 0 && a.stride_w % kVec == 0;
+  const auto steps_aligned = [](int64_t size, int64_t stride) { return size == 1 || stride % kVec == 0; };
+  const bool aligned = a.x % 16 == 0 && a.stride_c == 1 && a.C % kVec == 0 && steps_aligned(a.N, a.stride_n) &&
+                       steps_aligned(a.H, a.stride_h) && steps_aligned(a.W, a.stride_w);
   const bool planes = a.H * a.W > 1 && (a.W == 1 || a.stride_w == 1) && (a.H == 1 || a.stride_h == a.W);
   if (aligned) launch<T, kVec>(a, stream);
   else if (planes) launch_planes<T>(a, stream);
