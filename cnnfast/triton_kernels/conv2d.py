@@ -60,6 +60,7 @@ import triton.testing
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED, tf32_allowed
 from cnnfast.ops import conv2d_output_size
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
+from cnnfast.triton_kernels.conv2d_pointwise import relu_keeping_nan
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, check_tuned_if_capturing, compile_in_parallel
 
 
@@ -129,7 +130,7 @@ def bias_residual_act_store(
         res_ptrs = (res_ptr + n * sr_n + p.to(tl.int64) * sr_h + q.to(tl.int64) * sr_w)[:, None] + (offs_n * sr_c)[None, :]
         acc += tl.load(res_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
+        acc = relu_keeping_nan(acc)
     out_ptrs = (out_ptr + n * so_n + p.to(tl.int64) * so_h + q.to(tl.int64) * so_w)[:, None] + (offs_n * so_c)[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 

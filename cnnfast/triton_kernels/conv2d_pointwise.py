@@ -90,6 +90,19 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def add_bias(acc, bias_ptr, off_n, K, BLOCK_N: tl.constexpr):
+    """acc + the bias of its columns off_n ... off_n + BLOCK_N - 1 (those past K add nothing), in float32."""
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    return acc + tl.load(bias_ptr + offs_n, mask=offs_n < K, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def relu_keeping_nan(acc):
+    """ReLU as torch.relu computes it: NaN < 0 is false, so NaN passes through (tl.maximum would give 0)."""
+    return tl.where(acc < 0, 0.0, acc)
+
+
+@triton.jit
 def conv2d_pointwise_kernel(
     # tensor descriptors: x as (M, C), w as (K, C), out and residual as (M, K)
     x_desc, w_desc, res_desc, out_desc,
@@ -117,12 +130,11 @@ def conv2d_pointwise_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(a, b.T, acc)
         if HAS_BIAS:
-            offs_n = off_n + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < K, other=0.0).to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, off_n, K, BLOCK_N)
         if HAS_RESIDUAL:
             acc += res_desc.load([off_m, off_n]).to(tl.float32)
         if RELU:
-            acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
+            acc = relu_keeping_nan(acc)
         out_desc.store([off_m, off_n], acc.to(out_desc.dtype))
 
 

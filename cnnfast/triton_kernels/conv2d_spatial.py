@@ -68,7 +68,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.layout import pixel_grid
 from cnnfast.triton_kernels import conv2d_pointwise
-from cnnfast.triton_kernels.conv2d_pointwise import grouped_tile
+from cnnfast.triton_kernels.conv2d_pointwise import add_bias, grouped_tile, relu_keeping_nan
 
 # Spatial tile shapes (BLOCK_IMG, BLOCK_H, BLOCK_W) of 128 and of 64 pixels, in order of how many
 # input pixels a 3x3 filter reads per output pixel ((BLOCK_H + 2) * (BLOCK_W + 2) / (BLOCK_H *
@@ -168,14 +168,13 @@ def conv2d_spatial_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b.T, acc)
-        # The epilogue as conv2d_pointwise's (there, loading the residual first spills its widest tiles).
+        # The epilogue as conv2d_pointwise's, bias first (loading the residual first spills the widest tiles).
         if HAS_BIAS:
-            offs_k = off_k + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, off_k, K, BLOCK_N)
         if HAS_RESIDUAL:
             acc += res_desc.load([off_img, off_p, off_q, off_k]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
         if RELU:
-            acc = tl.where(acc < 0, 0.0, acc)  # NaN < 0 is false: NaN passes through like torch.relu
+            acc = relu_keeping_nan(acc)
         out_desc.store([off_img, off_p, off_q, off_k],
                        acc.to(out_desc.dtype).reshape(BLOCK_IMG, BLOCK_H, BLOCK_W, BLOCK_N))
 
