@@ -25,10 +25,10 @@ End to end: the plain model (eager) and ``cnnfast.optimize(model)`` with its def
 (backend=None: cnnfast.tuning's choice per op and conv layer on a GPU, torch on a CPU), images/s
 and latency at the same batch.
 
-JSON (``run_bench``), schema "cnnfast.bench/3"::
+JSON (``run_bench``), schema "cnnfast.bench/4"::
 
-    {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type" ("cpu" | "cuda"),
-     "torch_version", "timer",
+    {"schema", "arch", "batch", "input_size", "dtype", "tf32" (float32 convolutions ran as TF32),
+     "device", "device_type" ("cpu" | "cuda"), "torch_version", "timer",
      "backends": [timed backend names], "skipped": {backend: reason},
      "layers": [{"layer": first layer name, "layers": [every layer with this problem],
                  "problem": {"C", "H", "W", "K", "R", "S", "stride", "padding", "epilogue"},
@@ -39,7 +39,8 @@ JSON (``run_bench``), schema "cnnfast.bench/3"::
                      "speedup_vs_eager"}]}
 
 Layer names are the fused model's ("layer1.0.downsample", "inception3a.branch2.1"); "epilogue" is
-an EPILOGUES name (results of schema 2 timed every layer with "relu").
+an EPILOGUES name (results of schema 2 timed every layer with "relu"); "tf32" is new in schema 4
+(older float32 results are read as IEEE float32).
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does (the residual read
 too); ``speedup_vs_torch``
 is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
@@ -66,12 +67,15 @@ from cnnfast.convert import optimize
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.nn import ConvBNReLU
 from cnnfast.roofline import (
-    DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, time_ms, timer_description,
+    DTYPES, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, roofline_point, tf32_convolutions, time_ms,
+    timer_description,
 )
-from cnnfast.tuning import CONV_LAYERS, EPILOGUES, conv2d_layer_key, dtype_key, epilogue_name, fastest_layer_backend
+from cnnfast.tuning import (
+    CONV_LAYERS, EPILOGUES, conv2d_layer_key, conv_dtype_key, epilogue_name, fastest_layer_backend,
+)
 
 BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
-BENCH_SCHEMA = "cnnfast.bench/3"
+BENCH_SCHEMA = "cnnfast.bench/4"
 # The backends that are cnnfast.ops.conv2d's own: what `cnnfast tune` times and backend=None chooses from.
 TUNED_BACKENDS = backends_of("conv2d")
 
@@ -377,6 +381,7 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
         "batch": batch,
         "input_size": input_size,
         "dtype": dtype,
+        "tf32": tf32_convolutions(device, DTYPES[dtype]),
         "device": device_name(device),
         "device_type": device.type,
         "torch_version": torch.__version__,
@@ -470,7 +475,7 @@ def layer_choice(layer) -> tuple[str, str | None]:
 def layer_choices(result) -> dict:
     """The tuning-table fragment of a bench result (``cnnfast.tuning``'s layout): per distinct conv
     layer timed on torch, the layer rule's backend at the result's batch."""
-    dtype = dtype_key(DTYPES[result["dtype"]])
+    dtype = conv_dtype_key(DTYPES[result["dtype"]], result.get("tf32", False))
     layers = {key: {str(result["batch"]): chosen}
               for key, chosen in map(layer_choice, result["layers"]) if chosen is not None}
     return {result["device"]: {CONV_LAYERS: {dtype: layers}}}

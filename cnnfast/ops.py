@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
-from cnnfast.backends import cuda_extension, resolve_backend, tf32_allowed
+from cnnfast.backends import cuda_extension, resolve_backend
+from cnnfast.precision import tf32_allowed
 from cnnfast.layout import pixel_rows
 from cnnfast.tuning import epilogue_name
 
@@ -174,7 +175,7 @@ def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
     """(x, weight, residual) as matrices when a float16/bfloat16 conv is a plain matrix product: a
     1x1 filter (whatever its dilation), stride 1, no padding, one group, x and residual dense
     channels_last ((N*H*W, C) and (N*H*W, K) views, no copy); else None. (Float32 stays on the
-    convolution, whose TF32 setting is not the GEMM's: backends.tf32_allowed.)"""
+    convolution, whose TF32 setting is not the GEMM's: precision.tf32_allowed.)"""
     pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
     dense = [t for t in (x, residual) if t is not None]
     if (x.dtype not in (torch.float16, torch.bfloat16) or not pointwise

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from cnnfast import json_file
-from cnnfast.backends import tf32_allowed
+from cnnfast.precision import tf32_allowed
 from cnnfast.ops import conv2d_flops, conv2d_output_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -10,7 +10,8 @@ bench.tuning_table` rebuilds it from the committed results in bench/results/.
 merges its choices into a local table, CNNFAST_TUNING_FILE (default
 ~/.cache/cnnfast/tuning.json), whose entries override the packaged table's.
 
-A convolution looks its layer up first: same geometry (channels, input size, filter, stride,
+A convolution looks its layer up first, in its precision (float32 measured as TF32 apart from
+IEEE float32: conv_dtype_key): same geometry (channels, input size, filter, stride,
 padding, dilation), same epilogue after the bias (EPILOGUES: a ResNet block's last conv adds the
 shortcut before its ReLU, its projection shortcut has no ReLU, and either changes which kernel
 is fastest, since PyTorch runs the add and the ReLU as passes of their own) and a measured batch
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cnnfast import json_file
+from cnnfast.precision import tf32_allowed
 
 TABLE_PATH = Path(__file__).with_name("tuning.json")
 CONV_LAYERS = "conv2d_layers"
@@ -59,6 +61,13 @@ def conv2d_layer_key(c, h, w, k, r, s, stride, padding, dilation, epilogue: str)
 def dtype_key(dtype: torch.dtype) -> str:
     """The table's name for a dtype: "bfloat16" for torch.bfloat16."""
     return str(dtype).removeprefix("torch.")
+
+
+def conv_dtype_key(dtype: torch.dtype, tf32: bool) -> str:
+    """The table's name for the precision a convolution runs in: dtype_key's, and "float32 as tf32"
+    for float32 computed as TF32 (on the tensor cores, where IEEE float32 is not: the fastest
+    kernel may differ)."""
+    return "float32 as tf32" if dtype == torch.float32 and tf32 else dtype_key(dtype)
 
 
 def fastest_layer_backend(times_ms: dict) -> str | None:
@@ -155,8 +164,9 @@ def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str
     layer: for conv2d, (weight shape, stride, padding, dilation, epilogue name) of the call."""
     if x.device.type != "cuda":
         return "torch"
-    layer_key = None
+    layer_key, dtype = None, dtype_key(x.dtype)
     if layer is not None:
         (k, c, r, s), stride, padding, dilation, epilogue = layer
         layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation, epilogue)
-    return table_choice(op, x.device.index or 0, dtype_key(x.dtype), layer_key, int(x.shape[0]))
+        dtype = conv_dtype_key(x.dtype, x.dtype == torch.float32 and tf32_allowed("conv"))
+    return table_choice(op, x.device.index or 0, dtype, layer_key, int(x.shape[0]))

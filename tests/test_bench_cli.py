@@ -14,8 +14,8 @@ from cnnfast.bench import Progress, clock, progress_text
 from cnnfast.cli import main
 
 SMALL = ("resnet18", "--batch", "1", "--input-size", "32", "--max-layers", "2")
-BENCH_KEYS = {"schema", "arch", "batch", "input_size", "dtype", "device", "device_type", "torch_version", "timer",
-              "backends", "skipped", "layers", "end_to_end"}
+BENCH_KEYS = {"schema", "arch", "batch", "input_size", "dtype", "tf32", "device", "device_type", "torch_version",
+              "timer", "backends", "skipped", "layers", "end_to_end"}
 LAYER_KEYS = {"layer", "layers", "problem", "flops", "bytes", "results", "skipped"}
 PROBLEM_KEYS = {"C", "H", "W", "K", "R", "S", "stride", "padding", "epilogue"}
 RESULT_KEYS = {"ms", "flop_per_s", "bytes_per_s", "speedup_vs_torch", "kernel"}
@@ -39,7 +39,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert code == 0
     result = json.loads(path.read_text())
     assert set(result) == BENCH_KEYS
-    assert result["schema"] == "cnnfast.bench/3"
+    assert result["schema"] == "cnnfast.bench/4" and result["tf32"] is False  # a CPU computes IEEE float32
     assert (result["arch"], result["batch"], result["input_size"]) == ("resnet18", 1, 32)
     assert (result["dtype"], result["device_type"]) == ("fp32", "cpu")
     assert result["backends"] == ["torch", "torch_folded", "compile"]

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cnnfast import backends, ops
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
+from cnnfast.precision import tf32_allowed
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels import conv2d as conv2d_module
 from cnnfast.triton_kernels.conv2d import (
@@ -831,7 +832,7 @@ def test_convolutions_follow_the_per_op_precision_settings(monkeypatch, precisio
     torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = conv, rnn
     torch.backends.cudnn.fp32_precision, torch.backends.fp32_precision = cudnn, generic
     torch.backends.cuda.matmul.fp32_precision = "ieee" if tf32 else "tf32"
-    assert backends.tf32_allowed("conv") == tf32 and backends.tf32_allowed("matmul") != tf32
+    assert tf32_allowed("conv") == tf32 and tf32_allowed("matmul") != tf32
     x, weight = torch.empty(1, 8, 5, 5, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
     if tf32:
         assert ops.conv2d(x, weight, backend="cuda").shape == (1, 8, 3, 3)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnfast import ops
-from cnnfast.backends import tf32_allowed
+from cnnfast.precision import tf32_allowed
 from cnnfast.analysis import analyze_arch, conv_problems
 from cnnfast.models import ARCHITECTURES
 from cnnfast.testing import assert_close_to_reference

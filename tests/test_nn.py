@@ -13,7 +13,7 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cnnfast.backends import tf32_allowed
+from cnnfast.precision import tf32_allowed
 from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,

@@ -167,6 +167,27 @@ def test_conv_default_follows_the_epilogue_of_the_call(monkeypatch, fresh_tables
     assert chosen == {"relu": "triton", "residual+relu": "cuda", "none": "torch", "residual": "torch_triton"}
 
 
+def test_float32_convolutions_are_looked_up_in_the_precision_they_run_in(monkeypatch, fresh_tables):
+    """Layer choices measured with float32 as TF32 and as IEEE float32 are kept apart (a result
+    says which it timed: "tf32"), and a call finds the one of cuDNN's current setting."""
+    from cnnfast.bench import layer_choices
+
+    ieee, tf32 = ({**bench_result("NVIDIA H200", 8, [times]), "dtype": "fp32", "tf32": on}
+                  for times, on in (({"torch": 1.0, "triton": 0.5}, False), ({"torch": 1.0, "cuda": 0.5}, True)))
+    table = tuning.merged(layer_choices(ieee), layer_choices(tf32))
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    assert table["NVIDIA H200"][tuning.CONV_LAYERS] == {"float32": {key: {"8": "triton"}},
+                                                        "float32 as tf32": {key: {"8": "cuda"}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+    layer, x = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu"), FakeCudaTensor((8, 64, 56, 56), torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert tuning.default_backend("conv2d", x, layer) == "cuda"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert tuning.default_backend("conv2d", x, layer) == "triton"
+    assert tuning.conv_dtype_key(torch.bfloat16, True) == "bfloat16"
+
+
 def test_conv2d_asks_the_table_for_its_own_epilogue(monkeypatch):
     asked = []
     monkeypatch.setattr(ops, "resolve_backend", lambda op, x, backend, layer=None: asked.append(layer) or "torch")

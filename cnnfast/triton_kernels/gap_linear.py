@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED, tf32_allowed
+from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.precision import tf32_allowed
 from cnnfast.triton_kernels.global_avg_pool import global_avg_pool, global_avg_pool_configs
 from cnnfast.triton_kernels.parallel_compile import check_tuned_if_capturing
 
