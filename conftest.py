@@ -98,3 +98,15 @@ def pytest_runtest_logfinish(nodeid, location):
     if xdist_worker:
         os._exit(3)
     pytest.exit(f"{broken_context}; stopping (the remaining cases would fail on the same error)", returncode=1)
+
+
+@pytest.fixture
+def precision_settings():
+    """PyTorch's float32 precision settings (torch.backends...fp32_precision), restored after the
+    test: a test that sets them apart from each other leaves the legacy TF32 flags raising."""
+    settings = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul, torch.backends.cudnn,
+                torch.backends)
+    before = [setting.fp32_precision for setting in settings]
+    yield
+    for setting, value in zip(settings, before):
+        setting.fp32_precision = value

@@ -133,16 +133,22 @@ def tf32_convolutions(device, dtype) -> bool:
 @contextlib.contextmanager
 def matmul_in_convolution_precision(device, dtype):
     """torch.matmul on device set to the convolutions' precision (tf32_convolutions) for the
-    duration, and its own setting restored after. Through the legacy flag, which keeps PyTorch's
-    two matmul settings in step: torch.backends.cuda.matmul.fp32_precision set alone leaves
-    torch.get_float32_matmul_precision() and the legacy flag raising (seen in torch 2.14)."""
-    before = torch.backends.cuda.matmul.allow_tf32
+    duration, and its own setting restored after. Through the legacy flag where it answers, since
+    it keeps PyTorch's two matmul settings in step (torch.backends.cuda.matmul.fp32_precision set
+    alone leaves torch.get_float32_matmul_precision() and the flag raising, seen in torch 2.11 and
+    2.14); through fp32_precision where the caller's settings already make the flag raise."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        before, setting = matmul.allow_tf32, "allow_tf32"
+    except RuntimeError:
+        before, setting = matmul.fp32_precision, "fp32_precision"
     if torch.device(device).type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32_convolutions(device, dtype)
+        tf32 = tf32_convolutions(device, dtype)
+        setattr(matmul, setting, tf32 if setting == "allow_tf32" else "tf32" if tf32 else "ieee")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+        setattr(matmul, setting, before)
 
 
 def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:

@@ -6,6 +6,7 @@ import torch
 
 from cnnfast import roofline
 from cnnfast.analysis import ConvProblem
+from cnnfast.precision import tf32_allowed
 from cnnfast.roofline import (
     bound_kind, bound_seconds, ceilings, conv_bytes, conv_flops, roofline_json, roofline_point, time_ms,
 )
@@ -177,6 +178,18 @@ def test_the_float32_matmul_ceiling_follows_the_convolutions_tf32_setting(monkey
     assert roofline.ceiling_key("cuda", torch.float32) == "GPU / fp32 as tf32"
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert roofline.ceiling_key("cuda", torch.float32) == "GPU / fp32"
+
+
+def test_the_matmul_precision_switch_where_the_legacy_flag_raises(monkeypatch, precision_settings):
+    """Settings made through PyTorch's per-op API alone (matmul as TF32) leave the legacy flag
+    raising: the switch then sets and restores fp32_precision itself."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError):
+        torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the convolutions: IEEE
+    with roofline.matmul_in_convolution_precision("cuda", torch.float32):
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee" and not tf32_allowed("matmul")
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and tf32_allowed("matmul")
 
 
 def test_the_note_on_points_above_the_roof_names_the_ceiling_they_outran():
