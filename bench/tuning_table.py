@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cnnfast import json_file
 from cnnfast.backends import backends_of
-from cnnfast.bench import layer_times, problem_key
+from cnnfast.bench import layer_times, problem_key, ran_as_tf32
 from cnnfast.roofline import DTYPES
 from cnnfast.tuning import CONV_LAYERS, TABLE_PATH, conv_dtype_key, dtype_key, fastest_layer_backend, save_local_choices
 
@@ -99,7 +99,7 @@ def measured_layer_times(runs) -> dict:
         for path in paths:
             data = json.loads(path.read_text())
             if path.name.startswith("tune"):
-                dtype = conv_dtype_key(DTYPES[data["dtype"]], data.get("tf32", False))
+                dtype = conv_dtype_key(DTYPES[data["dtype"]], ran_as_tf32(data))
                 for layer in data["layers"]:
                     key, layer_ms = layer_times(layer)
                     run[(data["device"], dtype, key, data["batch"])].update(layer_ms)
@@ -110,7 +110,7 @@ def measured_layer_times(runs) -> dict:
                 if (bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS
                         or "problem" not in info):
                     continue
-                dtype = conv_dtype_key(DTYPES[info["dtype"]], info.get("tf32", False))
+                dtype = conv_dtype_key(DTYPES[info["dtype"]], ran_as_tf32(info))
                 run[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
         for key, layer_ms in run.items():
             if "torch" in layer_ms:  # what this run timed beside torch is all it still chooses from

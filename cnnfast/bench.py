@@ -40,7 +40,7 @@ JSON (``run_bench``), schema "cnnfast.bench/4"::
 
 Layer names are the fused model's ("layer1.0.downsample", "inception3a.branch2.1"); "epilogue" is
 an EPILOGUES name (results of schema 2 timed every layer with "relu"); "tf32" is new in schema 4
-(older float32 results are read as IEEE float32).
+(older float32 results are read as TF32 where they ran on a GPU, cuDNN's default: ran_as_tf32).
 ``flops`` and ``bytes`` count the whole batch as ``cnnfast.roofline`` does (the residual read
 too); ``speedup_vs_torch``
 is the torch backend's time over this backend's (null when torch was not timed); ``kernel`` names
@@ -472,10 +472,19 @@ def layer_choice(layer) -> tuple[str, str | None]:
     return key, fastest_layer_backend(times)
 
 
+def ran_as_tf32(record) -> bool:
+    """Whether a bench result (or a conv benchmark's extra_info) timed float32 convolutions as
+    TF32: its "tf32"; for one older than schema 4, whether it ran on a GPU, where cuDNN's setting
+    was then TF32 by default."""
+    if "tf32" in record:
+        return record["tf32"]
+    return record["device_type"] == "cuda" if "device_type" in record else record.get("device") != "cpu"
+
+
 def layer_choices(result) -> dict:
     """The tuning-table fragment of a bench result (``cnnfast.tuning``'s layout): per distinct conv
     layer timed on torch, the layer rule's backend at the result's batch."""
-    dtype = conv_dtype_key(DTYPES[result["dtype"]], result.get("tf32", False))
+    dtype = conv_dtype_key(DTYPES[result["dtype"]], ran_as_tf32(result))
     layers = {key: {str(result["batch"]): chosen}
               for key, chosen in map(layer_choice, result["layers"]) if chosen is not None}
     return {result["device"]: {CONV_LAYERS: {dtype: layers}}}

@@ -8,16 +8,36 @@ def tf32_allowed(op: str) -> bool:
     classifier head's GEMM follows).
 
     The legacy flag (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) is
-    read first: torch.compile traces it, and it agrees with the per-op settings whenever it
-    answers. It raises once those settings (torch.backends.cudnn.conv.fp32_precision, ...) have been
-    set apart from each other; then they are read as PyTorch resolves them, most specific first,
-    "none" deferring to the next."""
-    legacy, specific = {"conv": (torch.backends.cudnn, torch.backends.cudnn.conv),
-                        "matmul": (torch.backends.cuda.matmul, torch.backends.cuda.matmul)}[op]
+    read where it answers: it agrees with the per-op settings then, and torch.compile traces it (and
+    recompiles when it changes). It raises once those settings (torch.backends.cudnn.conv.
+    fp32_precision, ...) have been set apart from each other; then they are read as PyTorch resolves
+    them (resolved_tf32), which torch.compile takes as a constant of the graph: a later change of
+    them needs torch._dynamo.reset() to be seen there."""
+    legacy = torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul
+    if torch.compiler.is_compiling():  # dynamo fails on the flag's raise rather than let it be caught
+        return resolved_tf32(op) if legacy_flag_raises(op) else legacy.allow_tf32
     try:
         return legacy.allow_tf32
     except RuntimeError:
-        for setting in (specific, torch.backends.cudnn, torch.backends):
-            if setting.fp32_precision != "none":
-                return setting.fp32_precision == "tf32"
-        return False
+        return resolved_tf32(op)
+
+
+@torch.compiler.assume_constant_result
+def legacy_flag_raises(op: str) -> bool:
+    """Whether op's legacy TF32 flag raises (its per-op settings were set apart)."""
+    try:
+        (torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul).allow_tf32
+    except RuntimeError:
+        return True
+    return False
+
+
+@torch.compiler.assume_constant_result
+def resolved_tf32(op: str) -> bool:
+    """op's TF32 setting as PyTorch resolves the per-op ones: most specific first (the op's, then
+    CUDA's, torch.backends.cudnn.fp32_precision, then the generic one), "none" deferring to the next."""
+    specific = {"conv": torch.backends.cudnn.conv, "matmul": torch.backends.cuda.matmul}[op]
+    for setting in (specific, torch.backends.cudnn, torch.backends):
+        if setting.fp32_precision != "none":
+            return setting.fp32_precision == "tf32"
+    return False

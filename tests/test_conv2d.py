@@ -499,6 +499,15 @@ def test_wide_offsets_are_taken_where_a_32_bit_term_would_wrap():
     assert not conv2d_module.wide_offsets(x, tensor((2**16, 2**15, 1, 1)), None, many[:, 1:], (1, 1))
 
 
+def test_an_image_of_2_to_the_31_output_pixels_is_refused():
+    """The kernels' pixel coordinates within one image are 32-bit: such a map gets a clear error
+    (meta tensors: nothing is allocated or launched)."""
+    x, weight = torch.empty(1, 1, 46341, 46341, device="meta"), torch.empty(1, 1, 1, 1, device="meta")
+    out = torch.empty(1, 1, 46341, 46341, device="meta")
+    with pytest.raises(NotImplementedError, match="46341 x 46341 map has 2\\^31 or more"):
+        conv2d_bias_act(x, weight, None, None, out, (1, 1), (0, 0), (1, 1), False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("conv", [Conv(2, 5, 6, 7, 9, 3, 3, padding=1, dilation=2),
                                   Conv(3, 32, 4, 5, 12, 3, 3, stride=2, padding=1)], ids=["flat", "channel-blocked"])
@@ -807,6 +816,30 @@ def test_cuda_backend_runs_float32_only_as_tf32(monkeypatch):
         ops.conv2d(x, weight, backend="cuda")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     assert ops.conv2d(x, weight, backend="cuda").shape == (1, 8, 3, 3)
+
+
+def test_tf32_setting_is_read_under_torch_compile(monkeypatch, precision_settings):
+    """torch.compile(fullgraph=True) traces the legacy flag where it answers (and recompiles when it
+    changes); where the per-op settings were set apart it cannot trace the flag's raise, and takes
+    their resolution as a constant."""
+    torch._dynamo.reset()
+
+    def sign(x):
+        return x + 1 if tf32_allowed("conv") else x - 1
+
+    compiled = torch.compile(sign, fullgraph=True, backend="eager")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert compiled(torch.zeros(1)).item() == 1
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert compiled(torch.zeros(1)).item() == -1
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = "ieee", "tf32"
+    torch._dynamo.reset()
+    assert torch.compile(sign, fullgraph=True, backend="eager")(torch.zeros(1)).item() == -1
+    x = torch.empty(1, 8, 5, 5, device="meta")
+    refusal = torch.compile(lambda x: ops.conv2d_backend_refusal(x, 1, True, "cuda") is None, fullgraph=True,
+                            backend="eager")
+    assert refusal(x) is False
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("conv, rnn, cudnn, generic, tf32", [

@@ -350,7 +350,7 @@ def test_torch_backend_on_gpu(kernel, dtype):
 
 # torch_triton (PyTorch's convolution, then one Triton epilogue pass) and cudnn_fused (cuDNN's
 # runtime fusion): every distinct layer at batch 2 in bfloat16, every fourth in float16 and float32
-# (TF32 when torch.backends.cudnn.allow_tf32 is set), a residual on the 1x1 layers; into a
+# (TF32 where PyTorch's convolutions may use it), a residual on the 1x1 layers; into a
 # NaN-filled out= on every other layer, into a new output on the rest.
 PYTORCH_CONV_BACKENDS = ("torch_triton", "cudnn_fused")
 PYTORCH_CONV_CASES = [

@@ -121,6 +121,22 @@ def test_cuda_every_shape_and_layout(shape, dtype, layout):
     run_and_check("cuda", shape, dtype, layout, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, vector", [(torch.bfloat16, 8), (torch.float32, 4)], ids=str)
+def test_cuda_vector_path_takes_a_one_pixel_map_whatever_its_strides(dtype, vector):
+    """An NCHW N x C x 1 x 1 tensor (strides C, 1, 1, 1): the kernel never steps H or W, so it
+    takes the 16-byte vector path (the profiler names the instantiation that ran)."""
+    x = torch.randn(4, 64, 1, 1, device="cuda").to(dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        out = ops.global_avg_pool(x, backend="cuda")
+        torch.cuda.synchronize()
+    # The CUDA kernels' names are templates ("...global_avg_pool_nhwc_kernel<__nv_bfloat16, 8>(...)");
+    # the op's own event ("cnnfast::global_avg_pool") is not one.
+    ran = [event.name for event in profile.events() if "global_avg_pool" in event.name and "kernel<" in event.name]
+    assert ran and all("global_avg_pool_nhwc_kernel" in name and f", {vector}>" in name for name in ran), ran
+    assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
+
+
 def test_default_backend_on_cpu_is_torch():
     x = make_input((2, 5, 3, 3), torch.float32, "cpu")
     assert_close_to_reference(ops.global_avg_pool(x), reference_global_avg_pool(x), "elementwise")

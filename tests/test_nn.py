@@ -1,7 +1,7 @@
 """cnnfast.nn: each fused module against the unfused PyTorch modules it replaces (run in float64
 as the reference), with the torch backend and Triton (under the interpreter on a CPU).
 
-Also home of `randomize_bn`, which tests/test_optimize.py shares."""
+Also home of `randomize_bn`, which tests/test_optimize.py and bench/bench_models.py share."""
 import copy
 import re
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GPU_LAYOUTS = ("channels_last", "nchw", "channel_slice")
-# (float32 on the CUTLASS kernel is TF32, which torch.backends.cudnn.allow_tf32, True by default, allows.)
+# (float32 on the CUTLASS kernel is TF32, which PyTorch's convolution setting, TF32 by default, allows.)
 BACKEND_DTYPES = [(backend, dtype) for backend in ("triton", "cuda") for dtype in DTYPES] + [
     (backend, torch.bfloat16) for backend in ("torch_triton", "cudnn_fused")]
 

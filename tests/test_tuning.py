@@ -186,6 +186,12 @@ def test_float32_convolutions_are_looked_up_in_the_precision_they_run_in(monkeyp
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     assert tuning.default_backend("conv2d", x, layer) == "triton"
     assert tuning.conv_dtype_key(torch.bfloat16, True) == "bfloat16"
+    # Older results have no "tf32": on a GPU they ran under cuDNN's default, TF32.
+    from cnnfast.bench import ran_as_tf32
+
+    old = {key: value for key, value in tf32.items() if key != "tf32"}
+    assert ran_as_tf32({**old, "device_type": "cuda"}) and not ran_as_tf32({**old, "device_type": "cpu"})
+    assert ran_as_tf32({"device": "NVIDIA H200"}) and not ran_as_tf32({"device": "cpu"})
 
 
 def test_conv2d_asks_the_table_for_its_own_epilogue(monkeypatch):

@@ -325,7 +325,8 @@ def autotuned(flat: bool, split: bool):
 
 # The tuners by (device, reduction order, split-K offered), each made at its first use. One per
 # device: an autotuner keeps its choice by its key alone, and a tile tuned on one GPU may not fit
-# another's shared memory.
+# another's shared memory. (The TMA kernels' tuners are one per process: a tile of theirs that does
+# not fit another GPU fails its launch there, and tma_kernel_failed leaves the layer to this kernel.)
 conv2d_bias_act_autotuned: dict[tuple, triton.runtime.Autotuner] = {}
 
 
@@ -536,7 +537,11 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     measured faster (tma_choice, or an earlier process: recall_choices), any other on the implicit
     GEMM. On a GPU, a TMA launch that raises (a stored choice that no longer compiles, say) leaves
     a warning and the layer to the implicit GEMM. `config` (a triton.Config of the implicit GEMM)
-    runs the implicit GEMM with that config, without autotuning."""
+    runs the implicit GEMM with that config, without autotuning. An output map of 2^31 pixels or
+    more (one image) is refused: the kernels' pixel coordinates within an image are 32-bit."""
+    if out.shape[2] * out.shape[3] >= 2**31:
+        raise NotImplementedError(f"conv2d: backend 'triton' indexes one image's output pixels in 32 bits; a "
+                                  f"{out.shape[2]} x {out.shape[3]} map has 2^31 or more")
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:

@@ -1,6 +1,6 @@
 // conv2d_cutlass for float32, computed as TF32 on the tensor cores: both activations (ReLU,
-// identity) of the sm90 fprop in conv2d_cutlass.cuh. The launcher runs it only when
-// torch.backends.cudnn.allow_tf32 is set, as cuDNN would use TF32 for the same call.
+// identity) of the sm90 fprop in conv2d_cutlass.cuh. The launcher runs it only where PyTorch's
+// convolutions may use TF32 (cnnfast.precision.tf32_allowed), as cuDNN would for the same call.
 #include "conv2d_cutlass.cuh"
 
 namespace cnnfast {
