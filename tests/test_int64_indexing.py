@@ -85,6 +85,16 @@ def linear_bias_launch(config_index: int = 0, dtype=F16):
     return recorded(module.linear_bias_kernel, lambda: module.linear_bias(pooled, weight, bias, config=config))
 
 
+def linear_bias_strided_launch():
+    """gap_linear's product with a transposed weight and a strided bias, whose strides are not 1
+    (a stride of 1 is a constant in the compiled kernel)."""
+    from cnnfast.triton_kernels import gap_linear as module
+
+    pooled, weight, bias = torch.empty(8, 512, dtype=F16), torch.empty(512, 1000, dtype=F16).t(), torch.empty(2000)[::2]
+    config = module.linear_bias_configs(False, float32=False)[0]
+    return recorded(module.linear_bias_kernel, lambda: module.linear_bias(pooled, weight, bias, config=config))
+
+
 def conv2d_launch(problem: str, split_k: bool = False):
     from cnnfast.triton_kernels.conv2d import conv2d_configs, split_k_configs
 
@@ -122,6 +132,8 @@ KERNELS = {
     "conv_epilogue": (conv_epilogue_launch, ("sx_n", "so_n")),
     "global_avg_pool": (global_avg_pool_launch, ("sx_n", "so_n")),
     "gap_linear_product": (linear_bias_launch, ("sa_n", "so_n")),
+    # Its other strides too (a stride times an index in int32 would wrap as well).
+    "gap_linear_product_strided": (linear_bias_strided_launch, ("sa_n", "so_n", "sw_c", "sb_o")),
     "conv2d_flat_wide": (lambda: conv2d_wide_launch(flat=True), ("sx_n", "sr_n", "so_n")),
     "conv2d_channel_blocked_wide": (lambda: conv2d_wide_launch(flat=False), ("sx_n", "sr_n", "so_n")),
 }

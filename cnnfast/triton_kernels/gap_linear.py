@@ -71,15 +71,16 @@ def linear_bias_kernel(
 ):
     o_blocks = tl.cdiv(O, BLOCK_O)
     offs_n = (tl.program_id(0) // o_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_o = (tl.program_id(0) % o_blocks) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Every index in int64: a product with any stride may pass 2^31 (a transposed weight's sw_c is O).
+    offs_o = ((tl.program_id(0) % o_blocks) * BLOCK_O).to(tl.int64) + tl.arange(0, BLOCK_O)
     n_valid = offs_n < N
     o_valid = offs_o < O
     a_rows = a_ptr + offs_n * sa_n
-    w_cols = w_ptr + offs_o.to(tl.int64) * sw_o
+    w_cols = w_ptr + offs_o * sw_o
 
     acc = tl.zeros((BLOCK_N, BLOCK_O), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_c = tl.cast(c0, tl.int64) + tl.arange(0, BLOCK_C)
         c_valid = offs_c < C
         a = tl.load(a_rows[:, None] + (offs_c * sa_c)[None, :], mask=n_valid[:, None] & c_valid[None, :], other=0.0)
         b = tl.load(w_cols[None, :] + (offs_c * sw_c)[:, None], mask=c_valid[:, None] & o_valid[None, :], other=0.0)
