@@ -28,9 +28,9 @@ from pathlib import Path
 
 from cnnfast import json_file
 from cnnfast.backends import backends_of
-from cnnfast.bench import layer_times, problem_key, ran_as_tf32
+from cnnfast.bench import conv_precision_key, layer_times, problem_key
 from cnnfast.roofline import DTYPES
-from cnnfast.tuning import CONV_LAYERS, TABLE_PATH, conv_dtype_key, dtype_key, fastest_layer_backend, save_local_choices
+from cnnfast.tuning import CONV_LAYERS, TABLE_PATH, dtype_key, fastest_layer_backend, save_local_choices
 
 ROOT = Path(__file__).resolve().parent.parent
 # The benchmark functions that time an op's backends against its baseline: (op, speedup field).
@@ -99,7 +99,7 @@ def measured_layer_times(runs) -> dict:
         for path in paths:
             data = json.loads(path.read_text())
             if path.name.startswith("tune"):
-                dtype = conv_dtype_key(DTYPES[data["dtype"]], ran_as_tf32(data))
+                dtype = conv_precision_key(data)
                 for layer in data["layers"]:
                     key, layer_ms = layer_times(layer)
                     run[(data["device"], dtype, key, data["batch"])].update(layer_ms)
@@ -110,7 +110,7 @@ def measured_layer_times(runs) -> dict:
                 if (bench["name"].split("[")[0] != "test_conv2d_layer" or backend not in LAYER_BACKENDS
                         or "problem" not in info):
                     continue
-                dtype = conv_dtype_key(DTYPES[info["dtype"]], ran_as_tf32(info))
+                dtype = conv_precision_key(info)
                 run[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
         for key, layer_ms in run.items():
             if "torch" in layer_ms:  # what this run timed beside torch is all it still chooses from

@@ -481,10 +481,16 @@ def ran_as_tf32(record) -> bool:
     return record["device_type"] == "cuda" if "device_type" in record else record.get("device") != "cpu"
 
 
+def conv_precision_key(record) -> str:
+    """The tuning table's precision key (conv_dtype_key) of what a bench result (or a conv
+    benchmark's extra_info) timed: its dtype, float32 as TF32 where ran_as_tf32."""
+    return conv_dtype_key(DTYPES[record["dtype"]], ran_as_tf32(record))
+
+
 def layer_choices(result) -> dict:
     """The tuning-table fragment of a bench result (``cnnfast.tuning``'s layout): per distinct conv
     layer timed on torch, the layer rule's backend at the result's batch."""
-    dtype = conv_dtype_key(DTYPES[result["dtype"]], ran_as_tf32(result))
+    dtype = conv_precision_key(result)
     layers = {key: {str(result["batch"]): chosen}
               for key, chosen in map(layer_choice, result["layers"]) if chosen is not None}
     return {result["device"]: {CONV_LAYERS: {dtype: layers}}}

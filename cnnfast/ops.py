@@ -12,8 +12,8 @@ from torch.utils.flop_counter import register_flop_formula
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnfast.backends import cuda_extension, resolve_backend
-from cnnfast.precision import tf32_allowed
 from cnnfast.layout import pixel_rows
+from cnnfast.precision import tf32_allowed
 from cnnfast.tuning import epilogue_name
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -13,20 +13,24 @@ def tf32_allowed(op: str) -> bool:
     fp32_precision, ...) have been set apart from each other; then they are read as PyTorch resolves
     them (resolved_tf32), which torch.compile takes as a constant of the graph: a later change of
     them needs torch._dynamo.reset() to be seen there."""
-    legacy = torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul
     if torch.compiler.is_compiling():  # dynamo fails on the flag's raise rather than let it be caught
-        return resolved_tf32(op) if legacy_flag_raises(op) else legacy.allow_tf32
+        return resolved_tf32(op) if legacy_flag_raises(op) else legacy_settings(op).allow_tf32
     try:
-        return legacy.allow_tf32
+        return legacy_settings(op).allow_tf32
     except RuntimeError:
         return resolved_tf32(op)
+
+
+def legacy_settings(op: str):
+    """The module whose allow_tf32 is op's legacy flag."""
+    return torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul
 
 
 @torch.compiler.assume_constant_result
 def legacy_flag_raises(op: str) -> bool:
     """Whether op's legacy TF32 flag raises (its per-op settings were set apart)."""
     try:
-        (torch.backends.cudnn if op == "conv" else torch.backends.cuda.matmul).allow_tf32
+        legacy_settings(op).allow_tf32
     except RuntimeError:
         return True
     return False

@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 
 from cnnfast import json_file
-from cnnfast.precision import tf32_allowed
 from cnnfast.ops import conv2d_flops, conv2d_output_size
+from cnnfast.precision import tf32_allowed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ROOFLINE_SCHEMA = "cnnfast.roofline/4"
@@ -300,6 +300,7 @@ def roofline_rows(points: list[dict], rate=("GFLOP/s", 1e9)) -> tuple[tuple, lis
 # ---------------------------------------------------------------- the chart
 
 MARKERS = ("o", "s", "^", "D", "v", "P")
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 # What a point above the roof outran, by the bound the roofline gives it.
 CEILING_NAMES = {"compute": "torch.matmul ceiling", "memory": "copy bandwidth"}
 
@@ -311,7 +312,6 @@ def above_roof_note(points) -> str | None:
     if not above:
         return None
     return f"Points above the roof outran the measured {' or '.join(CEILING_NAMES[bound] for bound in sorted(above))}."
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def layer_labels(points: list[dict], layers: list[str], scale: float) -> list[tuple[tuple, list[str]]]:

@@ -58,8 +58,8 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
-from cnnfast.precision import tf32_allowed
 from cnnfast.ops import conv2d_output_size
+from cnnfast.precision import tf32_allowed
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels.conv2d_pointwise import relu_keeping_nan
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, check_tuned_if_capturing, compile_in_parallel
