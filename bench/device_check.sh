@@ -14,17 +14,23 @@
 # the same machine instead of starting a new one. `python -m bench.collect_results OUTDIR` files it.
 #   bash bench/device_check.sh [OUTDIR]        (CNNFAST_COMMIT=<sha> names the commit measured)
 #   CNNFAST_STEPS=gpu-tests,benchmarks bash bench/device_check.sh OUTDIR
-# A 15-minute lease (two calls, about 8 and 4 minutes, plus the machine's start):
-#   CNNFAST_COMMIT=<sha> CNNFAST_STEPS=gpu-tests-tma,benchmarks-conv,benchmarks-table bash bench/device_check.sh "$OUT"
-#   CNNFAST_COMMIT=<sha> CNNFAST_CONTINUE=1 CNNFAST_STEPS=model-benchmarks,report bash bench/device_check.sh "$OUT"
+# CNNFAST_DEADLINE=S: the whole call ends within S seconds of its start. Each step's limit is cut
+# to the time left, less 30 s kept for the summary and the archive, and a step with under 20 s
+# left is recorded as skipped, so a call's record comes back whole within its caller's limit.
+# A 15-minute lease (two calls, plus the machine's start; both carry .whl and .prebuilt, and the
+# second, made at once, finds the machine warm: build, tuning table, kernel choices):
+#   CNNFAST_COMMIT=<sha> CNNFAST_DEADLINE=560 CNNFAST_STEPS=gpu-tests-tma,benchmarks-conv,benchmarks-table bash bench/device_check.sh "$OUT"
+#   CNNFAST_COMMIT=<sha> CNNFAST_CONTINUE=1 CNNFAST_DEADLINE=<device time left - 40> \
+#     CNNFAST_STEPS=benchmarks-table,model-benchmarks,report bash bench/device_check.sh "$OUT"
 # (<sha> written out: the machine's copy of the tree has no .git; commit first, since env.json records
-# the tree's source files and collect_results refuses a record whose tree differs from <sha>.) The first call carries .whl and
-# .prebuilt; the second, made at once, finds the machine warm (build, tuning table, kernel choices).
+# the tree's source files and collect_results refuses a record whose tree differs from <sha>.
+# benchmarks-table runs again in the second call in case the first was cut short before it.)
 # On a fresh machine instead, unpack the first archive into a git-ignored folder, carry it, and set
 # CNNFAST_TUNING_FILE and CNNFAST_KERNEL_CACHE to its tuning_local.json and triton_conv2d_choices.json.
 # model-benchmarks reaches ResNet-50's cases first; torch.compile's case, last, needs minutes of its own.
 set -u
-cd "$(dirname "$0")/.."
+START=$(date +%s)
+cd "$(dirname "$0")/.." || exit 1
 OUT=$(mkdir -p "${1:-bench/out}" && cd "${1:-bench/out}" && pwd)
 RUN=${CNNFAST_RUN_DIR:-$PWD/bench/out/run}
 [ "${CNNFAST_CONTINUE:-0}" = 1 ] || rm -rf "$RUN"
@@ -72,12 +78,27 @@ step() {
   local name=$1 limit=$2 start rc status
   shift 2
   selected "$name" || return 0
-  echo "=== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$LOG"
+  if [ -n "${CNNFAST_DEADLINE:-}" ]; then
+    local left=$((CNNFAST_DEADLINE - ($(date +%s) - START) - 30))
+    if [ "$left" -lt 20 ]; then
+      echo "--- $name: skipped, ${left}s left before CNNFAST_DEADLINE" | tee -a "$LOG"
+      printf '%s\t%s\t0\n' "$name" "skipped (deadline)" >>"$STEPS"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
   start=$(date +%s)
-  # SIGINT first: pytest then still writes its JSON and XML for the cases that ran.
-  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
+  # SIGINT first: pytest then still writes its JSON and XML for the cases that ran (a parallel
+  # Triton compile it interrupts finishes its queue first, hence the grace before the kill).
+  timeout -s INT -k 25 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
-  case $rc in 0) status=ok ;; 124 | 137) status="timeout (${limit}s)" ;; *) status="FAILED (exit $rc)" ;; esac
+  case $rc in
+    0) status=ok ;;
+    124) status="timeout (${limit}s)" ;;
+    137) status="killed (${limit}s limit and its grace, or memory)" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
   printf '%s\t%s\t%s\n' "$name" "$status" "$(($(date +%s) - start))" >>"$STEPS"
   echo "--- $name: $status" | tee -a "$LOG"
   pack
@@ -207,4 +228,4 @@ fi
 cp "$RUN/summary.md" "$OUT/summary.md" 2>/dev/null
 pack
 # The exit status says whether every step of the record (this call's and any it continues) passed.
-! cut -f2 "$STEPS" | grep -qE '^(FAILED|timeout)' 
+! cut -f2 "$STEPS" | grep -qE '^(FAILED|timeout|killed|skipped)' 

@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The file's JSON, None where it is absent or cut short (a step killed while writing it)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def steps_table(out: Path) -> list[str]:
@@ -25,13 +29,19 @@ def tests_line(out: Path) -> str:
     if not paths:
         return "GPU tests: no result file"
     totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    unreadable = []
     for path in paths:
-        suite = ET.parse(path).getroot()
+        try:
+            suite = ET.parse(path).getroot()
+        except ET.ParseError:  # cut short by a kill
+            unreadable.append(path.name)
+            continue
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         for key in totals:
             totals[key] += int(suite.get(key, 0))
     failed, skipped = totals["failures"] + totals["errors"], totals["skipped"]
-    return f"GPU tests: {totals['tests'] - failed - skipped} passed, {failed} failed, {skipped} skipped"
+    line = f"GPU tests: {totals['tests'] - failed - skipped} passed, {failed} failed, {skipped} skipped"
+    return line + (f" (unreadable: {', '.join(unreadable)})" if unreadable else "")
 
 
 def fmt(value, spec):
@@ -40,7 +50,7 @@ def fmt(value, spec):
 
 def benchmark_table(out: Path) -> list[str]:
     """One row per GPU benchmark case; blank cells where a figure does not apply."""
-    runs = [read_json(path) for path in sorted(out.glob("benchmarks*.json"))]
+    runs = [run for path in sorted(out.glob("benchmarks*.json")) if (run := read_json(path)) is not None]
     if not runs:
         return ["benchmarks: no result file"]
     lines = [
@@ -67,7 +77,8 @@ def main(out: Path) -> str:
         f"GPU {env.get('gpu')} ({env.get('nvidia_smi')}), torch {env.get('torch')}, triton {env.get('triton')}, "
         f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, commit {env.get('commit')}\n"
     )
-    text = "\n".join([header, *steps_table(out), "", tests_line(out), "", *benchmark_table(out), ""])
+    # The steps and the test counts last: a long output comes back cut from the front.
+    text = "\n".join([header, *benchmark_table(out), "", *steps_table(out), "", tests_line(out), ""])
     (out / "summary.md").write_text(text)
     return text
 

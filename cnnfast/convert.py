@@ -35,7 +35,10 @@ FUSED = FUSED_LEAVES + (BasicBlock, Bottleneck, Inception, PreActBasicBlock)
 # Layers that have no fused form, with the reason the report gives.
 LEFT_ALONE = {
     nn.MaxPool2d: "max pooling runs in PyTorch (channels_last)",
-    nn.AdaptiveAvgPool2d: "adaptive average pooling runs in PyTorch (it is not followed by a single linear layer)",
+    nn.AdaptiveAvgPool2d: "adaptive average pooling runs in PyTorch (only a ResNet's or GoogLeNet's global pool "
+                          "straight into its single nn.Linear fc fuses with it)",
+    nn.Linear: "a Linear fuses inside an nn.Sequential run or as a ResNet's or GoogLeNet's head only",
+    nn.ReLU: "a ReLU fuses only into the convolution or Linear just before it in a fused run",
     nn.Dropout: "dropout is the identity in eval mode",
     nn.Flatten: "flatten is a view or a copy, not a kernel",
 }
@@ -90,15 +93,17 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     The model must be in eval mode with running BatchNorm statistics (BN is folded, once, in
     float32). dtype: the compute dtype of the result (default: the model's own); backend: the
     cnnfast backend of every fused op, "triton", "cuda" or "torch" (None: the default of the input's
-    device, per op and conv layer, "torch_triton" and "cudnn_fused" among its choices for a conv).
+    device, per op and conv layer, "torch_triton" and "cudnn_fused" among its choices for a conv);
+    the modules an earlier optimize() fused take the dtype and the backend given now (None keeps theirs).
     What was fused and what was left alone is in `model.cnnfast_report` (printed with verbose=True).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
+        more = f" and {len(training) - 3} more" if len(training) > 3 else ""
         raise RuntimeError(
-            f"optimize: the model is in training mode ({', '.join(training[:3])}...); fused modules are for "
+            f"optimize: the model is in training mode ({', '.join(training[:3])}{more}); fused modules are for "
             "inference: call model.eval() first"
         )
     for name, m in model.named_modules():
@@ -123,7 +128,11 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     with torch.no_grad():
         _fuse_tree(model, "", dict(dtype=dtype, backend=backend), report)
         _cast(model, dtype)
-    model.eval()  # the fused modules are built in training mode, like every new nn.Module
+    if backend is not None:  # what an earlier optimize() fused runs on the backend asked for now, too
+        for module in model.modules():
+            if isinstance(module, FUSED_LEAVES) and hasattr(module, "backend"):
+                module.backend = backend
+    model.eval()  # the fused blocks are built in training mode, like every new nn.Module
     for key, hook in list(model._forward_pre_hooks.items()):
         if isinstance(hook, ModelInput):  # an earlier optimize()'s, replaced
             # Without a dtype now, the model keeps the one it was given: its input is still cast to it.
@@ -138,15 +147,28 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     return model
 
 
-def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionReport) -> None:
+def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionReport, seen=None) -> None:
+    """Fuses module's parts in place. seen: id of each child met so far -> (its name, what replaced
+    it), so that a module in two places (nn.Sequential(block, block)) gets one fused form for both."""
+    seen = {} if seen is None else seen
     _fuse_model_level(module, prefix, options, report)
     if computes_as(module, nn.Sequential):  # a subclass with its own forward may use a layer's output twice
         _fuse_sequential(module, prefix, options, report)
     reported = {name for name, _ in report.fused + report.left_alone}
-    for name, child in module.named_children():
+    # Not named_children(): it names a module used twice once, and the second place would stay unfused.
+    for name, child in list(module._modules.items()):
         full = f"{prefix}{name}"
-        if full in reported or isinstance(child, nn.Identity):  # a stem or head part handled above
+        if child is None or full in reported or isinstance(child, nn.Identity):  # a stem or head part handled above
             continue
+        if id(child) in seen:
+            first, replacement = seen[id(child)]
+            setattr(module, name, replacement)
+            if replacement is child:
+                report.left_alone.append((full, f"the same module as {first}: its parts are reported there"))
+            else:
+                report.fused.append((full, f"the same module as {first}: the same fused {type(replacement).__name__}"))
+            continue
+        seen[id(child)] = (full, child)
         if isinstance(child, FUSED):
             report.already_fused.append(full)
             continue
@@ -157,9 +179,10 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
             continue
         if fused is not None:
             setattr(module, name, fused)
+            seen[id(child)] = (full, fused)
             report.fused.append((full, f"{type(child).__name__} -> fused {type(fused).__name__}"))
         elif next(child.children(), None) is not None:
-            _fuse_tree(child, f"{full}.", options, report)
+            _fuse_tree(child, f"{full}.", options, report, seen)
         else:
             report.left_alone.append((full, _reason_left_alone(child)))
 
@@ -229,9 +252,14 @@ def _fuse_part(report: FusionReport, name: str, what: str, build):
 
 
 def _is_global_pool_linear(model: nn.Module) -> bool:
-    """Whether the head is a global average pool and one nn.Linear (not a replaced fc or a pool to 2x2)."""
+    """Whether the head is a global average pool and one nn.Linear with nothing between them but
+    GoogLeNet's dropout (the identity in eval mode): not a replaced fc, a pool to 2x2, a pool subclass
+    that computes otherwise, or another module in the dropout's place (the fused head would move it
+    after the fc)."""
     pool = model.avgpool
-    return isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1)) and type(model.fc) is nn.Linear
+    between = model.dropout if computes_as(model, TvGoogLeNet) else None
+    return (computes_as(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1)) and type(model.fc) is nn.Linear
+            and (between is None or computes_as(between, nn.Dropout) or type(between) is nn.Identity))
 
 
 def _fuse_sequential(seq: nn.Sequential, prefix: str, options: dict, report: FusionReport) -> None:

@@ -600,11 +600,11 @@ def loaded_frozen_batch_norm():
     return misc.FrozenBatchNorm2d if misc is not None else None
 
 
-def fold_bn(conv_weight: torch.Tensor, conv_bias, bn):
+def fold_bn(conv_weight: torch.Tensor, conv_bias, bn, dtype=None):
     """Folds an eval-mode BatchNorm2d (or torchvision's FrozenBatchNorm2d, which has no training
     mode) into the convolution before it, in float32.
 
-    Returns (weight, bias): weight in conv_weight's dtype, bias in float32, such that
+    Returns (weight, bias): weight rounded once to dtype (default: conv_weight's), bias in float32, such that
     conv2d(x, weight, bias) == bn(conv2d(x, conv_weight, conv_bias)).
     """
     frozen = loaded_frozen_batch_norm()
@@ -620,7 +620,7 @@ def fold_bn(conv_weight: torch.Tensor, conv_bias, bn):
         raise ValueError(f"fold_bn: conv bias must have shape ({k},), got {tuple(conv_bias.shape)}")
     scale, shift = batch_norm_scale_shift(bn, conv_bias)
     with torch.no_grad():
-        weight = (conv_weight.float() * scale.view(-1, 1, 1, 1)).to(conv_weight.dtype)
+        weight = (conv_weight.float() * scale.view(-1, 1, 1, 1)).to(dtype or conv_weight.dtype)
     return weight, shift
 
 

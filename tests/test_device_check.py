@@ -3,10 +3,12 @@ extension build is skipped, and how the record comes back (one archive). The scr
 scratch copy of the tree's layout with a stub in place of Python, so nothing is built or written in
 the repository."""
 import io
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -61,7 +63,7 @@ def run(tree: Path, steps: str, **env) -> list[tuple[str, str]]:
     done = subprocess.run(["bash", str(tree / "bench" / "device_check.sh"), str(out)], env=environment,
                           capture_output=True, timeout=60)
     rows = [tuple(row.split("\t")[:2]) for row in record(tree)["steps.tsv"].decode().splitlines()[1:]]
-    failed = any(status.startswith(("FAILED", "timeout")) for _, status in rows)
+    failed = any(status.startswith(("FAILED", "timeout", "killed", "skipped")) for _, status in rows)
     assert done.returncode == (1 if failed else 0), (rows, done.stderr)
     return rows
 
@@ -175,3 +177,44 @@ def test_a_second_call_adds_to_the_record_only_when_asked(tree):
     assert {"env.json", "env_continued.json"} <= set(record(tree))
     assert names(run(tree, "report")) == ["environment", "build", "report"]
     assert "env_continued.json" not in record(tree)
+
+
+def test_a_deadline_cuts_each_steps_limit_to_the_time_left_and_skips_what_cannot_start(tree):
+    """CNNFAST_DEADLINE: 30 s are kept for the summary and the archive; a step gets the rest, and
+    one with under 20 s left is recorded as skipped (and the call fails)."""
+    rows = run(tree, "tune", CNNFAST_DEADLINE="55")
+    assert dict(rows)["tune"] == "ok"
+    log = record(tree)["device_check.log"].decode()
+    limits = [int(line.split("limit ")[1].split("s)")[0]) for line in log.splitlines() if line.startswith("=== tune")]
+    assert len(limits) == 1 and 20 <= limits[0] <= 25
+    rows = run(tree, "tune", CNNFAST_DEADLINE="45")
+    assert rows == [("environment", "skipped (deadline)"), ("build", "cached"), ("tune", "skipped (deadline)")]
+
+
+INTERRUPTED_BENCHMARKS = """
+def test_timed(benchmark):
+    benchmark.pedantic(lambda: None, rounds=3)
+
+
+def test_interrupted_in_its_warm_up(benchmark):
+    def interrupted():
+        raise KeyboardInterrupt  # device_check.sh's SIGINT, arriving before the first round
+    benchmark.pedantic(interrupted, rounds=3)
+"""
+
+
+def test_an_interrupted_benchmark_run_still_writes_the_cases_that_ran(tmp_path):
+    """bench/conftest.py drops a case left without rounds, which would make pytest-benchmark's JSON
+    writer fail and save nothing."""
+    (tmp_path / "test_cases.py").write_text(INTERRUPTED_BENCHMARKS)
+    repo = SCRIPT.parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "bench.conftest", "-p", "no:cacheprovider", "-q", str(tmp_path),
+         f"--benchmark-json={tmp_path / 'out.json'}", f"--rootdir={tmp_path}"],
+        # Without this run's pytest-xdist variables, which would turn pytest-benchmark off there.
+        cwd=tmp_path, env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}, "PYTHONPATH": str(repo)},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr  # interrupted
+    saved = json.loads((tmp_path / "out.json").read_text())["benchmarks"]
+    assert [case["name"] for case in saved] == ["test_timed"]

@@ -148,7 +148,7 @@ def test_folds_torchvisions_frozen_batchnorm():
     frozen = FrozenBatchNorm2d(K, eps=bn.eps)
     frozen.load_state_dict({name: bn.state_dict()[name] for name in frozen.state_dict()})
     x = torch.randn(2, C, 6, 7)
-    for module in (frozen, frozen.train()):
+    for module in (frozen.eval(), copy.deepcopy(frozen).train()):
         folded_weight, folded_bias = ops.fold_bn(weight, bias, module)
         out = F.conv2d(x, folded_weight, folded_bias, padding=1)
         assert_close_to_reference(out, reference_conv_bn(x, weight, bias, module), "conv")

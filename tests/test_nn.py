@@ -99,6 +99,19 @@ def test_conv_bn_relu_bfloat16_weights_float32_bias():
     assert_close_to_reference(out, reference(nn.Sequential(conv, bn, nn.ReLU()), x), "conv")
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_half_precision_conv_folds_into_float32_weights_rounded_once(weight_dtype):
+    """The folded weight is the half weight times BN's scale, rounded once to the dtype asked for:
+    not rounded to the half dtype first."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 16, 3, padding=1, bias=False).to(weight_dtype), randomize_bn(nn.BatchNorm2d(16))
+    fused = ConvBNReLU.from_modules(conv, bn, True, dtype=torch.float32)
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    exact = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    assert fused.weight.dtype == torch.float32
+    torch.testing.assert_close(fused.weight.double(), exact, rtol=1e-6, atol=0)
+
+
 def test_conv_bn_relu_refuses_what_it_cannot_fold():
     conv = nn.Conv2d(4, 4, 3)
     with pytest.raises(RuntimeError, match="training mode"):
@@ -136,6 +149,11 @@ def test_linear_relu_takes_leading_dimensions_like_nn_linear():
         assert_close_to_reference(fused(x), torch.relu(reference(linear, x)), "conv")
     with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
         fused(torch.randn(3, 4))
+
+
+def test_linear_relu_refuses_another_activation():
+    with pytest.raises(NotImplementedError, match="the activation is SiLU, not ReLU"):
+        LinearReLU.from_modules(nn.Linear(4, 3), nn.SiLU())
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
@@ -210,6 +228,37 @@ def test_batchnorm_relu_matches_unfused(affine):
         BatchNormReLU(nn.BatchNorm2d(6))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_batchnorm_relu_keeps_a_half_inputs_dtype_with_float32_statistics(dtype):
+    """As nn.BatchNorm2d does: half activations, float32 statistics, a half output (computed in
+    float32 and rounded once)."""
+    bn = randomize_bn(nn.BatchNorm2d(6))
+    x = image(2, 6, 4, 3).to(dtype)
+    out = BatchNormReLU(bn)(x)
+    assert out.dtype == dtype
+    assert_close_to_reference(out, reference(nn.Sequential(bn, nn.ReLU()), x), "elementwise")
+    with pytest.raises(TypeError, match="input dtype torch.int64 is not a floating dtype"):
+        BatchNormReLU(bn)(torch.ones(1, 6, 2, 2, dtype=torch.int64))
+
+
+FUSED_MODULES = {
+    "ConvBNReLU": (lambda: ConvBNReLU.from_modules(nn.Conv2d(3, 4, 1), randomize_bn(nn.BatchNorm2d(4))), (1, 3, 2, 2)),
+    "LinearReLU": (lambda: LinearReLU.from_modules(nn.Linear(3, 4), True), (1, 3)),
+    "GlobalAvgPoolLinear": (lambda: GlobalAvgPoolLinear.from_modules(nn.Linear(3, 4)), (1, 3, 2, 2)),
+    "BatchNormReLU": (lambda: BatchNormReLU(randomize_bn(nn.BatchNorm2d(3))), (1, 3, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", list(FUSED_MODULES))
+def test_a_fused_module_is_built_for_inference_and_refuses_training_mode(kind):
+    build, shape = FUSED_MODULES[kind]
+    fused = build()
+    assert not fused.training
+    fused(torch.randn(shape))
+    with pytest.raises(RuntimeError, match=f"{kind}: in training mode, but fused modules are for inference"):
+        fused.train()(torch.randn(shape))
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 3, 3), (4, 6), (2, 7, 3, 3)], ids=["one-channel", "2-D", "seven-channels"])
 def test_batchnorm_relu_refuses_an_input_it_would_broadcast(shape):
     fused = BatchNormReLU(randomize_bn(nn.BatchNorm2d(6)))
@@ -234,3 +283,9 @@ def test_inception_writes_each_branch_into_its_channel_slice(backend, device):
     for (start, stop), branch in zip(fused.channel_ranges, branches):
         assert_close_to_reference(out[:, start:stop], reference(branch, x), conv_kind(device))
     assert_close_to_reference(out, reference(module, x), conv_kind(device))
+
+
+def test_inception_refuses_an_input_that_is_not_4d():
+    fused = Inception.from_torchvision(randomize_bn(TvInception(7, 4, 3, 5, 2, 3, 6)))
+    with pytest.raises(ValueError, match=r"Inception expects a 4-D \(N, C, H, W\) input, got shape \(7, 6, 5\)"):
+        fused(torch.randn(7, 6, 5))

@@ -349,6 +349,38 @@ def resnet18_with_a_hooked_block():
     return model.eval()
 
 
+GLOBAL_POOL_LEFT_ALONE = ("adaptive average pooling runs in PyTorch (only a ResNet's or GoogLeNet's global pool "
+                          "straight into its single nn.Linear fc fuses with it)")
+
+
+def googlenet_with_softsign_for_dropout():
+    """GoogLeNet's forward applies its dropout slot to the pooled features: a module there that
+    computes something keeps the head unfused (a fused head would apply it to the logits)."""
+    model = build("googlenet", num_classes=10)
+    model.dropout = nn.Softsign()
+    return model.eval()
+
+
+class MaxOverMap(nn.AdaptiveAvgPool2d):
+    """An AdaptiveAvgPool2d subclass that takes the maximum instead: not a global average pool."""
+
+    def forward(self, x):
+        return torch.amax(x, (2, 3), keepdim=True)
+
+
+def resnet18_with_max_pool_subclass():
+    model = resnet18_with()
+    model.avgpool = MaxOverMap(1)
+    return model.eval()
+
+
+def one_block_twice():
+    """nn.Sequential(block, block): one module in two places, both fused, into one fused module."""
+    torch.manual_seed(0)
+    block = TvBasicBlock(8, 8)
+    return randomize_bn(nn.Sequential(block, block))
+
+
 def named_sequential():
     layers = OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
     return randomize_bn(nn.Sequential(layers))
@@ -371,8 +403,19 @@ UNKNOWN_PARTS = {
     "resnet18-new-head": (resnet18_with_new_head, (1, 3, 64, 64), [
         ("fused", "layer4.1", "BasicBlock -> fused BasicBlock"),
         ("fused", "fc.1", "Linear -> LinearReLU"),
-        ("left_alone", "avgpool",
-         "adaptive average pooling runs in PyTorch (it is not followed by a single linear layer)"),
+        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
+    ]),
+    "googlenet-softsign-for-dropout": (googlenet_with_softsign_for_dropout, (1, 3, 64, 64), [
+        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
+        ("fused", "inception5b", "Inception -> fused Inception"),
+    ]),
+    "resnet18-pool-subclass": (resnet18_with_max_pool_subclass, (1, 3, 64, 64), [
+        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
+        ("left_alone", "fc", "a Linear fuses inside an nn.Sequential run or as a ResNet's or GoogLeNet's head only"),
+    ]),
+    "one-block-twice": (one_block_twice, (2, 8, 6, 5), [
+        ("fused", "0", "BasicBlock -> fused BasicBlock"),
+        ("fused", "1", "the same module as 0: the same fused BasicBlock"),
     ]),
     "resnext50": (lambda: randomize_bn(tv.resnext50_32x4d(num_classes=10)), (1, 3, 64, 64), [
         ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
@@ -609,6 +652,19 @@ def test_a_second_optimize_reports_what_the_first_fused():
     assert "already fused by an earlier optimize(): " in str(twice.cnnfast_report)
 
 
+def test_a_module_in_two_places_becomes_one_fused_module():
+    fused = cnnfast.optimize(one_block_twice())
+    assert isinstance(fused[0], cnnfast.nn.BasicBlock) and fused[1] is fused[0]
+
+
+def test_optimizing_again_with_a_backend_sets_it_on_what_was_fused_before():
+    once = cnnfast.optimize(build_meta("resnet18"))
+    twice = cnnfast.optimize(once, backend="torch")
+    backends = {m.backend for m in twice.modules() if isinstance(m, FUSED_LEAVES)}
+    assert backends == {"torch"}
+    assert {m.backend for m in cnnfast.optimize(twice).modules() if isinstance(m, FUSED_LEAVES)} == {"torch"}
+
+
 def test_optimizing_twice_changes_nothing():
     once = cnnfast.optimize(build("resnet18", num_classes=10))
     twice = cnnfast.optimize(once)
@@ -630,6 +686,36 @@ def fused_resnet18():
 def test_refuses_a_model_in_training_mode():
     with pytest.raises(RuntimeError, match="training mode"):
         cnnfast.optimize(models.resnet18(num_classes=10))
+
+
+def test_a_fused_model_put_in_training_mode_refuses_to_run(fused_resnet18):
+    model = copy.deepcopy(fused_resnet18).train()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ConvBNReLU: in training mode, but fused modules are "
+                                                             r"for inference .*call \.eval\(\)"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_the_training_mode_error_names_three_modules_and_counts_the_rest():
+    with pytest.raises(RuntimeError, match=r"training mode \(ResNet, conv1, bn1 and \d+ more\)"):
+        cnnfast.optimize(models.resnet18(num_classes=10))
+    with pytest.raises(RuntimeError, match=r"training mode \(Conv2d\); "):
+        cnnfast.optimize(nn.Conv2d(3, 4, 3))
+
+
+def test_a_half_model_with_float32_batchnorm_runs_pre_activation_blocks():
+    """fp16 weights with float32 BN (a mixed-precision checkpoint): the pre-activation BN + ReLU keeps
+    the activations in float16, as nn.BatchNorm2d does."""
+    original = build("preact_resnet18", num_classes=10).half()
+    for bn in original.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.float()
+    fused = cnnfast.optimize(original)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = fused(x.half())
+        expected = copy.deepcopy(original).double()(x.double())
+    assert out.dtype == torch.float16
+    assert_matches(out, expected)
 
 
 def test_refuses_batchnorm_without_running_statistics():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cnnfast import ops
-from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_no_hooks, check_relu, computes_as
+from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_inference, check_no_hooks, check_relu, computes_as
 
 
 def _fuser(name, dtype, backend):
@@ -72,6 +72,7 @@ class BatchNormReLU(nn.Module):
 
     def __init__(self, bn: nn.BatchNorm2d, *, dtype=None, name="bn"):
         super().__init__()
+        self.training = False  # inference only (check_inference)
         check_foldable(bn, name)
         self.channels = bn.running_mean.numel()
         scale, shift = ops.batch_norm_scale_shift(bn)
@@ -88,10 +89,15 @@ class BatchNormReLU(nn.Module):
         return cls(bn, dtype=dtype, name=name)
 
     def forward(self, x):
+        check_inference(self)
         # addcmul would broadcast a 1-channel or 2-D input to a wrong-shaped result.
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"BatchNormReLU expects (N, {self.channels}, H, W) input, got shape {tuple(x.shape)}")
-        return torch.relu(torch.addcmul(self.shift, x, self.scale))
+        if not x.is_floating_point():
+            raise TypeError(f"BatchNormReLU: input dtype {x.dtype} is not a floating dtype")
+        # Like nn.BatchNorm2d, the output keeps x's dtype: float16 activations with float32 statistics
+        # are computed in float32 and rounded once.
+        return torch.relu(torch.addcmul(self.shift, x, self.scale).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.channels}"
@@ -148,6 +154,8 @@ class Inception(nn.Module):
         )
 
     def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"Inception expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, _, h, w = x.shape
         out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         slices = [out[:, start:stop] for start, stop in self.channel_ranges]

@@ -1,8 +1,8 @@
 """Fused convolution and linear layers: one cnnfast.ops.conv2d call each.
 
 They subclass nn.Conv2d and nn.Linear, so they print, count (cnnfast.analysis) and move between
-devices like PyTorch's own. Built by from_modules, their weights are inference constants
-(requires_grad=False); the bias is the folded BatchNorm shift, kept in float32 whatever the
+devices like PyTorch's own. They are for inference: built in eval mode, they refuse to run in
+training mode, and built by from_modules their weights are constants (requires_grad=False); the bias is the folded BatchNorm shift, kept in float32 whatever the
 weight's dtype.
 """
 import torch
@@ -79,6 +79,14 @@ def unsupported_reason(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def check_inference(module: nn.Module) -> None:
+    """Refuses a fused module in training mode: its BatchNorm is folded into constant weights, so
+    training would neither update the statistics nor learn (training support is not built)."""
+    if module.training:
+        raise RuntimeError(f"{type(module).__name__}: in training mode, but fused modules are for inference "
+                           "(their BatchNorm is folded into constant weights): call .eval()")
+
+
 def backend_repr(backend) -> str:
     """", backend='triton'" for a module pinned to a backend; nothing for the default (None)."""
     return "" if backend is None else f", backend={backend!r}"
@@ -95,6 +103,7 @@ class ConvBNReLU(nn.Conv2d):
                  relu=False, bn_folded=False, backend=None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=True,
                          device=device, dtype=dtype)
+        self.training = False  # inference only (check_inference)
         self.relu = relu
         self.bn_folded = bn_folded
         self.backend = backend
@@ -108,20 +117,21 @@ class ConvBNReLU(nn.Conv2d):
             raise NotImplementedError(f"{name}: {reason}")
         check_relu(relu, name)
         check_no_hooks(name, conv, bn, relu)
+        dtype = dtype or conv.weight.dtype
         if bn is not None:
             check_foldable(bn, name)
-            weight, bias = ops.fold_bn(conv.weight, conv.bias, bn)
+            weight, bias = ops.fold_bn(conv.weight, conv.bias, bn, dtype=dtype)
         else:
-            weight = conv.weight.detach()
+            weight = conv.weight.detach().to(dtype)
             bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                     relu=bool(relu), bn_folded=bn is not None, backend=backend, device="meta")
-        dtype = dtype or weight.dtype
-        fused.weight = _constant(weight.to(dtype).contiguous(memory_format=torch.channels_last))
+        fused.weight = _constant(weight.contiguous(memory_format=torch.channels_last))
         fused.bias = _constant(bias.float())
         return fused
 
     def forward(self, x, residual=None, out=None):
+        check_inference(self)
         if x.dim() == 3:  # one unbatched (C, H, W) image, as nn.Conv2d takes it
             if any(t is not None and t.dim() != 3 for t in (residual, out)):
                 raise ValueError("ConvBNReLU: with an unbatched (C, H, W) input, residual and out must be (K, P, Q)")
@@ -149,16 +159,21 @@ class LinearReLU(nn.Linear):
 
     def __init__(self, in_features, out_features, *, relu=False, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
+        self.training = False  # inference only (check_inference)
         self.relu = relu
         self.backend = backend
 
     @classmethod
     def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None, name="linear"):
+        """Fuses linear -> [relu]; relu: a ReLU module, or a bool. NotImplementedError for another
+        activation or a part with hooks."""
+        check_relu(relu, name)
         check_no_hooks(name, linear, relu)
         fused = cls(linear.in_features, linear.out_features, relu=bool(relu), backend=backend, device="meta")
         return _take_linear(fused, linear, dtype)
 
     def forward(self, x):
+        check_inference(self)
         # Any leading dimensions, as nn.Linear takes them: a Linear fused inside an nn.Sequential may see (N, T, C).
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"LinearReLU expects (..., {self.in_features}) input, got shape {tuple(x.shape)}")
@@ -175,6 +190,7 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, *, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
+        self.training = False  # inference only (check_inference)
         self.backend = backend
 
     @classmethod
@@ -184,6 +200,7 @@ class GlobalAvgPoolLinear(nn.Linear):
         return _take_linear(fused, linear, dtype)
 
     def forward(self, x):
+        check_inference(self)
         return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
