@@ -302,6 +302,7 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
     """The "layers" rows: every ((problem, epilogue), names) of layers (conv_layers') timed on each
     backend that can run its epilogue; each layer is a step of progress (a Progress), when given."""
     rows = []
+    failed = {}  # backend -> why it failed on an earlier layer
     for (problem, epilogue), names in layers.items():
         if progress is not None:
             progress.step(f"{names[0]}: {', '.join(backends)}")
@@ -310,13 +311,22 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
         flops = conv_flops(problem, batch)
         traffic = conv_bytes(problem, batch, dtype.itemsize, residual=residual is not None)
         skipped = {backend: reason for backend in backends if (reason := layer_skip_reason(backend, epilogue))}
+        skipped.update((backend, reason) for backend, reason in failed.items() if backend in backends)
         times = {}
         for backend in backends:
             if backend in skipped:
                 continue
             fn = layer_function(backend, problem, x, weight, bias, residual, relu)
             with torch.inference_mode():
-                fn()  # compiles (compile), autotunes (triton) or warms caches before timing
+                try:
+                    fn()  # compiles (compile), autotunes (triton) or warms caches before timing
+                except Exception as error:  # re-raised below but for torch.compile
+                    if backend != "compile":
+                        raise
+                    # torch.compile needs the machine's toolchain (a C++ compiler on a CPU): where it
+                    # cannot build, it is listed as skipped with PyTorch's reason, on this layer and after.
+                    failed[backend] = skipped[backend] = f"torch.compile failed here: {first_line(error)}"
+                    continue
                 times[backend] = time_ms(fn, device)
         results = {
             backend: {
@@ -333,6 +343,11 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
         rows.append({"layer": names[0], "layers": names, "problem": shape, "flops": flops, "bytes": traffic,
                      "results": results, "skipped": skipped})
     return rows
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def bench_model(arch, batch, dtype, device, input_size) -> list[dict]:

@@ -8,7 +8,9 @@ the roofline are measured when the report is written (CPU timings on a CPU).
 
 import datetime
 import html
+import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -52,6 +54,16 @@ class ReportData:
     out_dir: Path
     analyses: dict  # architecture name -> ModelAnalysis at the architecture's default input size
     claims: list
+    bench_result: dict | None = None  # measured once, for the benchmark and roofline sections
+
+    def bench(self) -> dict:
+        """The report's benchmark run: BENCH_ARCH's first BENCH_LAYERS distinct conv layers on every
+        backend that runs here, and the whole model eager and optimized, at batch 1."""
+        if self.bench_result is None:
+            from cnnfast.bench import run_bench
+
+            self.bench_result = run_bench(BENCH_ARCH, batch=1, max_layers=BENCH_LAYERS)
+        return self.bench_result
 
 
 @dataclass
@@ -275,31 +287,27 @@ LECTURE_NOTES_INTRO = "Where the lecture's own figures differ from the counts:"
 
 
 def claims_section(data):
-    from cnnfast.analysis.measure import measure_claims, measured_on
+    from cnnfast.analysis.measure import measure_claims, measured_on, range_text
 
     measured = measure_claims(claims=data.claims)
     by_key = {row["key"]: row for row in measured["claims"]}
     timings = "CPU timings, not GPU speeds" if measured["device_type"] == "cpu" else "GPU timings"
-    headers = ("Claim", "Quantity", "Predicted (counted) ratio", "Measured time ratio", "Verdict", "Closed form",
-               "Formula", "Agreement")
-    rows = [
-        (
-            claim.title,
-            claim.quantity,
-            f"{claim.predicted:.4g}",
-            f"{by_key[claim.key]['measured']:.4g}" if claim.key in by_key else "not a time",
-            by_key[claim.key]["verdict"] if claim.key in by_key else "-",
-            closed_form_value(claim),
-            claim.closed_form_text or "",
-            agreement_text(claim),
-        )
-        for claim in data.claims
-    ]
-    align = "llrrlrll"
+    headers = ("Claim", "Quantity", "Predicted (counted) ratio", "Measured time ratio", "Verdict",
+               "cnnfast time ratio", "cnnfast verdict", "Closed form", "Formula", "Agreement")
+    rows = []
+    for claim in data.claims:
+        row = by_key.get(claim.key)
+        timed = (f"{row['measured']:.4g} ({range_text(row['measured_range'])})", row["verdict"],
+                 f"{row['cnnfast']['measured']:.4g} ({range_text(row['cnnfast']['measured_range'])})",
+                 row["cnnfast"]["verdict"]) if row else ("not a time", "-", "not a time", "-")
+        rows.append((claim.title, claim.quantity, f"{claim.predicted:.4g}", *timed, closed_form_value(claim),
+                     claim.closed_form_text or "", agreement_text(claim)))
+    align = "llrrlrlrll"
     intro = (
         "Each ratio is counted on real layer shapes and set against the lecture's closed form where it gives one. "
         "Where the quantity is time (MACs, pooling operations), both sides of the ratio were also timed when this "
-        f"report was written ({timings}): {measured_on(measured)}. Verdict: {measured['verdict_rule']}. "
+        f"report was written ({timings}): {measured_on(measured)}. A measured ratio is the median rounds' "
+        f"(their range in brackets). Verdict: {measured['verdict_rule']}. "
         "Full runs: cnnfast claims --measure."
     )
     notes = [f"{row['key']} ({row['verdict']}): {row['explanation']['cause']}: {row['explanation']['text']}"
@@ -388,9 +396,13 @@ def conventions_section(data):
 
 
 def git_commit():
+    """The commit of the code that wrote the report: CNNFAST_COMMIT where set (a copy of the tree
+    without .git, as on a lent GPU machine), else git's, "+dirty" when the tree has changes."""
+    if os.environ.get("CNNFAST_COMMIT"):
+        return os.environ["CNNFAST_COMMIT"]
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -402,9 +414,17 @@ def git_commit():
 
 
 def environment_section(data):
+    import torchvision
+    import triton
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     rows = [
         ("cnnfast", cnnfast.__version__),
         ("torch", torch.__version__),
+        ("torchvision", torchvision.__version__),
+        ("triton", triton.__version__),
+        ("CUDA (torch built with)", torch.version.cuda or "none"),
+        ("cuDNN", str(cudnn) if cudnn else "none"),
         ("python", sys.version.split()[0]),
         ("device", device_name("cuda" if torch.cuda.is_available() else "cpu")),
         ("platform", platform.platform()),
@@ -415,25 +435,69 @@ def environment_section(data):
     return Section("Environment", html_table(headers, rows, "ll"), markdown_table(headers, rows, "ll"))
 
 
-ROOFLINE_ARCH = "resnet50"
-ROOFLINE_LAYERS = 5  # the first distinct conv layers only: the whole report stays within a minute or so on a CPU
+BENCH_ARCH = "resnet50"
+BENCH_LAYERS = 5  # the first distinct conv layers only: the whole report stays within a minute or so on a CPU
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results"  # in a source checkout
+
+
+def committed_runs(results_dir=RESULTS_DIR) -> list[tuple]:
+    """(run, GPU, torch, triton, date, commit) of each GPU run filed under bench/results, oldest first."""
+    rows = []
+    for env_path in sorted(Path(results_dir).glob("*/env.json")):
+        env = json.loads(env_path.read_text())
+        rows.append((env_path.parent.name, str(env.get("gpu")), str(env.get("torch")), str(env.get("triton")),
+                     str(env.get("date", ""))[:10], str(env.get("commit"))))
+    return sorted(rows, key=lambda row: (row[4], row[0]))
+
+
+def benchmarks_section(data):
+    from cnnfast.bench import end_to_end_rows, layer_rows, skipped_lines, summary_rows
+
+    result = data.bench()
+    timings = "CPU timings, not GPU speeds" if result["device_type"] == "cpu" else "GPU timings"
+    intro = (
+        f"Measured when this report was written, on {result['device']} ({timings}; {result['timer']}): "
+        f"the first {len(result['layers'])} distinct conv layers of {BENCH_ARCH} (each with its folded BatchNorm "
+        f"and epilogue) at batch 1, {result['dtype']}, channels_last, on every backend that runs here, then the "
+        f"whole model, eager PyTorch against cnnfast.optimize. Full runs: cnnfast bench ARCH."
+    )
+    tables = [("Per backend, the layers' calls summed", *summary_rows(result), "lrrr"),
+              ("Per layer", *layer_rows(result), "lllrrrr"),
+              (f"End to end, {BENCH_ARCH} at batch 1", *end_to_end_rows(result), "llrrr")]
+    runs = committed_runs()
+    runs_headers = ("run", "GPU", "torch", "triton", "date", "commit")
+    runs_text = ("GPU results filed in bench/results (the README's measured results are generated from them; "
+                 "each folder's summary.md has every case):" if runs else
+                 "No GPU results are filed in bench/results beside this copy of cnnfast.")
+    html_parts = [f"<p>{html.escape(intro)}</p>", html_list(skipped_lines(result))]
+    markdown_parts = [markdown_escape(intro), markdown_list(skipped_lines(result))]
+    for title, headers, rows, align in tables:
+        html_parts += [f"<h3>{html.escape(title)}</h3>", html_table(headers, rows, align)]
+        markdown_parts += [f"### {title}", markdown_table(headers, rows, align)]
+    html_parts.append(f"<p>{html.escape(runs_text)}</p>")
+    markdown_parts.append(markdown_escape(runs_text))
+    if runs:
+        html_parts.append(html_table(runs_headers, runs, "llllll"))
+        markdown_parts.append(markdown_table(runs_headers, runs, "llllll"))
+    return Section(f"Benchmarks (measured on {result['device']})", "\n".join(html_parts),
+                   "\n\n".join(markdown_parts))
 
 
 def roofline_section(data):
-    from cnnfast.bench import roofline_points, run_bench, skipped_lines
+    from cnnfast.bench import roofline_points, skipped_lines
     from cnnfast.roofline import DTYPES, ceilings, rate_unit, ridge_intensity, roofline_plot, roofline_rows
 
-    result = run_bench(ROOFLINE_ARCH, batch=1, max_layers=ROOFLINE_LAYERS, end_to_end=False)
+    result = data.bench()
     ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
     points = roofline_points(result, ceiling)
     rate = rate_unit(result["device_type"])
     unit, scale = rate
     chart = roofline_plot(points, ceiling, data.out_dir / "roofline.png",
-                          subject=f"{ROOFLINE_ARCH}, first {len(result['layers'])} conv layers, batch 1", rate=rate)
+                          subject=f"{BENCH_ARCH}, first {len(result['layers'])} conv layers, batch 1", rate=rate)
     timings = "CPU timings, not GPU speeds" if result["device_type"] == "cpu" else "GPU timings"
     intro = (
         f"A reduced set, measured when this report was written: the first {len(result['layers'])} distinct conv "
-        f"layers of {ROOFLINE_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
+        f"layers of {BENCH_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
         f"({timings}; {result['timer']}). Ceilings: torch.matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, "
         f"copy {ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s (bytes read + written), ridge "
         f"{ridge_intensity(ceiling):.1f} FLOP/byte. Traffic counts input, weights, output and the residual a layer adds once each; "
@@ -442,7 +506,7 @@ def roofline_section(data):
     skipped = skipped_lines(result)
     headers, rows = roofline_rows(points, rate)
     align = "llrrrrrll"
-    caption = f"Roofline of {ROOFLINE_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."
+    caption = f"Roofline of {BENCH_ARCH}'s first conv layers, {result['dtype']}, {result['device']}."
     return Section(
         f"Roofline (measured on {result['device']})",
         f"<p>{html.escape(intro)}</p>\n{html_list(skipped)}\n{html_figure(chart, caption)}\n"
@@ -457,11 +521,15 @@ SECTIONS = (
     summary_section,
     claims_section,
     layer_charts_section,
+    benchmarks_section,
     roofline_section,
     layer_tables_section,
     conventions_section,
     environment_section,
 )
+# The sections that time something: made last, so that the pages (written again after each
+# section) already hold every counted section when a time limit stops the report.
+MEASURED_SECTIONS = (claims_section, benchmarks_section, roofline_section)
 
 TITLE = "cnnfast: the classic CNNs counted"
 
@@ -498,11 +566,15 @@ def write_report(out_dir="report"):
         analyses={name: analyze_arch(name) for name in ARCHITECTURES},
         claims=compute_claims(),
     )
-    sections = [make_section(data) for make_section in SECTIONS]
     html_path = out_dir / "index.html"
     markdown_path = out_dir / "report.md"
-    html_path.write_text(render_html(sections), encoding="utf-8")
-    markdown_path.write_text(render_markdown(sections), encoding="utf-8")
+    made = {}
+    order = [make for make in SECTIONS if make not in MEASURED_SECTIONS] + list(MEASURED_SECTIONS)
+    for make_section in order:
+        made[make_section] = make_section(data)
+        sections = [made[make] for make in SECTIONS if make in made]  # in the page's order
+        html_path.write_text(render_html(sections), encoding="utf-8")
+        markdown_path.write_text(render_markdown(sections), encoding="utf-8")
     written = {path.name: path for path in (html_path, markdown_path)}
     written.update({path.name: path for section in sections for path in section.files})
     return written

@@ -132,6 +132,34 @@ def test_bench_layers_skip_a_backend_that_cannot_run_the_epilogue():
     assert row["problem"]["epilogue"] == "none"
 
 
+def test_a_torch_compile_that_cannot_build_here_is_skipped_with_its_reason(monkeypatch):
+    """torch.compile depends on the machine's toolchain: where it fails, its layers are listed as
+    skipped with PyTorch's error, once tried, and the other backends are timed; any other backend's
+    failure is raised."""
+    from cnnfast import bench
+
+    calls = []
+    real_layer_function = bench.layer_function
+
+    def layer_function(backend, *args):
+        if backend in ("compile", "torch_folded"):
+            def fails():
+                calls.append(backend)
+                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+            return fails
+        return real_layer_function(backend, *args)
+
+    monkeypatch.setattr(bench, "layer_function", layer_function)
+    problems = {(ConvProblem(C=8, H=6, W=6, K=16, R=1, S=1, stride=(1, 1), padding=(0, 0)), "relu"): ["a"],
+                (ConvProblem(C=8, H=6, W=6, K=8, R=1, S=1, stride=(1, 1), padding=(0, 0)), "relu"): ["b"]}
+    rows = bench.bench_layers(problems, 1, torch.float32, torch.device("cpu"), ["torch", "compile"])
+    reason = "torch.compile failed here: RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    assert [row["skipped"] for row in rows] == [{"compile": reason}] * 2 and calls == ["compile"]
+    assert all(list(row["results"]) == ["torch"] for row in rows)
+    with pytest.raises(RuntimeError, match="InvalidCxxCompiler"):
+        bench.bench_layers(problems, 1, torch.float32, torch.device("cpu"), ["torch_folded"])
+
+
 def test_a_backend_that_cannot_run_some_layers_is_summed_over_the_rest():
     from cnnfast.bench import skipped_lines, summary_rows
     from cnnfast.cli import tune_table

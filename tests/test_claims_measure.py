@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from cnnfast.cli import main
 REDUCED = ("bottleneck_vs_basic_macs", "alexnet_pool_ops_vs_conv_macs")
 TOP_KEYS = {"schema", "device", "device_type", "dtype", "batch", "torch_version", "timer", "backends", "skipped",
             "empty_op_ms", "ceilings", "verdict_rule", "not_measured", "claims"}
-CLAIM_KEYS = {"key", "title", "quantity", "predicted", "pivot", "measured", "verdict", "explanation", "sides"}
+CLAIM_KEYS = {"key", "title", "quantity", "predicted", "pivot", "measured", "measured_range", "verdict", "explanation",
+              "cnnfast", "sides"}
+CNNFAST_KEYS = {"measured", "measured_range", "verdict", "numerator_ms", "denominator_ms"}
 SIDE_KEYS = {"label", "ms", "flops", "bytes", "intensity", "bound_ms", "memory_bound_ms", "bound", "calls"}
 
 
@@ -72,10 +75,12 @@ def measured():
 def test_schema_keys(measured):
     assert set(measured) == TOP_KEYS
     assert measured["schema"] == SCHEMA
-    assert measured["device_type"] == "cpu" and measured["backends"] == ["torch"]
-    assert "cnnfast" in measured["skipped"]  # the fused forms: GPU only, skipped with the reason
+    assert measured["device_type"] == "cpu" and measured["backends"] == ["torch", "cnnfast"]
+    assert measured["skipped"] == {}
     for row in measured["claims"]:
-        assert set(row) == CLAIM_KEYS
+        assert set(row) == CLAIM_KEYS and set(row["cnnfast"]) == CNNFAST_KEYS
+        low, high = row["measured_range"]
+        assert 0 < low <= row["measured"] <= high or math.isclose(low, high)
         assert set(row["sides"]) == {"numerator", "denominator"}
         for figures in row["sides"].values():
             assert set(figures) == SIDE_KEYS
@@ -119,3 +124,39 @@ def test_report_claims_section_has_predicted_and_measured_columns(tmp_path):
                         and "| macs |" in line)
     assert any(verdict_text in measured_row for verdict_text in ("holds", "does not hold"))
     assert "not a time" in section.markdown  # the parameters claim is counted, not timed
+
+
+def test_a_part_in_both_sides_is_timed_once_a_round_so_a_fraction_stays_at_most_one(monkeypatch):
+    """A machine that gets faster while the claim is timed: with the conv layers timed once for both
+    the numerator and the whole, AlexNet's conv share cannot pass 1 (it did when each side timed its
+    parts apart); the rounds alternate their order."""
+    from cnnfast.analysis import measure
+
+    clock = iter(range(10**6))
+
+    def drifting(fn, device, **kwargs):  # each call 1% faster than the one before
+        return 10.0 * 0.99 ** next(clock)
+
+    monkeypatch.setattr(measure, "time_ms", drifting)
+    result = measure.measure_claims(keys=["alexnet_conv_macs_fraction"], device="cpu")
+    (row,) = result["claims"]
+    assert 0 < row["measured"] <= 1 and 0 < row["cnnfast"]["measured"] <= 1
+    assert row["measured_range"][0] < row["measured_range"][1] <= 1
+
+
+def test_cnnfast_times_each_part_as_optimize_makes_it(monkeypatch):
+    from cnnfast.analysis import measure
+    from cnnfast.nn import ConvBNReLU
+
+    timed = []
+
+    def recording(fn, device, **kwargs):
+        if fn.__defaults__:  # a part's lambda, with its module (not the empty-op timing)
+            timed.append(fn.__defaults__[0])
+        return 1.0
+
+    monkeypatch.setattr(measure, "time_ms", recording)
+    measure.measure_claims(keys=["bottleneck_vs_basic_macs"], device="cpu")
+    fused = [module for module in timed if any(isinstance(m, ConvBNReLU) for m in module.modules())]
+    plain = [module for module in timed if any(type(m) is torch.nn.Conv2d for m in module.modules())]
+    assert len(fused) == len(plain) == 2 * measure.ROUNDS  # two sides, each timed once a round

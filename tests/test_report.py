@@ -1,4 +1,5 @@
 import html
+import json
 
 import pytest
 
@@ -68,3 +69,57 @@ def test_html_is_self_contained(report):
     assert "http://" not in text and "https://" not in text
     assert text.count("<details>") == len(ARCHITECTURES)
 
+
+
+@pytest.mark.parametrize("page, escape", [("index.html", html.escape), ("report.md", markdown_escape)])
+def test_pages_hold_the_benchmark_tables_and_the_environment(report, page, escape):
+    """The benchmark tables (per backend, per layer, end to end), labelled with the machine they were
+    measured on, and the versions the figures depend on."""
+    _, written = report
+    text = written[page].read_text(encoding="utf-8")
+    assert "Benchmarks (measured on CPU" in text and "CPU timings, not GPU speeds" in text
+    for heading in ("Per backend, the layers", "Per layer", "End to end, resnet50 at batch 1", "images/s",
+                    "speedup vs eager", "speedup vs torch", "skipped triton"):
+        assert escape(heading) in text
+    for item in ("torchvision", "triton", "cuDNN", "git commit"):
+        assert item in text
+    assert escape("GPU results filed in bench/results") in text and "h200-2026-11-28-run1" in text
+
+
+def test_committed_runs_are_listed_oldest_first(tmp_path):
+    from cnnfast.report import committed_runs
+
+    for name, date in (("h200-2026-12-02-run1", "2026-12-02T10:00:00+00:00"),
+                       ("h200-2026-11-28-run1", "2026-11-28T17:25:44+00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "env.json").write_text(json.dumps(
+            {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": date, "commit": "abc1234"}))
+    assert committed_runs(tmp_path) == [
+        ("h200-2026-11-28-run1", "NVIDIA H200", "2.11.0", "3.6.0", "2026-11-28", "abc1234"),
+        ("h200-2026-12-02-run1", "NVIDIA H200", "2.11.0", "3.6.0", "2026-12-02", "abc1234"),
+    ]
+    assert committed_runs(tmp_path / "none") == []
+
+
+def test_the_commit_is_the_one_named_where_the_tree_has_no_git(monkeypatch):
+    from cnnfast.report import git_commit
+
+    monkeypatch.setenv("CNNFAST_COMMIT", "0123abc")
+    assert git_commit() == "0123abc"
+
+
+def test_a_report_stopped_in_a_measured_section_keeps_the_counted_ones(tmp_path, monkeypatch):
+    """The pages are written again after each section, the measured ones last: a report cut short
+    (by device_check.sh's time limit, say) still holds every counted section."""
+    from cnnfast import report as report_module
+
+    def interrupted(data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "MEASURED_SECTIONS", (interrupted,))
+    monkeypatch.setattr(report_module, "SECTIONS", (*report_module.SECTIONS[:1], interrupted,
+                                                   *report_module.SECTIONS[-2:]))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "## Summary" in text and "## Counting conventions" in text and "## Environment" in text

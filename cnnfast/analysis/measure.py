@@ -17,8 +17,14 @@ parts (a module and its input); its time is the sum of its parts' times:
 - ``bottleneck_vs_basic_macs``: 1x1 -> 3x3 -> 1x1 (256-64-64-256) / two 3x3 (256-256-256), 56x56;
 - ``bottleneck_vs_basic_at_c_macs``: the same bottleneck / two 3x3 (64-64-64), 56x56.
 
-The measured ratio is time(numerator) / time(denominator). cnnfast's fused forms are not timed here
-(listed in ``skipped`` with the reason).
+The measured ratio is time(numerator) / time(denominator), on two backends: ``torch``, the parts as
+they are, and ``cnnfast``, each part as ``cnnfast.optimize`` makes it (its default backend for the
+device: the tuning table's choice per conv layer on a GPU, PyTorch's ops with the BatchNorm folded
+on a CPU). The sides are timed in ROUNDS rounds, in the order A B then B A, so that a machine whose
+speed drifts during the measurement moves both sides alike; a side's time is the median of its
+round sums, and ``measured_range`` is the lowest and highest ratio of one round. A part in both
+sides (an AlexNet conv layer in "the conv layers / every layer") is timed once a round and counted
+in both, so a fraction of a whole stays at most 1.
 
 Verdict rule (``verdict``), with p the predicted ratio, m the measured one and the pivot 1 for a
 ratio of two configurations or 1/2 for a fraction of a whole (the claim says "most"):
@@ -42,19 +48,21 @@ A side is "memory"-bound when its memory-bound leaves hold more than half of its
   little of it;
 - "neither" otherwise.
 
-JSON (``measure_claims``), schema "cnnfast.claims_measure/1"::
+JSON (``measure_claims``), schema "cnnfast.claims_measure/2"::
 
     {"schema", "device", "device_type", "dtype", "batch", "torch_version", "timer",
-     "backends": ["torch"], "skipped": {backend: reason}, "empty_op_ms", "ceilings",
+     "backends": ["torch", "cnnfast"], "skipped": {backend: reason}, "empty_op_ms", "ceilings",
      "verdict_rule", "not_measured": [keys of claims whose quantity is not time],
-     "claims": [{"key", "title", "quantity", "predicted", "pivot", "measured", "verdict",
+     "claims": [{"key", "title", "quantity", "predicted", "pivot", "measured", "measured_range", "verdict",
                  "explanation": {"cause", "text", "roofline_ratio"} | null,
+                 "cnnfast": {"measured", "measured_range", "verdict", "numerator_ms", "denominator_ms"},
                  "sides": {"numerator" | "denominator": {"label", "ms", "flops", "bytes",
                            "intensity", "bound_ms", "memory_bound_ms", "bound", "calls"}}}]}
 
 CPU timings are CPU timings: they say nothing about GPU speed.
 """
 import math
+import statistics
 
 import torch
 from torch import nn
@@ -66,9 +74,10 @@ from cnnfast.bench import default_device, default_dtype
 from cnnfast.models import get_model
 from cnnfast.roofline import DTYPES, bound_kind, bound_seconds, ceilings, device_name, time_ms, timer_description
 
-SCHEMA = "cnnfast.claims_measure/1"
+SCHEMA = "cnnfast.claims_measure/2"
 TIME_QUANTITIES = ("macs", "flops", "pool_ops")
 TOLERANCE = 1.25
+ROUNDS = 2
 OVERHEAD_SHARE = 0.5
 EXPLAINED_SHARE = 0.5
 VERDICT_RULE = (
@@ -197,17 +206,50 @@ def _count(module: nn.Module, x: torch.Tensor, ceiling: dict) -> dict:
     return side
 
 
-def measure_side(label: str, parts: list, batch: int, dtype, device, ceiling: dict) -> dict:
+def prepare_side(label: str, parts: list, batch: int, dtype, device, ceiling: dict) -> tuple[dict, list]:
+    """(the side's counts, its parts as (module, input) on device, ready to time)."""
     side = {"label": label, "ms": 0.0, "flops": 0, "bytes": 0, "calls": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0}
+    prepared = []
     with torch.inference_mode():
         for module, shape in parts:
             module, x = _prepare(module, shape, batch, dtype, device)
             for name, value in _count(module, x, ceiling).items():
                 side[name] += value
-            side["ms"] += time_ms(lambda: module(x), device)
+            prepared.append((module, x))
     side["intensity"] = side["flops"] / side["bytes"]
     side["bound"] = "memory" if side["memory_bound_ms"] > side["bound_ms"] / 2 else "compute"
-    return side
+    return side, prepared
+
+
+def time_sides(numerator: list, denominator: list, device) -> tuple[float, float, list[float]]:
+    """(numerator ms, denominator ms, [min, max] of one round's ratio) of two sides' (module, input)
+    parts: each distinct module timed once a round, ROUNDS rounds in the order A B, then B A."""
+    distinct = {}
+    for module, x in (*numerator, *denominator):
+        distinct.setdefault(id(module), (module, x))
+    order = list(distinct)
+    sums = ([], [])
+    with torch.inference_mode():
+        for round_index in range(ROUNDS):
+            times = {key: time_ms(lambda m=distinct[key][0], x=distinct[key][1]: m(x), device)
+                     for key in (order if round_index % 2 == 0 else order[::-1])}
+            for side, parts in zip(sums, (numerator, denominator)):
+                side.append(sum(times[id(module)] for module, _ in parts))
+    ratios = [top / bottom for top, bottom in zip(*sums)]
+    return statistics.median(sums[0]), statistics.median(sums[1]), [min(ratios), max(ratios)]
+
+
+def fused_parts(parts: list, fused: dict) -> list:
+    """parts as cnnfast.optimize makes each (wrapped in an nn.Sequential, so that a lone conv or
+    linear layer is fused too); fused: id(module) -> its fused form, shared by the two sides."""
+    from cnnfast.convert import optimize
+
+    result = []
+    for module, x in parts:
+        if id(module) not in fused:
+            fused[id(module)] = optimize(nn.Sequential(module).eval())
+        result.append((fused[id(module)], x))
+    return result
 
 
 def empty_op_ms(device) -> float:
@@ -268,23 +310,27 @@ def measure_claims(batch: int = 1, dtype: str | None = None, device=None, keys=N
     rows = []
     for claim in timed:
         (top_label, top_parts), (bottom_label, bottom_parts) = _sides(claim)
-        numerator = measure_side(top_label, top_parts, batch, DTYPES[dtype], device, ceiling)
-        denominator = measure_side(bottom_label, bottom_parts, batch, DTYPES[dtype], device, ceiling)
+        numerator, top = prepare_side(top_label, top_parts, batch, DTYPES[dtype], device, ceiling)
+        denominator, bottom = prepare_side(bottom_label, bottom_parts, batch, DTYPES[dtype], device, ceiling)
+        numerator["ms"], denominator["ms"], measured_range = time_sides(top, bottom, device)
         measured = numerator["ms"] / denominator["ms"]
         found = verdict(claim.predicted, measured, pivot(claim))
+        fused = {}
+        fused_top, fused_bottom, fused_range = time_sides(fused_parts(top, fused), fused_parts(bottom, fused), device)
         rows.append({
             "key": claim.key, "title": claim.title, "quantity": claim.quantity, "predicted": claim.predicted,
-            "pivot": pivot(claim), "measured": measured, "verdict": found,
+            "pivot": pivot(claim), "measured": measured, "measured_range": measured_range, "verdict": found,
             "explanation": None if found == "holds" else explain(claim.predicted, measured, numerator,
                                                                   denominator, empty_ms),
+            "cnnfast": {"measured": fused_top / fused_bottom, "measured_range": fused_range,
+                        "verdict": verdict(claim.predicted, fused_top / fused_bottom, pivot(claim)),
+                        "numerator_ms": fused_top, "denominator_ms": fused_bottom},
             "sides": {"numerator": numerator, "denominator": denominator},
         })
-    reason = ("cnnfast's fused forms run on a GPU only (the Triton interpreter's CPU times say nothing about speed)"
-              if device.type == "cpu" else "cnnfast's fused forms are not yet wired into the claims measurement")
     return {
         "schema": SCHEMA, "device": device_name(device), "device_type": device.type, "dtype": dtype,
         "batch": batch, "torch_version": torch.__version__, "timer": timer_description(device),
-        "backends": ["torch"], "skipped": {"cnnfast": reason}, "empty_op_ms": empty_ms, "ceilings": ceiling,
+        "backends": ["torch", "cnnfast"], "skipped": {}, "empty_op_ms": empty_ms, "ceilings": ceiling,
         "verdict_rule": VERDICT_RULE,
         "not_measured": [claim.key for claim in claims if claim.quantity not in TIME_QUANTITIES],
         "claims": rows,
@@ -293,17 +339,24 @@ def measure_claims(batch: int = 1, dtype: str | None = None, device=None, keys=N
 
 def measured_rows(result: dict) -> tuple[tuple, list[tuple]]:
     """(headers, rows): one row per measured claim."""
-    headers = ("Claim", "Predicted", "Measured", "Verdict", "Numerator ms", "Denominator ms", "Why not")
+    headers = ("Claim", "Predicted", "Measured (torch)", "Rounds' range", "Verdict", "Numerator ms", "Denominator ms",
+               "Why not", "Measured (cnnfast)", "cnnfast verdict")
     rows = [
-        (row["key"], f"{row['predicted']:.4g}", f"{row['measured']:.4g}", row["verdict"],
-         f"{row['sides']['numerator']['ms']:.3f}", f"{row['sides']['denominator']['ms']:.3f}",
-         row["explanation"]["cause"] if row["explanation"] else "")
+        (row["key"], f"{row['predicted']:.4g}", f"{row['measured']:.4g}", range_text(row["measured_range"]),
+         row["verdict"], f"{row['sides']['numerator']['ms']:.3f}", f"{row['sides']['denominator']['ms']:.3f}",
+         row["explanation"]["cause"] if row["explanation"] else "", f"{row['cnnfast']['measured']:.4g}",
+         row["cnnfast"]["verdict"])
         for row in result["claims"]
     ]
     return headers, rows
 
 
+def range_text(bounds) -> str:
+    return f"{bounds[0]:.3g} - {bounds[1]:.3g}"
+
+
 def measured_on(result: dict) -> str:
     where = f"{result['device']}: CPU timings" if result["device_type"] == "cpu" else result["device"]
-    return (f"torch backend, batch {result['batch']}, {result['dtype']}, channels_last, measured on {where} "
-            f"({result['timer']}); empty op {result['empty_op_ms']:.4f} ms")
+    return (f"torch (the layers as they are) and cnnfast (each part through cnnfast.optimize, its default backend "
+            f"here), batch {result['batch']}, {result['dtype']}, channels_last, measured on {where} "
+            f"({result['timer']}; the sides alternated over {ROUNDS} rounds); empty op {result['empty_op_ms']:.4f} ms")
