@@ -152,6 +152,10 @@ def markdown_figure(path, caption):
     return f"![{caption}]({path.name})\n\n*{caption}*"
 
 
+def timings_label(device_type: str) -> str:
+    return "CPU timings, not GPU speeds" if device_type == "cpu" else "GPU timings"
+
+
 def slug(title):
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
@@ -291,7 +295,7 @@ def claims_section(data):
 
     measured = measure_claims(claims=data.claims)
     by_key = {row["key"]: row for row in measured["claims"]}
-    timings = "CPU timings, not GPU speeds" if measured["device_type"] == "cpu" else "GPU timings"
+    timings = timings_label(measured["device_type"])
     headers = ("Claim", "Quantity", "Predicted (counted) ratio", "Measured time ratio", "Verdict",
                "cnnfast time ratio", "cnnfast verdict", "Closed form", "Formula", "Agreement")
     rows = []
@@ -454,7 +458,7 @@ def benchmarks_section(data):
     from cnnfast.bench import end_to_end_rows, layer_rows, skipped_lines, summary_rows
 
     result = data.bench()
-    timings = "CPU timings, not GPU speeds" if result["device_type"] == "cpu" else "GPU timings"
+    timings = timings_label(result["device_type"])
     intro = (
         f"Measured when this report was written, on {result['device']} ({timings}; {result['timer']}): "
         f"the first {len(result['layers'])} distinct conv layers of {BENCH_ARCH} (each with its folded BatchNorm "
@@ -494,7 +498,7 @@ def roofline_section(data):
     unit, scale = rate
     chart = roofline_plot(points, ceiling, data.out_dir / "roofline.png",
                           subject=f"{BENCH_ARCH}, first {len(result['layers'])} conv layers, batch 1", rate=rate)
-    timings = "CPU timings, not GPU speeds" if result["device_type"] == "cpu" else "GPU timings"
+    timings = timings_label(result["device_type"])
     intro = (
         f"A reduced set, measured when this report was written: the first {len(result['layers'])} distinct conv "
         f"layers of {BENCH_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
