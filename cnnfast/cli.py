@@ -261,17 +261,14 @@ def run_tune(args):
 
 
 def run_roofline(args):
-    from cnnfast.bench import roofline_points
-    from cnnfast.roofline import (
-        DTYPES, ceilings, rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows,
-    )
+    from cnnfast.bench import roofline_points_under_ceilings
+    from cnnfast.roofline import rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows
 
     try:
         result = measure_layers(args, end_to_end=False, out_dir=args.out)
     except ValueError as error:
         return fail(args, error)
-    ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
-    points = roofline_points(result, ceiling)
+    points, ceiling = roofline_points_under_ceilings(result)
     rate = rate_unit(result["device_type"])
     out = Path(args.out)
     subject = f"{args.arch}, batch {result['batch']}, 3x{result['input_size']}x{result['input_size']}"

@@ -488,12 +488,11 @@ def benchmarks_section(data):
 
 
 def roofline_section(data):
-    from cnnfast.bench import roofline_points, skipped_lines
-    from cnnfast.roofline import DTYPES, ceilings, rate_unit, ridge_intensity, roofline_plot, roofline_rows
+    from cnnfast.bench import roofline_points_under_ceilings, skipped_lines
+    from cnnfast.roofline import rate_unit, ridge_intensity, roofline_plot, roofline_rows
 
     result = data.bench()
-    ceiling = ceilings(result["device_type"], DTYPES[result["dtype"]])
-    points = roofline_points(result, ceiling)
+    points, ceiling = roofline_points_under_ceilings(result)
     rate = rate_unit(result["device_type"])
     unit, scale = rate
     chart = roofline_plot(points, ceiling, data.out_dir / "roofline.png",

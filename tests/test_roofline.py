@@ -19,7 +19,8 @@ COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 
 MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
 POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
               "percent_of_bound", "kernel"}
-CEILING_KEYS = {"device", "dtype", "tf32", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"}
+CEILING_KEYS = {"device", "dtype", "tf32", "matmul_flop_per_s", "matmul_dtype", "copy_bytes_per_s", "method",
+                "measured_at"}
 
 
 def test_flops_and_bytes_of_a_3x3_layer():
@@ -58,7 +59,7 @@ def test_point_at_half_its_bound():
 
 
 def test_roofline_json_schema():
-    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12,
+    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12, "matmul_dtype": "bf16",
                "copy_bytes_per_s": 1e11, "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
     point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
@@ -203,3 +204,51 @@ def test_the_note_on_points_above_the_roof_names_the_ceiling_they_outran():
         "Points above the roof outran the measured torch.matmul ceiling.")
     assert "torch.matmul ceiling or copy bandwidth" in roofline.above_roof_note([compute_bound, memory_bound])
     assert roofline.above_roof_note([under]) is None
+
+
+def test_a_cpu_half_ceiling_is_the_faster_of_its_own_and_float32s_matmul(monkeypatch):
+    """PyTorch's float16 CPU matmul can be a slow path: its rate alone would put every layer
+    compute-bound and under a roof far too low."""
+    monkeypatch.setitem(roofline.MATMUL_SIZE, "cpu", 8)
+    monkeypatch.setitem(roofline.COPY_BYTES, "cpu", 64)
+    seen = []
+    real_matmul = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: (seen.append(a.dtype), real_matmul(a, b))[1])
+    matmul_ms = {torch.float16: 100.0, torch.float32: 1.0}
+
+    def time_ms(fn, device, **kwargs):
+        seen.clear()
+        fn()
+        return matmul_ms[seen[0]] if seen else 1.0
+
+    monkeypatch.setattr(roofline, "time_ms", time_ms)
+    half = roofline.measure_ceilings("cpu", torch.float16)
+    assert (half["dtype"], half["matmul_dtype"]) == ("fp16", "fp32")
+    assert half["matmul_flop_per_s"] == pytest.approx(2 * 8**3 / 1e-3)
+    matmul_ms[torch.float16] = 0.5
+    assert roofline.measure_ceilings("cpu", torch.float16)["matmul_dtype"] == "fp16"
+    assert roofline.measure_ceilings("cpu", torch.float32)["matmul_dtype"] == "fp32"
+
+
+def test_a_point_above_its_roof_has_the_ceilings_measured_again_keeping_the_higher(tmp_path, monkeypatch):
+    """A ceiling cached while the machine was busy is raised the next time a layer beats it."""
+    from cnnfast import bench
+
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
+    low = dict(COMPUTE_BOUND, device="CPU", dtype="fp32", tf32=False, matmul_dtype="fp32",
+               method=roofline.CEILING_METHOD, measured_at="2026-01-01T00:00:00+00:00")
+    key = roofline.ceiling_key("cpu", torch.float32)
+    (tmp_path / "ceilings.json").write_text(json.dumps({key: low}))
+    fresh = dict(low, matmul_flop_per_s=4 * low["matmul_flop_per_s"], copy_bytes_per_s=low["copy_bytes_per_s"] / 2)
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: dict(fresh))
+    # 1 GFLOP in 0.5 ms: 2 TFLOP/s, above the cached 1 TFLOP/s roof.
+    result = {"device_type": "cpu", "dtype": "fp32",
+              "layers": [{"layer": "conv1", "flops": 10**9, "bytes": 10**3, "results": {"torch": {"ms": 0.5}}}]}
+    points, ceiling = bench.roofline_points_under_ceilings(result)
+    assert ceiling["matmul_flop_per_s"] == fresh["matmul_flop_per_s"]  # the higher figure of each
+    assert ceiling["copy_bytes_per_s"] == low["copy_bytes_per_s"]
+    assert points[0]["percent_of_bound"] == pytest.approx(50)
+    assert json.loads((tmp_path / "ceilings.json").read_text())[key] == ceiling
+    result["layers"][0]["results"]["torch"]["ms"] = 4.0  # under its roof: nothing is measured again
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: pytest.fail("measured again"))
+    assert bench.roofline_points_under_ceilings(result)[1] == ceiling
