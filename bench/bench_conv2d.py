@@ -7,7 +7,8 @@ bfloat16, channels_last, batch 256 for ResNet-50 and 64 for VGG-16), each backen
 layer with its BatchNorm and its epilogue (the ReLU, the shortcut added before it in a ResNet
 block's last conv, neither in a projection shortcut):
 - cudnn:        F.conv2d alone (cuDNN's bare convolution: the bar for the fused kernel),
-- eager:        F.conv2d -> BatchNorm2d (eval) [-> + residual] -> ReLU, as PyTorch runs a model,
+- eager:        F.conv2d -> BatchNorm2d (eval) [-> + residual] -> ReLU, as PyTorch runs a model
+                (VGG-16 has no BatchNorm: there F.conv2d with its bias -> ReLU, eager_folded's work),
 - eager_folded: F.conv2d with the BN folded into weight and bias [-> + residual] -> ReLU,
 - torch:        cnnfast.ops.conv2d(backend="torch") with the folded BN: eager_folded's kernels,
                 except on the 1x1 stride-1 layers, which it runs as one cuBLAS GEMM with the bias
@@ -31,7 +32,11 @@ Times come from triton.testing.do_bench (CUDA events, median, L2 flushed before 
 extra_info has ms, TFLOP/s, GB/s of compulsory traffic, the ratio of cuDNN's bare-conv time to
 this backend's time, the percent of the roofline bound (cnnfast.roofline, with this GPU's
 measured matmul and copy ceilings) that the layer reaches, and the layer's batch, geometry and
-epilogue, from which bench/tuning_table.py picks each layer's backend for backend=None.
+epilogue, from which bench/tuning_table.py picks each layer's backend for backend=None. The
+compulsory traffic counts the residual for the backends that add it (not cuDNN's bare conv).
+torch.compile is not among the backends here: compiling each of the 80 layers would take more than
+the GPU check's budget; `cnnfast bench ARCH --backends compile` times it per layer, and the model
+benchmarks time it on ResNet-50.
 """
 import functools
 
@@ -45,11 +50,20 @@ from cnnfast.bench import (
     apply_epilogue, conv_layers, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason,
     relu_keeps_nan,
 )
+from cnnfast.models import get_model
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.tuning import EPILOGUES
 
 BATCH = {"resnet50": 256, "vgg16": 64}
+
+
+def has_batch_norm(arch) -> bool:
+    with torch.device("meta"):
+        return any(isinstance(module, torch.nn.BatchNorm2d) for module in get_model(arch).modules())
+
+
+HAS_BATCH_NORM = {arch: has_batch_norm(arch) for arch in BATCH}  # torchvision's vgg16 has none
 BACKENDS = ("cudnn", "eager", "eager_folded", "torch", "triton", "cuda", "torch_triton", "cudnn_fused")
 # Each checked against eager_folded before timing.
 FUSED_BACKENDS = ("torch", "triton", "cuda", "torch_triton", "cudnn_fused", "cuda_fprop")
@@ -79,12 +93,13 @@ def layer_tensors(batch, problem, epilogue, device="cuda"):
     return x, raw_weight, bn.to(device, torch.bfloat16), weight, bias, residual
 
 
-def layer_fn(backend, batch, problem, epilogue, device="cuda"):
+def layer_fn(backend, batch, problem, epilogue, device="cuda", batch_norm=True):
+    """The layer on backend; batch_norm=False: eager runs the model's conv with its bias, no BatchNorm."""
     x, raw_weight, bn, weight, bias, residual = layer_tensors(batch, problem, epilogue, device)
     relu = EPILOGUES[epilogue][1]
     if backend == "cudnn":
         return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
-    if backend == "eager":
+    if backend == "eager" and batch_norm:
         return lambda: apply_epilogue(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)), residual, relu)
     if backend == "cuda_fprop":
         def forced_fprop():
@@ -94,8 +109,14 @@ def layer_fn(backend, batch, problem, epilogue, device="cuda"):
             return out
 
         return forced_fprop
-    return layer_function("torch_folded" if backend == "eager_folded" else backend, problem, x, weight, bias,
-                          residual, relu)
+    return layer_function("torch_folded" if backend in ("eager", "eager_folded") else backend, problem, x, weight,
+                          bias, residual, relu)
+
+
+def case_traffic(problem, batch, epilogue, backend) -> int:
+    """Compulsory bytes of a bfloat16 case: the shortcut counts where the backend adds it, not for
+    cuDNN's bare convolution, which reads none."""
+    return conv_bytes(problem, batch, element_size=2, residual=EPILOGUES[epilogue][0] and backend != "cudnn")
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +136,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, epilogue, backend):
     kernel_args = (torch.bfloat16, problem.K, (problem.R, problem.S), problem.stride, problem.padding, relu)
     if backend == "cuda_fprop" and ops.cuda_conv2d_kernel(*kernel_args).startswith("cutlass-fprop"):
         pytest.skip("cuda runs the fprop kernel on this layer already")
-    fn = layer_fn(backend, batch, problem, epilogue)
+    fn = layer_fn(backend, batch, problem, epilogue, batch_norm=HAS_BATCH_NORM[arch])
     if backend in FUSED_BACKENDS:  # a broken kernel is not timed: compare with the folded eager result
         expected = layer_fn("eager_folded", batch, problem, epilogue)()
         assert (fn().float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max() + 1e-2
@@ -128,8 +149,7 @@ def test_conv2d_layer(benchmark, arch, batch, problem, epilogue, backend):
 
     benchmark.pedantic(run, warmup_rounds=3, rounds=10)
     ms = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    residual = EPILOGUES[epilogue][0]
-    flops, traffic = conv_flops(problem, batch), conv_bytes(problem, batch, element_size=2, residual=residual)
+    flops, traffic = conv_flops(problem, batch), case_traffic(problem, batch, epilogue, backend)
     point = roofline_point(arch, backend, flops, traffic, ms, ceilings("cuda", torch.bfloat16))
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), dtype="bf16", backend=backend, arch=arch,

@@ -2,7 +2,7 @@
 
     pytest bench/bench_global_avg_pool.py --benchmark-only [--benchmark-json FILE]
 
-Traffic is compulsory: read the input once, write the output once (bench/memory_bound.py says
+Traffic is compulsory: read the input once, write the output once (bench/harness.py says
 how cases are timed). Without a GPU only a small CPU smoke set runs.
 """
 import pytest

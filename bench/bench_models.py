@@ -7,6 +7,9 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
 - compile:       torch.compile(mode="max-autotune") of the same model (ResNet-50 at batch 256
                  only: its autotuning takes minutes per model and batch, more than the GPU
                  check's budget allows),
+- cnnfast_torch: cnnfast.optimize(model, dtype=bfloat16, backend="torch"): eager with the
+                 BatchNorm folded into the convolutions (PyTorch's conv, then bias, residual and
+                 ReLU in PyTorch's ops), the baseline that isolates what folding alone gives,
 - cnnfast:        cnnfast.optimize(model, dtype=bfloat16): backend=None, each op and conv layer on
                   the backend cnnfast/tuning.json measured fastest on this GPU (what a user gets),
 - cnnfast_triton: the same with backend="triton" everywhere,
@@ -20,7 +23,9 @@ Variants of each model, timed in the same run (triton.testing.do_bench: CUDA eve
 - cnnfast_graph, cnnfast_triton_graph, cnnfast_torch_triton_graph, cnnfast_cuda_graph: those four
                   captured in a CUDA graph and replayed (batch 1, where launch overhead is most of
                   the time).
-extra_info has ms, images/s and the speedup over eager (timed once per model and batch).
+extra_info has ms, images/s, the speedup over eager (timed once per model and batch), TFLOP/s
+(2 x the model's MACs, cnnfast.analysis, per image) and its percent of the GPU's measured bfloat16
+matmul ceiling (cnnfast.roofline).
 
 Every variant starts from one model per architecture, with its BatchNorm statistics drawn at
 random (as initialised they are 0 and 1, and folding them would change nothing), and runs one
@@ -34,13 +39,16 @@ import pytest
 import torch
 
 import cnnfast
-from bench.harness import needs_gpu
+from bench.harness import cpu_smoke, needs_gpu
+from cnnfast.analysis import analyze_arch
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
+from cnnfast.roofline import ceilings
 from cnnfast.nn import ConvBNReLU, LinearReLU
 from tests.test_nn import randomize_bn
 
 ARCHS = ("resnet50", "resnet18", "vgg16", "googlenet", "alexnet")
-VARIANTS = ("eager", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda")
+VARIANTS = ("eager", "cnnfast_torch", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn",
+            "cnnfast_cuda")
 # The variants that put the conv and linear layers on one conv-only backend, and the rest on torch.
 CONV_ONLY_VARIANTS = {"cnnfast_torch_triton": "torch_triton", "cnnfast_cudnn": "cudnn_fused"}
 # Batch 1 only:
@@ -156,7 +164,7 @@ def build(arch, batch, variant):
     if variant == "compile":  # measured on ResNet-50 at batch 256 only (minutes of autotuning)
         return torch.compile(eager, mode="max-autotune"), x
     eager_variant = variant.removesuffix("_graph")
-    backend = {"cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(eager_variant)
+    backend = {"cnnfast_torch": "torch", "cnnfast_triton": "triton", "cnnfast_cuda": "cuda"}.get(eager_variant)
     fast = cnnfast.optimize(plain_model(arch), dtype=torch.bfloat16, backend=backend).cuda()
     if eager_variant in CONV_ONLY_VARIANTS:
         convs_on(fast, CONV_ONLY_VARIANTS[eager_variant])
@@ -180,11 +188,35 @@ def test_model(benchmark, arch, batch, variant):
 
         benchmark.pedantic(run, warmup_rounds=3, rounds=10)
         ms = triton.testing.do_bench(lambda: fn(x), warmup=25, rep=200, return_mode="median")
+    flop_per_s = batch * model_flops(arch) / (ms * 1e-3)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name(), dtype="bf16", backend=variant, arch=arch, shape=[batch, 3],
         ms=ms, images_per_s=batch / (ms * 1e-3), speedup_vs_torch=eager_ms(arch, batch) / ms,
+        tflops=flop_per_s / 1e12,
+        percent_of_matmul_peak=100 * flop_per_s / ceilings("cuda", torch.bfloat16)["matmul_flop_per_s"],
         logits_error=error, eager_logits_error=eager_error,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def model_flops(arch) -> int:
+    """FLOPs of one image at the architecture's default input size: 2 x MACs, as cnnfast.analysis counts."""
+    return analyze_arch(arch).totals["flops"]
+
+
+@cpu_smoke
+@pytest.mark.parametrize("variant", ["eager", "cnnfast_torch"])
+def test_model_cpu_smoke(benchmark, variant):
+    """A small ResNet-18 (10 classes, 32x32 images) on the CPU, eager and optimized, against float64."""
+    torch.manual_seed(0)
+    plain = randomize_bn(get_model("resnet18", num_classes=10))
+    model = plain if variant == "eager" else cnnfast.optimize(plain, backend="torch")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = benchmark(model, x)
+        reference = copy.deepcopy(plain).double()(x.double())
+    assert logits_error(logits, reference) <= 1e-4  # float32 against float64
+    benchmark.extra_info.update(device="cpu", backend=variant, dtype="fp32", arch="resnet18", shape=[2, 3])
 
 
 @functools.lru_cache(maxsize=None)

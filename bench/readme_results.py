@@ -7,8 +7,8 @@ the README's `<!-- results:start -->` and `<!-- results:end -->` markers: per ru
 software and date, the steps that failed or ran out of time (a step cut short by its time limit
 keeps the cases it measured: those counts are partial), the GPU tests' counts, the run's own note (env.json's
 "note", and a run folder's NOTE.md: what was learnt about a run after it was filed, such as a
-kernel since rewritten), then per benchmark and backend the median over cases of the speedup
-against the baseline, and the range; then the end-to-end models, per architecture and batch, each
+kernel since rewritten), then per benchmark, backend and dtype the median over cases of the
+speedup against the baseline, and the range; then the end-to-end models, per architecture and batch, each
 variant's images/s (or latency at batch 1) and speedup over eager PyTorch. Nothing in that
 section is typed in the README by hand.
 """
@@ -24,7 +24,7 @@ from bench.tuning_table import RESULTS, run_order
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 MODEL_BENCHMARK = "test_model"  # bench/bench_models.py
 MODEL_VARIANTS = (
-    "eager", "compile", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda",
+    "eager", "compile", "cnnfast_torch", "cnnfast", "cnnfast_triton", "cnnfast_torch_triton", "cnnfast_cudnn", "cnnfast_cuda",
     "cnnfast_graph", "cnnfast_triton_graph", "cnnfast_torch_triton_graph", "cnnfast_cuda_graph",
 )
 
@@ -62,25 +62,25 @@ def run_section(folder: Path) -> list[str]:
         f"Full table: `bench/results/{folder.name}/summary.md`.",
         *run_notes(folder, env),
         "",
-        "| benchmark | backend | dtypes | cases | speedup, median (min - max) | over | median % copy BW | median TFLOP/s |",
+        "| benchmark | backend | dtype | cases | speedup, median (min - max) | over | median % copy BW | median TFLOP/s |",
         "| --- | --- | --- | ---: | --- | --- | ---: | ---: |",
     ]
+    # One row per dtype: a speed is quoted with the dtype it was measured in.
     groups = defaultdict(list)
     for bench in benchmarks:
         name, info = bench["name"].split("[")[0], bench["extra_info"]
         if "ms" not in info or name == MODEL_BENCHMARK:  # CPU smoke cases; the models have their own table
             continue
-        groups[(name, info["backend"])].append(info)
-    for (name, backend), infos in sorted(groups.items()):
+        groups[(name, info["backend"], info["dtype"])].append(info)
+    for (name, backend, dtype), infos in sorted(groups.items()):
         over = "cudnn" if "speedup_vs_cudnn" in infos[0] else "torch"
         if backend == over:
             continue
         speedups = [i[f"speedup_vs_{over}"] for i in infos]
         bandwidth = [100 * i["fraction_of_copy_bandwidth"] for i in infos if "fraction_of_copy_bandwidth" in i]
         tflops = [i["tflops"] for i in infos if "tflops" in i]
-        dtypes = ", ".join(sorted({i["dtype"] for i in infos}))
         lines.append(
-            f"| {name} | {backend} | {dtypes} | {len(infos)} | {statistics.median(speedups):.2f} "
+            f"| {name} | {backend} | {dtype} | {len(infos)} | {statistics.median(speedups):.2f} "
             f"({min(speedups):.2f} - {max(speedups):.2f}) | {over} "
             f"| {f'{statistics.median(bandwidth):.0f}' if bandwidth else ''} "
             f"| {f'{statistics.median(tflops):.0f}' if tflops else ''} |"
@@ -94,7 +94,8 @@ def run_notes(folder: Path, env: dict) -> list[str]:
     steps = folder / "steps.tsv"
     if steps.is_file():
         rows = [line.split("\t") for line in steps.read_text().splitlines()[1:] if line.strip()]
-        unfinished = [f"{name} ({status})" for name, status, *_ in rows if not status.startswith(("ok", "cached"))]
+        last = {name: status for name, status, *_ in rows}  # a step run again counts by its last run
+        unfinished = [f"{name} ({status})" for name, status in last.items() if not status.startswith(("ok", "cached"))]
         if unfinished:
             lines.append(f"Steps that failed or ran out of time (a timed-out step's counts are partial): "
                          f"{', '.join(unfinished)}.")

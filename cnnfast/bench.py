@@ -320,11 +320,11 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
             with torch.inference_mode():
                 try:
                     fn()  # compiles (compile), autotunes (triton) or warms caches before timing
-                except Exception as error:  # re-raised below but for torch.compile
+                except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's InductorError too
                     if backend != "compile":
                         raise
-                    # torch.compile needs the machine's toolchain (a C++ compiler on a CPU): where it
-                    # cannot build, it is listed as skipped with PyTorch's reason, on this layer and after.
+                    # torch.compile needs the machine's toolchain (a C++ compiler on a CPU): where its
+                    # backend cannot build, it is listed as skipped with PyTorch's reason, here and after.
                     failed[backend] = skipped[backend] = f"torch.compile failed here: {first_line(error)}"
                     continue
                 times[backend] = time_ms(fn, device)
@@ -346,6 +346,8 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
 
 
 def first_line(error: Exception) -> str:
+    """'Type: first line of the message' of the error a compiler wrapper (BackendCompilerFailed) holds."""
+    error = getattr(error, "inner_exception", None) or error
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 

@@ -28,6 +28,7 @@ from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsup
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
+BACKEND_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear)  # those that run a cnnfast op (BatchNormReLU: PyTorch's)
 # The fused modules that take (N, C, H, W) feature maps (LinearReLU takes features).
 FEATURE_MAP_LEAVES = (ConvBNReLU, GlobalAvgPoolLinear, BatchNormReLU)
 # What an earlier optimize() made: a second one leaves them (and what is inside them) as they are.
@@ -130,7 +131,7 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
         _cast(model, dtype)
     if backend is not None:  # what an earlier optimize() fused runs on the backend asked for now, too
         for module in model.modules():
-            if isinstance(module, FUSED_LEAVES) and hasattr(module, "backend"):
+            if isinstance(module, BACKEND_LEAVES):
                 module.backend = backend
     model.eval()  # the fused blocks are built in training mode, like every new nn.Module
     for key, hook in list(model._forward_pre_hooks.items()):
@@ -149,7 +150,8 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
 
 def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionReport, seen=None) -> None:
     """Fuses module's parts in place. seen: id of each child met so far -> (its name, what replaced
-    it), so that a module in two places (nn.Sequential(block, block)) gets one fused form for both."""
+    it, its report list or None for a container, its entry's text), so that a module in two places
+    (nn.Sequential(block, block)) gets one fused form for both, reported in both."""
     seen = {} if seen is None else seen
     _fuse_model_level(module, prefix, options, report)
     if computes_as(module, nn.Sequential):  # a subclass with its own forward may use a layer's output twice
@@ -161,30 +163,42 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
         if child is None or full in reported or isinstance(child, nn.Identity):  # a stem or head part handled above
             continue
         if id(child) in seen:
-            first, replacement = seen[id(child)]
+            first, replacement, entries, text = seen[id(child)]
             setattr(module, name, replacement)
-            if replacement is child:
-                report.left_alone.append((full, f"the same module as {first}: its parts are reported there"))
+            if entries is report.already_fused:
+                entries.append(full)
+            elif entries is not None:
+                entries.append((full, f"{text} (the same module as {first})"))
             else:
-                report.fused.append((full, f"the same module as {first}: the same fused {type(replacement).__name__}"))
+                report.left_alone.append((full, f"the same module as {first}, whose parts are reported there"))
             continue
-        seen[id(child)] = (full, child)
-        if isinstance(child, FUSED):
-            report.already_fused.append(full)
-            continue
-        try:
-            fused = _fuse_block(child, full, options)
-        except NotImplementedError as error:  # e.g. a ResNeXt Bottleneck's grouped conv
-            report.left_alone.append((full, str(error)))
-            continue
-        if fused is not None:
-            setattr(module, name, fused)
-            seen[id(child)] = (full, fused)
-            report.fused.append((full, f"{type(child).__name__} -> fused {type(fused).__name__}"))
-        elif next(child.children(), None) is not None:
-            _fuse_tree(child, f"{full}.", options, report, seen)
-        else:
-            report.left_alone.append((full, _reason_left_alone(child)))
+        replacement, entries, text = _fuse_child(child, full, options, report, seen)
+        seen[id(child)] = (full, replacement, entries, text)
+        if replacement is not child:
+            setattr(module, name, replacement)
+
+
+def _fuse_child(child: nn.Module, name: str, options: dict, report: FusionReport, seen: dict):
+    """Fuses one child and reports it: (what replaces it, the report list it went to or None for a
+    container whose parts were reported, its entry's text)."""
+    if isinstance(child, FUSED):
+        report.already_fused.append(name)
+        return child, report.already_fused, None
+    try:
+        fused = _fuse_block(child, name, options)
+    except NotImplementedError as error:  # e.g. a ResNeXt Bottleneck's grouped conv
+        report.left_alone.append((name, str(error)))
+        return child, report.left_alone, str(error)
+    if fused is not None:
+        text = f"{type(child).__name__} -> fused {type(fused).__name__}"
+        report.fused.append((name, text))
+        return fused, report.fused, text
+    if next(child.children(), None) is not None:
+        _fuse_tree(child, f"{name}.", options, report, seen)
+        return child, None, None
+    text = _reason_left_alone(child)
+    report.left_alone.append((name, text))
+    return child, report.left_alone, text
 
 
 def _fuse_block(child: nn.Module, name: str, options: dict):
@@ -223,7 +237,7 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
         module.conv1, module.bn1 = stem, nn.Identity()
     final = preact_resnet and not isinstance(module.bn_final, BatchNormReLU) and _fuse_part(
         report, f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU",
-        lambda: BatchNormReLU.from_modules(module.bn_final, module.relu, dtype=options["dtype"], name=f"{prefix}bn_final"))
+        lambda: BatchNormReLU.from_modules(module.bn_final, module.relu, name=f"{prefix}bn_final"))
     if final:
         module.bn_final = final
     if stem and (final or resnet):
@@ -308,7 +322,7 @@ def _reason_left_alone(layer: nn.Module) -> str:
 
 def _cast(model: nn.Module, dtype) -> None:
     """Casts every floating parameter and buffer to dtype (where given), but the fused modules'
-    biases, which stay float32 (the epilogue adds them in float32); makes the fused modules' 4-D
+    biases and BatchNormReLU's scale and shift, which stay float32 (applied in float32); makes the fused modules' 4-D
     ones channels_last (a module left alone keeps its layout: its code may .view its weight); and
     leaves no parameter requiring grad: the result is for inference, and a fused op refuses an
     input that requires grad, which an unfused layer's trainable weights would give it."""
@@ -316,7 +330,7 @@ def _cast(model: nn.Module, dtype) -> None:
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if not tensor.is_floating_point():
                 continue
-            keep_float32 = isinstance(module, FUSED_LEAVES) and name == "bias"
+            keep_float32 = isinstance(module, BatchNormReLU) or (isinstance(module, FUSED_LEAVES) and name == "bias")
             converted = tensor.to(dtype) if dtype is not None and not keep_float32 else tensor.detach()
             if converted.dim() == 4 and isinstance(module, FUSED_LEAVES):
                 converted = converted.contiguous(memory_format=torch.channels_last)

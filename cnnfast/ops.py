@@ -51,9 +51,13 @@ def define_op(schema: str, kernel, fake, check) -> Op:
         check(*args)
         return kernel(*args)
 
+    def checked_fake(*args):  # meta tensors, FakeTensorMode and compiled graphs get the same errors
+        check(*args)
+        return fake(*args)
+
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     LIBRARY.impl(name, checked_kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"cnnfast::{name}", fake, lib=LIBRARY)
+    torch.library.register_fake(f"cnnfast::{name}", checked_fake, lib=LIBRARY)
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
 
@@ -134,15 +138,18 @@ def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors may share memory (a conservative test on their storage byte ranges)."""
-    if a.device.type == "meta" or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether two tensors may share memory: a conservative test on the address ranges they span
+    (by address, not by storage: two storages over one buffer, from torch.from_numpy or DLPack,
+    share memory too)."""
+    if a.device.type == "meta" or a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
+
     def byte_range(t):
-        start = t.storage_offset() * t.element_size()
-        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
-        return start, start + (extent + 1) * t.element_size()
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
-    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+    return a0 < b1 and b0 < a1
 
 
 def overlaps_itself(t: torch.Tensor) -> bool:
@@ -613,6 +620,19 @@ def fold_bn(conv_weight: torch.Tensor, conv_bias, bn, dtype=None):
     problem = batch_norm_statistics_problem(bn)
     if problem:
         raise RuntimeError(f"fold_bn: {problem}")
+    # Not check_float_tensors: a module's weight requires grad, and the fold is no op call.
+    tensors = {"conv_weight": conv_weight, "conv_bias": conv_bias, "the BatchNorm's statistics": bn.running_mean}
+    for name, t in tensors.items():
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES + (torch.float64,)):
+            raise TypeError(f"fold_bn: {name} must be a floating tensor, got "
+                            f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if len({t.device for t in tensors.values() if t is not None}) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+        raise RuntimeError(f"fold_bn: all tensors must be on one device, got {listing}")
+    if conv_weight.dim() != 4:
+        raise ValueError(f"fold_bn: expected a 4-D (K, C, R, S) conv weight, got shape {tuple(conv_weight.shape)}")
+    if dtype is not None and dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"fold_bn: dtype must be a floating dtype (float32, float16, bfloat16, float64), got {dtype}")
     k, features = conv_weight.shape[0], bn.running_mean.numel()
     if features != k:
         raise ValueError(f"fold_bn: BatchNorm has {features} features, the convolution {k} output channels")

@@ -310,8 +310,8 @@ def claims_section(data):
     intro = (
         "Each ratio is counted on real layer shapes and set against the lecture's closed form where it gives one. "
         "Where the quantity is time (MACs, pooling operations), both sides of the ratio were also timed when this "
-        f"report was written ({timings}): {measured_on(measured)}. A measured ratio is the median rounds' "
-        f"(their range in brackets). Verdict: {measured['verdict_rule']}. "
+        f"report was written ({timings}): {measured_on(measured)}. A measured ratio is that of the sides' median "
+        f"times over the rounds (the range of one round's ratio in brackets). Verdict: {measured['verdict_rule']}. "
         "Full runs: cnnfast claims --measure."
     )
     notes = [f"{row['key']} ({row['verdict']}): {row['explanation']['cause']}: {row['explanation']['text']}"
@@ -404,17 +404,18 @@ def git_commit():
     without .git, as on a lent GPU machine), else git's, "+dirty" when the tree has changes."""
     if os.environ.get("CNNFAST_COMMIT"):
         return os.environ["CNNFAST_COMMIT"]
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                              timeout=10)
+
     try:
-        result = subprocess.run(
-            ["git", "describe", "--always", "--dirty=+dirty", "--abbrev=7"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        head, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unavailable"
-    return result.stdout.strip() if result.returncode == 0 else "unavailable"
+    if head.returncode != 0:
+        return "unavailable"
+    return head.stdout.strip() + ("+dirty" if changes.returncode == 0 and changes.stdout.strip() else "")
 
 
 def environment_section(data):
@@ -561,6 +562,13 @@ def render_markdown(sections):
     return f"# {TITLE}\n\n{bodies}\n"
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Writes beside path, then renames: a report stopped while writing keeps its last whole page."""
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 def write_report(out_dir="report"):
     """Write index.html, report.md and the charts into out_dir; return {file name: path}."""
     out_dir = Path(out_dir)
@@ -577,8 +585,8 @@ def write_report(out_dir="report"):
     for make_section in order:
         made[make_section] = make_section(data)
         sections = [made[make] for make in SECTIONS if make in made]  # in the page's order
-        html_path.write_text(render_html(sections), encoding="utf-8")
-        markdown_path.write_text(render_markdown(sections), encoding="utf-8")
+        write_whole(html_path, render_html(sections))
+        write_whole(markdown_path, render_markdown(sections))
     written = {path.name: path for path in (html_path, markdown_path)}
     written.update({path.name: path for section in sections for path in section.files})
     return written

@@ -145,7 +145,10 @@ def test_a_torch_compile_that_cannot_build_here_is_skipped_with_its_reason(monke
         if backend in ("compile", "torch_folded"):
             def fails():
                 calls.append(backend)
-                raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+                if backend == "torch_folded":
+                    raise RuntimeError("a failure of one of cnnfast's own paths")
+                inner = RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+                raise torch._dynamo.exc.BackendCompilerFailed(None, inner, None)
             return fails
         return real_layer_function(backend, *args)
 
@@ -156,7 +159,7 @@ def test_a_torch_compile_that_cannot_build_here_is_skipped_with_its_reason(monke
     reason = "torch.compile failed here: RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
     assert [row["skipped"] for row in rows] == [{"compile": reason}] * 2 and calls == ["compile"]
     assert all(list(row["results"]) == ["torch"] for row in rows)
-    with pytest.raises(RuntimeError, match="InvalidCxxCompiler"):
+    with pytest.raises(RuntimeError, match="one of cnnfast's own paths"):
         bench.bench_layers(problems, 1, torch.float32, torch.device("cpu"), ["torch_folded"])
 
 
@@ -208,6 +211,26 @@ def test_conv_benchmark_layers_compute_the_same_layer(epilogue):
     reference = torch.relu(reference) if epilogue.endswith("relu") else reference
     for backend in ("eager", "eager_folded", "torch", "triton"):
         assert_close_to_reference(outputs[backend], reference, "conv")
+    # A model without BatchNorm (VGG-16): eager is the conv with its bias, then the epilogue, and
+    # does no BatchNorm's work.
+    no_bn = layer_fn("eager", 2, problem, epilogue, device="cpu", batch_norm=False)()
+    assert torch.equal(no_bn, outputs["eager_folded"])
+
+
+def test_conv_benchmark_counts_the_shortcut_only_where_a_backend_reads_it():
+    from bench.bench_conv2d import case_traffic
+
+    problem = ConvProblem(C=64, H=56, W=56, K=256, R=1, S=1, stride=(1, 1), padding=(0, 0))
+    output_bytes = 2 * 256 * 256 * 56 * 56
+    fused = case_traffic(problem, 256, "residual+relu", "triton")
+    assert fused - case_traffic(problem, 256, "residual+relu", "cudnn") == output_bytes
+    assert case_traffic(problem, 256, "relu", "triton") == case_traffic(problem, 256, "relu", "cudnn")
+
+
+def test_conv_benchmark_knows_which_architectures_have_batchnorm():
+    from bench.bench_conv2d import HAS_BATCH_NORM
+
+    assert HAS_BATCH_NORM == {"resnet50": True, "vgg16": False}
 
 
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")

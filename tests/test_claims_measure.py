@@ -160,3 +160,13 @@ def test_cnnfast_times_each_part_as_optimize_makes_it(monkeypatch):
     fused = [module for module in timed if any(isinstance(m, ConvBNReLU) for m in module.modules())]
     plain = [module for module in timed if any(type(m) is torch.nn.Conv2d for m in module.modules())]
     assert len(fused) == len(plain) == 2 * measure.ROUNDS  # two sides, each timed once a round
+
+
+def test_a_module_run_on_two_shapes_is_timed_on_each(monkeypatch):
+    from cnnfast.analysis import measure
+
+    monkeypatch.setattr(measure, "time_ms", lambda fn, device, **kwargs: float(fn.__defaults__[1].numel()))
+    relu = torch.nn.ReLU()
+    small, large = torch.ones(1, 4, 2, 2), torch.ones(1, 4, 64, 64)
+    top, bottom, _ = measure.time_sides([(relu, small), (relu, large)], [(relu, small)], "cpu")
+    assert (top, bottom) == (16 + 4 * 64 * 64, 16)

@@ -5,6 +5,7 @@ import itertools
 import math
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -743,6 +744,20 @@ def test_out_overlapping_an_input(victim, backend):
         ops.conv2d(x, torch.randn(6, 6, 3, 3), padding=1, residual=residual, out=out, backend=backend)
     with pytest.raises(ValueError, match="out overlaps x"):  # a view into the input's storage
         ops.conv2d(x, torch.randn(3, 6, 3, 3), padding=1, out=x[:, 2:5], backend=backend)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_out_sharing_an_inputs_buffer_through_another_storage(backend):
+    """Two tensors over one buffer, each with its own storage object (torch.from_numpy of two views
+    of one array; DLPack does the same): the overlap is found by address."""
+    buffer = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    x = torch.from_numpy(buffer).view(1, 8, 8, 8)
+    out = torch.from_numpy(buffer[64:352]).view(1, 8, 6, 6)
+    assert x.untyped_storage().data_ptr() != out.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="out overlaps x"):
+        ops.conv2d(x, torch.randn(8, 8, 3, 3), out=out, backend=backend)
+    apart = torch.from_numpy(np.empty(288, dtype=np.float32)).view(1, 8, 6, 6)
+    ops.conv2d(x, torch.randn(8, 8, 3, 3), out=apart, backend=backend)  # another buffer: accepted
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

@@ -63,7 +63,8 @@ def run(tree: Path, steps: str, **env) -> list[tuple[str, str]]:
     done = subprocess.run(["bash", str(tree / "bench" / "device_check.sh"), str(out)], env=environment,
                           capture_output=True, timeout=60)
     rows = [tuple(row.split("\t")[:2]) for row in record(tree)["steps.tsv"].decode().splitlines()[1:]]
-    failed = any(status.startswith(("FAILED", "timeout", "killed", "skipped")) for _, status in rows)
+    last = dict(rows)  # a step run again in a continued call is judged by its last run
+    failed = any(status.startswith(("FAILED", "timeout", "killed", "skipped")) for status in last.values())
     assert done.returncode == (1 if failed else 0), (rows, done.stderr)
     return rows
 
@@ -218,3 +219,17 @@ def test_an_interrupted_benchmark_run_still_writes_the_cases_that_ran(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr  # interrupted
     saved = json.loads((tmp_path / "out.json").read_text())["benchmarks"]
     assert [case["name"] for case in saved] == ["test_timed"]
+
+
+def test_a_build_skipped_by_the_deadline_leaves_no_stamp(tree):
+    run(tree, "tune")
+    (tree / "kernels" / "cuda" / "kernel.cu").write_text("// v2")
+    assert dict(run(tree, "tune", CNNFAST_DEADLINE="45"))["build"] == "skipped (deadline)"
+    assert not (tree / "cnnfast" / ".build-sources.sha256").exists()
+    assert dict(run(tree, "tune"))["build"] == "ok"  # built, not taken for cached
+
+
+def test_a_step_cut_short_and_run_again_in_a_continued_call_counts_once(tree):
+    assert ("tune", "skipped (deadline)") in run(tree, "tune", CNNFAST_DEADLINE="45")
+    rows = run(tree, "tune", CNNFAST_CONTINUE="1")  # run() checks the exit status: 0, by the last rows
+    assert rows[-1] == ("tune", "ok") and ("tune", "skipped (deadline)") in rows

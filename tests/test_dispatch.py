@@ -167,6 +167,27 @@ def test_a_call_of_the_registered_op_is_checked_as_the_public_one(call, error, m
         call(*inputs())
 
 
+@pytest.mark.parametrize("call, error, message", BAD_OP_CALLS.values(), ids=BAD_OP_CALLS.keys())
+def test_a_call_on_meta_tensors_is_checked_as_a_real_one(call, error, message):
+    """Meta tensors go to the op's fake implementation, which runs the same checks: a wrong call
+    does not come back with a made-up shape."""
+    with torch.device("meta"), pytest.raises(error, match=message):
+        call(*inputs("meta"))
+
+
+def test_a_call_mixing_a_real_and_a_meta_tensor_is_refused():
+    x = torch.ones(1, 2, 4, 4)
+    with pytest.raises(RuntimeError, match="all tensors must be on one device"):
+        torch.ops.cnnfast.add_relu(x, x.to("meta"), True, "torch")
+
+
+def test_a_fake_tensor_call_is_checked():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="expected a 4-D"):
+        torch.ops.cnnfast.global_avg_pool(torch.empty(3, 4), "torch")
+
+
 def test_relu_must_be_a_bool():
     x, weight, _, _ = inputs()
     with pytest.raises(TypeError, match="add_relu: relu must be a bool, got None"):

@@ -152,3 +152,21 @@ def test_folds_torchvisions_frozen_batchnorm():
         folded_weight, folded_bias = ops.fold_bn(weight, bias, module)
         out = F.conv2d(x, folded_weight, folded_bias, padding=1)
         assert_close_to_reference(out, reference_conv_bn(x, weight, bias, module), "conv")
+
+
+def test_refuses_a_weight_it_would_broadcast_or_truncate():
+    """A weight of the wrong rank would broadcast against the per-channel scale; an integer or
+    complex weight, or an integer dtype, would truncate the folded values."""
+    conv, bn = nn.Conv2d(C, K, 3), nn.BatchNorm2d(K).eval()
+    with pytest.raises(ValueError, match=r"fold_bn: expected a 4-D \(K, C, R, S\) conv weight, got shape \(8, 5\)"):
+        ops.fold_bn(conv.weight[:, :, 0, 0], None, bn)
+    with pytest.raises(TypeError, match="fold_bn: conv_weight must be a floating tensor, got torch.int32"):
+        ops.fold_bn(conv.weight.detach().round().int(), None, bn)
+    with pytest.raises(TypeError, match="fold_bn: conv_weight must be a floating tensor, got torch.complex64"):
+        ops.fold_bn(conv.weight.detach().cfloat(), None, bn)
+    with pytest.raises(TypeError, match="fold_bn: conv_bias must be a floating tensor, got torch.int64"):
+        ops.fold_bn(conv.weight, torch.zeros(K, dtype=torch.int64), bn)
+    with pytest.raises(TypeError, match="fold_bn: dtype must be a floating dtype"):
+        ops.fold_bn(conv.weight, None, bn, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="fold_bn: all tensors must be on one device, got conv_weight on meta"):
+        ops.fold_bn(conv.weight.to("meta"), None, bn)

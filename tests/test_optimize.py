@@ -141,8 +141,8 @@ def test_bfloat16(name):
     for module in fused.modules():
         if isinstance(module, FUSED_LEAVES):
             assert module.weight.dtype == torch.bfloat16 and module.bias.dtype == torch.float32
-        if isinstance(module, BatchNormReLU):
-            assert module.scale.dtype == module.shift.dtype == torch.bfloat16
+        if isinstance(module, BatchNormReLU):  # applied in float32, as the biases are
+            assert module.scale.dtype == module.shift.dtype == torch.float32
     # A float32 NCHW input: the model boundary converts it to bfloat16 and channels_last.
     out, expected = run_both(original, fused, torch.randn(1, 3, input_size(name), input_size(name)))
     assert out.dtype == torch.bfloat16
@@ -415,7 +415,7 @@ UNKNOWN_PARTS = {
     ]),
     "one-block-twice": (one_block_twice, (2, 8, 6, 5), [
         ("fused", "0", "BasicBlock -> fused BasicBlock"),
-        ("fused", "1", "the same module as 0: the same fused BasicBlock"),
+        ("fused", "1", "BasicBlock -> fused BasicBlock (the same module as 0)"),
     ]),
     "resnext50": (lambda: randomize_bn(tv.resnext50_32x4d(num_classes=10)), (1, 3, 64, 64), [
         ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
@@ -655,6 +655,28 @@ def test_a_second_optimize_reports_what_the_first_fused():
 def test_a_module_in_two_places_becomes_one_fused_module():
     fused = cnnfast.optimize(one_block_twice())
     assert isinstance(fused[0], cnnfast.nn.BasicBlock) and fused[1] is fused[0]
+    assert cnnfast.optimize(fused).cnnfast_report.already_fused == ["0", "1"]
+
+
+def test_a_shared_part_is_reported_in_each_place_as_in_the_first():
+    torch.manual_seed(0)
+    pool = nn.MaxPool2d(1)
+    inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    model = randomize_bn(nn.Sequential(inner, pool, inner, pool))
+    report = cnnfast.optimize(model).cnnfast_report
+    assert ("3", "max pooling runs in PyTorch (channels_last) (the same module as 1)") in report.left_alone
+    assert ("2", "the same module as 0, whose parts are reported there") in report.left_alone
+    assert ("0.0", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU") in report.fused
+
+
+def test_optimize_keeps_the_pre_activations_statistics_in_float32():
+    fused = cnnfast.optimize(build("preact_resnet18", num_classes=10), dtype=torch.float16)
+    buffers = [b for m in fused.modules() if isinstance(m, BatchNormReLU) for b in (m.scale, m.shift)]
+    assert buffers and all(b.dtype == torch.float32 for b in buffers)
+    x = torch.randn(1, 3, 32, 32)
+    out, expected = run_both(build("preact_resnet18", num_classes=10), fused, x)
+    assert out.dtype == torch.float16
+    assert_matches(out, expected)
 
 
 def test_optimizing_again_with_a_backend_sets_it_on_what_was_fused_before():

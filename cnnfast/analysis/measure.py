@@ -22,7 +22,8 @@ they are, and ``cnnfast``, each part as ``cnnfast.optimize`` makes it (its defau
 device: the tuning table's choice per conv layer on a GPU, PyTorch's ops with the BatchNorm folded
 on a CPU). The sides are timed in ROUNDS rounds, in the order A B then B A, so that a machine whose
 speed drifts during the measurement moves both sides alike; a side's time is the median of its
-round sums, and ``measured_range`` is the lowest and highest ratio of one round. A part in both
+round sums (the measured ratio is the ratio of those medians), and ``measured_range`` is the
+lowest and highest ratio of one round. A part in both
 sides (an AlexNet conv layer in "the conv layers / every layer") is timed once a round and counted
 in both, so a fraction of a whole stays at most 1.
 
@@ -224,17 +225,20 @@ def prepare_side(label: str, parts: list, batch: int, dtype, device, ceiling: di
 def time_sides(numerator: list, denominator: list, device) -> tuple[float, float, list[float]]:
     """(numerator ms, denominator ms, [min, max] of one round's ratio) of two sides' (module, input)
     parts: each distinct module timed once a round, ROUNDS rounds in the order A B, then B A."""
+    def key(module, x):  # a module run on inputs of two shapes is two parts
+        return id(module), tuple(x.shape), x.dtype
+
     distinct = {}
     for module, x in (*numerator, *denominator):
-        distinct.setdefault(id(module), (module, x))
+        distinct.setdefault(key(module, x), (module, x))
     order = list(distinct)
     sums = ([], [])
     with torch.inference_mode():
         for round_index in range(ROUNDS):
-            times = {key: time_ms(lambda m=distinct[key][0], x=distinct[key][1]: m(x), device)
-                     for key in (order if round_index % 2 == 0 else order[::-1])}
+            times = {part: time_ms(lambda m=distinct[part][0], x=distinct[part][1]: m(x), device)
+                     for part in (order if round_index % 2 == 0 else order[::-1])}
             for side, parts in zip(sums, (numerator, denominator)):
-                side.append(sum(times[id(module)] for module, _ in parts))
+                side.append(sum(times[key(module, x)] for module, x in parts))
     ratios = [top / bottom for top, bottom in zip(*sums)]
     return statistics.median(sums[0]), statistics.median(sums[1]), [min(ratios), max(ratios)]
 

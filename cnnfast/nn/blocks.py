@@ -70,23 +70,23 @@ class BatchNormReLU(nn.Module):
     """relu(bn(x)) of an eval-mode BatchNorm as one multiply-add and a ReLU: the pre-activation
     that cannot ride in a conv epilogue because the block's input is also its shortcut."""
 
-    def __init__(self, bn: nn.BatchNorm2d, *, dtype=None, name="bn"):
+    def __init__(self, bn: nn.BatchNorm2d, *, name="bn"):
         super().__init__()
         self.training = False  # inference only (check_inference)
         check_foldable(bn, name)
         self.channels = bn.running_mean.numel()
+        # float32 whatever the activations' dtype, as the fused convolutions keep their biases.
         scale, shift = ops.batch_norm_scale_shift(bn)
-        dtype = dtype or bn.running_var.dtype
-        self.register_buffer("scale", scale.to(dtype).view(1, -1, 1, 1))
-        self.register_buffer("shift", shift.to(dtype).view(1, -1, 1, 1))
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
 
     @classmethod
-    def from_modules(cls, bn, relu, *, dtype=None, name="bn"):
+    def from_modules(cls, bn, relu, *, name="bn"):
         """relu(bn(x)) from the model's BatchNorm and activation module: NotImplementedError where
         the activation is not a ReLU."""
         check_relu(relu, name)
         check_no_hooks(name, bn, relu)
-        return cls(bn, dtype=dtype, name=name)
+        return cls(bn, name=name)
 
     def forward(self, x):
         check_inference(self)
@@ -117,7 +117,7 @@ class PreActBasicBlock(nn.Module):
     def from_module(cls, block, *, dtype=None, backend=None, name="block"):
         fuse = _fuser(name, dtype, backend)
         downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
-        pre = (BatchNormReLU.from_modules(block.bn1, block.relu, dtype=dtype, name=f"{name}.bn1")
+        pre = (BatchNormReLU.from_modules(block.bn1, block.relu, name=f"{name}.bn1")
                if block.bn1 is not None else nn.Identity())
         return cls(pre, fuse(block.conv1, block.bn2, block.relu, "conv1"),
                    fuse(block.conv2, None, False, "conv2"), downsample)

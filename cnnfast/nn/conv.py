@@ -2,8 +2,8 @@
 
 They subclass nn.Conv2d and nn.Linear, so they print, count (cnnfast.analysis) and move between
 devices like PyTorch's own. They are for inference: built in eval mode, they refuse to run in
-training mode, and built by from_modules their weights are constants (requires_grad=False); the bias is the folded BatchNorm shift, kept in float32 whatever the
-weight's dtype.
+training mode, and built by from_modules their weights are constants (requires_grad=False); the
+bias is the folded BatchNorm shift, kept in float32 whatever the weight's dtype.
 """
 import torch
 from torch import nn
