@@ -2,6 +2,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cudnn_benchmark_mode():
+    """cuDNN picks each convolution's algorithm by timing them (cnnfast.roofline.cudnn_autotuned):
+    the cuDNN baselines are cuDNN at its best, as Triton's kernels are autotuned."""
+    from cnnfast.roofline import cudnn_autotuned
+
+    with cudnn_autotuned():
+        yield
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth():
     """The device's copy bandwidth in bytes/s (read + written), the ceiling of the memory-bound

@@ -20,7 +20,8 @@ Layers of the same geometry and epilogue are timed once. Backends:
 A backend that cannot run here is listed in ``skipped`` with the reason, one that cannot run a
 layer's epilogue in that layer's ``skipped``: never dropped silently.
 Inputs are channels_last. Times: ``cnnfast.roofline.time_ms`` (GPU: CUDA events, median, L2
-flushed; CPU: perf_counter median after warm-up; CPU figures are CPU figures).
+flushed; CPU: perf_counter median after warm-up; CPU figures are CPU figures), with
+``torch.backends.cudnn.benchmark`` set for the run (``cnnfast.roofline.cudnn_autotuned``).
 End to end: the plain model (eager) and ``cnnfast.optimize(model)`` with its default backends
 (backend=None: cnnfast.tuning's choice per op and conv layer on a GPU, torch on a CPU), images/s
 and latency at the same batch.
@@ -67,8 +68,8 @@ from cnnfast.convert import optimize
 from cnnfast.models import DEFAULT_INPUT_SIZE, get_model
 from cnnfast.nn import ConvBNReLU
 from cnnfast.roofline import (
-    DTYPES, ceilings, conv_bytes, conv_flops, conv_shapes, device_name, rate_unit, remeasured_ceilings, roofline_point,
-    tf32_convolutions, time_ms, timer_description,
+    DTYPES, ceilings, conv_bytes, conv_flops, conv_shapes, cudnn_autotuned, device_name, rate_unit, remeasured_ceilings,
+    roofline_point, tf32_convolutions, time_ms, timer_description,
 )
 from cnnfast.tuning import (
     CONV_LAYERS, EPILOGUES, conv2d_layer_key, conv_dtype_key, epilogue_name, fastest_layer_backend,
@@ -385,11 +386,12 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
     layers = dict(list(conv_layers(arch, input_size).items())[:max_layers])
     progress = Progress(len(layers) + end_to_end, show_progress)
     try:
-        rows = bench_layers(layers, batch, DTYPES[dtype], device, timed, progress)
-        end_to_end_rows = []
-        if end_to_end:
-            progress.step(f"end to end: {arch} eager and cnnfast.optimize")
-            end_to_end_rows = bench_model(arch, batch, DTYPES[dtype], device, input_size)
+        with cudnn_autotuned():
+            rows = bench_layers(layers, batch, DTYPES[dtype], device, timed, progress)
+            end_to_end_rows = []
+            if end_to_end:
+                progress.step(f"end to end: {arch} eager and cnnfast.optimize")
+                end_to_end_rows = bench_model(arch, batch, DTYPES[dtype], device, input_size)
     finally:  # an error's traceback, too, starts on a line of its own
         progress.close()
     return {

@@ -107,6 +107,19 @@ def time_ms(fn, device, *, warmup: int = CPU_WARMUP, reps: int = CPU_REPS, faste
     return (min(times) if fastest else statistics.median(times)) * 1e3
 
 
+@contextlib.contextmanager
+def cudnn_autotuned():
+    """torch.backends.cudnn.benchmark set for the duration (restored after): cuDNN times its
+    algorithms for each new shape and keeps the fastest, as Triton's kernels are autotuned, so a
+    cuDNN baseline is cuDNN at its best."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def timer_description(device) -> str:
     if torch.device(device).type == "cuda":
         return "triton.testing.do_bench: CUDA events, median, L2 flushed"

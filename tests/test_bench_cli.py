@@ -320,3 +320,13 @@ def test_progress_shows_nothing_when_not_asked():
     progress.step("conv1")
     progress.close()
     assert stream.getvalue() == ""
+
+
+def test_bench_runs_cudnn_in_benchmark_mode_and_restores_the_setting(monkeypatch):
+    from cnnfast import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, **kwargs: seen.append(torch.backends.cudnn.benchmark) or 1.0)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    bench.run_bench("resnet18", input_size=32, max_layers=1, backends=["torch"], device="cpu")
+    assert seen and all(seen) and torch.backends.cudnn.benchmark is False

@@ -73,7 +73,9 @@ from cnnfast.analysis.claims import compute_claims
 from cnnfast.analysis.counter import _macs
 from cnnfast.bench import default_device, default_dtype
 from cnnfast.models import get_model
-from cnnfast.roofline import DTYPES, bound_kind, bound_seconds, ceilings, device_name, time_ms, timer_description
+from cnnfast.roofline import (
+    DTYPES, bound_kind, bound_seconds, ceilings, cudnn_autotuned, device_name, time_ms, timer_description,
+)
 
 SCHEMA = "cnnfast.claims_measure/2"
 TIME_QUANTITIES = ("macs", "flops", "pool_ops")
@@ -296,7 +298,8 @@ def _cause(predicted, measured, numerator, denominator, empty_ms, roofline_ratio
 
 
 def measure_claims(batch: int = 1, dtype: str | None = None, device=None, keys=None, claims=None) -> dict:
-    """Times both sides of every time-relevant claim (those in keys, when given) on the torch backend."""
+    """Times both sides of every time-relevant claim (those in keys, when given) on torch and on cnnfast,
+    cuDNN choosing its algorithms by timing them (cudnn_autotuned)."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     claims = claims if claims is not None else compute_claims()
@@ -311,26 +314,8 @@ def measure_claims(batch: int = 1, dtype: str | None = None, device=None, keys=N
     ceiling = ceilings(device, DTYPES[dtype])
     empty_ms = empty_op_ms(device)
     torch.manual_seed(0)
-    rows = []
-    for claim in timed:
-        (top_label, top_parts), (bottom_label, bottom_parts) = _sides(claim)
-        numerator, top = prepare_side(top_label, top_parts, batch, DTYPES[dtype], device, ceiling)
-        denominator, bottom = prepare_side(bottom_label, bottom_parts, batch, DTYPES[dtype], device, ceiling)
-        numerator["ms"], denominator["ms"], measured_range = time_sides(top, bottom, device)
-        measured = numerator["ms"] / denominator["ms"]
-        found = verdict(claim.predicted, measured, pivot(claim))
-        fused = {}
-        fused_top, fused_bottom, fused_range = time_sides(fused_parts(top, fused), fused_parts(bottom, fused), device)
-        rows.append({
-            "key": claim.key, "title": claim.title, "quantity": claim.quantity, "predicted": claim.predicted,
-            "pivot": pivot(claim), "measured": measured, "measured_range": measured_range, "verdict": found,
-            "explanation": None if found == "holds" else explain(claim.predicted, measured, numerator,
-                                                                  denominator, empty_ms),
-            "cnnfast": {"measured": fused_top / fused_bottom, "measured_range": fused_range,
-                        "verdict": verdict(claim.predicted, fused_top / fused_bottom, pivot(claim)),
-                        "numerator_ms": fused_top, "denominator_ms": fused_bottom},
-            "sides": {"numerator": numerator, "denominator": denominator},
-        })
+    with cudnn_autotuned():
+        rows = [measure_claim(claim, batch, DTYPES[dtype], device, ceiling, empty_ms) for claim in timed]
     return {
         "schema": SCHEMA, "device": device_name(device), "device_type": device.type, "dtype": dtype,
         "batch": batch, "torch_version": torch.__version__, "timer": timer_description(device),
@@ -338,6 +323,28 @@ def measure_claims(batch: int = 1, dtype: str | None = None, device=None, keys=N
         "verdict_rule": VERDICT_RULE,
         "not_measured": [claim.key for claim in claims if claim.quantity not in TIME_QUANTITIES],
         "claims": rows,
+    }
+
+
+def measure_claim(claim, batch: int, dtype, device, ceiling: dict, empty_ms: float) -> dict:
+    """One claim's row: both sides timed on torch and on cnnfast, the verdicts and the explanation."""
+    (top_label, top_parts), (bottom_label, bottom_parts) = _sides(claim)
+    numerator, top = prepare_side(top_label, top_parts, batch, dtype, device, ceiling)
+    denominator, bottom = prepare_side(bottom_label, bottom_parts, batch, dtype, device, ceiling)
+    numerator["ms"], denominator["ms"], measured_range = time_sides(top, bottom, device)
+    measured = numerator["ms"] / denominator["ms"]
+    found = verdict(claim.predicted, measured, pivot(claim))
+    fused = {}
+    fused_top, fused_bottom, fused_range = time_sides(fused_parts(top, fused), fused_parts(bottom, fused), device)
+    return {
+        "key": claim.key, "title": claim.title, "quantity": claim.quantity, "predicted": claim.predicted,
+        "pivot": pivot(claim), "measured": measured, "measured_range": measured_range, "verdict": found,
+        "explanation": None if found == "holds" else explain(claim.predicted, measured, numerator, denominator,
+                                                              empty_ms),
+        "cnnfast": {"measured": fused_top / fused_bottom, "measured_range": fused_range,
+                    "verdict": verdict(claim.predicted, fused_top / fused_bottom, pivot(claim)),
+                    "numerator_ms": fused_top, "denominator_ms": fused_bottom},
+        "sides": {"numerator": numerator, "denominator": denominator},
     }
 
 
