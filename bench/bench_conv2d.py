@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.bench import (
-    apply_epilogue, conv_layers, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason,
-    relu_keeps_nan,
+    conv_layers, eager_function, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason,
+    relu_keeps_nan, unfolded_layer,
 )
 from cnnfast.models import get_model
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
@@ -88,9 +88,8 @@ def layer_tensors(batch, problem, epilogue, device="cuda"):
     bias, the residual (None unless the epilogue adds one)."""
     x, raw_weight, bn = layer_parts(problem, batch, torch.bfloat16, device)
     weight, bias = fold_layer(raw_weight, bn, torch.bfloat16, device)
-    raw_weight = raw_weight.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
     residual = layer_residual(problem, batch, epilogue, torch.bfloat16, device)
-    return x, raw_weight, bn.to(device, torch.bfloat16), weight, bias, residual
+    return x, *unfolded_layer(raw_weight, bn, torch.bfloat16, device), weight, bias, residual
 
 
 def layer_fn(backend, batch, problem, epilogue, device="cuda", batch_norm=True):
@@ -100,7 +99,7 @@ def layer_fn(backend, batch, problem, epilogue, device="cuda", batch_norm=True):
     if backend == "cudnn":
         return lambda: F.conv2d(x, raw_weight, None, problem.stride, problem.padding)
     if backend == "eager" and batch_norm:
-        return lambda: apply_epilogue(bn(F.conv2d(x, raw_weight, None, problem.stride, problem.padding)), residual, relu)
+        return eager_function(problem, x, raw_weight, bn, residual, relu)
     if backend == "cuda_fprop":
         def forced_fprop():
             out = ops._empty_conv2d_output(x, weight, problem.stride, problem.padding, (1, 1))

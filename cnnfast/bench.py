@@ -7,6 +7,8 @@ Layers of the same geometry and epilogue are timed once. Backends:
 
 - ``torch``:        ``cnnfast.ops.conv2d(backend="torch")``: PyTorch's ops in the layer's dtype
   (cuDNN's conv then in-place bias, residual and ReLU; a float16/bfloat16 1x1 layer as one cuBLAS GEMM);
+- ``eager``:        the layer as PyTorch runs a model: ``F.conv2d`` without bias, the BatchNorm
+  (eval), then residual and ReLU, each its own kernel;
 - ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias) + residual)``;
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
@@ -75,7 +77,7 @@ from cnnfast.tuning import (
     CONV_LAYERS, EPILOGUES, conv2d_layer_key, conv_dtype_key, epilogue_name, fastest_layer_backend,
 )
 
-BACKENDS = ("torch", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
+BACKENDS = ("torch", "eager", "torch_folded", "compile", "triton", "cuda", "torch_triton", "cudnn_fused")
 BENCH_SCHEMA = "cnnfast.bench/4"
 # The backends that are cnnfast.ops.conv2d's own: what `cnnfast tune` times and backend=None chooses from.
 TUNED_BACKENDS = backends_of("conv2d")
@@ -179,6 +181,13 @@ def layer_parts(problem, batch, dtype, device):
     return x, weight, bn
 
 
+def unfolded_layer(weight, bn, dtype, device):
+    """layer_parts' weight and BatchNorm as PyTorch runs them: (weight in dtype, channels_last, on
+    device; the BatchNorm in dtype on device)."""
+    return (weight.to(device=device, dtype=dtype, memory_format=torch.channels_last),
+            copy.deepcopy(bn).to(device, dtype))
+
+
 def fold_layer(weight, bn, dtype, device):
     """layer_parts' weight with its BatchNorm folded in: (weight in dtype, channels_last, float32 bias)."""
     weight, bias = ops.fold_bn(weight, None, bn)
@@ -206,8 +215,14 @@ def apply_epilogue(y, residual, relu):
     return torch.relu(y) if relu else y
 
 
+def eager_function(problem, x, weight, bn, residual=None, relu=True):
+    """The layer as PyTorch runs a model (unfolded_layer's weight and BatchNorm): conv, BatchNorm,
+    [+ residual], [ReLU]."""
+    return lambda: apply_epilogue(bn(F.conv2d(x, weight, None, problem.stride, problem.padding)), residual, relu)
+
+
 def layer_function(backend, problem, x, weight, bias, residual=None, relu=True):
-    """A no-argument callable that computes the layer on backend."""
+    """A no-argument callable that computes the layer on backend (but eager: eager_function)."""
     stride, padding = problem.stride, problem.padding
     if backend in TUNED_BACKENDS:
         return lambda: ops.conv2d(x, weight, bias, stride=stride, padding=padding, residual=residual, relu=relu,
@@ -317,7 +332,11 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
         for backend in backends:
             if backend in skipped:
                 continue
-            fn = layer_function(backend, problem, x, weight, bias, residual, relu)
+            if backend == "eager":
+                _, raw_weight, bn = layer_parts(problem, batch, dtype, device)
+                fn = eager_function(problem, x, *unfolded_layer(raw_weight, bn, dtype, device), residual, relu)
+            else:
+                fn = layer_function(backend, problem, x, weight, bias, residual, relu)
             with torch.inference_mode():
                 try:
                     fn()  # compiles (compile), autotunes (triton) or warms caches before timing

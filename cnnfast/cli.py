@@ -294,7 +294,7 @@ def add_measurement_options(command, backends=True):
     if backends:
         command.add_argument(
             "--backends", type=backend_list, metavar="LIST",
-            help="comma-separated, from torch,torch_folded,compile,triton,cuda,torch_triton,cudnn_fused "
+            help="comma-separated, from torch,eager,torch_folded,compile,triton,cuda,torch_triton,cudnn_fused "
             "(default: all; any that cannot run here is listed as skipped, with the reason)",
         )
     command.add_argument(

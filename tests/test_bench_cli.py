@@ -42,7 +42,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert result["schema"] == "cnnfast.bench/4" and result["tf32"] is False  # a CPU computes IEEE float32
     assert (result["arch"], result["batch"], result["input_size"]) == ("resnet18", 1, 32)
     assert (result["dtype"], result["device_type"]) == ("fp32", "cpu")
-    assert result["backends"] == ["torch", "torch_folded", "compile"]
+    assert result["backends"] == ["torch", "eager", "torch_folded", "compile"]
     assert set(result["skipped"]) == {"triton", "cuda", "torch_triton", "cudnn_fused"}
     assert all("CUDA device" in result["skipped"][backend] for backend in result["skipped"])
     assert [layer["layer"] for layer in result["layers"]] == ["conv1", "layer1.0.conv1"]
@@ -61,7 +61,7 @@ def test_bench_times_what_runs_here_and_says_why_the_rest_is_skipped(capsys, tmp
     assert "skipped triton: needs a CUDA device" in out and "skipped cuda:" in out
     assert "layer1.0.conv1" in out  # --layers: the per-layer table
     # Progress on stderr, a line per step off a terminal: two layers, then the whole model.
-    assert "[2/3] layer1.0.conv1: torch, torch_folded, compile (" in err
+    assert "[2/3] layer1.0.conv1: torch, eager, torch_folded, compile (" in err
     assert "[3/3] end to end: resnet18 eager and cnnfast.optimize" in err and "\r" not in err
 
 
