@@ -83,7 +83,9 @@ def measured_speedups(runs) -> dict:
             # Only an op's own backends are choices: not PyTorch (the baseline), nor the benchmarks'
             # other variants (eager, cudnn's bare conv, cuda_fprop's forced schedule).
             if op and field in info and info["backend"] in backends_of(op) and info["backend"] != "torch":
-                key = (info["device"], op, dtype_key(DTYPES[info["dtype"]]), info["backend"])
+                # A conv's float32 entry is filed by the precision it ran in, as default_backend looks it up.
+                dtype = conv_precision_key(info) if op == "conv2d" else dtype_key(DTYPES[info["dtype"]])
+                key = (info["device"], op, dtype, info["backend"])
                 run[key].append(info[field])
         speedups.update(run)  # a newer run replaces what an older one measured of the same key
     return speedups

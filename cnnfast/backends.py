@@ -10,6 +10,7 @@ where nothing was measured.
 """
 import functools
 import os
+import warnings
 
 import torch
 
@@ -49,11 +50,19 @@ def cuda_extension():
     return _cuda_extension
 
 
-@functools.lru_cache(maxsize=1)
+# Asked once, at import: resolve_backend checks it on every call, and torch.compile cannot trace
+# into the extension's pybind11 query.
+_CUDA_OPS = tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
+
+
 def cuda_ops():
-    """Names of the ops the compiled extension provides (empty when it is not built); asked once,
-    since resolve_backend checks it on every call."""
-    return tuple(_cuda_extension.build_info()["ops"]) if _cuda_extension is not None else ()
+    """Names of the ops the compiled extension provides (empty when it is not built)."""
+    return _CUDA_OPS
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def check_backend_name(where: str, backend) -> None:
@@ -67,6 +76,10 @@ def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = Non
     convolution, layer = (weight shape, stride, padding, dilation, epilogue name) selects its per-layer entry)."""
     if backend is None:
         chosen = default_backend(op, x, layer)
+        if chosen not in backends_of(op):  # a foreign or hand-edited table: never an unchecked kernel
+            warn_once(f"cnnfast: the tuning table names backend {chosen!r} for {op}, which has no such "
+                      "kernel; running torch")
+            return "torch"
         # A table measured with the CUDA extension, read where it is not built (or lacks the op).
         return "torch" if chosen == "cuda" and op not in cuda_ops() else chosen
     check_backend_name(op, backend)

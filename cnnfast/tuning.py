@@ -22,6 +22,7 @@ the "torch" backend.
 import functools
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,6 +93,8 @@ def local_table_name() -> str:
 
 @functools.lru_cache(maxsize=8)
 def _local_table_name(setting: str | None, home: str | None) -> str:
+    if setting == "":  # set but empty: no local table, as /dev/null
+        return os.devnull
     return setting if setting is not None else str(Path.home() / ".cache" / "cnnfast" / "tuning.json")
 
 
@@ -110,7 +113,40 @@ def merged(base: dict, override: dict) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _table_at(local_path: str) -> dict:
-    return merged(read_table(TABLE_PATH), read_table(Path(local_path)))
+    """The packaged table with the local one over it; a local table that cannot be read or is not
+    shaped as `cnnfast tune` writes it is left out, with one warning (read once per path)."""
+    try:
+        local = read_table(Path(local_path))
+        problem = shape_problem(local)
+    except ValueError as error:
+        problem = str(error)
+    if problem:
+        warnings.warn(f"cnnfast: the local tuning table {local_path} is left out ({problem}); "
+                      "backend=None uses the packaged table")
+        local = {}
+    return merged(read_table(TABLE_PATH), local)
+
+
+def shape_problem(table: dict) -> str | None:
+    """What in a table is not shaped as {gpu: {op: {dtype: backend}, CONV_LAYERS: {dtype: {layer
+    key: {batch: backend}}}}}, or None."""
+    for gpu, entries in table.items():
+        if not isinstance(entries, dict):
+            return f"{gpu!r} holds a {type(entries).__name__}, not a dict"
+        for op, by_dtype in entries.items():
+            if not isinstance(by_dtype, dict):
+                return f"{gpu!r}/{op!r} holds a {type(by_dtype).__name__}, not a dict"
+            for dtype, value in by_dtype.items():
+                if op != CONV_LAYERS:
+                    if not isinstance(value, str):
+                        return f"{gpu!r}/{op!r}/{dtype!r} is not a backend name"
+                    continue
+                for key, by_batch in (value.items() if isinstance(value, dict) else [(None, None)]):
+                    if not (isinstance(by_batch, dict) and all(
+                            isinstance(batch, str) and batch.isdigit() and isinstance(backend, str)
+                            for batch, backend in by_batch.items())):
+                        return f"{gpu!r}/{CONV_LAYERS}/{dtype!r}/{key!r} is not {{batch: backend}}"
+    return None
 
 
 def tuning_table() -> dict:
@@ -123,8 +159,20 @@ def save_local_choices(choices: dict) -> Path:
     """Merges choices (a table fragment) into the local table, under its lock (two `cnnfast tune`
     runs may finish together), and makes backend=None use it now."""
     path = local_table_path()
+    if str(path) == os.devnull:
+        raise ValueError("CNNFAST_TUNING_FILE is empty or /dev/null: there is no local tuning table to save to")
     with json_file.locked(path):
-        json_file.write_object(path, merged(read_table(path), choices))
+        try:
+            existing = read_table(path)
+            problem = shape_problem(existing)
+        except ValueError as error:
+            problem = str(error)
+        if problem:  # kept for a look, not lost, and not in the way of what was just measured
+            aside = path.with_name(f"{path.name}.unreadable")
+            path.replace(aside)
+            warnings.warn(f"cnnfast: the local tuning table {path} ({problem}) was moved to {aside}; writing a new one")
+            existing = {}
+        json_file.write_object(path, merged(existing, choices))
     _table_at.cache_clear()
     _layer_backend.cache_clear()
     return path
@@ -169,4 +217,11 @@ def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str
         (k, c, r, s), stride, padding, dilation, epilogue = layer
         layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation, epilogue)
         dtype = conv_dtype_key(x.dtype, x.dtype == torch.float32 and tf32_allowed("conv"))
-    return table_choice(op, x.device.index or 0, dtype, layer_key, int(x.shape[0]))
+    return table_choice(op, x.device.index or 0, dtype, layer_key, static_size(x.shape[0]))
+
+
+def static_size(size) -> int:
+    """A size as a Python int. Formatted, not int(): under torch.compile a batch that has become
+    symbolic (after a second batch size) is then specialized, as H and W are by the layer key, where
+    assume_constant_result would refuse a symbolic argument."""
+    return int(f"{size}")

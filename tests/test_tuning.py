@@ -1,5 +1,8 @@
 """backend=None: the tuning table and the rule that builds it from committed GPU results."""
 import json
+import os
+import re
+import traceback
 
 import pytest
 import torch
@@ -227,6 +230,48 @@ def test_table_lookup_is_a_constant_under_torch_compile(monkeypatch):
     assert pick(torch.zeros(2)).tolist() == [expected, expected]
 
 
+def test_a_layers_choice_follows_the_batch_under_torch_compile(monkeypatch, fresh_tables):
+    """After a second batch size torch.compile makes the batch symbolic; the lookup specializes on
+    it (static_size) instead of failing, and each batch finds its own entry."""
+    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+    table = {"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {key: {"8": "triton", "64": "cuda"}}}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        layer_key = tuning.conv2d_layer_key(64, x.shape[2], x.shape[3], 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
+        chosen = tuning.table_choice("conv2d", 0, "bfloat16", layer_key, tuning.static_size(x.shape[0]))
+        return x[:, 0, 0, 0] + (1 if chosen == "cuda" else 0)
+
+    assert [pick(torch.zeros(n, 64, 56, 56))[0].item() for n in (8, 9, 64, 65)] == [0, 0, 1, 1]
+
+
+def test_a_foreign_backend_in_the_table_runs_torch_with_a_warning(monkeypatch):
+    from cnnfast import backends
+
+    backends.warn_once.cache_clear()
+    monkeypatch.setattr("cnnfast.backends.default_backend", lambda op, x, layer=None: "tensorrt")
+    with pytest.warns(UserWarning, match="names backend 'tensorrt' for conv2d, which has no such kernel"):
+        assert resolve_backend("conv2d", torch.empty(1), None) == "torch"
+    monkeypatch.setattr("cnnfast.backends.default_backend", lambda op, x, layer=None: "cudnn_fused")
+    with pytest.warns(UserWarning, match="'cudnn_fused' for add_relu"):
+        assert resolve_backend("add_relu", torch.empty(1), None) == "torch"
+    backends.warn_once.cache_clear()
+
+
+def test_asking_for_cuda_under_torch_compile_gives_the_ops_own_error():
+    """The extension's op list is a constant to torch.compile (its pybind11 query cannot be traced):
+    a compiled call fails with cnnfast's error, as an eager one does, not with a tracing failure."""
+    x = torch.randn(1, 4, 3, 3)
+    compiled = torch.compile(lambda a: ops.add_relu(a, a, backend="cuda"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as raised:
+        compiled(x)
+    text = "".join(traceback.format_exception(raised.value))
+    assert "marked as skipped" not in text
+    assert "backend 'cuda'" in text  # needs CUDA tensors, or is not built
+
+
 def test_default_backend_never_picks_a_missing_cuda_extension(monkeypatch):
     monkeypatch.setattr("cnnfast.backends.default_backend", lambda op, x, layer=None: "cuda")
     monkeypatch.setattr("cnnfast.backends.cuda_ops", lambda: ())
@@ -378,3 +423,41 @@ def test_local_table_path_follows_the_environment(monkeypatch, tmp_path):
     assert tuning.local_table_path() == tmp_path / "b" / ".cache" / "cnnfast" / "tuning.json"
     monkeypatch.setenv("CNNFAST_TUNING_FILE", str(tmp_path / "mine.json"))
     assert tuning.local_table_path() == tmp_path / "mine.json"
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", "")  # set but empty: no local table
+    assert str(tuning.local_table_path()) == os.devnull
+    with pytest.raises(ValueError, match="no local tuning table to save to"):
+        tuning.save_local_choices({"NVIDIA H200": {"add_relu": {"bfloat16": "triton"}}})
+
+
+BAD_LOCAL_TABLES = {
+    "not-json": ("{", "is not valid JSON"),
+    "gpu-entry-a-list": ('{"NVIDIA H200": ["triton"]}', "holds a list, not a dict"),
+    "batch-not-a-number": (json.dumps({"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {"k": {"8x": "triton"}}}}}),
+                           "is not {batch: backend}"),
+    "op-entry-not-a-name": ('{"NVIDIA H200": {"add_relu": {"bfloat16": 3}}}', "is not a backend name"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOCAL_TABLES))
+def test_a_local_table_it_cannot_use_is_left_out_with_a_warning(case, monkeypatch, tmp_path, fresh_tables):
+    text, problem = BAD_LOCAL_TABLES[case]
+    path = tmp_path / "tuning.json"
+    path.write_text(text)
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", str(path))
+    with pytest.warns(UserWarning, match=f"local tuning table {path} is left out .*{re.escape(problem)}"):
+        assert tuning.tuning_table() == tuning.read_table(tuning.TABLE_PATH)
+    choice = {"NVIDIA H200": {"add_relu": {"bfloat16": "triton"}}}
+    with pytest.warns(UserWarning, match="was moved to .*tuning.json.unreadable"):
+        tuning.save_local_choices(choice)
+    assert json.loads(path.read_text()) == choice and (tmp_path / "tuning.json.unreadable").read_text() == text
+
+
+def test_a_float32_conv_entry_of_the_op_is_filed_by_the_precision_it_ran_in(tmp_path):
+    conv = ("test_conv2d_layer", "speedup_vs_cudnn")
+    write_run(tmp_path / "h200-2026-01-01-run1", [(*conv, "triton", 1.5), (*conv, "triton", 1.4)])
+    path = tmp_path / "h200-2026-01-01-run1" / "benchmarks.json"
+    data = json.loads(path.read_text())
+    for case in data["benchmarks"]:
+        case["extra_info"].update(dtype="fp32", tf32=True)
+    path.write_text(json.dumps(data))
+    assert build_table(tmp_path) == {"NVIDIA H200": {"conv2d": {"float32 as tf32": "triton"}}}
