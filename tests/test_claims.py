@@ -24,6 +24,8 @@ def test_expected_claims_present(claims):
         "alexnet_pool_ops_vs_conv_macs", "resnet34_vs_resnet18_macs",
         "bottleneck_vs_basic_macs", "bottleneck_vs_basic_params",
         "bottleneck_vs_basic_at_c_macs", "bottleneck_vs_basic_at_c_params",
+        "vgg16_vs_alexnet_params", "vgg16_vs_alexnet_macs", "zfnet_vs_alexnet_params", "zfnet_vs_alexnet_macs",
+        "vgg16_fc_params_fraction",
     }
 
 
@@ -70,6 +72,12 @@ def test_qualitative_claims_hold(claims):
         assert claims[f"googlenet_stem_vs_vgg16_{quantity}"].predicted > 5
     assert claims["gap_head_vs_fc_head_params"].predicted > 100
     assert claims["gap_head_vs_fc_head_macs"].predicted > 100
+    # VGG-16 (138.4 M parameters, 15.5 GMACs at 224) and ZFNet (107.6 M, 2.48 GMACs at 224) against
+    # AlexNet (61.1 M, 0.717 GMACs at 227); VGG-16's three linear layers hold 123.6 M of its parameters.
+    assert claims["vgg16_vs_alexnet_params"].predicted == pytest.approx(138_357_544 / 61_100_840)
+    assert claims["vgg16_vs_alexnet_macs"].predicted > 20
+    assert 1.7 < claims["zfnet_vs_alexnet_params"].predicted < 1.8 and claims["zfnet_vs_alexnet_macs"].predicted > 3
+    assert claims["vgg16_fc_params_fraction"].predicted == pytest.approx(123_642_856 / 138_357_544)
 
 
 def test_details_hold_the_raw_numbers(claims):

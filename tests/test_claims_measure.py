@@ -90,7 +90,7 @@ def test_every_time_relevant_claim_has_a_measurement():
     from cnnfast.analysis.measure import _sides
 
     timed = [claim for claim in compute_claims() if claim.quantity in TIME_QUANTITIES]
-    assert len(timed) == 9
+    assert len(timed) == 11
     for claim in timed:
         numerator, denominator = _sides(claim)
         assert numerator[1] and denominator[1]

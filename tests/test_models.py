@@ -116,3 +116,11 @@ def test_the_first_preactivation_block_takes_the_stems_activation():
     assert model.layer1[0].bn1 is None
     assert all(block.bn1 is not None for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
                for block in stage if block is not model.layer1[0])
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet152"])
+def test_the_resnet_v1_5_notes_give_the_counted_macs(name):
+    from cnnfast.analysis import analyze_arch
+
+    gmacs = analyze_arch(name).totals["macs"] / 1e9
+    assert f"{gmacs:.2f} GMACs against the paper's" in models.ARCHITECTURE_NOTES[name]

@@ -311,6 +311,43 @@ def _alexnet_claims(alexnet: ModelAnalysis) -> list[Claim]:
     ]
 
 
+def _bigger_model_claims(alexnet: ModelAnalysis, zfnet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
+    """VGG-16 and ZFNet against AlexNet (whole models), and where VGG-16's parameters are."""
+    statements = {
+        "vgg16": "VGG is far deeper than AlexNet, with more parameters and more compute.",
+        "zfnet": ("ZFNet's CONV3, 4, 5 with 512, 1024, 512 filters instead of 384, 384, 256 add channels and "
+                  "the model's complexity."),
+    }
+    titles = {"vgg16": "VGG-16 vs AlexNet", "zfnet": "ZFNet vs AlexNet"}
+    claims = [
+        Claim(
+            key=f"{name}_vs_alexnet_{quantity}",
+            title=f"{titles[name]}, {noun} ({titles[name].split(' vs ')[0]} / AlexNet)",
+            statement=statements[name],
+            quantity=quantity,
+            predicted=model.totals[quantity] / alexnet.totals[quantity],
+            closed_form=None,
+            closed_form_text=None,
+            details={name: model.totals, "alexnet": alexnet.totals, "input_sizes": [model.input_size,
+                                                                                   alexnet.input_size]},
+        )
+        for name, model in (("vgg16", vgg16), ("zfnet", zfnet))
+        for quantity, noun in (("params", "parameters"), ("macs", "MACs"))
+    ]
+    linear = vgg16.of_type("linear")
+    claims.append(Claim(
+        key="vgg16_fc_params_fraction",
+        title="VGG-16: fraction of parameters in fully connected layers",
+        statement="Recall VGG-16: most parameters were in the FC layers.",
+        quantity="params",
+        predicted=_total(linear, "params") / vgg16.totals["params"],
+        closed_form=None,
+        closed_form_text=None,
+        details={"linear": _summary(linear), "totals": vgg16.totals},
+    ))
+    return claims
+
+
 def _resnet_depth_claim(resnet18: ModelAnalysis, resnet34: ModelAnalysis) -> Claim:
     lecture_gflop = {"resnet18": 1.8, "resnet34": 3.6}
     return Claim(
@@ -396,6 +433,7 @@ def compute_claims() -> list[Claim]:
         *_stem_claims(googlenet, vgg16),
         *_head_claims(googlenet, vgg16),
         *_alexnet_claims(alexnet),
+        *_bigger_model_claims(alexnet, analyze_arch("zfnet"), vgg16),
         _resnet_depth_claim(analyze_arch("resnet18"), analyze_arch("resnet34")),
         *_bottleneck_claims(),
     ]

@@ -14,6 +14,7 @@ parts (a module and its input); its time is the sum of its parts' times:
   the fraction is of one sum, at most 1: a whole-model time can be below the sum of its layers');
 - ``alexnet_pool_ops_vs_conv_macs``: AlexNet's pooling layers / its conv layers (each timed alone);
 - ``resnet34_vs_resnet18_macs``: the whole ResNet-34 / the whole ResNet-18;
+- ``vgg16_vs_alexnet_macs``, ``zfnet_vs_alexnet_macs``: the whole VGG-16 or ZFNet / the whole AlexNet;
 - ``bottleneck_vs_basic_macs``: 1x1 -> 3x3 -> 1x1 (256-64-64-256) / two 3x3 (256-256-256), 56x56;
 - ``bottleneck_vs_basic_at_c_macs``: the same bottleneck / two 3x3 (64-64-64), 56x56.
 
@@ -165,6 +166,10 @@ def _sides(claim) -> tuple[tuple[str, list], tuple[str, list]]:
     if claim.key == "resnet34_vs_resnet18_macs":
         return (("ResNet-34 whole model", _whole("resnet34", get_model("resnet34"))),
                 ("ResNet-18 whole model", _whole("resnet18", get_model("resnet18"))))
+    if claim.key in ("vgg16_vs_alexnet_macs", "zfnet_vs_alexnet_macs"):
+        name = claim.key.split("_vs_")[0]
+        return ((f"{name} whole model", _whole(name, get_model(name))),
+                ("AlexNet whole model", _whole("alexnet", get_model("alexnet"))))
     raise ValueError(f"no measurement defined for claim {claim.key!r}")
 
 
