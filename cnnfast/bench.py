@@ -401,6 +401,12 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
     if unknown:
         raise ValueError(f"unknown backends {unknown}; expected some of {', '.join(BACKENDS)}")
     skipped = {backend: reason for backend in backends if (reason := skip_reason(backend, device))}
+    # What the op itself refuses under this run's settings (IEEE float32 on CUTLASS, cuDNN's fused
+    # conv under deterministic algorithms): its refusal reads the dtype alone.
+    probe = torch.empty(0, dtype=DTYPES[dtype])
+    skipped.update((backend, str(refusal)) for backend in backends
+                   if backend not in skipped and backend in TUNED_BACKENDS
+                   and (refusal := ops.conv2d_backend_refusal(probe, 1, True, backend)) is not None)
     timed = [backend for backend in backends if backend not in skipped]
     layers = dict(list(conv_layers(arch, input_size).items())[:max_layers])
     progress = Progress(len(layers) + end_to_end, show_progress)

@@ -330,3 +330,16 @@ def test_bench_runs_cudnn_in_benchmark_mode_and_restores_the_setting(monkeypatch
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     bench.run_bench("resnet18", input_size=32, max_layers=1, backends=["torch"], device="cpu")
     assert seen and all(seen) and torch.backends.cudnn.benchmark is False
+
+
+def test_bench_lists_what_the_op_refuses_under_the_runs_settings_as_skipped(monkeypatch):
+    """IEEE float32 on CUTLASS (which computes float32 as TF32): skipped with the op's own reason,
+    rather than failing the run."""
+    from cnnfast import bench
+
+    monkeypatch.setattr(bench, "skip_reason", lambda backend, device: None)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device, **kwargs: 1.0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    result = bench.run_bench("resnet18", input_size=32, max_layers=1, backends=["torch", "cuda"], device="cpu",
+                             end_to_end=False)
+    assert result["backends"] == ["torch"] and "computes float32 as TF32 only" in result["skipped"]["cuda"]
