@@ -116,9 +116,11 @@ def test_a_malformed_local_tuning_table_is_named(monkeypatch, tmp_path):
     path = tmp_path / "tuning.json"
     path.write_text("not JSON")
     monkeypatch.setenv("CNNFAST_TUNING_FILE", str(path))
-    with pytest.raises(ValueError, match="tuning.json is not valid JSON"):
+    with pytest.warns(UserWarning, match="tuning.json is not valid JSON.*moved to .*tuning.json.unreadable"):
         tuning.save_local_choices({"a GPU": {}})
-    assert path.read_text() == "not JSON"  # left for its owner to look at, not overwritten
+    # Kept for its owner to look at, not overwritten; what was measured is saved beside it.
+    assert (tmp_path / "tuning.json.unreadable").read_text() == "not JSON"
+    assert json.loads(path.read_text()) == {"a GPU": {}}
 
 
 def test_written_files_are_sorted_readable_by_all_and_leave_no_temporary_file(tmp_path):
