@@ -1,5 +1,6 @@
 import html
 import json
+import time
 
 import pytest
 
@@ -10,10 +11,24 @@ from cnnfast.report import LAYER_CHART_ARCHS, markdown_escape, write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def timed_once(fn, device, **kwargs) -> float:
+    """One run's milliseconds: these tests check the pages, not the figures (the timer's own tests
+    are in test_roofline.py), and the full report's warm-ups and repeats take minutes here."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    from cnnfast import bench
+    from cnnfast.analysis import measure
+
     out_dir = tmp_path_factory.mktemp("report")
-    return out_dir, write_report(out_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "time_ms", timed_once)
+        patch.setattr(bench, "time_ms", timed_once)
+        return out_dir, write_report(out_dir)
 
 
 def test_writes_the_pages_and_charts(report):
