@@ -13,9 +13,11 @@ SOURCES := setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/cuda/*)
 
 .PHONY: test report install clean
 
-# One pytest worker per core (pytest-xdist): the interpreter-bound suite is CPU-bound.
+# One pytest worker per core (pytest-xdist): the interpreter-bound suite is CPU-bound; an idle
+# worker takes queued cases from a busy one (worksteal), and each worker's PyTorch takes its share
+# of the cores (conftest.py).
 test: $(INSTALLED)
-	$(PY) -m pytest tests -q -n auto
+	$(PY) -m pytest tests -q -n auto --dist worksteal
 
 report: $(INSTALLED)
 	$(VENV)/bin/cnnfast report --out report

@@ -68,6 +68,10 @@ xdist_worker = False
 def pytest_configure(config):
     global xdist_worker
     xdist_worker = hasattr(config, "workerinput")
+    if xdist_worker:
+        # The workers share the machine's cores: each takes its share for PyTorch's CPU threads
+        # instead of all of them (2 workers x 2 threads on 2 cores only switch between each other).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workerinput["workercount"]))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -100,7 +100,7 @@ def large_interpreter_tiles(monkeypatch):
     (103M weights in its first FC layer) takes 80 s, with this one 35 s. The tile does not change
     what these tests check (the wiring of fused models through the Triton kernels); test_conv2d
     runs every autotune config, and test_nn the default one. Counts the calls."""
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=1)
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 512, "GROUP_M": 1}, num_warps=4, num_stages=1)
     launch, calls = triton_conv2d.conv2d_bias_act, []
 
     def counted(*args, **kwargs):
