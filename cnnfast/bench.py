@@ -322,7 +322,9 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
     for (problem, epilogue), names in layers.items():
         if progress is not None:
             progress.step(f"{names[0]}: {', '.join(backends)}")
-        x, weight, bias, residual = layer_inputs(problem, batch, dtype, device, epilogue)
+        x, raw_weight, bn = layer_parts(problem, batch, dtype, device)
+        weight, bias = fold_layer(raw_weight, bn, dtype, device)
+        residual = layer_residual(problem, batch, epilogue, dtype, device)
         relu = EPILOGUES[epilogue][1]
         flops = conv_flops(problem, batch)
         traffic = conv_bytes(problem, batch, dtype.itemsize, residual=residual is not None)
@@ -333,7 +335,6 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
             if backend in skipped:
                 continue
             if backend == "eager":
-                _, raw_weight, bn = layer_parts(problem, batch, dtype, device)
                 fn = eager_function(problem, x, *unfolded_layer(raw_weight, bn, dtype, device), residual, relu)
             else:
                 fn = layer_function(backend, problem, x, weight, bias, residual, relu)

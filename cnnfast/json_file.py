@@ -39,12 +39,17 @@ def read_object(path: Path) -> dict:
 
 def write_object(path: Path, contents: dict) -> None:
     """Replaces path with contents (sorted keys, one-space indent), atomically."""
+    replace_text(path, json.dumps(contents, indent=1, sort_keys=True) + "\n")
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Replaces path with text, atomically: a reader, or a process stopped while writing, finds the
+    old file or the new one whole."""
     written = None
     try:
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as file:
             written = Path(file.name)
-            json.dump(contents, file, indent=1, sort_keys=True)
-            file.write("\n")
+            file.write(text)
         written.chmod(0o644)  # as a file written plainly would be (the temporary one is owner-only)
         os.replace(written, path)
         written = None

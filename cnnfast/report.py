@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import cnnfast
+from cnnfast import json_file
 from cnnfast.analysis import MEMORY_TYPES, analyze_arch
 from cnnfast.analysis.claims import compute_claims
 from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
@@ -562,13 +563,6 @@ def render_markdown(sections):
     return f"# {TITLE}\n\n{bodies}\n"
 
 
-def write_whole(path: Path, text: str) -> None:
-    """Writes beside path, then renames: a report stopped while writing keeps its last whole page."""
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
 def write_report(out_dir="report"):
     """Write index.html, report.md and the charts into out_dir; return {file name: path}."""
     out_dir = Path(out_dir)
@@ -585,8 +579,9 @@ def write_report(out_dir="report"):
     for make_section in order:
         made[make_section] = make_section(data)
         sections = [made[make] for make in SECTIONS if make in made]  # in the page's order
-        write_whole(html_path, render_html(sections))
-        write_whole(markdown_path, render_markdown(sections))
+        # Replaced whole: a report stopped while writing keeps its last whole page.
+        json_file.replace_text(html_path, render_html(sections))
+        json_file.replace_text(markdown_path, render_markdown(sections))
     written = {path.name: path for path in (html_path, markdown_path)}
     written.update({path.name: path for section in sections for path in section.files})
     return written

@@ -207,6 +207,20 @@ def ceilings(device="cpu", dtype=torch.float32) -> dict:
     by another method) and read from the cache afterwards. The cache's lock is held while measuring:
     two processes that would measure at once (the test suite's workers) would each find half the
     machine, and the low ceilings would stay cached; the second one waits and reads the first's."""
+    return _cached_ceilings(device, dtype, measure_again=False)
+
+
+def remeasured_ceilings(device="cpu", dtype=torch.float32) -> dict:
+    """The ceilings measured again, each the higher of the cached and the new figure, cached: a
+    ceiling first measured while the machine was busy stays too low otherwise, and puts measured
+    layers above the roof."""
+    return _cached_ceilings(device, dtype, measure_again=True)
+
+
+def _cached_ceilings(device, dtype, measure_again: bool) -> dict:
+    """The cached entry of device and dtype where it was timed by CEILING_METHOD and measure_again is
+    False; else a new measurement (each figure raised to the cached one's where that is higher),
+    cached. All under the cache's lock."""
     path = cache_path()
     key = ceiling_key(device, dtype)
     with json_file.locked(path):
@@ -215,31 +229,15 @@ def ceilings(device="cpu", dtype=torch.float32) -> dict:
         except ValueError as error:
             warnings.warn(f"cnnfast: cannot read the cached ceilings ({error}); measuring again")
             cached = {}
-        if cached.get(key, {}).get("method") != CEILING_METHOD:
-            cached[key] = measure_ceilings(device, dtype)
-            json_file.write_object(path, cached)
-    return cached[key]
-
-
-def remeasured_ceilings(device="cpu", dtype=torch.float32) -> dict:
-    """The ceilings measured again, each the higher of the cached and the new figure, cached: a
-    ceiling first measured while the machine was busy stays too low otherwise, and puts measured
-    layers above the roof."""
-    path = cache_path()
-    key = ceiling_key(device, dtype)
-    with json_file.locked(path):
-        try:
-            cached = json_file.read_object(path)
-        except ValueError:
-            cached = {}
-        fresh = measure_ceilings(device, dtype)
         old = cached.get(key, {})
-        if old.get("method") == CEILING_METHOD:
-            for name in ("matmul_flop_per_s", "copy_bytes_per_s"):
-                if old[name] > fresh[name]:
-                    fresh[name] = old[name]
-                    if name == "matmul_flop_per_s":
-                        fresh["matmul_dtype"] = old["matmul_dtype"]
+        current = old.get("method") == CEILING_METHOD
+        if current and not measure_again:
+            return old
+        fresh = measure_ceilings(device, dtype)
+        if current:
+            if old["matmul_flop_per_s"] > fresh["matmul_flop_per_s"]:
+                fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_dtype=old["matmul_dtype"])
+            fresh["copy_bytes_per_s"] = max(fresh["copy_bytes_per_s"], old["copy_bytes_per_s"])
         cached[key] = fresh
         json_file.write_object(path, cached)
     return fresh

@@ -115,16 +115,22 @@ def merged(base: dict, override: dict) -> dict:
 def _table_at(local_path: str) -> dict:
     """The packaged table with the local one over it; a local table that cannot be read or is not
     shaped as `cnnfast tune` writes it is left out, with one warning (read once per path)."""
-    try:
-        local = read_table(Path(local_path))
-        problem = shape_problem(local)
-    except ValueError as error:
-        problem = str(error)
+    local, problem = read_usable_table(Path(local_path))
     if problem:
         warnings.warn(f"cnnfast: the local tuning table {local_path} is left out ({problem}); "
                       "backend=None uses the packaged table")
         local = {}
     return merged(read_table(TABLE_PATH), local)
+
+
+def read_usable_table(path: Path) -> tuple[dict, str | None]:
+    """(the table file's contents, None), or ({}, what makes it unusable: unreadable or misshapen)."""
+    try:
+        table = read_table(path)
+    except ValueError as error:
+        return {}, str(error)
+    problem = shape_problem(table)
+    return ({}, problem) if problem else (table, None)
 
 
 def shape_problem(table: dict) -> str | None:
@@ -162,11 +168,7 @@ def save_local_choices(choices: dict) -> Path:
     if str(path) == os.devnull:
         raise ValueError("CNNFAST_TUNING_FILE is empty or /dev/null: there is no local tuning table to save to")
     with json_file.locked(path):
-        try:
-            existing = read_table(path)
-            problem = shape_problem(existing)
-        except ValueError as error:
-            problem = str(error)
+        existing, problem = read_usable_table(path)
         if problem:  # kept for a look, not lost, and not in the way of what was just measured
             aside = path.with_name(f"{path.name}.unreadable")
             path.replace(aside)

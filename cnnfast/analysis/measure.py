@@ -341,13 +341,14 @@ def measure_claim(claim, batch: int, dtype, device, ceiling: dict, empty_ms: flo
     found = verdict(claim.predicted, measured, pivot(claim))
     fused = {}
     fused_top, fused_bottom, fused_range = time_sides(fused_parts(top, fused), fused_parts(bottom, fused), device)
+    fused_measured = fused_top / fused_bottom
     return {
         "key": claim.key, "title": claim.title, "quantity": claim.quantity, "predicted": claim.predicted,
         "pivot": pivot(claim), "measured": measured, "measured_range": measured_range, "verdict": found,
         "explanation": None if found == "holds" else explain(claim.predicted, measured, numerator, denominator,
                                                               empty_ms),
-        "cnnfast": {"measured": fused_top / fused_bottom, "measured_range": fused_range,
-                    "verdict": verdict(claim.predicted, fused_top / fused_bottom, pivot(claim)),
+        "cnnfast": {"measured": fused_measured, "measured_range": fused_range,
+                    "verdict": verdict(claim.predicted, fused_measured, pivot(claim)),
                     "numerator_ms": fused_top, "denominator_ms": fused_bottom},
         "sides": {"numerator": numerator, "denominator": denominator},
     }
