@@ -151,6 +151,44 @@ def test_vanishing_output_without_an_error_names_the_layer():
         analyze(model, 5)
 
 
+class UncountedLayers(nn.Module):
+    """A functional conv and a transposed conv: MACs the table's Conv2d/Linear rows cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 3, 3, 3))
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.up(torch.nn.functional.conv2d(x, self.weight)).mean((2, 3)))
+
+
+def test_macs_the_table_cannot_see_are_warned_about():
+    with pytest.warns(UserWarning, match=r"counts 80 MACs but torch.utils.flop_counter counts 185,104.*\(up\)"):
+        totals = analyze(UncountedLayers(), 16).totals
+    assert totals["macs"] == 80  # the Linear's 8 x 10: the table's own count, not replaced
+
+
+def test_every_architecture_agrees_with_the_flop_counter_without_a_warning(recwarn):
+    for name in ("alexnet", "googlenet", "resnet50"):
+        analyze_arch(name)
+    assert not [warning for warning in recwarn if "flop_counter" in str(warning.message)]
+
+
+def test_a_layer_called_with_keyword_arguments_is_counted():
+    class KeywordCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(input=x)
+
+    (row,) = analyze(KeywordCall(), 16).layers
+    assert row.input_shape == [3, 16, 16] and row.macs == 4 * 14 * 14 * 3 * 9
+
+
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="resnet18"):
         analyze_arch("resnet19")

@@ -13,11 +13,13 @@ Counting follows the lecture:
 Shapes are per image: [C, H, W], or [features] after flattening.
 """
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 # The layer kinds the lecture's tables list; "memory" totals sum the outputs of these.
 MEMORY_TYPES = ("conv", "linear", "maxpool", "avgpool")
@@ -141,6 +143,31 @@ def _first_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else value[0]
 
 
+def _call_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a leaf module was called on: its first tensor argument, positional or keyword."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ValueError(f"layer {name!r} was called without a tensor argument; analyze needs its input's shape")
+
+
+def _check_against_flop_counter(where: str, rows: list[LayerInfo], macs: int, counted_flops: int) -> None:
+    """Warns when torch.utils.flop_counter, which sees every aten op of the pass, counts other MACs
+    than the table, which reads the leaf modules it knows (Conv2d, Linear): a layer of another kind
+    (ConvTranspose2d, Conv1d, a custom module) or a functional call computes MACs that the table
+    leaves out."""
+    counted = counted_flops // 2
+    if counted == macs:
+        return
+    unknown = sorted({row.name for row in rows if row.type == "other" and row.params})
+    kinds = f"layers of kinds the table does not count ({', '.join(unknown)}) or " if unknown else ""
+    warnings.warn(
+        f"{where}: the table counts {macs:,} MACs but torch.utils.flop_counter counts {counted:,} for the same "
+        f"pass; the difference comes from {kinds}functional calls outside the layers",
+        stacklevel=3,
+    )
+
+
 def _shape_text(shape) -> str:
     return "x".join(str(size) for size in shape)
 
@@ -188,7 +215,9 @@ def analyze(
     The caller's model is not changed: its parameters and buffers are swapped for meta tensors
     only for the duration of the call, and it runs in eval mode (the inference path) with its
     train/eval flags restored afterwards. A feature map that vanishes (the input is too small
-    for the architecture) raises ``ValueError`` naming the layer and the input size.
+    for the architecture) raises ``ValueError`` naming the layer and the input size. The same pass
+    runs under ``torch.utils.flop_counter.FlopCounterMode``; where it counts other MACs than the
+    table (a layer kind the table does not count, a functional call), a warning says so.
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     if min(height, width, in_channels) < 1 or batch < 0:
@@ -198,29 +227,32 @@ def analyze(
     rows: list[LayerInfo] = []
     running: list[tuple[str, nn.Module, torch.Tensor]] = []  # the leaf call in progress, if any
 
-    def before(module, args, name):
-        running.append((name, module, _first_tensor(args)))
+    def before(module, args, kwargs, name):
+        running.append((name, module, _call_input(name, args, kwargs)))
 
-    def after(module, args, output, name):
-        running.pop()
+    def after(module, args, kwargs, output, name):
+        _, _, layer_input = running.pop()
         output = _first_tensor(output)
         if output.dim() == 4 and 0 in output.shape[2:]:
             raise ValueError(
                 f"{where} is too small: the feature map vanishes at layer {name!r} "
                 f"({type(module).__name__}, output {_shape_text(output.shape[1:])})"
             )
-        rows.append(_layer_info(name, module, _first_tensor(args), output))
+        rows.append(_layer_info(name, module, layer_input, output))
 
     leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
     handles = []
     for name, module in leaves:
-        handles.append(module.register_forward_pre_hook(lambda m, a, name=name: before(m, a, name)))
-        handles.append(module.register_forward_hook(lambda m, a, o, name=name: after(m, a, o, name)))
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, k, name=name: before(m, a, k, name), with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda m, a, k, o, name=name: after(m, a, k, o, name), with_kwargs=True))
     was_training = {module: module.training for module in model.modules()}
     model.eval()
+    flop_counter = FlopCounterMode(display=False)
     try:
         x = torch.empty(batch, in_channels, height, width, device="meta")
-        with torch.no_grad():
+        with torch.no_grad(), flop_counter:
             functional_call(model, _meta_state(model), (x,))
     except RuntimeError as error:
         if not running:
@@ -243,6 +275,7 @@ def analyze(
         "flops": sum(row.flops for row in rows),
         "activation_bytes": sum(row.activation_bytes for row in rows if row.type in MEMORY_TYPES),
     }
+    _check_against_flop_counter(where, rows, totals["macs"], flop_counter.get_total_flops())
     size = height if height == width else (height, width)
     return ModelAnalysis(arch=arch, input_size=size, batch=batch, layers=rows, totals=totals)
 
