@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import cnnfast
@@ -49,23 +50,48 @@ def fail(args, message) -> int:
     return 2
 
 
+def write_problem(path: Path, directory: bool = False) -> str | None:
+    """Why path (a file, or with directory=True a directory to write in) cannot be written, found by
+    writing: os.access says yes to root and on special filesystems (/proc). A file the probe creates
+    is removed."""
+    try:
+        if directory:
+            with tempfile.TemporaryFile(dir=path):
+                return None
+        existed = path.exists()
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        return error.strerror or str(error)
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
+
+
 def output_problem(json_file=None, out_dir=None) -> str | None:
     """Why the command could not write its outputs (checked before it measures anything), or None.
     The output directory is created here."""
     if out_dir is not None:
+        if not str(out_dir):
+            return "--out needs a directory name"
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
         except OSError as error:
             return f"cannot create the output directory {out_dir}: {error.strerror}"
-        if not os.access(out_dir, os.W_OK):
-            return f"cannot write in the output directory {out_dir}"
+        problem = write_problem(Path(out_dir), directory=True)
+        if problem:
+            return f"cannot write in the output directory {out_dir}: {problem}"
     if json_file is not None:
+        if not str(json_file):
+            return "--json needs a file name"
         path = Path(json_file)
         if path.is_dir():
             return f"--json {json_file} is a directory"
-        writable = os.access(path, os.W_OK) if path.exists() else path.parent.is_dir() and os.access(path.parent, os.W_OK)
-        if not writable:
-            return f"cannot write --json {json_file}" + ("" if path.parent.is_dir() else f": no directory {path.parent}")
+        if not path.parent.is_dir():
+            return f"cannot write --json {json_file}: no directory {path.parent}"
+        problem = write_problem(path)
+        if problem:
+            return f"cannot write --json {json_file}: {problem}"
     return None
 
 
@@ -165,7 +191,7 @@ def run_report(args):
 def backend_list(text):
     from cnnfast.bench import BACKENDS
 
-    names = [name.strip() for name in text.split(",") if name.strip()]
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))  # each once, in order
     unknown = [name for name in names if name not in BACKENDS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of {','.join(BACKENDS)}, got {text!r}")
@@ -201,11 +227,17 @@ def print_measured_on(result) -> None:
         print(line)
 
 
-def write_result(path, result) -> None:
-    """result as JSON in path (when the command was given one), and the path printed."""
-    if path:
-        Path(path).write_text(json.dumps(result, indent=2))
-        print(f"\n{path}")
+def write_result(args, result) -> int:
+    """result as JSON in args.json (when the command was given one), and the path printed; the
+    exit status (a file that the check before measuring let through can still fail here)."""
+    if not args.json:
+        return 0
+    try:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    except OSError as error:
+        return fail(args, f"cannot write --json {args.json}: {error.strerror or error}")
+    print(f"\n{args.json}")
+    return 0
 
 
 def run_benchmarks(args):
@@ -220,8 +252,7 @@ def run_benchmarks(args):
     for headers, rows in tables:
         print()
         print(text_table(headers, rows))
-    write_result(args.json, result)
-    return 0
+    return write_result(args, result)
 
 
 def tune_table(result):
@@ -254,10 +285,10 @@ def run_tune(args):
     print_measured_on(result)
     print()
     print(text_table(*tune_table(result)))
-    write_result(args.json, result)
+    status = write_result(args, result)
     if not args.dry_run:
         print(f"\nsaved to {save_local_choices(layer_choices(result))}")
-    return 0
+    return status
 
 
 def run_roofline(args):
@@ -334,7 +365,8 @@ def build_parser():
     )
     claims.add_argument(
         "--measure", action="store_true",
-        help="time both sides of each time-relevant claim on the torch backend (schema: cnnfast.claims_measure)",
+        help="time both sides of each time-relevant claim, on the torch backend and through cnnfast.optimize "
+             "(schema: cnnfast.claims_measure)",
     )
     claims.add_argument(
         "--batch", type=positive_int, metavar="B", help="with --measure: images per batch (default: 1)"

@@ -45,6 +45,10 @@ LEFT_ALONE = {
 }
 
 
+def modules(count: int) -> str:
+    return f"{count} module" + ("" if count == 1 else "s")
+
+
 @dataclass
 class FusionReport:
     fused: list[tuple[str, str]] = field(default_factory=list)  # (name, what it became)
@@ -52,11 +56,11 @@ class FusionReport:
     already_fused: list[str] = field(default_factory=list)  # fused by an earlier optimize()
 
     def __str__(self) -> str:
-        lines = [f"fused {len(self.fused)} modules:"]
+        lines = [f"fused {modules(len(self.fused))}:"]
         lines += [f"  {name}: {what}" for name, what in self.fused]
         if self.already_fused:
-            lines.append(f"already fused by an earlier optimize(): {len(self.already_fused)} modules")
-        lines.append(f"left alone {len(self.left_alone)} modules:")
+            lines.append(f"already fused by an earlier optimize(): {modules(len(self.already_fused))}")
+        lines.append(f"left alone {modules(len(self.left_alone))}:")
         lines += [f"  {name}: {why}" for name, why in self.left_alone]
         return "\n".join(lines)
 

@@ -72,6 +72,12 @@ def test_bench_prints_only_the_summary_without_layers(capsys):
     assert "layer1.0.conv1" not in out
 
 
+def test_a_backend_named_twice_is_measured_once():
+    from cnnfast.cli import backend_list
+
+    assert backend_list("torch, triton,torch,,triton") == ["torch", "triton"]
+
+
 def test_unknown_backend_is_a_usage_error(capsys):
     code, _, err = run(capsys, "bench", "resnet18", "--backends", "torch,cudnn")
     assert code == 2

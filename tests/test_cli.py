@@ -140,6 +140,34 @@ def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tm
     assert code == 2 and f"cnnfast {name}: error: " in err and str(blocker / "inside") in err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("argv", [("bench", "resnet18", "--json", "/proc/cnnfast.json"),
+                                  ("roofline", "resnet18", "--out", "/proc/self"),
+                                  ("bench", "resnet18", "--json", ""), ("report", "--out", "")],
+                         ids=["json-in-proc", "out-in-proc", "empty-json", "empty-out"])
+def test_an_output_that_only_writing_finds_unwritable_is_refused_before_measuring(capsys, monkeypatch, argv):
+    """os.access says yes to root and on /proc; the check writes instead. An empty name is refused."""
+    import cnnfast.bench
+
+    def must_not_measure(*args, **kwargs):
+        raise AssertionError("measured before checking the output")
+
+    monkeypatch.setattr(cnnfast.bench, "run_bench", must_not_measure)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"cnnfast {argv[0]}: error: " in err
+    assert (f"{argv[-2]} needs a" in err) if argv[-1] == "" else (argv[-1] in err)
+
+
+def test_a_json_that_fails_when_written_is_an_error_not_a_traceback(capsys, tmp_path):
+    from argparse import Namespace
+
+    from cnnfast.cli import write_result
+
+    code = write_result(Namespace(command="bench", json=str(tmp_path)), {"layers": []})
+    captured = capsys.readouterr()
+    assert code == 2 and f"cnnfast bench: error: cannot write --json {tmp_path}: " in captured.err
+
+
 @pytest.mark.parametrize("command", ["bench", "roofline"])
 def test_an_input_too_small_for_the_architecture_is_an_error_not_a_traceback(capsys, tmp_path, command):
     code, _, err = run(capsys, command, "alexnet", "--input-size", "10", "--backends", "torch",

@@ -123,4 +123,21 @@ def test_the_resnet_v1_5_notes_give_the_counted_macs(name):
     from cnnfast.analysis import analyze_arch
 
     gmacs = analyze_arch(name).totals["macs"] / 1e9
-    assert f"{gmacs:.2f} GMACs against the paper's" in models.ARCHITECTURE_NOTES[name]
+    assert f"{gmacs:.2f} GMACs at 224x224 against the paper's" in models.ARCHITECTURE_NOTES[name]
+
+
+def test_the_googlenet_note_gives_the_counts_with_and_without_the_papers_5x5_convs():
+    from torchvision.models.googlenet import BasicConv2d, Inception
+
+    from cnnfast.analysis import analyze
+
+    model = _meta(models.googlenet)
+    counted = analyze(model, 224).totals
+    for module in model.modules():
+        if isinstance(module, Inception):  # branch3: the 1x1 reduction, then the 3x3 the paper has as 5x5
+            reduce, conv = module.branch3
+            module.branch3[1] = BasicConv2d(reduce.conv.out_channels, conv.conv.out_channels, kernel_size=5, padding=2)
+    with_5x5 = analyze(model, 224).totals
+    figures = [counted["macs"] / 1e9, counted["params"] / 1e6, with_5x5["macs"] / 1e9, with_5x5["params"] / 1e6]
+    assert ("{:.2f} GMACs and {:.2f} M parameters, where 5x5 convs there would give {:.2f} and {:.2f}".format(*figures)
+            in models.ARCHITECTURE_NOTES["googlenet"])

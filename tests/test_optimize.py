@@ -186,6 +186,8 @@ def test_fusion_report_says_what_each_layer_became(capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("fused 16 modules:") and "left alone 8 modules:" in printed
     assert "  features.6: max pooling runs in PyTorch (channels_last)" in printed
+    single = cnnfast.optimize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Dropout()).eval())
+    assert str(single.cnnfast_report).splitlines()[::2] == ["fused 1 module:", "left alone 1 module:"]
 
     resnet = dict(cnnfast.optimize(build_meta("resnet50")).cnnfast_report.fused)
     assert resnet["conv1"] == "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"
