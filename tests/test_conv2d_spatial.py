@@ -36,6 +36,10 @@ SHAPES = [
     Conv(2, 32, 8, 10, 24, 3, 3, stride=2, padding=1),
     Conv(1, 16, 12, 6, 16, 5, 5, stride=(3, 2), padding=2),
     Conv(3, 16, 8, 8, 8, 3, 3, stride=2, padding=(0, 3), dilation=(1, 2)),
+    # Strided outputs past one tile: 5x10 (a second row and a second column tile), and 6x18 under
+    # unequal strides (three column tiles), so that each tile's phase coordinates are checked.
+    Conv(2, 16, 10, 20, 16, 3, 3, stride=2, padding=1),
+    Conv(1, 16, 18, 36, 16, 3, 3, stride=(3, 2), padding=1),
 ]
 
 

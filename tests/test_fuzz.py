@@ -173,8 +173,9 @@ def test_conv2d_where_the_tma_kernels_may_run(data):
         r, s = draw(st.sampled_from((1, 2, 3, 5))), draw(st.sampled_from((2, 3, 5)))
         padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
     stride = (draw(st.sampled_from((1, 2, 3))), draw(st.sampled_from((2, 3)))) if kind.startswith("strided") else (1, 1)
-    h, w = (stride[0] * draw(st.integers(1, 5)) + draw(st.sampled_from((0, 0, 0, 1))),
-            stride[1] * draw(st.integers(1, 5)) + draw(st.sampled_from((0, 0, 0, 1))))
+    # Up to 6 rows and 10 columns of each phase: outputs that pass the interpreter's 4x8-pixel tile.
+    h, w = (stride[0] * draw(st.integers(1, 6)) + draw(st.sampled_from((0, 0, 0, 1))),
+            stride[1] * draw(st.integers(1, 10)) + draw(st.sampled_from((0, 0, 0, 1))))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     conv = Conv(n, c, h, w, k, r, s, stride, padding, dilation)
     # A filter larger than the padded input is an error, which test_conv2d covers.
@@ -221,8 +222,11 @@ def test_conv2d_where_the_tma_kernels_may_run(data):
 
 
 def draw_shape(draw):
+    """(N, C, H, W); C past 64 at times: the interpreter's kernels take 64 channels a program, and an
+    index bug in the channel blocks shows only with two or more."""
     n = draw(st.sampled_from((1, 2, 3, 0)))
-    return (n, draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.integers(1, 12)))
+    c = draw(st.one_of(st.integers(1, 40), st.sampled_from((64, 65, 130))))
+    return (n, c, draw(st.integers(1, 12)), draw(st.integers(1, 12)))
 
 
 def exact_pooling_input(shape):
@@ -271,7 +275,7 @@ def test_gap_linear(data):
     out_features, layout = draw(st.integers(1, 40)), draw(st.sampled_from(LAYOUTS))
     bias_dtype = draw(st.sampled_from([None, torch.float32, "x"]))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    if exact:  # pooled values are integers in [-8, 8], |w| <= 2, C <= 40: |out| <= 643, exact in float32
+    if exact:  # pooled values are integers in [-8, 8], |w| <= 2, C <= 130: |out| <= 2083, exact in float32
         x = exact_pooling_input(shape)
         weight = integers((out_features, shape[1]), -2, 2).to(dtype)
         bias = None if bias_dtype is None else integers((out_features,), -3, 3)
