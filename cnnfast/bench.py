@@ -409,6 +409,9 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
                    if backend not in skipped and backend in TUNED_BACKENDS
                    and (refusal := ops.conv2d_backend_refusal(probe, 1, True, backend)) is not None)
     timed = [backend for backend in backends if backend not in skipped]
+    if not timed:
+        raise ValueError("none of the backends asked for can run here: "
+                         + "; ".join(f"{backend}: {reason}" for backend, reason in skipped.items()))
     layers = dict(list(conv_layers(arch, input_size).items())[:max_layers])
     progress = Progress(len(layers) + end_to_end, show_progress)
     try:

@@ -349,3 +349,16 @@ def test_bench_lists_what_the_op_refuses_under_the_runs_settings_as_skipped(monk
     result = bench.run_bench("resnet18", input_size=32, max_layers=1, backends=["torch", "cuda"], device="cpu",
                              end_to_end=False)
     assert result["backends"] == ["torch"] and "computes float32 as TF32 only" in result["skipped"]["cuda"]
+
+
+@pytest.mark.parametrize("command", ["bench", "roofline"])
+def test_backends_none_of_which_can_run_here_are_an_error_before_measuring(capsys, tmp_path, monkeypatch, command):
+    from cnnfast import bench
+
+    monkeypatch.setattr(bench, "skip_reason", lambda backend, device: f"{backend} is not here")
+    monkeypatch.setattr(bench, "bench_layers", lambda *args: pytest.fail("measured"))
+    code, out, err = run(capsys, command, "resnet18", "--backends", "triton,cuda",
+                         *(("--out", str(tmp_path)) if command == "roofline" else ()))
+    assert code == 2 and not out
+    assert err.startswith(f"cnnfast {command}: error: none of the backends asked for can run here: "
+                          "triton: triton is not here; cuda: cuda is not here")
