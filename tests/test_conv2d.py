@@ -381,6 +381,22 @@ def test_split_k_is_offered_only_when_tiles_are_fewer_than_sms(monkeypatch):
     assert conv2d_module.split_k_workspace(conv2d_configs(False, interpreted=False), 49, 512, cuda) is None
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["channel_blocked", "flat"])
+def test_ieee_float32_layers_are_tuned_without_the_tiles_that_spill(monkeypatch, flat):
+    """The tuner's pruning reads the layer's dot precision: IEEE float32 leaves out the spilling
+    tiles (tests/test_triton_compile.py compiles the rest without spills), TF32 and half keep all."""
+    monkeypatch.setattr(conv2d_module, "config_fits", lambda config, dtype, device: True)
+    configs = conv2d_configs(flat, interpreted=False) + split_k_configs(flat, interpreted=False)
+    x = torch.empty(0)
+    kept = {precision: [config_name(config) for config in conv2d_module.prune_configs(
+        configs, {"x_ptr": x}, INPUT_PRECISION=precision)] for precision in ("ieee", "tf32")}
+    assert kept["tf32"] == [config_name(config) for config in configs]
+    spilling = [config_name(config) for config in configs
+                if conv2d_module.tile_of(config) in conv2d_module.IEEE_SPILLING_TILES]
+    assert spilling and kept["ieee"] == [name for name in kept["tf32"] if name not in spilling]
+    assert any(name.endswith("split1") for name in kept["ieee"])  # a whole-reduction tile is always left
+
+
 def test_split_k_workspace_fits_every_candidate():
     configs = conv2d_configs(False, interpreted=False) + split_k_configs(False, interpreted=False)
     partials, arrivals = conv2d_module.split_k_workspace(configs, 49, 100, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """Compiles the conv kernel for Hopper (sm_90a) without a GPU: every Hopper autotune config (split-K ones too), both
 reduction orders (the channel-blocked one with and without a partial channel block), each dtype
-(float32 as TF32). Then triton's bundled ptxas checks each kernel for register spills, and the
+(float32 as TF32, and as IEEE float32 the tiles the autotuner keeps for it). Then triton's bundled ptxas checks each kernel for register spills, and the
 float16/bfloat16 kernels are checked for wgmma, Hopper's tensor-core MMA.
 
 conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the compiles run in one
@@ -20,9 +20,21 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from cnnfast.triton_kernels.conv2d import config_name, conv2d_configs, pipeline_shared_memory, split_k_configs
+from cnnfast.triton_kernels.conv2d import (
+    config_name, conv2d_configs, pipeline_shared_memory, precision_keeps, split_k_configs,
+)
 
-DTYPES = ("float16", "bfloat16", "float32")
+# float32 runs as TF32 by default; "float32-ieee" with TF32 off, where the autotuner leaves out the
+# tiles that spill (precision_keeps): compiled on the problem with the most registers live, the
+# channel-blocked one with a partial channel block (IEEE kernels compile slowly).
+DTYPES = ("float16", "bfloat16", "float32", "float32-ieee")
+IEEE_PROBLEMS = ("channel_blocked_masked",)
+
+
+def variants():
+    """(dtype, problem) pairs compiled: every dtype on every problem, IEEE float32 on IEEE_PROBLEMS."""
+    return [(dtype, problem) for dtype in DTYPES for problem in PROBLEMS
+            if not dtype.endswith("-ieee") or problem in IEEE_PROBLEMS]
 COMPILE_TIMEOUT_S = 600
 HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one block may opt in to on an H100/H200
 
@@ -105,15 +117,20 @@ def ptxas_report(ptx: str) -> dict:
             "ptxas_log": log}
 
 
-def compile_problem(dtype_name: str, problem: str) -> list[dict]:
+def compile_problem(variant: str, problem: str) -> list[dict]:
     """One report per Hopper config: registers, spills, shared memory, wgmma (or the error)."""
-    torch.backends.cudnn.allow_tf32 = True  # float32 compiles as TF32, as it runs by default
+    dtype_name, ieee = variant.removesuffix("-ieee"), variant.endswith("-ieee")
+    torch.backends.cudnn.allow_tf32 = not ieee
     reports = []
     for config in hopper_configs(problem):
-        report = {"dtype": dtype_name, "problem": problem, "config": config_name(config)}
+        report = {"dtype": variant, "problem": problem, "config": config_name(config)}
         shared_estimate = pipeline_shared_memory(config, getattr(torch, dtype_name).itemsize)
         if shared_estimate > HOPPER_SHARED_MEMORY:  # the autotuner prunes it on Hopper: it never runs
-            reports.append(report | {"pruned": shared_estimate})
+            reports.append(report | {"pruned": f"needs {shared_estimate} bytes of shared memory, more than "
+                                               f"{HOPPER_SHARED_MEMORY}"})
+            continue
+        if not precision_keeps(config, "ieee" if ieee else "tf32"):
+            reports.append(report | {"pruned": "a tile that spills in IEEE float32"})
             continue
         try:
             kernel_fn, args, kwargs = recorded_launch(dtype_name, problem, config)
@@ -154,7 +171,7 @@ def compile_in_subprocesses(script: str, argument_lists, timeout_s: int = COMPIL
 def reports():
     """Every (dtype, problem, config) report, from one subprocess per (dtype, problem), all at once."""
     found = {}
-    outputs = compile_in_subprocesses(__file__, [(dtype, problem) for dtype in DTYPES for problem in PROBLEMS])
+    outputs = compile_in_subprocesses(__file__, variants())
     for output in outputs.values():
         for report in output:
             found[(report["dtype"], report["problem"], report["config"])] = report
@@ -164,16 +181,16 @@ def reports():
 @pytest.mark.parametrize(
     "dtype, problem, config",
     [pytest.param(dtype, problem, config, id=f"{dtype}-{problem}-{config_name(config)}")
-     for dtype in DTYPES for problem in PROBLEMS for config in hopper_configs(problem)],
+     for dtype, problem in variants() for config in hopper_configs(problem)],
 )
 def test_compiles_for_hopper_without_spills(reports, dtype, problem, config):
     """Each config the autotuner keeps on Hopper compiles, fits the shared memory, and spills no register."""
     report = reports[(dtype, problem, config_name(config))]
     assert "error" not in report, report["error"]
     if "pruned" in report:
-        pytest.skip(f"pruned on Hopper: needs {report['pruned']} bytes of shared memory, more than {HOPPER_SHARED_MEMORY}")
-    if dtype == "float32":
-        assert report["input_precision"] == "tf32"
+        pytest.skip(f"pruned on Hopper: {report['pruned']}")
+    if dtype.startswith("float32"):
+        assert report["input_precision"] == ("ieee" if dtype.endswith("-ieee") else "tf32")
     assert report["shared"] <= HOPPER_SHARED_MEMORY, "the pruning estimate let through a kernel that cannot launch"
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (
         f"{dtype} {problem} {config_name(config)} spills: {report['spill_stores']} bytes stored, "

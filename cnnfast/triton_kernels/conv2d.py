@@ -85,6 +85,15 @@ CHANNEL_BLOCKED_SPLIT_TILES = [
 ]
 FLAT_SPLIT_TILES = [(64, 64, 64, 8, 5, 2), (64, 64, 64, 8, 5, 4)]
 
+# The tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K) that spill registers on sm_90a in IEEE
+# float32 (TF32 off), in either order, under triton 3.6 or 3.8: without tensor cores tl.dot runs as
+# FMAs on operands held in registers. The autotuner leaves them out of IEEE float32 layers, which
+# keep the 64-row tiles of 32 and 64 columns (tests/test_triton_compile.py compiles those without spills).
+IEEE_SPILLING_TILES = {
+    (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 64, 64, 4, 2, 1), (64, 128, 64, 4, 4, 1), (128, 64, 32, 4, 5, 1),
+    (64, 256, 32, 8, 4, 1), (64, 64, 64, 4, 4, 4), (64, 64, 64, 4, 4, 8), (64, 128, 64, 4, 4, 4),
+}
+
 
 def tile_config(block_m, block_n, block_k, warps, stages, split_k=1, group_m=8):
     return triton.Config(
@@ -293,9 +302,24 @@ def config_fits(config, dtype: torch.dtype, device) -> bool:
     return pipeline_shared_memory(config, torch.empty((), dtype=dtype).element_size()) <= limit
 
 
+def tile_of(config) -> tuple:
+    """A config as its tile list's entry: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, SPLIT_K)."""
+    meta = config.kwargs
+    return meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], config.num_warps, config.num_stages, meta["SPLIT_K"]
+
+
+def precision_keeps(config, input_precision: str) -> bool:
+    """Whether a config compiles well in this tl.dot precision: IEEE float32 leaves out the tiles that spill."""
+    return input_precision != "ieee" or tile_of(config) not in IEEE_SPILLING_TILES
+
+
 def prune_configs(configs, named_args, **kwargs):
-    x = named_args["x_ptr"]
-    return [config for config in configs if config_fits(config, x.dtype, x.device)]
+    """The autotuner's early_config_prune: the configs that fit the device's shared memory and
+    compile without spills in the layer's dot precision."""
+    args = {**named_args, **kwargs}  # the autotuner passes the keyword arguments apart
+    x = args["x_ptr"]
+    return [config for config in configs
+            if config_fits(config, x.dtype, x.device) and precision_keeps(config, args["INPUT_PRECISION"])]
 
 
 # EVEN_C drops the channel mask when every block of channels is full.
