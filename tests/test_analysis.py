@@ -189,6 +189,28 @@ def test_a_layer_called_with_keyword_arguments_is_counted():
     assert row.input_shape == [3, 16, 16] and row.macs == 4 * 14 * 14 * 3 * 9
 
 
+def test_a_fused_layer_the_input_is_too_small_for_is_named():
+    import cnnfast
+
+    fused = cnnfast.optimize(nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU()).eval())
+    with pytest.raises(ValueError, match=r"layer '0' \(ConvBNReLU\) fails on its 3x3x3 feature map.*larger than"):
+        analyze(fused, 3)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: analyze_arch("resnet18", input_size=224.0), lambda: analyze_arch("resnet18", input_size="224"),
+    lambda: analyze_arch("resnet18", batch=1.5), lambda: analyze(nn.Conv2d(3, 4, 3), (8, 8, 8)),
+], ids=["float-size", "str-size", "float-batch", "three-sizes"])
+def test_sizes_of_the_wrong_type_are_a_type_error_naming_them(call):
+    with pytest.raises(TypeError, match="input_size must be an int or an .height, width. pair of ints"):
+        call()
+
+
+def test_a_name_passed_as_the_model_points_at_analyze_arch():
+    with pytest.raises(TypeError, match="analyze takes an nn.Module, got str .analyze_arch takes a name."):
+        analyze("resnet18")
+
+
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="resnet18"):
         analyze_arch("resnet19")

@@ -219,7 +219,15 @@ def analyze(
     runs under ``torch.utils.flop_counter.FlopCounterMode``; where it counts other MACs than the
     table (a layer kind the table does not count, a functional call), a warning says so.
     """
-    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+    sizes = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size) \
+        if isinstance(input_size, (tuple, list)) else ()
+    if len(sizes) != 2 or not all(isinstance(size, int) and not isinstance(size, bool)
+                                  for size in (*sizes, batch, in_channels)):
+        raise TypeError(f"input_size must be an int or an (height, width) pair of ints, batch and in_channels ints; "
+                        f"got input_size={input_size!r}, batch={batch!r}, in_channels={in_channels!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze takes an nn.Module, got {type(model).__name__} (analyze_arch takes a name)")
+    height, width = sizes
     if min(height, width, in_channels) < 1 or batch < 0:
         raise ValueError(f"bad input {in_channels}x{height}x{width}, batch {batch}")
     label = arch or type(model).__name__
@@ -254,8 +262,8 @@ def analyze(
         x = torch.empty(batch, in_channels, height, width, device="meta")
         with torch.no_grad(), flop_counter:
             functional_call(model, _meta_state(model), (x,))
-    except RuntimeError as error:
-        if not running:
+    except (RuntimeError, ValueError) as error:  # a fused layer's op raises ValueError
+        if not running:  # not inside a layer: this function's own errors among them
             raise
         name, module, layer_input = running[-1]
         raise ValueError(
