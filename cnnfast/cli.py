@@ -52,20 +52,19 @@ def fail(args, message) -> int:
 
 def write_problem(path: Path, directory: bool = False) -> str | None:
     """Why path (a file, or with directory=True a directory to write in) cannot be written, found by
-    writing: os.access says yes to root and on special filesystems (/proc). A file the probe creates
-    is removed."""
+    writing, since os.access says yes to root and on special filesystems (/proc): a temporary file
+    in the directory, or opening an existing regular file for appending (which changes nothing). A
+    pipe or a device is not opened (that would block, or end a reader's input): os.access decides."""
     try:
-        if directory:
-            with tempfile.TemporaryFile(dir=path):
+        if not directory and path.exists():
+            if not path.is_file():
+                return None if os.access(path, os.W_OK) else "permission denied"
+            with open(path, "a"):
                 return None
-        existed = path.exists()
-        with open(path, "a"):
-            pass
+        with tempfile.TemporaryFile(dir=path if directory else path.parent):
+            return None
     except OSError as error:
         return error.strerror or str(error)
-    if not existed:
-        path.unlink(missing_ok=True)
-    return None
 
 
 def output_problem(json_file=None, out_dir=None) -> str | None:

@@ -158,6 +158,30 @@ def test_an_output_that_only_writing_finds_unwritable_is_refused_before_measurin
     assert (f"{argv[-2]} needs a" in err) if argv[-1] == "" else (argv[-1] in err)
 
 
+def test_the_output_check_leaves_pipes_and_links_as_they_are(tmp_path):
+    """A named pipe is not opened by the check (with no reader that blocks; with one, its input
+    would end before the JSON comes); a link to a file not yet there stays a link, with no file
+    made at its target."""
+    import os
+    import threading
+
+    from cnnfast.cli import output_problem
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    answers = []
+    check = threading.Thread(target=lambda: answers.append(output_problem(json_file=str(pipe))), daemon=True)
+    check.start()
+    check.join(timeout=10)
+    assert answers == [None]
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "sub" / "target.json")
+    assert output_problem(json_file=str(link)) is None
+    assert link.is_symlink() and not (tmp_path / "sub" / "target.json").exists()
+    assert sorted(path.name for path in (tmp_path / "sub").iterdir()) == []
+
+
 def test_a_json_that_fails_when_written_is_an_error_not_a_traceback(capsys, tmp_path):
     from argparse import Namespace
 

@@ -383,18 +383,28 @@ def test_split_k_is_offered_only_when_tiles_are_fewer_than_sms(monkeypatch):
 
 @pytest.mark.parametrize("flat", [False, True], ids=["channel_blocked", "flat"])
 def test_ieee_float32_layers_are_tuned_without_the_tiles_that_spill(monkeypatch, flat):
-    """The tuner's pruning reads the layer's dot precision: IEEE float32 leaves out the spilling
-    tiles (tests/test_triton_compile.py compiles the rest without spills), TF32 and half keep all."""
+    """The tuner's pruning reads the operands' dtype and the dot precision the launcher passes
+    (dot_precision, here as on a GPU): IEEE float32 leaves out the spilling tiles
+    (tests/test_triton_compile.py compiles the rest without spills); TF32, float16 and bfloat16,
+    whose precision also reads "ieee", keep all."""
     monkeypatch.setattr(conv2d_module, "config_fits", lambda config, dtype, device: True)
+    monkeypatch.setattr(conv2d_module, "INTERPRETED", False)
     configs = conv2d_configs(flat, interpreted=False) + split_k_configs(flat, interpreted=False)
-    x = torch.empty(0)
-    kept = {precision: [config_name(config) for config in conv2d_module.prune_configs(
-        configs, {"x_ptr": x}, INPUT_PRECISION=precision)] for precision in ("ieee", "tf32")}
-    assert kept["tf32"] == [config_name(config) for config in configs]
+    every = [config_name(config) for config in configs]
+
+    def kept(dtype, tf32):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        x = torch.empty(0, dtype=dtype)
+        pruned = conv2d_module.prune_configs(configs, {"x_ptr": x}, INPUT_PRECISION=conv2d_module.dot_precision(x))
+        return [config_name(config) for config in pruned]
+
+    assert kept(torch.float32, tf32=True) == every
+    assert kept(torch.float16, tf32=False) == every and kept(torch.bfloat16, tf32=False) == every
     spilling = [config_name(config) for config in configs
                 if conv2d_module.tile_of(config) in conv2d_module.IEEE_SPILLING_TILES]
-    assert spilling and kept["ieee"] == [name for name in kept["tf32"] if name not in spilling]
-    assert any(name.endswith("split1") for name in kept["ieee"])  # a whole-reduction tile is always left
+    ieee = kept(torch.float32, tf32=False)
+    assert spilling and ieee == [name for name in every if name not in spilling]
+    assert any(name.endswith("split1") for name in ieee)  # a whole-reduction tile is always left
 
 
 def test_split_k_workspace_fits_every_candidate():

@@ -13,6 +13,7 @@ Counting follows the lecture:
 Shapes are per image: [C, H, W], or [features] after flattening.
 """
 import math
+import operator
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -151,21 +152,28 @@ def _call_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     raise ValueError(f"layer {name!r} was called without a tensor argument; analyze needs its input's shape")
 
 
-def _check_against_flop_counter(where: str, rows: list[LayerInfo], macs: int, counted_flops: int) -> None:
+def _check_against_flop_counter(where: str, model: nn.Module, rows: list[LayerInfo], macs: int,
+                                flop_counter: FlopCounterMode) -> None:
     """Warns when torch.utils.flop_counter, which sees every aten op of the pass, counts other MACs
-    than the table, which reads the leaf modules it knows (Conv2d, Linear): a layer of another kind
-    (ConvTranspose2d, Conv1d, a custom module) or a functional call computes MACs that the table
-    leaves out."""
-    counted = counted_flops // 2
+    than the table, which reads the leaf modules it knows (Conv2d, Linear): naming the layers that it
+    counts otherwise (a ConvTranspose2d, a Conv1d, a custom module, one whose op has no FLOP formula)
+    and the MACs of calls outside any layer (a functional conv in a forward)."""
+    counted = flop_counter.get_total_flops() // 2
     if counted == macs:
         return
-    unknown = sorted({row.name for row in rows if row.type == "other" and row.params})
-    kinds = f"layers of kinds the table does not count ({', '.join(unknown)}) or " if unknown else ""
-    warnings.warn(
-        f"{where}: the table counts {macs:,} MACs but torch.utils.flop_counter counts {counted:,} for the same "
-        f"pass; the difference comes from {kinds}functional calls outside the layers",
-        stacklevel=3,
-    )
+    per_module = flop_counter.get_flop_counts()  # by "<model class>.<module name>"
+    table: dict[str, int] = {}
+    for row in rows:  # a layer called twice is one module
+        table[row.name] = table.get(row.name, 0) + row.macs
+    in_layers = {name: sum(per_module.get(f"{type(model).__name__}.{name}", {}).values()) // 2 for name in table}
+    differing = [f"{name} ({in_layers[name]:,} against {table[name]:,})" for name in table
+                 if in_layers[name] != table[name]]
+    parts = [f"layers it counts otherwise: {', '.join(differing)}"] if differing else []
+    outside = counted - sum(in_layers.values())
+    if outside:
+        parts.append(f"{outside:,} MACs of calls outside the layers (a functional op in a forward)")
+    warnings.warn(f"{where}: the table counts {macs:,} MACs but torch.utils.flop_counter counts {counted:,} for "
+                  f"the same pass; {'; '.join(parts)}", stacklevel=3)
 
 
 def _shape_text(shape) -> str:
@@ -194,6 +202,20 @@ def _layer_info(name: str, module: nn.Module, layer_input: torch.Tensor, output:
     )
 
 
+def _integer_sizes(input_size, batch, in_channels) -> tuple[int, int, int, int]:
+    """(height, width, batch, in_channels) as ints, from integers of any kind (Python, NumPy, a 0-d
+    integer tensor: operator.index) but not bools; input_size is one or a (height, width) pair."""
+    pair = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size, input_size)
+    values = (*pair, batch, in_channels)
+    try:
+        if len(pair) != 2 or any(isinstance(value, bool) for value in values):
+            raise TypeError
+        return tuple(operator.index(value) for value in values)
+    except TypeError:
+        raise TypeError(f"input_size must be an int or an (height, width) pair of ints, batch and in_channels "
+                        f"ints; got input_size={input_size!r}, batch={batch!r}, in_channels={in_channels!r}") from None
+
+
 def _meta_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Float32 meta stand-ins for every parameter and buffer: no memory, no real computation."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -219,15 +241,9 @@ def analyze(
     runs under ``torch.utils.flop_counter.FlopCounterMode``; where it counts other MACs than the
     table (a layer kind the table does not count, a functional call), a warning says so.
     """
-    sizes = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size) \
-        if isinstance(input_size, (tuple, list)) else ()
-    if len(sizes) != 2 or not all(isinstance(size, int) and not isinstance(size, bool)
-                                  for size in (*sizes, batch, in_channels)):
-        raise TypeError(f"input_size must be an int or an (height, width) pair of ints, batch and in_channels ints; "
-                        f"got input_size={input_size!r}, batch={batch!r}, in_channels={in_channels!r}")
+    height, width, batch, in_channels = _integer_sizes(input_size, batch, in_channels)
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze takes an nn.Module, got {type(model).__name__} (analyze_arch takes a name)")
-    height, width = sizes
     if min(height, width, in_channels) < 1 or batch < 0:
         raise ValueError(f"bad input {in_channels}x{height}x{width}, batch {batch}")
     label = arch or type(model).__name__
@@ -283,7 +299,7 @@ def analyze(
         "flops": sum(row.flops for row in rows),
         "activation_bytes": sum(row.activation_bytes for row in rows if row.type in MEMORY_TYPES),
     }
-    _check_against_flop_counter(where, rows, totals["macs"], flop_counter.get_total_flops())
+    _check_against_flop_counter(where, model, rows, totals["macs"], flop_counter)
     size = height if height == width else (height, width)
     return ModelAnalysis(arch=arch, input_size=size, batch=batch, layers=rows, totals=totals)
 

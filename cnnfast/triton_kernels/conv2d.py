@@ -308,9 +308,11 @@ def tile_of(config) -> tuple:
     return meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], config.num_warps, config.num_stages, meta["SPLIT_K"]
 
 
-def precision_keeps(config, input_precision: str) -> bool:
-    """Whether a config compiles well in this tl.dot precision: IEEE float32 leaves out the tiles that spill."""
-    return input_precision != "ieee" or tile_of(config) not in IEEE_SPILLING_TILES
+def precision_keeps(config, dtype: torch.dtype, input_precision: str) -> bool:
+    """Whether a config compiles well for these operands: IEEE float32 leaves out the tiles that
+    spill. (float16 and bfloat16 operands also pass input_precision "ieee", which tl.dot ignores
+    for them: they run on the tensor cores whatever it says.)"""
+    return not (dtype == torch.float32 and input_precision == "ieee") or tile_of(config) not in IEEE_SPILLING_TILES
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -319,7 +321,7 @@ def prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # the autotuner passes the keyword arguments apart
     x = args["x_ptr"]
     return [config for config in configs
-            if config_fits(config, x.dtype, x.device) and precision_keeps(config, args["INPUT_PRECISION"])]
+            if config_fits(config, x.dtype, x.device) and precision_keeps(config, x.dtype, args["INPUT_PRECISION"])]
 
 
 # EVEN_C drops the channel mask when every block of channels is full.
@@ -628,7 +630,7 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
             # The tuner would compile its candidates one by one as it times them (unless it already
             # chose for its key, which leaves out bias and ReLU).
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
-                compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}), args, flags)
+                compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}, **flags), args, flags)
             tuner[grid](*args, **flags)
             chosen_configs[problem] = tuner.best_config
             if kernels_can_be_timed():
