@@ -136,6 +136,12 @@ def test_torch_compile_traces_the_ops(direct_calls_raise):
 
 # Calls of the registered ops themselves (torch.ops.cnnfast.*, as a compiled graph makes them), each
 # with one bad argument that a kernel would read out of bounds on or run a backend not asked for.
+def conv2d_op(x, weight, bias, residual=None, stride=(1, 1), padding=(1, 1), dilation=(1, 1)):
+    """torch.ops.cnnfast.conv2d on the torch backend, with ReLU."""
+    return torch.ops.cnnfast.conv2d(x, weight, bias, residual, list(stride), list(padding), list(dilation), 1, True,
+                                    "torch")
+
+
 BAD_OP_CALLS = {
     "conv2d-channels": (lambda x, w, b, lin: torch.ops.cnnfast.conv2d(
         x, w[:, :4], b, None, [1, 1], [1, 1], [1, 1], 1, True, "triton"), ValueError, "input has 8 channels"),
@@ -158,6 +164,32 @@ BAD_OP_CALLS = {
                     "no kernel for this op"),
     "gap_linear-channels": (lambda x, w, b, lin: torch.ops.cnnfast.gap_linear(x, lin[:, :5], None, "triton"),
                             ValueError, "input has 8 channels"),
+    # The rest of DESIGN.md's bad-input contract, through the registered ops.
+    "conv2d-rank": (lambda x, w, b, lin: conv2d_op(x[0], w, b), ValueError, r"expected a 4-D \(N, C, H, W\) input"),
+    "conv2d-kernel-larger": (lambda x, w, b, lin: conv2d_op(x, torch.randn(8, 8, 9, 9, device=x.device), b),
+                             ValueError, "kernel 9x9 .* is larger than the padded input 7x7"),
+    "conv2d-integer": (lambda x, w, b, lin: conv2d_op(x.int(), w.int(), None), TypeError,
+                       "x has dtype torch.int32; supported: float32, float16, bfloat16"),
+    "conv2d-dtypes": (lambda x, w, b, lin: conv2d_op(x, w.half(), b), TypeError,
+                      "input dtype torch.float32 and weight dtype torch.float16 differ"),
+    "conv2d-bias": (lambda x, w, b, lin: conv2d_op(x, w, b[:5]), ValueError, r"bias must have shape \(8,\), got \(5,\)"),
+    "conv2d-stride": (lambda x, w, b, lin: conv2d_op(x, w, b, stride=[0, 1]), ValueError, "stride must be >= 1"),
+    "conv2d-padding": (lambda x, w, b, lin: conv2d_op(x, w, b, padding=[-1, 1]), ValueError, "padding must be >= 0"),
+    "conv2d-dilation": (lambda x, w, b, lin: conv2d_op(x, w, b, dilation=[0, 1]), ValueError, "dilation must be >= 1"),
+    "conv2d-residual": (lambda x, w, b, lin: conv2d_op(x, w, b, residual=x[:, :4]), ValueError,
+                        "residual must have the output's shape"),
+    "conv2d-requires-grad": (lambda x, w, b, lin: conv2d_op(x, w.requires_grad_(), b), RuntimeError,
+                             "weight requires grad, but cnnfast ops have no backward"),
+    "global_avg_pool-empty": (lambda x, w, b, lin: torch.ops.cnnfast.global_avg_pool(x[:, :, :0], "torch"),
+                              ValueError, "H and W must be non-empty"),
+    "global_avg_pool-integer": (lambda x, w, b, lin: torch.ops.cnnfast.global_avg_pool(x.long(), "torch"), TypeError,
+                                "x has dtype torch.int64"),
+    "add_relu-dtypes": (lambda x, w, b, lin: torch.ops.cnnfast.add_relu(x, x.half(), True, "torch"), TypeError,
+                        "x dtype torch.float32 and y dtype torch.float16 differ"),
+    "gap_linear-bias": (lambda x, w, b, lin: torch.ops.cnnfast.gap_linear(x, lin, b[:3], "torch"), ValueError,
+                        r"bias must have shape \(4,\), got \(3,\)"),
+    "gap_linear-rank": (lambda x, w, b, lin: torch.ops.cnnfast.gap_linear(x, lin[0], None, "torch"), ValueError,
+                        r"expected a 2-D \(out_features, C\) weight"),
 }
 
 
@@ -181,11 +213,12 @@ def test_a_call_mixing_a_real_and_a_meta_tensor_is_refused():
         torch.ops.cnnfast.add_relu(x, x.to("meta"), True, "torch")
 
 
-def test_a_fake_tensor_call_is_checked():
+@pytest.mark.parametrize("call, error, message", BAD_OP_CALLS.values(), ids=BAD_OP_CALLS.keys())
+def test_a_fake_tensor_call_is_checked_as_a_real_one(call, error, message):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), pytest.raises(ValueError, match="expected a 4-D"):
-        torch.ops.cnnfast.global_avg_pool(torch.empty(3, 4), "torch")
+    with FakeTensorMode(), pytest.raises(error, match=message):
+        call(*inputs())
 
 
 def test_relu_must_be_a_bool():
