@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -563,8 +564,10 @@ def render_markdown(sections):
     return f"# {TITLE}\n\n{bodies}\n"
 
 
-def write_report(out_dir="report"):
-    """Write index.html, report.md and the charts into out_dir; return {file name: path}."""
+def write_report(out_dir="report", progress=None):
+    """Write index.html, report.md and the charts into out_dir; return {file name: path}. progress,
+    when given, is called with a line as each section is written (the measured ones take minutes)."""
+    start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ReportData(
@@ -582,6 +585,8 @@ def write_report(out_dir="report"):
         # Replaced whole: a report stopped while writing keeps its last whole page.
         json_file.replace_text(html_path, render_html(sections))
         json_file.replace_text(markdown_path, render_markdown(sections))
+        if progress:
+            progress(f"[{len(made)}/{len(order)}] {made[make_section].title} ({time.perf_counter() - start:.0f} s elapsed)")
     written = {path.name: path for path in (html_path, markdown_path)}
     written.update({path.name: path for section in sections for path in section.files})
     return written

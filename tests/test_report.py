@@ -28,7 +28,19 @@ def report(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(measure, "time_ms", timed_once)
         patch.setattr(bench, "time_ms", timed_once)
-        return out_dir, write_report(out_dir)
+        return out_dir, write_report(out_dir, progress=PROGRESS.append)
+
+
+PROGRESS = []  # the report fixture's progress lines
+
+def test_progress_says_each_section_as_it_is_written(report):
+    from cnnfast.report import MEASURED_SECTIONS, SECTIONS
+
+    assert len(PROGRESS) == len(SECTIONS)
+    assert PROGRESS[0].startswith(f"[1/{len(SECTIONS)}] Summary (") and PROGRESS[0].endswith(" s elapsed)")
+    last_measured = MEASURED_SECTIONS[-1].__name__.removesuffix("_section")
+    assert PROGRESS[-1].startswith(f"[{len(SECTIONS)}/{len(SECTIONS)}] ")
+    assert last_measured in PROGRESS[-1].lower()
 
 
 def test_writes_the_pages_and_charts(report):

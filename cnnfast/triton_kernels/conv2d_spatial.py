@@ -251,7 +251,7 @@ autotuned = triton.autotune(
     # The interpreter cannot time configs, so it runs the first of its set.
     configs=conv2d_spatial_configs()[:1] if INTERPRETED else conv2d_spatial_configs(),
     # As in conv2d_pointwise: float16 and bfloat16 layers share a choice (the same bytes move).
-    key=["N", "C", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
+    key=["N", "C", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "HAS_RESIDUAL"],
     prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
     do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
 )(conv2d_spatial_kernel)

@@ -100,7 +100,7 @@ def linear_bias_autotuner(float32: bool):
         # The interpreter cannot time configs, so it runs the first of its set. On a GPU the kernel
         # takes microseconds: 20 ms of timing per config tells them apart (the default spends 125 ms).
         configs=linear_bias_configs(float32=float32)[:1] if INTERPRETED else linear_bias_configs(float32=float32),
-        key=["N", "C", "O", "HAS_BIAS"],
+        key=["N", "C", "O", "HAS_BIAS", "INPUT_PRECISION"],  # float32's TF32 and IEEE dots differ in speed
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=20),
     )(linear_bias_kernel)
 
