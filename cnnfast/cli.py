@@ -61,7 +61,8 @@ def write_problem(path: Path, directory: bool = False) -> str | None:
                 return None if os.access(path, os.W_OK) else "permission denied"
             with open(path, "a"):
                 return None
-        with tempfile.TemporaryFile(dir=path if directory else path.parent):
+        # A link to a file not there yet is written through: its target's directory is the one.
+        with tempfile.TemporaryFile(dir=path if directory else Path(os.path.realpath(path)).parent):
             return None
     except OSError as error:
         return error.strerror or str(error)

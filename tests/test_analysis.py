@@ -177,6 +177,30 @@ def test_macs_the_table_cannot_see_are_warned_about():
         "layers (a functional op in a forward)"]
 
 
+class SharedConvThenUncounted(nn.Module):
+    """A conv used in two places (one layer, counted twice by both), then a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.a, self.b = nn.Sequential(conv, nn.ReLU()), nn.Sequential(nn.ReLU(), conv)
+        self.up = nn.ConvTranspose2d(3, 2, 2)
+
+    def forward(self, x):
+        return self.up(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("model, named", [
+    (SharedConvThenUncounted(), "layers it counts otherwise: up (1,536 against 0)"),
+    (nn.ConvTranspose2d(3, 4, 2), "layers it counts otherwise: the model itself (3,072 against 0)"),
+], ids=["shared-conv", "the-model-is-one-layer"])
+def test_the_warning_names_only_the_layers_counted_otherwise(model, named):
+    with pytest.warns(UserWarning) as warned:
+        analyze(model, 8)
+    (message,) = [str(warning.message) for warning in warned]
+    assert message.endswith(named)
+
+
 def test_every_architecture_agrees_with_the_flop_counter_without_a_warning(recwarn):
     for name in ("alexnet", "googlenet", "resnet50"):
         analyze_arch(name)
@@ -216,8 +240,9 @@ def test_integers_of_other_kinds_are_sizes_too():
 @pytest.mark.parametrize("call", [
     lambda: analyze_arch("resnet18", input_size=224.0), lambda: analyze_arch("resnet18", input_size="224"),
     lambda: analyze_arch("resnet18", batch=1.5), lambda: analyze(nn.Conv2d(3, 4, 3), (8, 8, 8)),
-    lambda: analyze(nn.Conv2d(3, 4, 3), True),
-], ids=["float-size", "str-size", "float-batch", "three-sizes", "bool-size"])
+    lambda: analyze(nn.Conv2d(3, 4, 3), True), lambda: analyze(nn.Conv2d(3, 4, 3), 8, batch=torch.tensor(True)),
+    lambda: analyze(nn.Conv2d(3, 4, 3), 8, batch=torch.tensor([2])),
+], ids=["float-size", "str-size", "float-batch", "three-sizes", "bool-size", "bool-tensor-batch", "1-d-tensor-batch"])
 def test_sizes_of_the_wrong_type_are_a_type_error_naming_them(call):
     with pytest.raises(TypeError, match="input_size must be an int or an .height, width. pair of ints"):
         call()

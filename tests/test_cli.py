@@ -180,6 +180,9 @@ def test_the_output_check_leaves_pipes_and_links_as_they_are(tmp_path):
     assert output_problem(json_file=str(link)) is None
     assert link.is_symlink() and not (tmp_path / "sub" / "target.json").exists()
     assert sorted(path.name for path in (tmp_path / "sub").iterdir()) == []
+    # A link into a directory that is not there cannot be written through: refused before measuring.
+    (tmp_path / "nowhere.json").symlink_to(tmp_path / "missing" / "out.json")
+    assert "No such file or directory" in output_problem(json_file=str(tmp_path / "nowhere.json"))
 
 
 def test_a_json_that_fails_when_written_is_an_error_not_a_traceback(capsys, tmp_path):

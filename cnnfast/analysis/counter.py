@@ -152,24 +152,22 @@ def _call_input(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     raise ValueError(f"layer {name!r} was called without a tensor argument; analyze needs its input's shape")
 
 
-def _check_against_flop_counter(where: str, model: nn.Module, rows: list[LayerInfo], macs: int,
-                                flop_counter: FlopCounterMode) -> None:
+def _check_against_flop_counter(where: str, rows: list[LayerInfo], counted_in_layers: dict[str, int], macs: int,
+                                counted: int) -> None:
     """Warns when torch.utils.flop_counter, which sees every aten op of the pass, counts other MACs
-    than the table, which reads the leaf modules it knows (Conv2d, Linear): naming the layers that it
-    counts otherwise (a ConvTranspose2d, a Conv1d, a custom module, one whose op has no FLOP formula)
-    and the MACs of calls outside any layer (a functional conv in a forward)."""
-    counted = flop_counter.get_total_flops() // 2
+    (``counted``) than the table, which reads the leaf modules it knows (Conv2d, Linear): naming the
+    layers it counts otherwise (``counted_in_layers``, its MACs during each layer's calls: a
+    ConvTranspose2d, a Conv1d, a custom module, one whose op has no FLOP formula) and the MACs of
+    calls outside any layer (a functional conv in a forward)."""
     if counted == macs:
         return
-    per_module = flop_counter.get_flop_counts()  # by "<model class>.<module name>"
     table: dict[str, int] = {}
     for row in rows:  # a layer called twice is one module
         table[row.name] = table.get(row.name, 0) + row.macs
-    in_layers = {name: sum(per_module.get(f"{type(model).__name__}.{name}", {}).values()) // 2 for name in table}
-    differing = [f"{name} ({in_layers[name]:,} against {table[name]:,})" for name in table
-                 if in_layers[name] != table[name]]
+    differing = [f"{name or 'the model itself'} ({counted_in_layers.get(name, 0):,} against {table[name]:,})"
+                 for name in table if counted_in_layers.get(name, 0) != table[name]]
     parts = [f"layers it counts otherwise: {', '.join(differing)}"] if differing else []
-    outside = counted - sum(in_layers.values())
+    outside = counted - sum(counted_in_layers.values())
     if outside:
         parts.append(f"{outside:,} MACs of calls outside the layers (a functional op in a forward)")
     warnings.warn(f"{where}: the table counts {macs:,} MACs but torch.utils.flop_counter counts {counted:,} for "
@@ -208,7 +206,8 @@ def _integer_sizes(input_size, batch, in_channels) -> tuple[int, int, int, int]:
     pair = tuple(input_size) if isinstance(input_size, (tuple, list)) else (input_size, input_size)
     values = (*pair, batch, in_channels)
     try:
-        if len(pair) != 2 or any(isinstance(value, bool) for value in values):
+        if len(pair) != 2 or any(isinstance(value, bool) or isinstance(value, torch.Tensor)
+                                 and (value.dtype == torch.bool or value.dim() != 0) for value in values):
             raise TypeError
         return tuple(operator.index(value) for value in values)
     except TypeError:
@@ -250,12 +249,20 @@ def analyze(
     where = f"{label} at input {height}x{width}"
     rows: list[LayerInfo] = []
     running: list[tuple[str, nn.Module, torch.Tensor]] = []  # the leaf call in progress, if any
+    flop_counter = FlopCounterMode(display=False)
+    # The flop counter's MACs during each layer's calls (the outermost, where one leaf calls another).
+    counted_in_layers: dict[str, int] = {}
+    counted_before: list[int] = []
 
     def before(module, args, kwargs, name):
         running.append((name, module, _call_input(name, args, kwargs)))
+        counted_before.append(flop_counter.get_total_flops())
 
     def after(module, args, kwargs, output, name):
         _, _, layer_input = running.pop()
+        during = (flop_counter.get_total_flops() - counted_before.pop()) // 2
+        if not running:
+            counted_in_layers[name] = counted_in_layers.get(name, 0) + during
         output = _first_tensor(output)
         if output.dim() == 4 and 0 in output.shape[2:]:
             raise ValueError(
@@ -273,7 +280,6 @@ def analyze(
             lambda m, a, k, o, name=name: after(m, a, k, o, name), with_kwargs=True))
     was_training = {module: module.training for module in model.modules()}
     model.eval()
-    flop_counter = FlopCounterMode(display=False)
     try:
         x = torch.empty(batch, in_channels, height, width, device="meta")
         with torch.no_grad(), flop_counter:
@@ -299,7 +305,7 @@ def analyze(
         "flops": sum(row.flops for row in rows),
         "activation_bytes": sum(row.activation_bytes for row in rows if row.type in MEMORY_TYPES),
     }
-    _check_against_flop_counter(where, model, rows, totals["macs"], flop_counter)
+    _check_against_flop_counter(where, rows, counted_in_layers, totals["macs"], flop_counter.get_total_flops() // 2)
     size = height if height == width else (height, width)
     return ModelAnalysis(arch=arch, input_size=size, batch=batch, layers=rows, totals=totals)
 

@@ -341,10 +341,10 @@ def autotuned(flat: bool, split: bool):
         configs=configs[:1] if INTERPRETED else configs,
         # Everything that changes which tile is fastest (Triton adds every operand's dtype), except
         # the bias and the ReLU, a few instructions of the epilogue: the geometry, padding included
-        # (two layers may differ in it alone), x's and the weight's layouts (their channel strides),
-        # and the offsets' width.
+        # (two layers may differ in it alone). As problem_key, which chooses first, it leaves out
+        # the operands' layouts.
         key=["N", "C", "H", "W", "K", "P", "Q", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
-             "sx_c", "sw_c", "HAS_RESIDUAL", "INPUT_PRECISION", "WIDE_OFFSETS"],
+             "HAS_RESIDUAL", "INPUT_PRECISION"],
         prune_configs_by=None if INTERPRETED else {"early_config_prune": prune_configs},
         # 10 ms warm-up and 40 ms of timing per config: a layer runs in about a millisecond or less.
         do_bench=functools.partial(triton.testing.do_bench, warmup=10, rep=40),
