@@ -180,7 +180,10 @@ def run_report(args):
     problem = output_problem(out_dir=args.out)
     if problem:
         return fail(args, problem)
-    for path in write_report(args.out, progress=lambda line: print(f"report: {line}", file=sys.stderr, flush=True)).values():
+    def progress(line):
+        print(f"report: {line}", file=sys.stderr, flush=True)
+
+    for path in write_report(args.out, progress=progress).values():
         print(path)
     return 0
 

@@ -586,7 +586,8 @@ def write_report(out_dir="report", progress=None):
         json_file.replace_text(html_path, render_html(sections))
         json_file.replace_text(markdown_path, render_markdown(sections))
         if progress:
-            progress(f"[{len(made)}/{len(order)}] {made[make_section].title} ({time.perf_counter() - start:.0f} s elapsed)")
+            elapsed = time.perf_counter() - start
+            progress(f"[{len(made)}/{len(order)}] {made[make_section].title} ({elapsed:.0f} s elapsed)")
     written = {path.name: path for path in (html_path, markdown_path)}
     written.update({path.name: path for section in sections for path in section.files})
     return written

@@ -123,14 +123,20 @@ def test_claims_options_that_cannot_apply_are_refused(capsys, argv, message):
     assert code == 2 and message in err and not out
 
 
-@pytest.mark.parametrize("command", [("bench", "--json"), ("tune", "--json"), ("roofline", "--out"), ("report", "--out")])
-def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tmp_path, monkeypatch, command):
+@pytest.fixture
+def measuring_fails(monkeypatch):
+    """bench's measurement replaced by a failure: a command must refuse its output before it."""
     import cnnfast.bench
 
     def must_not_measure(*args, **kwargs):
         raise AssertionError("measured before checking the output")
 
     monkeypatch.setattr(cnnfast.bench, "run_bench", must_not_measure)
+
+
+@pytest.mark.parametrize("command", [("bench", "--json"), ("tune", "--json"), ("roofline", "--out"), ("report", "--out")])
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tmp_path, monkeypatch, measuring_fails,
+                                                                       command):
     monkeypatch.setattr(cnnfast.bench, "default_device", lambda: __import__("torch").device("cuda"))  # tune's check
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -145,14 +151,8 @@ def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tm
                                   ("roofline", "resnet18", "--out", "/proc/self"),
                                   ("bench", "resnet18", "--json", ""), ("report", "--out", "")],
                          ids=["json-in-proc", "out-in-proc", "empty-json", "empty-out"])
-def test_an_output_that_only_writing_finds_unwritable_is_refused_before_measuring(capsys, monkeypatch, argv):
+def test_an_output_that_only_writing_finds_unwritable_is_refused_before_measuring(capsys, measuring_fails, argv):
     """os.access says yes to root and on /proc; the check writes instead. An empty name is refused."""
-    import cnnfast.bench
-
-    def must_not_measure(*args, **kwargs):
-        raise AssertionError("measured before checking the output")
-
-    monkeypatch.setattr(cnnfast.bench, "run_bench", must_not_measure)
     code, _, err = run(capsys, *argv)
     assert code == 2 and f"cnnfast {argv[0]}: error: " in err
     assert (f"{argv[-2]} needs a" in err) if argv[-1] == "" else (argv[-1] in err)

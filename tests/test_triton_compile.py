@@ -1,7 +1,7 @@
 """Compiles the conv kernel for Hopper (sm_90a) without a GPU: every Hopper autotune config (split-K ones too), both
 reduction orders (the channel-blocked one with and without a partial channel block), each dtype
-(float32 as TF32, and as IEEE float32 the tiles the autotuner keeps for it). Then triton's bundled ptxas checks each kernel for register spills, and the
-float16/bfloat16 kernels are checked for wgmma, Hopper's tensor-core MMA.
+(float32 as TF32, and as IEEE float32 the tiles the autotuner keeps for it). Then triton's bundled
+ptxas checks each kernel for register spills, and the float16/bfloat16 kernels are checked for wgmma, Hopper's tensor-core MMA.
 
 conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the compiles run in one
 subprocess per (dtype, problem), all at once, each running this file as a script without that variable.
@@ -30,12 +30,6 @@ from cnnfast.triton_kernels.conv2d import (
 # compiled without spills once, under triton 3.6 and 3.8, on 2026-12-01).
 DTYPES = ("float16", "bfloat16", "float32", "float32-ieee")
 IEEE_PROBLEMS = ("channel_blocked_masked",)
-
-
-def variants():
-    """(dtype, problem) pairs compiled: every dtype on every problem, IEEE float32 on IEEE_PROBLEMS."""
-    return [(dtype, problem) for dtype in DTYPES for problem in PROBLEMS
-            if not dtype.endswith("-ieee") or problem in IEEE_PROBLEMS]
 COMPILE_TIMEOUT_S = 600
 HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one block may opt in to on an H100/H200
 
@@ -55,6 +49,12 @@ PROBLEMS = {
     "channel_blocked": (256, 256, 14, 3, 1, 1),  # a ResNet 3x3 conv: every block of channels full
     "channel_blocked_masked": (144, 288, 14, 3, 1, 1),  # GoogLeNet's 144 -> 288: a partial last block
 }
+
+
+def variants():
+    """(dtype, problem) pairs compiled: every dtype on every problem, IEEE float32 on IEEE_PROBLEMS."""
+    return [(dtype, problem) for dtype in DTYPES for problem in PROBLEMS
+            if not dtype.endswith("-ieee") or problem in IEEE_PROBLEMS]
 
 
 def recorded_launch(dtype_name: str, problem: str, config):

@@ -90,8 +90,9 @@ FLAT_SPLIT_TILES = [(64, 64, 64, 8, 5, 2), (64, 64, 64, 8, 5, 4)]
 # FMAs on operands held in registers. The autotuner leaves them out of IEEE float32 layers, which
 # keep the 64-row tiles of 32 and 64 columns (tests/test_triton_compile.py compiles those without spills).
 IEEE_SPILLING_TILES = {
-    (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 64, 64, 4, 2, 1), (64, 128, 64, 4, 4, 1), (128, 64, 32, 4, 5, 1),
-    (64, 256, 32, 8, 4, 1), (64, 64, 64, 4, 4, 4), (64, 64, 64, 4, 4, 8), (64, 128, 64, 4, 4, 4),
+    (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1), (128, 64, 64, 4, 2, 1), (64, 128, 64, 4, 4, 1),
+    (128, 64, 32, 4, 5, 1), (64, 256, 32, 8, 4, 1), (64, 64, 64, 4, 4, 4), (64, 64, 64, 4, 4, 8),
+    (64, 128, 64, 4, 4, 4),
 }
 
 
@@ -632,7 +633,8 @@ def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, rel
             # The tuner would compile its candidates one by one as it times them (unless it already
             # chose for its key, which leaves out bias and ReLU).
             if not INTERPRETED and not autotuner_has_choice(tuner, args, flags):
-                compile_in_parallel(conv2d_bias_act_heuristic, prune_configs(candidates, {"x_ptr": x}, **flags), args, flags)
+                kept = prune_configs(candidates, {"x_ptr": x}, **flags)
+                compile_in_parallel(conv2d_bias_act_heuristic, kept, args, flags)
             tuner[grid](*args, **flags)
             chosen_configs[problem] = tuner.best_config
             if kernels_can_be_timed():
