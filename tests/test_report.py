@@ -28,6 +28,7 @@ def report(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(measure, "time_ms", timed_once)
         patch.setattr(bench, "time_ms", timed_once)
+        PROGRESS.clear()  # pytest-xdist may build this module fixture again in the same worker
         return out_dir, write_report(out_dir, progress=PROGRESS.append)
 
 
