@@ -85,10 +85,13 @@ def output_problem(json_file=None, out_dir=None) -> str | None:
         if not str(json_file):
             return "--json needs a file name"
         path = Path(json_file)
-        if path.is_dir():
-            return f"--json {json_file} is a directory"
-        if not path.parent.is_dir():
-            return f"cannot write --json {json_file}: no directory {path.parent}"
+        try:  # is_dir() passes on some errors only: a name too long for the filesystem raises
+            if path.is_dir():
+                return f"--json {json_file} is a directory"
+            if not path.parent.is_dir():
+                return f"cannot write --json {json_file}: no directory {path.parent}"
+        except OSError as error:
+            return f"cannot write --json {json_file}: {error.strerror or error}"
         problem = write_problem(path)
         if problem:
             return f"cannot write --json {json_file}: {problem}"

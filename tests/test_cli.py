@@ -149,10 +149,14 @@ def test_an_output_that_cannot_be_written_is_refused_before_measuring(capsys, tm
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("argv", [("bench", "resnet18", "--json", "/proc/cnnfast.json"),
                                   ("roofline", "resnet18", "--out", "/proc/self"),
-                                  ("bench", "resnet18", "--json", ""), ("report", "--out", "")],
-                         ids=["json-in-proc", "out-in-proc", "empty-json", "empty-out"])
+                                  ("bench", "resnet18", "--json", ""), ("report", "--out", ""),
+                                  ("bench", "resnet18", "--json", "x" * 300 + ".json"),
+                                  ("roofline", "resnet18", "--out", "x" * 300)],
+                         ids=["json-in-proc", "out-in-proc", "empty-json", "empty-out", "json-name-too-long",
+                              "out-name-too-long"])
 def test_an_output_that_only_writing_finds_unwritable_is_refused_before_measuring(capsys, measuring_fails, argv):
-    """os.access says yes to root and on /proc; the check writes instead. An empty name is refused."""
+    """os.access says yes to root and on /proc; the check writes instead. An empty name, or one too
+    long for the filesystem, is refused."""
     code, _, err = run(capsys, *argv)
     assert code == 2 and f"cnnfast {argv[0]}: error: " in err
     assert (f"{argv[-2]} needs a" in err) if argv[-1] == "" else (argv[-1] in err)
