@@ -188,18 +188,20 @@ def batch_offset_problems(ops: list[Op], argument: str) -> list[str]:
     return problems
 
 
-def pixel_count_problems(ops: list[Op]) -> list[str]:
-    """The products of the batch size N (the pixel count N * P * Q a row index is compared with):
-    each must be i64, and there must be one. An i32 product wraps from 2^31 output pixels (a large
-    batch of small maps), and every row then looks out of range."""
-    derived, products = {"%N"}, []
+def pixel_count_problems(ops: list[Op], argument: str = "N") -> list[str]:
+    """The products of a size argument: of the batch size N (the pixel count N * P * Q a row index
+    is compared with), or of the height H (the pixels of one map, H * W): each must be i64, and
+    there must be one. An i32 product wraps from 2^31 pixels (a large batch of small maps, or one
+    expanded map, which has that many pixels without as many bytes), and every row then looks out
+    of range, or the loop over a map's pixels ends at once."""
+    derived, products = {"%" + argument}, []
     for op in ops:
         if derived.intersection(op.operands) and op.name in ("arith.muli", "arith.extsi", "tt.splat"):
             derived.add(op.result)
             if op.name == "arith.muli":
                 products.append(op)
     problems = [f"{op.result} = arith.muli ... : {op.types}" for op in products if not is_i64(op.type)]
-    return problems if products else ["no product of N"]
+    return problems if products else [f"no product of {argument}"]
 
 
 def flat_offset_problems(ops: list[Op]) -> list[str]:
@@ -240,14 +242,19 @@ def test_wide_offsets_multiply_every_stride_in_int64(ttirs, name):
     assert batch_offset_problems(narrow, "sx_h"), "the plain kernel's filter-tap offsets were expected 32-bit"
 
 
-# The kernels that compare a row index with N times the pixels of an image.
-PIXEL_COUNT_KERNELS = ("conv2d_flat", "conv2d_channel_blocked", "conv2d_split_k", "add_relu_strided", "conv_epilogue")
+# The kernels that compare a row index with N times the pixels of an image, or count one image's
+# pixels (H * W) for any map. (The convolutions refuse a map of 2^31 output pixels: their
+# per-image coordinates are 32-bit by design.)
+PIXEL_COUNT_KERNELS = {"conv2d_flat": ("N",), "conv2d_channel_blocked": ("N",), "conv2d_split_k": ("N",),
+                       "add_relu_strided": ("N", "H"), "conv_epilogue": ("N", "H"), "global_avg_pool": ("H",)}
 
 
 @pytest.mark.parametrize("name", PIXEL_COUNT_KERNELS)
 def test_pixel_counts_are_int64(ttirs, name):
-    problems = pixel_count_problems(parse_ops(ttirs[name]))
-    assert not problems, f"{name} counts the output pixels in 32 bits:\n" + "\n".join(problems)
+    ops = parse_ops(ttirs[name])
+    problems = [f"{argument}: {problem}" for argument in PIXEL_COUNT_KERNELS[name]
+                for problem in pixel_count_problems(ops, argument)]
+    assert not problems, f"{name} counts pixels in 32 bits:\n" + "\n".join(problems)
 
 
 def test_the_check_sees_an_int32_pixel_count():

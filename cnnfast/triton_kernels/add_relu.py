@@ -91,8 +91,9 @@ def add_relu_strided_kernel(
     RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < tl.cast(N, tl.int64) * H * W
-    n = offs_m // (H * W)
+    pixels = tl.cast(H, tl.int64) * W  # 2^31 or more on an expanded map
+    m_valid = offs_m < N * pixels
+    n = offs_m // pixels
     h = (offs_m // W) % H
     w = offs_m % W
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)

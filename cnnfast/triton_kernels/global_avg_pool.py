@@ -9,7 +9,7 @@ pixel axis is summed, divided by H*W and stored once in x's dtype.
 
 x is read through its strides, so NCHW, sliced and expanded inputs need no copy. NaN and Inf
 propagate through the sum as in torch.mean. Offsets are int64: N*C*H*W passes 2^31 on large
-batches.
+batches; so is the pixel count H*W, which passes it on an expanded map.
 """
 import contextlib
 import functools
@@ -54,13 +54,15 @@ def global_avg_pool_kernel(
     c_valid = offs_c < C
     x_image = x_ptr + n * sx_n + offs_c * sx_c
 
+    # An expanded map (stride 0) can have 2^31 pixels or more without as many bytes: count in int64.
+    pixels = tl.cast(H, tl.int64) * W
     acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
-    for hw0 in range(0, H * W, BLOCK_HW):
+    for hw0 in range(0, pixels, BLOCK_HW):
         hw = hw0 + tl.arange(0, BLOCK_HW)
-        pixel_offs = (hw // W).to(tl.int64) * sx_h + (hw % W).to(tl.int64) * sx_w
-        mask = (hw < H * W)[:, None] & c_valid[None, :]
+        pixel_offs = (hw // W) * sx_h + (hw % W) * sx_w
+        mask = (hw < pixels)[:, None] & c_valid[None, :]
         acc += tl.load(x_image[None, :] + pixel_offs[:, None], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / (H * W)
+    mean = tl.sum(acc, axis=0) / pixels
     tl.store(out_ptr + n * so_n + offs_c * so_c, mean.to(out_ptr.dtype.element_ty), mask=c_valid)
 
 
