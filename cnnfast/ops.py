@@ -127,13 +127,16 @@ def raise_requires_grad(op: str, name: str):
 
 
 def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints (a tuple or list; bools are not ints here), each at least `minimum`."""
+    """An int or a pair of ints (a tuple or list; bools are not ints here), each at least `minimum`
+    and at most 2^31-1 (what a kernel's 32-bit argument holds; larger ones reach no layer)."""
     pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
     if (len(pair) != 2 or not (isinstance(pair[0], int) and isinstance(pair[1], int))
             or isinstance(pair[0], bool) or isinstance(pair[1], bool)):
         raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
     if pair[0] < minimum or pair[1] < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    if pair[0] > 2**31 - 1 or pair[1] > 2**31 - 1:
+        raise ValueError(f"{op}: {name} must be at most 2^31-1, got {value!r}")
     return pair
 
 

@@ -732,6 +732,10 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
     "padding-bool": (dict(padding=(1, True)), TypeError, r"padding must be an int or a pair of ints, got \(1, True\)"),
     "dilation-zero": (dict(dilation=(0, 1)), ValueError, "dilation must be >= 1"),
     "padding-negative": (dict(padding=-1), ValueError, "padding must be >= 0"),
+    "padding-past-int32": (dict(padding=(1, 2**31)), ValueError,
+                           r"padding must be at most 2\^31-1, got \(1, 2147483648\)"),
+    "stride-past-int32": (dict(stride=2**40), ValueError, r"stride must be at most 2\^31-1"),
+    "dilation-past-int32": (dict(dilation=(2**31, 1)), ValueError, r"dilation must be at most 2\^31-1"),
     "groups-not-dividing": (dict(groups=3), ValueError, "groups=3 must divide the input channels 4"),
     "groups-zero": (dict(groups=0), ValueError, "groups must be a positive int"),
     "groups-bool": (dict(groups=True), ValueError, "groups must be a positive int, got True"),
@@ -830,6 +834,21 @@ def test_requires_grad_rejected(name, backend):
 def test_groups_on_triton_not_implemented():
     with pytest.raises(NotImplementedError, match="backend 'triton' supports groups=1 only, got groups=2"):
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, backend="triton")
+
+
+def test_triton_refuses_maps_past_its_32_bit_pixel_coordinates():
+    """A padded input 2^31 wide, or an output map of 2^31 pixels, is refused by the Triton launcher
+    (its coordinates within an image are 32-bit); the torch backends run the padded layer."""
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    wide = dict(padding=(1, 2**30), stride=(1, 2**30))  # a 5 x 3 output over a 5 x (2^31 + 5) padded input
+    with pytest.raises(NotImplementedError, match=r"padding \(1, 1073741824\) makes it 7 x 2147483653, 2\^31 or more"):
+        ops.conv2d(x, weight, backend="triton", **wide)
+    out = ops.conv2d(x, weight, backend="torch", **wide)
+    conv = Conv(1, 4, 5, 5, 6, 3, 3, stride=(1, 2**30), padding=(1, 2**30))
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, None, None, relu=False), "conv")
+    huge_out = torch.empty(1).as_strided((1, 1, 2**16, 2**15), (0, 0, 0, 0))  # the launcher reads its shape only
+    with pytest.raises(NotImplementedError, match="a 65536 x 32768 map has 2\\^31 or more"):
+        conv2d_bias_act(x, weight, None, None, huge_out, (1, 1), (0, 0), (1, 1), False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch_triton"])

@@ -567,10 +567,15 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     GEMM. On a GPU, a TMA launch that raises (a stored choice that no longer compiles, say) leaves
     a warning and the layer to the implicit GEMM. `config` (a triton.Config of the implicit GEMM)
     runs the implicit GEMM with that config, without autotuning. An output map of 2^31 pixels or
-    more (one image) is refused: the kernels' pixel coordinates within an image are 32-bit."""
+    more (one image), or a padded input 2^31 or more high or wide, is refused: the kernels' pixel
+    coordinates within an image are 32-bit."""
     if out.shape[2] * out.shape[3] >= 2**31:
         raise NotImplementedError(f"conv2d: backend 'triton' indexes one image's output pixels in 32 bits; a "
                                   f"{out.shape[2]} x {out.shape[3]} map has 2^31 or more")
+    padded = (x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1])
+    if max(padded) >= 2**31:
+        raise NotImplementedError(f"conv2d: backend 'triton' indexes the padded input in 32 bits; padding "
+                                  f"{tuple(padding)} makes it {padded[0]} x {padded[1]}, 2^31 or more")
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:
