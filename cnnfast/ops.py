@@ -198,6 +198,15 @@ def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
     return rows(x), weight.reshape(weight.shape[0], -1), None if residual is None else rows(residual)
 
 
+def _torch_convolution(x, weight, bias, stride, padding, dilation, groups):
+    """F.conv2d with dilation 1 along a filter dimension of one tap, where dilation changes nothing:
+    PyTorch's CPU float16/bfloat16 channels_last convolution crashes or reads past its input on a
+    1-wide map with a 1-wide, dilated, strided and padded filter."""
+    one_tap = (weight.shape[2] == 1, weight.shape[3] == 1)
+    dilation = tuple(1 if single else d for single, d in zip(one_tap, dilation))
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     """The layer on PyTorch's own ops, in x's dtype, each step rounding (the fused kernels round once).
 
@@ -225,7 +234,7 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
         # A bias in x's dtype rides in the convolution; a float32 one on a half-precision layer is
         # added after it, in float32, rounding once to x's dtype.
         fused_bias = bias is not None and bias.dtype == x.dtype
-        y = F.conv2d(x, weight, bias if fused_bias else None, stride, padding, dilation, groups)
+        y = _torch_convolution(x, weight, bias if fused_bias else None, stride, padding, dilation, groups)
         if bias is not None and not fused_bias:
             y.add_(bias.view(1, -1, 1, 1))
         if residual is not None:
@@ -248,7 +257,7 @@ def _conv2d_torch_triton(x, weight, bias, residual, out, stride, padding, dilati
         n, _, h, w = x.shape
         y = torch.mm(rows, weight2d.t()).view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
     else:
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = _torch_convolution(x, weight, None, stride, padding, dilation, groups)
     if out is None:
         out = y if _is_channels_last_output(y) else torch.empty_like(y, memory_format=torch.channels_last)
     return epilogue(y, residual, out, relu, bias=bias)

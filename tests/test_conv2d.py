@@ -836,6 +836,21 @@ def test_groups_on_triton_not_implemented():
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, backend="triton")
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 3])
+def test_one_wide_map_with_a_dilated_one_tap_filter(r, dtype, backend):
+    """A 1-wide channels_last map, a 1-wide filter with dilation 2 along it, stride 2 and padding 1:
+    PyTorch's CPU float16/bfloat16 convolution crashes on this layer as given; the dilation of a
+    one-tap dimension changes nothing and is dropped before it (the torch backends)."""
+    conv = Conv(2, 3, 5, 1, 8, r, 1, stride=(1, 2), padding=(1, 1), dilation=(2, 2))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 1).to(dtype).to(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, 3, r, 1).to(dtype), torch.randn(8)
+    out = run_conv2d(conv, x, weight, bias, relu=True, backend=backend)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, relu=True), "conv")
+
+
 def test_triton_refuses_maps_past_its_32_bit_pixel_coordinates():
     """A padded input 2^31 wide, or an output map of 2^31 pixels, is refused by the Triton launcher
     (its coordinates within an image are 32-bit); the torch backends run the padded layer."""
