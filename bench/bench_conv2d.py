@@ -47,20 +47,14 @@ import torch.nn.functional as F
 from bench.harness import cpu_smoke, needs_gpu
 from cnnfast import ops
 from cnnfast.bench import (
-    conv_layers, eager_function, fold_layer, kernel_name, layer_function, layer_parts, layer_residual, layer_skip_reason,
-    relu_keeps_nan, unfolded_layer,
+    conv_layers, eager_function, fold_layer, has_batch_norm, kernel_name, layer_function, layer_parts, layer_residual,
+    layer_skip_reason, relu_keeps_nan, unfolded_layer,
 )
-from cnnfast.models import get_model
 from cnnfast.roofline import ceilings, conv_bytes, conv_flops, roofline_point
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.tuning import EPILOGUES
 
 BATCH = {"resnet50": 256, "vgg16": 64}
-
-
-def has_batch_norm(arch) -> bool:
-    with torch.device("meta"):
-        return any(isinstance(module, torch.nn.BatchNorm2d) for module in get_model(arch).modules())
 
 
 HAS_BATCH_NORM = {arch: has_batch_norm(arch) for arch in BATCH}  # torchvision's vgg16 has none

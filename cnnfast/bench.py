@@ -8,7 +8,8 @@ Layers of the same geometry and epilogue are timed once. Backends:
 - ``torch``:        ``cnnfast.ops.conv2d(backend="torch")``: PyTorch's ops in the layer's dtype
   (cuDNN's conv then in-place bias, residual and ReLU; a float16/bfloat16 1x1 layer as one cuBLAS GEMM);
 - ``eager``:        the layer as PyTorch runs a model: ``F.conv2d`` without bias, the BatchNorm
-  (eval), then residual and ReLU, each its own kernel;
+  (eval), then residual and ReLU, each its own kernel; in a model without BatchNorm (AlexNet,
+  ZFNet, VGG without BN) the conv with its bias, then the ReLU (as torch_folded);
 - ``torch_folded``: ``relu(F.conv2d(x, folded_weight, bias) + residual)``;
 - ``compile``:      ``torch.compile`` of torch_folded, compiled afresh for each layer's shapes;
 - ``triton``:       ``cnnfast.ops.conv2d(backend="triton")``; needs a CUDA device (the Triton
@@ -155,6 +156,13 @@ def conv_layers(arch: str, input_size: int | None = None) -> dict[tuple[ConvProb
         for handle in handles:
             handle.remove()
     return layers
+
+
+@functools.lru_cache(maxsize=None)
+def has_batch_norm(arch: str) -> bool:
+    """Whether arch's plain model has BatchNorm layers (torchvision's vgg16 and alexnet have none)."""
+    with torch.device("meta"):
+        return any(isinstance(module, torch.nn.BatchNorm2d) for module in get_model(arch).modules())
 
 
 def seeded_feature_map(shape, seed: int, dtype, device) -> torch.Tensor:
@@ -314,9 +322,10 @@ class Progress:
             self.stream.flush()
 
 
-def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[dict]:
+def bench_layers(layers, batch, dtype, device, backends, progress=None, batch_norm=True) -> list[dict]:
     """The "layers" rows: every ((problem, epilogue), names) of layers (conv_layers') timed on each
-    backend that can run its epilogue; each layer is a step of progress (a Progress), when given."""
+    backend that can run its epilogue; each layer is a step of progress (a Progress), when given.
+    batch_norm=False (a model without BatchNorm): eager runs the conv with its bias, as the model does."""
     rows = []
     failed = {}  # backend -> why it failed on an earlier layer
     for (problem, epilogue), names in layers.items():
@@ -334,10 +343,11 @@ def bench_layers(layers, batch, dtype, device, backends, progress=None) -> list[
         for backend in backends:
             if backend in skipped:
                 continue
-            if backend == "eager":
+            if backend == "eager" and batch_norm:
                 fn = eager_function(problem, x, *unfolded_layer(raw_weight, bn, dtype, device), residual, relu)
             else:
-                fn = layer_function(backend, problem, x, weight, bias, residual, relu)
+                fn = layer_function("torch_folded" if backend == "eager" else backend, problem, x, weight, bias,
+                                    residual, relu)
             with torch.inference_mode():
                 try:
                     fn()  # compiles (compile), autotunes (triton) or warms caches before timing
@@ -416,7 +426,7 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
     progress = Progress(len(layers) + end_to_end, show_progress)
     try:
         with cudnn_autotuned():
-            rows = bench_layers(layers, batch, DTYPES[dtype], device, timed, progress)
+            rows = bench_layers(layers, batch, DTYPES[dtype], device, timed, progress, has_batch_norm(arch))
             end_to_end_rows = []
             if end_to_end:
                 progress.step(f"end to end: {arch} eager and cnnfast.optimize")

@@ -138,6 +138,45 @@ def test_bench_layers_skip_a_backend_that_cannot_run_the_epilogue():
     assert row["problem"]["epilogue"] == "none"
 
 
+def test_which_architectures_have_batch_norm():
+    from cnnfast.bench import has_batch_norm
+    from cnnfast.models import ARCHITECTURES
+
+    without = {"alexnet", "zfnet", "vgg16", "vgg19"}
+    assert {arch for arch in ARCHITECTURES if not has_batch_norm(arch)} == without
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_eager_runs_the_layer_as_the_model_does(monkeypatch, batch_norm):
+    """eager: conv, BatchNorm, epilogue in a model with BatchNorm; the conv with its bias and the
+    epilogue in one without (no BatchNorm the model does not have); run_bench says which."""
+    from cnnfast import bench
+
+    outputs, eager_calls = [], []
+
+    def time_ms(fn, device):  # keeps what each backend computed
+        outputs.append(fn())
+        return 1.0
+
+    monkeypatch.setattr(bench, "time_ms", time_ms)
+    real_eager_function = bench.eager_function
+    monkeypatch.setattr(bench, "eager_function", lambda *args: eager_calls.append(args) or real_eager_function(*args))
+    problem = ConvProblem(C=4, H=6, W=6, K=8, R=3, S=3, stride=(1, 1), padding=(1, 1))
+    bench.bench_layers({(problem, "relu"): ["features.0"]}, 1, torch.float32, torch.device("cpu"),
+                       ["eager", "torch_folded"], batch_norm=batch_norm)
+    assert len(eager_calls) == batch_norm
+    if batch_norm:  # the unfolded BatchNorm rounds differently from the folded weight
+        torch.testing.assert_close(outputs[0], outputs[1])
+    else:
+        assert torch.equal(outputs[0], outputs[1])
+
+    seen = []
+    monkeypatch.setattr(bench, "bench_layers", lambda *args: seen.append(args[-1]) or [])
+    for arch in ("alexnet", "vgg16_bn"):
+        bench.run_bench(arch, backends=["eager"], device="cpu", max_layers=1, end_to_end=False)
+    assert seen == [False, True]
+
+
 def test_a_torch_compile_that_cannot_build_here_is_skipped_with_its_reason(monkeypatch):
     """torch.compile depends on the machine's toolchain: where it fails, its layers are listed as
     skipped with PyTorch's error, once tried, and the other backends are timed; any other backend's
@@ -231,12 +270,6 @@ def test_conv_benchmark_counts_the_shortcut_only_where_a_backend_reads_it():
     fused = case_traffic(problem, 256, "residual+relu", "triton")
     assert fused - case_traffic(problem, 256, "residual+relu", "cudnn") == output_bytes
     assert case_traffic(problem, 256, "relu", "triton") == case_traffic(problem, 256, "relu", "cudnn")
-
-
-def test_conv_benchmark_knows_which_architectures_have_batchnorm():
-    from bench.bench_conv2d import HAS_BATCH_NORM
-
-    assert HAS_BATCH_NORM == {"resnet50": True, "vgg16": False}
 
 
 @pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
