@@ -279,10 +279,13 @@ def tune_table(result):
 
 def run_tune(args):
     from cnnfast.bench import TUNED_BACKENDS, default_device, layer_choices
-    from cnnfast.tuning import save_local_choices
+    from cnnfast.tuning import local_table_problem, save_local_choices
 
     if default_device().type != "cuda":
         return fail(args, "needs a CUDA device (on a CPU, backend=None always runs torch)")
+    problem = None if args.dry_run else local_table_problem()
+    if problem:  # found before minutes of measuring, not after
+        return fail(args, f"{problem} (--dry-run prints the choices without saving them)")
     args.backends = list(TUNED_BACKENDS)
     try:
         result = measure_layers(args, end_to_end=False, json_file=args.json)

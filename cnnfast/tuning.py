@@ -22,6 +22,7 @@ the "torch" backend.
 import functools
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -161,12 +162,33 @@ def tuning_table() -> dict:
     return _table_at(local_table_name())
 
 
+NO_LOCAL_TABLE = "CNNFAST_TUNING_FILE is empty or /dev/null: there is no local tuning table to save to"
+
+
+def local_table_problem() -> str | None:
+    """Why save_local_choices could not write the local table, or None; `cnnfast tune` asks before
+    it measures. The table's directory is created here; writing a file in it (the table is
+    replaced by a rename from there, and its lock file lives there too) is the test, since
+    os.access says yes to root and on special filesystems."""
+    path = local_table_path()
+    if str(path) == os.devnull:
+        return NO_LOCAL_TABLE
+    try:
+        if path.is_dir():
+            return f"the local tuning table {path} (CNNFAST_TUNING_FILE) is a directory"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            return None
+    except OSError as error:
+        return f"cannot write the local tuning table {path} (CNNFAST_TUNING_FILE): {error.strerror or error}"
+
+
 def save_local_choices(choices: dict) -> Path:
     """Merges choices (a table fragment) into the local table, under its lock (two `cnnfast tune`
     runs may finish together), and makes backend=None use it now."""
     path = local_table_path()
     if str(path) == os.devnull:
-        raise ValueError("CNNFAST_TUNING_FILE is empty or /dev/null: there is no local tuning table to save to")
+        raise ValueError(NO_LOCAL_TABLE)
     with json_file.locked(path):
         existing, problem = read_usable_table(path)
         if problem:  # kept for a look, not lost, and not in the way of what was just measured

@@ -344,6 +344,33 @@ def test_tune_refuses_a_machine_without_gpu(capsys, monkeypatch):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("table", ["", os.devnull, "directory", "in-proc", "under-a-file"])
+def test_tune_refuses_a_table_it_cannot_save_before_measuring(capsys, monkeypatch, tmp_path, table):
+    """Minutes of measuring are not thrown away at the end: a local table that cannot be written
+    is an error first, unless --dry-run saves nothing."""
+    from cnnfast import bench, cli
+
+    (tmp_path / "a-file").write_text("")
+    setting = {"directory": str(tmp_path), "in-proc": "/proc/cnnfast/tuning.json",
+               "under-a-file": str(tmp_path / "a-file" / "tuning.json")}.get(table, table)
+    monkeypatch.setenv("CNNFAST_TUNING_FILE", setting)
+    monkeypatch.setattr(bench, "default_device", lambda: torch.device("cuda"))
+
+    class Measured(Exception):
+        pass
+
+    def run_bench(*args, **kwargs):
+        raise Measured
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    assert cli.main(["tune", "resnet18"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnfast tune: error: ") and "--dry-run prints the choices" in err
+    assert ("no local tuning table" in err) if table in ("", os.devnull) else (setting in err)
+    with pytest.raises(Measured):  # --dry-run saves nothing, so it goes on to measure
+        cli.main(["tune", "resnet18", "--dry-run"])
+
+
 def test_tune_files_of_a_run_feed_the_layer_table(tmp_path):
     """`cnnfast tune --json` output filed with a run (tune*.json) gives layer choices, newest run first."""
     key0 = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
