@@ -220,13 +220,20 @@ def remeasured_ceilings(device="cpu", dtype=torch.float32) -> dict:
 def _cached_ceilings(device, dtype, measure_again: bool) -> dict:
     """The cached entry of device and dtype where it was timed by CEILING_METHOD and measure_again is
     False; else a new measurement (each figure raised to the cached one's where that is higher),
-    cached. All under the cache's lock."""
+    cached. All under the cache's lock. A cache that cannot be used (its directory cannot be made
+    or written) leaves a warning and the figures measured, uncached."""
     path = cache_path()
     key = ceiling_key(device, dtype)
-    with json_file.locked(path):
+    with contextlib.ExitStack() as lock:
+        try:
+            lock.enter_context(json_file.locked(path))
+        except OSError as error:
+            warnings.warn(f"cnnfast: cannot use the ceilings cache {path} ({error.strerror or error}); "
+                          "measuring without it (CNNFAST_CACHE_DIR names another place)")
+            return measure_ceilings(device, dtype)
         try:
             cached = json_file.read_object(path)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             warnings.warn(f"cnnfast: cannot read the cached ceilings ({error}); measuring again")
             cached = {}
         old = cached.get(key, {})
@@ -239,7 +246,11 @@ def _cached_ceilings(device, dtype, measure_again: bool) -> dict:
                 fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_dtype=old["matmul_dtype"])
             fresh["copy_bytes_per_s"] = max(fresh["copy_bytes_per_s"], old["copy_bytes_per_s"])
         cached[key] = fresh
-        json_file.write_object(path, cached)
+        try:
+            json_file.write_object(path, cached)
+        except OSError as error:
+            warnings.warn(f"cnnfast: cannot write the ceilings cache {path} ({error.strerror or error}); "
+                          "these figures are not kept")
     return fresh
 
 

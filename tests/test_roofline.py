@@ -113,6 +113,33 @@ def test_a_cached_ceiling_timed_another_way_is_measured_again(tmp_path, monkeypa
     assert json.loads((tmp_path / "ceilings.json").read_text()) == {key: measured}
 
 
+@pytest.mark.parametrize("place", ["under-a-file", "in-proc"])
+def test_a_cache_that_cannot_be_made_leaves_a_warning_and_the_measured_ceilings(tmp_path, monkeypatch, place):
+    (tmp_path / "a-file").write_text("")
+    directory = {"under-a-file": str(tmp_path / "a-file" / "cache"), "in-proc": "/proc/cnnfast-cache"}[place]
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", directory)
+    measured = {"matmul_flop_per_s": 2.0, "copy_bytes_per_s": 1.0, "method": roofline.CEILING_METHOD}
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: measured)
+    with pytest.warns(UserWarning, match=f"cannot use the ceilings cache {directory}/ceilings.json"):
+        assert ceilings("cpu", torch.float32) == measured
+
+
+def test_a_cache_that_cannot_be_written_leaves_a_warning_and_the_measured_ceilings(tmp_path, monkeypatch):
+    from cnnfast import json_file
+
+    monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
+    measured = {"matmul_flop_per_s": 2.0, "copy_bytes_per_s": 1.0, "method": roofline.CEILING_METHOD}
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: measured)
+
+    def read_only_disk(path, contents):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(json_file, "write_object", read_only_disk)
+    with pytest.warns(UserWarning, match="cannot write the ceilings cache .*Read-only file system.* not kept"):
+        assert ceilings("cpu", torch.float32) == measured
+    assert not (tmp_path / "ceilings.json").exists()
+
+
 def test_ceilings_take_the_fastest_run(monkeypatch):
     # A run slowed by other work must not lower a ceiling: the 10 ms run below is the one that counts.
     clock = iter(t for pair in [(0.0, 0.5), (1.0, 1.01), (2.0, 2.3)] * 10 for t in pair)
