@@ -319,7 +319,7 @@ def _reason_left_alone(layer: nn.Module) -> str:
     if is_foldable_norm(layer):
         return "a BatchNorm folds only into the convolution it follows in a fused run; this one runs as it is"
     for kind, reason in LEFT_ALONE.items():
-        if isinstance(layer, kind):
+        if computes_as(layer, kind):  # a subclass with its own forward is another layer
             return reason
     return f"{type(layer).__name__} has no fused form; it runs as it is"
 

@@ -4,6 +4,7 @@ cnnfast.analysis counts before and after, models with parts optimize does not kn
 contract, torch.compile and CUDA-graph capture."""
 import copy
 import functools
+import types
 from collections import OrderedDict
 
 import pytest
@@ -383,6 +384,31 @@ def one_block_twice():
     return randomize_bn(nn.Sequential(block, block))
 
 
+def doubled_forward(module, x):
+    """A forward set on one instance (module.forward = ...): twice what its class computes."""
+    return 2 * type(module).forward(module, x)
+
+
+def conv_with_its_own_forward():
+    """Conv -> BN -> ReLU whose conv instance has its forward replaced: not a Conv2d to fuse."""
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    model[0].forward = types.MethodType(doubled_forward, model[0])
+    return model
+
+
+def resnet18_with_a_block_forward_replaced():
+    model = resnet18_with()
+    model.layer1[0].forward = types.MethodType(doubled_forward, model.layer1[0])
+    return model.eval()
+
+
+class CallingReLU(nn.ReLU):
+    """A ReLU that changes how it is called (not its forward): it adds one after the ReLU."""
+
+    def __call__(self, x):
+        return super().__call__(x) + 1
+
+
 def named_sequential():
     layers = OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
     return randomize_bn(nn.Sequential(layers))
@@ -412,7 +438,7 @@ UNKNOWN_PARTS = {
         ("fused", "inception5b", "Inception -> fused Inception"),
     ]),
     "resnet18-pool-subclass": (resnet18_with_max_pool_subclass, (1, 3, 64, 64), [
-        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
+        ("left_alone", "avgpool", "MaxOverMap has no fused form; it runs as it is"),
         ("left_alone", "fc", "a Linear fuses inside an nn.Sequential run or as a ResNet's or GoogLeNet's head only"),
     ]),
     "one-block-twice": (one_block_twice, (2, 8, 6, 5), [
@@ -471,6 +497,18 @@ UNKNOWN_PARTS = {
     "hooked-block": (resnet18_with_a_hooked_block, (1, 3, 64, 64), [
         ("left_alone", "layer1.0", "layer1.0: its BasicBlock has forward hooks, which a fused module would not run"),
         ("fused", "layer1.1", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "conv-forward-on-the-instance": (conv_with_its_own_forward, (2, 3, 6, 6), [
+        ("left_alone", "0", "Conv2d overrides how nn.Conv2d computes (forward, on the instance); it is not fused"),
+    ]),
+    "block-forward-on-the-instance": (resnet18_with_a_block_forward_replaced, (1, 3, 64, 64), [
+        ("left_alone", "layer1.0.conv1", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
+        ("fused", "layer1.1", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "relu-call-overridden": (lambda: randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                                CallingReLU())), (2, 3, 6, 6), [
+        ("fused", "0", "Conv2d + BatchNorm2d -> ConvBNReLU"),
+        ("left_alone", "2", "CallingReLU has no fused form; it runs as it is"),
     ]),
     "batchnorm-after-no-conv": (lambda: randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3))), (2, 3, 6, 6), [
         ("left_alone", "1", "a BatchNorm folds only into the convolution it follows in a fused run; this one runs as "

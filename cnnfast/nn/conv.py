@@ -11,19 +11,28 @@ from torch import nn
 from cnnfast import ops
 
 
-def computes_as(module, cls) -> bool:
-    """Whether module is a cls that computes what cls computes: every method cls (or a base of it
-    below nn.Module) defines comes from the same class for module, so a subclass that overrides
-    one (an SE block's forward, a weight-standardised conv's _conv_forward) is not taken for cls."""
-    if not isinstance(module, cls):
-        return False
+# How nn.Module runs forward: a class that overrides one of these computes its own way.
+CALL_METHODS = ("__call__", "_wrapped_call_impl", "_call_impl")
+
+
+def overridden_method(module, cls) -> str | None:
+    """The first method (by name) through which module, a cls, computes differently from cls: one
+    that cls (or a base of it below nn.Module) defines and module's class overrides (an SE block's
+    forward, a weight-standardised conv's _conv_forward), nn.Module's call machinery overridden,
+    or any of these set on the instance itself (module.forward = ...); None where there is none."""
     methods = {name for klass in cls.__mro__[:cls.__mro__.index(nn.Module)] for name, value in vars(klass).items()
                if callable(value) and name not in ("__init__", "extra_repr")}
 
     def defined_in(klass, name):
         return next(base for base in klass.__mro__ if name in vars(base))
 
-    return all(defined_in(type(module), name) is defined_in(cls, name) for name in methods)
+    return next((name for name in sorted(methods.union(CALL_METHODS))
+                 if name in vars(module) or defined_in(type(module), name) is not defined_in(cls, name)), None)
+
+
+def computes_as(module, cls) -> bool:
+    """Whether module is a cls that computes what cls computes (overridden_method finds nothing)."""
+    return isinstance(module, cls) and overridden_method(module, cls) is None
 
 
 def is_foldable_norm(module) -> bool:
@@ -72,8 +81,12 @@ def check_no_hooks(where: str, *modules) -> None:
 
 def unsupported_reason(conv: nn.Conv2d) -> str | None:
     """Why ConvBNReLU cannot take this convolution, or None when it can."""
-    if not computes_as(conv, nn.Conv2d):
-        return f"{type(conv).__name__} overrides how nn.Conv2d computes; it is not fused"
+    if not isinstance(conv, nn.Conv2d):
+        return f"{type(conv).__name__} is not an nn.Conv2d; it is not fused"
+    method = overridden_method(conv, nn.Conv2d)
+    if method is not None:
+        where = "on the instance" if method in vars(conv) else f"in {type(conv).__name__}"
+        return f"{type(conv).__name__} overrides how nn.Conv2d computes ({method}, {where}); it is not fused"
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "only groups=1 convolutions with numeric zero padding are fused"
     return None
