@@ -46,6 +46,7 @@ def define_op(schema: str, kernel, fake, check) -> Op:
     torch.ops.cnnfast.<name>, and a compiled graph's, gets the public function's errors where a
     kernel would read out of bounds or run a backend that was not asked for."""
     name = schema.split("(", 1)[0]
+    kernel = _without_autocast(kernel)
 
     def checked_kernel(*args):
         check(*args)
@@ -59,6 +60,25 @@ def define_op(schema: str, kernel, fake, check) -> Op:
     LIBRARY.impl(name, checked_kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"cnnfast::{name}", checked_fake, lib=LIBRARY)
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
+
+
+def _without_autocast(kernel):
+    """kernel, run with autocast off: an op computes in its inputs' dtypes, as a compiled kernel
+    does. Inside the torch backends autocast would change the dtype PyTorch's ops compute in, and
+    with it the result's, one way for channels_last input and another for NCHW. (The dispatcher
+    passes autocast through to ops it has no autocast kernel for.)"""
+    def run(x, *args):
+        if not autocast_enabled(x):
+            return kernel(x, *args)
+        with torch.autocast(x.device.type, enabled=False):
+            return kernel(x, *args)
+
+    return run
+
+
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """Whether torch.autocast is on for t's device (a device autocast does not know, meta say, never)."""
+    return torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type)
 
 
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)

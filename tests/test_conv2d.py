@@ -831,6 +831,22 @@ def test_requires_grad_rejected(name, backend):
         call()
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_autocast_does_not_change_what_the_op_computes(backend, channels_last):
+    """Under torch.autocast the op computes in its inputs' dtype, as a compiled kernel does: the
+    torch backends' PyTorch convolution would otherwise run in bfloat16, and return it for
+    channels_last input but not for NCHW."""
+    conv = Conv(2, 4, 6, 5, 8, 3, 3, padding=1)
+    torch.manual_seed(0)
+    x, weight, bias, res = torch.randn(2, 4, 6, 5), torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(2, 8, 6, 5)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run_conv2d(conv, x, weight, bias, res, relu=True, backend=backend)
+    assert out.dtype == torch.float32
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
 def test_groups_on_triton_not_implemented():
     with pytest.raises(NotImplementedError, match="backend 'triton' supports groups=1 only, got groups=2"):
         ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 3, 3), groups=2, backend="triton")

@@ -68,6 +68,16 @@ def test_matches_reference(backend, device, shape, dtype):
     run_and_check(backend, device, shape, dtype)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_autocast_does_not_change_what_the_op_computes(backend, device, layout):
+    """Under torch.autocast the op computes in its inputs' dtype, as a compiled kernel does (the
+    torch backend's linear would otherwise run in bfloat16 and return it)."""
+    torch.manual_seed(0)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        run_and_check(backend, device, (3, 37, 3, 5, 11), torch.float32, layout)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)

@@ -530,6 +530,32 @@ def test_parts_it_does_not_know_stay_and_keep_working(case):
     assert_matches(out, expected)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "vgg16_bn", "preact_resnet18"])
+def test_autocast_leaves_the_fused_parts_in_their_own_dtype(arch):
+    """Under torch.autocast a fused model computes in the dtype optimize() gave it (here float32),
+    as its kernels do: it runs, and matches the float64 model within float32's tolerance."""
+    original = build(arch)
+    fused = cnnfast.optimize(original)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = run_both(original, fused, x)
+    _, expected = run_both(original, fused, x)
+    assert out.dtype == torch.float32
+    assert_matches(out, expected)
+
+
+def test_under_autocast_fused_parts_take_what_the_parts_left_to_pytorch_give():
+    """A part left to PyTorch computes in autocast's bfloat16; the fused part after it casts that
+    back to its own float32: the mixed model runs, within bfloat16's tolerance."""
+    original = randomize_bn(CustomNet())
+    fused = cnnfast.optimize(original)
+    x = torch.randn(2, 3, 6, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = run_both(original, fused, x)
+    _, expected = run_both(original, fused, x)
+    assert_matches(out.to(torch.bfloat16), expected)
+
+
 def test_a_hook_left_with_its_module_still_runs():
     original = hooked_batchnorm()
     fused = cnnfast.optimize(original)

@@ -157,7 +157,9 @@ class Inception(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"Inception expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, _, h, w = x.shape
-        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        # In the branches' dtype: under autocast x may be another, which each branch's first conv casts.
+        dtype = self.branch1.weight.dtype if x.is_floating_point() and ops.autocast_enabled(x) else x.dtype
+        out = torch.empty((n, self.out_channels, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last)
         slices = [out[:, start:stop] for start, stop in self.channel_ranges]
         self.branch1(x, out=slices[0])
         self.branch2[1](self.branch2[0](x), out=slices[1])

@@ -100,6 +100,15 @@ def check_inference(module: nn.Module) -> None:
                            "(their BatchNorm is folded into constant weights): call .eval()")
 
 
+def in_weight_dtype(t, weight):
+    """t cast to weight's dtype where autocast made it another (a layer left to PyTorch ran before
+    this one under torch.autocast): a fused module computes in the dtype optimize() gave it,
+    whatever autocast asks. Outside autocast a mismatch stays the op's error."""
+    if t is None or t.dtype == weight.dtype or not t.is_floating_point() or not ops.autocast_enabled(t):
+        return t
+    return t.to(weight.dtype)
+
+
 def backend_repr(backend) -> str:
     """", backend='triton'" for a module pinned to a backend; nothing for the default (None)."""
     return "" if backend is None else f", backend={backend!r}"
@@ -150,6 +159,7 @@ class ConvBNReLU(nn.Conv2d):
                 raise ValueError("ConvBNReLU: with an unbatched (C, H, W) input, residual and out must be (K, P, Q)")
             y = self.forward(*(t.unsqueeze(0) if t is not None else None for t in (x, residual, out)))
             return out if out is not None else y.squeeze(0)
+        x, residual = in_weight_dtype(x, self.weight), in_weight_dtype(residual, self.weight)
         return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
                           residual=residual, relu=self.relu, out=out, backend=self.backend)
 
@@ -190,8 +200,9 @@ class LinearReLU(nn.Linear):
         # Any leading dimensions, as nn.Linear takes them: a Linear fused inside an nn.Sequential may see (N, T, C).
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"LinearReLU expects (..., {self.in_features}) input, got shape {tuple(x.shape)}")
-        y = ops.conv2d(x.reshape(-1, self.in_features)[:, :, None, None], self.weight[:, :, None, None], self.bias,
-                       relu=self.relu, backend=self.backend)
+        rows = in_weight_dtype(x.reshape(-1, self.in_features), self.weight)
+        y = ops.conv2d(rows[:, :, None, None], self.weight[:, :, None, None], self.bias, relu=self.relu,
+                       backend=self.backend)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -214,7 +225,7 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     def forward(self, x):
         check_inference(self)
-        return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)
+        return ops.gap_linear(in_weight_dtype(x, self.weight), self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}{backend_repr(self.backend)}"
