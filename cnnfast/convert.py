@@ -131,7 +131,7 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
         model = copy.deepcopy(model)
     report = FusionReport()
     with torch.no_grad():
-        _fuse_tree(model, "", dict(dtype=dtype, backend=backend), report)
+        model = _fuse_root(model, dict(dtype=dtype, backend=backend), report)
         _cast(model, dtype)
     if backend is not None:  # what an earlier optimize() fused runs on the backend asked for now, too
         for module in model.modules():
@@ -149,6 +149,29 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     model.cnnfast_report = report
     if verbose:
         print(report)
+    return model
+
+
+def _fuse_root(model: nn.Module, options: dict, report: FusionReport) -> nn.Module:
+    """The model with its parts fused in place; a known block given as the model itself (a
+    BasicBlock, an Inception) is replaced by its fused form, a new module, with inplace=True too.
+    The model itself is reported under its class name."""
+    name = type(model).__name__
+    if isinstance(model, FUSED):
+        report.already_fused.append(name)
+        return model
+    try:
+        fused = _fuse_block(model, name, options)
+    except NotImplementedError as error:
+        report.left_alone.append((name, str(error)))
+        return model
+    if fused is not None:
+        report.fused.append((name, f"{name} -> fused {type(fused).__name__}"))
+        return fused
+    if next(model.children(), None) is None:  # a lone layer: no run or block to fuse it in
+        report.left_alone.append((name, _reason_left_alone(model)))
+        return model
+    _fuse_tree(model, "", options, report)
     return model
 
 

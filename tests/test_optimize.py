@@ -633,9 +633,10 @@ def test_an_mlp_keeps_its_input_layout():
 
 
 def test_an_earlier_optimize_of_a_part_does_not_keep_it_unfused():
-    """optimize(block) fuses nothing but leaves its input conversion hook, which is not a user's hook."""
+    """optimize(conv) fuses nothing but leaves its input conversion hook, which is not a user's hook."""
     model = build("resnet18", num_classes=10)
-    model.layer1[0] = cnnfast.optimize(model.layer1[0])
+    model.layer1[0].conv1 = cnnfast.optimize(model.layer1[0].conv1)
+    assert model.layer1[0].conv1._forward_pre_hooks
     fused = cnnfast.optimize(model)
     assert ("layer1.0", "BasicBlock -> fused BasicBlock") in fused.cnnfast_report.fused
 
@@ -861,6 +862,49 @@ def test_inplace_returns_the_same_model():
     model = build("vgg16_bn", num_classes=10)
     assert cnnfast.optimize(model, inplace=True) is model
     assert isinstance(model.features[0], ConvBNReLU) and model.cnnfast_report.fused
+
+
+def known_roots():
+    """Known blocks given to optimize() as the model itself: (block, input shape)."""
+    from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
+    from torchvision.models.googlenet import Inception as TvInception
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    from cnnfast.models.preact import PreActBasicBlock as PlainPreActBasicBlock
+
+    torch.manual_seed(0)
+    return {
+        "BasicBlock": (TvBasicBlock(8, 8), (2, 8, 6, 5)),
+        "Bottleneck": (TvBottleneck(16, 4), (2, 16, 6, 5)),
+        "BasicConv2d": (TvBasicConv2d(3, 8, kernel_size=3, padding=1), (2, 3, 6, 5)),
+        "Inception": (TvInception(8, 4, 4, 6, 2, 4, 4), (2, 8, 6, 5)),
+        "PreActBasicBlock": (PlainPreActBasicBlock(8, 16, stride=2), (2, 8, 6, 5)),
+    }
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("root", ["BasicBlock", "Bottleneck", "BasicConv2d", "Inception", "PreActBasicBlock"])
+def test_a_known_block_given_as_the_model_is_fused(root, inplace):
+    """optimize(block) fuses the block itself (a new module, with inplace=True too), reported
+    under its class name, and matches it."""
+    block, shape = known_roots()[root]
+    original = randomize_bn(block).eval()
+    fused = cnnfast.optimize(original, inplace=inplace)
+    assert type(fused).__module__.startswith("cnnfast.") and fused is not original
+    (entry,) = fused.cnnfast_report.fused
+    assert entry[0] == root and entry[1].startswith(f"{root} -> fused ") and not fused.cnnfast_report.left_alone
+    assert_fully_fused(fused)
+    out, expected = run_both(original, fused, torch.randn(shape))
+    assert_matches(out, expected)
+    again = cnnfast.optimize(fused).cnnfast_report  # an optimized block given again: nothing new to fuse
+    assert again.already_fused == [type(fused).__name__] and not again.fused and not again.left_alone
+
+
+def test_a_lone_layer_given_as_the_model_is_reported():
+    report = cnnfast.optimize(nn.Conv2d(3, 8, 3).eval()).cnnfast_report
+    assert report.left_alone == [("Conv2d", "a Conv2d outside an nn.Sequential run or a known block is not fused")]
+    fused = cnnfast.optimize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval())[0]
+    assert cnnfast.optimize(fused).cnnfast_report.already_fused == ["ConvBNReLU"]
 
 
 # ---------------------------------------------------------------- torch.compile and CUDA graphs
