@@ -93,7 +93,8 @@ class ModelInput:
 
 
 def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbose=False) -> nn.Module:
-    """Returns `model` with its blocks fused (a copy unless inplace=True).
+    """Returns `model` with its blocks fused (a copy unless inplace=True; a known block given as the
+    model itself is returned as its fused form, a new module, either way).
 
     The model must be in eval mode with running BatchNorm statistics (BN is folded, once, in
     float32). dtype: the compute dtype of the result (default: the model's own); backend: the
