@@ -9,7 +9,6 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
-from torch.utils.weak import WeakIdKeyDictionary
 
 from cnnfast.backends import cuda_extension, resolve_backend
 from cnnfast.layout import pixel_rows
@@ -283,36 +282,16 @@ def _conv2d_torch_triton(x, weight, bias, residual, out, stride, padding, dilati
     return epilogue(y, residual, out, relu, bias=bias)
 
 
-# Modules keep the folded BatchNorm shift in float32, and cuDNN's fused graph takes the bias in x's
-# dtype: rounding it on every call would add a kernel per layer (at batch 1, a good part of the
-# layer's time). So a bias's rounded copy is kept while that bias lives and its version counter
-# says it is unchanged.
-_rounded_biases = WeakIdKeyDictionary()
-
-
-def _bias_in(dtype: torch.dtype, bias):
-    """bias in dtype, rounded once per bias and version. Not kept for an inference tensor (it has
-    no version counter) nor while a CUDA graph is being captured (the copy would hold its values
-    only once the graph is replayed)."""
-    if bias is None or bias.dtype == dtype:
-        return bias
-    if bias.is_inference() or (bias.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return bias.to(dtype)
-    version, rounded = _rounded_biases.get(bias, (None, None))
-    if version != bias._version or rounded.dtype != dtype:
-        rounded = bias.to(dtype)
-        _rounded_biases[bias] = (bias._version, rounded)
-    return rounded
-
-
 def _conv2d_cudnn_fused(x, weight, bias, residual, stride, padding, dilation):
     """relu(conv2d(x, weight) + bias + residual) as one cuDNN operation graph (on PyTorch's default
     cuDNN v8 API path: the conv, then pointwise adds and the ReLU in float32, rounded once), the
     runtime fusion PyTorch reaches through torch.cudnn_convolution_relu / _add_relu; cuDNN picks
     the engine by its heuristics, or by timing them when torch.backends.cudnn.benchmark is set.
     The bias is given in x's dtype, the form PyTorch's own callers of these ops pass (a float32
-    bias on a half-precision graph is not a combination PyTorch uses)."""
-    bias = _bias_in(x.dtype, bias)
+    bias on a half-precision graph is not a combination PyTorch uses). The modules' float32 bias
+    is rounded on every call: a kept copy would miss a write through `.data`, which moves no
+    version counter."""
+    bias = None if bias is None else bias.to(x.dtype)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     try:
         if residual is None:
