@@ -241,6 +241,8 @@ def _fuse_block(child: nn.Module, name: str, options: dict):
     if computes_as(child, TvBottleneck):
         return Bottleneck.from_torchvision(child, name=name, **options)
     if computes_as(child, TvInception):
+        if not all(computes_as(branch, nn.Sequential) for branch in (child.branch2, child.branch3, child.branch4)):
+            raise NotImplementedError(f"{name}: a branch computes otherwise than its nn.Sequential's layers in turn")
         parts = [child.branch1, *child.branch2, *child.branch3, child.branch4[1]]
         if not all(computes_as(part, TvBasicConv2d) for part in parts):
             raise NotImplementedError(f"{name}: a branch is not made of torchvision's BasicConv2d")
@@ -300,8 +302,9 @@ def _is_global_pool_linear(model: nn.Module) -> bool:
     after the fc)."""
     pool = model.avgpool
     between = model.dropout if computes_as(model, TvGoogLeNet) else None
-    return (computes_as(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1)) and type(model.fc) is nn.Linear
-            and (between is None or computes_as(between, nn.Dropout) or type(between) is nn.Identity))
+    return (computes_as(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))
+            and type(model.fc) is nn.Linear and computes_as(model.fc, nn.Linear)
+            and (between is None or computes_as(between, nn.Dropout) or computes_as(between, nn.Identity)))
 
 
 def _fuse_sequential(seq: nn.Sequential, prefix: str, options: dict, report: FusionReport) -> None:
@@ -359,7 +362,8 @@ def _cast(model: nn.Module, dtype) -> None:
             if not tensor.is_floating_point():
                 continue
             keep_float32 = isinstance(module, BatchNormReLU) or (isinstance(module, FUSED_LEAVES) and name == "bias")
-            converted = tensor.to(dtype) if dtype is not None and not keep_float32 else tensor.detach()
+            # .float(): a model.to(float16) between two optimize() calls rounded these too.
+            converted = tensor.float() if keep_float32 else tensor.to(dtype) if dtype is not None else tensor.detach()
             if converted.dim() == 4 and isinstance(module, FUSED_LEAVES):
                 converted = converted.contiguous(memory_format=torch.channels_last)
             if isinstance(tensor, nn.Parameter):

@@ -332,9 +332,12 @@ def cuda_conv2d_kernel(dtype: torch.dtype, out_channels: int, kernel_size, strid
     channels (before the launcher pads them), (R, S), stride, padding and activation, by schedule and
     CTA tile: "cutlass-fprop-128x64x64" (the implicit-GEMM conv) or "cutlass-gemm-pingpong-128x128x64"
     (a 1x1 stride-1 ReLU layer as a GEMM). schedule "fprop" or "gemm-pingpong" forces one, as
-    _conv2d_cuda's does."""
+    _conv2d_cuda's does. kernel_size, stride and padding: an int or a pair, as conv2d takes them."""
+    op = "cuda_conv2d_kernel"
+    kernel_size = as_pair(op, "kernel_size", kernel_size, 1)
+    stride, padding = as_pair(op, "stride", stride, 1), as_pair(op, "padding", padding, 0)
     name, *tile = cuda_extension().conv2d_kernel(CUDA_DTYPE_CODES[dtype], _cutlass_channels(out_channels),
-                                                 *kernel_size, tuple(padding), tuple(stride), relu, schedule)
+                                                 *kernel_size, padding, stride, relu, schedule)
     return f"cutlass-{name}-" + "x".join(map(str, tile))
 
 
@@ -588,7 +591,7 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     pixels are not 16-byte aligned), "torch_triton" (PyTorch's convolution, then bias, residual and
     ReLU in one Triton pass; any groups), "cudnn_fused" (cuDNN's fused conv + bias + residual + ReLU,
     CUDA tensors and relu=True only, not while cuDNN is disabled or deterministic algorithms are
-    asked for; the bias is rounded to x's dtype, once while it is unchanged, and `out` gets a copy
+    asked for; a float32 bias is rounded to x's dtype on every call, and `out` gets a copy
     of cuDNN's result),
     "torch", or None for the default of x's device.
     """

@@ -217,40 +217,61 @@ def remeasured_ceilings(device="cpu", dtype=torch.float32) -> dict:
     return _cached_ceilings(device, dtype, measure_again=True)
 
 
+# Ceilings this process measured but could not write to the cache, by (cache path, ceiling key):
+# kept here instead, so that a cache that cannot be used costs one measurement per process, not
+# one per call.
+_unkept_ceilings: dict = {}
+
+
 def _cached_ceilings(device, dtype, measure_again: bool) -> dict:
     """The cached entry of device and dtype where it was timed by CEILING_METHOD and measure_again is
     False; else a new measurement (each figure raised to the cached one's where that is higher),
     cached. All under the cache's lock. A cache that cannot be used (its directory cannot be made
-    or written) leaves a warning and the figures measured, uncached."""
+    or written) leaves a warning, and the figures are kept in this process only."""
     path = cache_path()
     key = ceiling_key(device, dtype)
+    unkept = _unkept_ceilings.setdefault(str(path), {})
     with contextlib.ExitStack() as lock:
         try:
             lock.enter_context(json_file.locked(path))
         except OSError as error:
-            warnings.warn(f"cnnfast: cannot use the ceilings cache {path} ({error.strerror or error}); "
-                          "measuring without it (CNNFAST_CACHE_DIR names another place)")
-            return measure_ceilings(device, dtype)
+            if key not in unkept:
+                warnings.warn(f"cnnfast: cannot use the ceilings cache {path} ({error.strerror or error}); "
+                              "the ceilings are kept in this process only (CNNFAST_CACHE_DIR names another place)")
+            return _updated(unkept, key, device, dtype, measure_again)
         try:
             cached = json_file.read_object(path)
         except (ValueError, OSError) as error:
             warnings.warn(f"cnnfast: cannot read the cached ceilings ({error}); measuring again")
             cached = {}
-        old = cached.get(key, {})
-        current = old.get("method") == CEILING_METHOD
-        if current and not measure_again:
-            return old
-        fresh = measure_ceilings(device, dtype)
-        if current:
-            if old["matmul_flop_per_s"] > fresh["matmul_flop_per_s"]:
-                fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_dtype=old["matmul_dtype"])
-            fresh["copy_bytes_per_s"] = max(fresh["copy_bytes_per_s"], old["copy_bytes_per_s"])
-        cached[key] = fresh
+        if key not in cached and key in unkept:  # an earlier call could not write them
+            cached[key] = unkept[key]
+        before = cached.get(key)
+        fresh = _updated(cached, key, device, dtype, measure_again)
+        if fresh is before:  # read, not measured: nothing to write
+            return fresh
         try:
             json_file.write_object(path, cached)
         except OSError as error:
             warnings.warn(f"cnnfast: cannot write the ceilings cache {path} ({error.strerror or error}); "
-                          "these figures are not kept")
+                          "the ceilings are kept in this process only")
+            unkept[key] = fresh
+    return fresh
+
+
+def _updated(table: dict, key: str, device, dtype, measure_again: bool) -> dict:
+    """table[key] where it was timed by CEILING_METHOD and measure_again is False; else a new
+    measurement, each figure raised to table[key]'s where that is higher, stored in table."""
+    old = table.get(key, {})
+    current = old.get("method") == CEILING_METHOD
+    if current and not measure_again:
+        return old
+    fresh = measure_ceilings(device, dtype)
+    if current:
+        if old["matmul_flop_per_s"] > fresh["matmul_flop_per_s"]:
+            fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_dtype=old["matmul_dtype"])
+        fresh["copy_bytes_per_s"] = max(fresh["copy_bytes_per_s"], old["copy_bytes_per_s"])
+    table[key] = fresh
     return fresh
 
 

@@ -167,9 +167,9 @@ NO_LOCAL_TABLE = "CNNFAST_TUNING_FILE is empty or /dev/null: there is no local t
 
 def local_table_problem() -> str | None:
     """Why save_local_choices could not write the local table, or None; `cnnfast tune` asks before
-    it measures. The table's directory is created here; writing a file in it (the table is
-    replaced by a rename from there, and its lock file lives there too) is the test, since
-    os.access says yes to root and on special filesystems."""
+    it measures. The table's directory and lock file are created here; writing a file in the
+    directory (the table is replaced by a rename from there) and opening the lock file are the
+    test, since os.access says yes to root and on special filesystems."""
     path = local_table_path()
     if str(path) == os.devnull:
         return NO_LOCAL_TABLE
@@ -177,7 +177,7 @@ def local_table_problem() -> str | None:
         if path.is_dir():
             return f"the local tuning table {path} (CNNFAST_TUNING_FILE) is a directory"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=path.parent), open(path.with_name(path.name + ".lock"), "a"):
             return None
     except OSError as error:
         return f"cannot write the local tuning table {path} (CNNFAST_TUNING_FILE): {error.strerror or error}"

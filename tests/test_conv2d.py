@@ -1096,6 +1096,15 @@ def test_cuda_conv_kernel_name_follows_the_launcher(k, kernel, stride, padding, 
     assert ops.cuda_conv2d_kernel(torch.bfloat16, k, kernel, stride, padding, relu=True) == expected
 
 
+def test_cuda_conv_kernel_name_takes_sizes_as_conv2d_does():
+    if "conv2d" not in backends.cuda_ops():
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    pairs = ops.cuda_conv2d_kernel(torch.bfloat16, 96, (3, 3), (2, 2), (1, 1), relu=True)
+    assert ops.cuda_conv2d_kernel(torch.bfloat16, 96, 3, 2, 1, relu=True) == pairs
+    with pytest.raises(ValueError, match="cuda_conv2d_kernel: stride must be >= 1, got 0"):
+        ops.cuda_conv2d_kernel(torch.bfloat16, 96, 3, 0, 1, relu=True)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("conv", [Conv(2, 3, 9, 11, 13, 7, 7, stride=2, padding=3), Conv(1, 16, 5, 5, 8, 3, 3, padding=1)],
                          ids=["stem-c3-k13", "c16-k8"])

@@ -402,6 +402,17 @@ def resnet18_with_a_block_forward_replaced():
     return model.eval()
 
 
+def with_forward_doubled(build_model, path: str):
+    """build_model() with the forward of the module at path (dotted) replaced on its instance."""
+    def make():
+        model = build_model()
+        module = model.get_submodule(path)
+        module.forward = types.MethodType(doubled_forward, module)
+        return model.eval()
+
+    return make
+
+
 class CallingReLU(nn.ReLU):
     """A ReLU that changes how it is called (not its forward): it adds one after the ReLU."""
 
@@ -504,6 +515,23 @@ UNKNOWN_PARTS = {
     "block-forward-on-the-instance": (resnet18_with_a_block_forward_replaced, (1, 3, 64, 64), [
         ("left_alone", "layer1.0.conv1", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
         ("fused", "layer1.1", "BasicBlock -> fused BasicBlock"),
+    ]),
+    "fc-forward-on-the-instance": (with_forward_doubled(resnet18_with, "fc"), (1, 3, 64, 64), [
+        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
+    ]),
+    "inception-branch-forward-on-the-instance": (
+        with_forward_doubled(lambda: build("googlenet", num_classes=10), "inception3a.branch2"), (1, 3, 64, 64), [
+            ("left_alone", "inception3a", "inception3a: a branch computes otherwise than its nn.Sequential's layers "
+                                          "in turn"),
+            ("fused", "inception3b", "Inception -> fused Inception"),
+        ]),
+    "batchnorm-forward-on-the-instance": (with_forward_doubled(resnet18_with, "layer1.0.bn1"), (1, 3, 64, 64), [
+        ("left_alone", "layer1.0", "layer1.0.conv1: BatchNorm2d overrides how nn.BatchNorm2d computes (forward, on "
+                                   "the instance); it is not folded"),
+    ]),
+    "relu-forward-on-the-instance": (with_forward_doubled(resnet18_with, "layer1.1.relu"), (1, 3, 64, 64), [
+        ("left_alone", "layer1.1", "layer1.1.conv1: ReLU overrides how nn.ReLU computes (forward, on the instance); "
+                                   "it is not fused"),
     ]),
     "relu-call-overridden": (lambda: randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8),
                                                                 CallingReLU())), (2, 3, 6, 6), [
@@ -676,6 +704,16 @@ def test_optimizing_again_with_another_dtype():
     out, expected = run_both(original, twice, x)
     assert out.dtype == torch.bfloat16
     assert_matches(out, expected)
+
+
+def test_optimizing_again_after_model_to_puts_the_fused_biases_back_in_float32():
+    """model.to(float16) rounds the fused biases too; optimizing again with a dtype makes them
+    float32 again, as the fused ops take them (float32, or the input's dtype)."""
+    original = build("resnet18", num_classes=10)
+    again = cnnfast.optimize(cnnfast.optimize(original, dtype=torch.bfloat16).half(), dtype=torch.float32)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    out, expected = run_both(original, again, torch.randn(1, 3, 32, 32))
+    assert_matches(out.half(), expected)  # its weights went through bfloat16 and float16
 
 
 def test_the_input_follows_the_model_to_another_dtype():

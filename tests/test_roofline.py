@@ -113,30 +113,48 @@ def test_a_cached_ceiling_timed_another_way_is_measured_again(tmp_path, monkeypa
     assert json.loads((tmp_path / "ceilings.json").read_text()) == {key: measured}
 
 
+def measurements(monkeypatch, *figures):
+    """measure_ceilings replaced by one that returns a ceiling of each matmul figure in turn;
+    returns the list of figures it has handed out."""
+    handed = []
+
+    def measure(device, dtype):
+        handed.append(figures[len(handed)])
+        return {"matmul_flop_per_s": handed[-1], "matmul_dtype": "fp32", "copy_bytes_per_s": handed[-1],
+                "method": roofline.CEILING_METHOD}
+
+    monkeypatch.setattr(roofline, "measure_ceilings", measure)
+    return handed
+
+
 @pytest.mark.parametrize("place", ["under-a-file", "in-proc"])
-def test_a_cache_that_cannot_be_made_leaves_a_warning_and_the_measured_ceilings(tmp_path, monkeypatch, place):
+def test_a_cache_that_cannot_be_made_leaves_a_warning_and_keeps_the_ceilings_in_the_process(
+        tmp_path, monkeypatch, place):
     (tmp_path / "a-file").write_text("")
-    directory = {"under-a-file": str(tmp_path / "a-file" / "cache"), "in-proc": "/proc/cnnfast-cache"}[place]
+    directory = {"under-a-file": str(tmp_path / "a-file" / "cache"), "in-proc": f"/proc/cnnfast-{tmp_path.name}"}[place]
     monkeypatch.setenv("CNNFAST_CACHE_DIR", directory)
-    measured = {"matmul_flop_per_s": 2.0, "copy_bytes_per_s": 1.0, "method": roofline.CEILING_METHOD}
-    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: measured)
+    handed = measurements(monkeypatch, 3.0, 1.0)
     with pytest.warns(UserWarning, match=f"cannot use the ceilings cache {directory}/ceilings.json"):
-        assert ceilings("cpu", torch.float32) == measured
+        assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 3.0
+    assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 3.0 and handed == [3.0]  # not measured again
+    # Measured again (a point above its roof), a lower figure does not lower the roof.
+    assert roofline.remeasured_ceilings("cpu", torch.float32)["copy_bytes_per_s"] == 3.0 and handed == [3.0, 1.0]
 
 
-def test_a_cache_that_cannot_be_written_leaves_a_warning_and_the_measured_ceilings(tmp_path, monkeypatch):
+def test_a_cache_that_cannot_be_written_leaves_a_warning_and_keeps_the_ceilings_in_the_process(
+        tmp_path, monkeypatch):
     from cnnfast import json_file
 
     monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
-    measured = {"matmul_flop_per_s": 2.0, "copy_bytes_per_s": 1.0, "method": roofline.CEILING_METHOD}
-    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: measured)
+    handed = measurements(monkeypatch, 2.0)
 
     def read_only_disk(path, contents):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(json_file, "write_object", read_only_disk)
-    with pytest.warns(UserWarning, match="cannot write the ceilings cache .*Read-only file system.* not kept"):
-        assert ceilings("cpu", torch.float32) == measured
+    with pytest.warns(UserWarning, match="cannot write the ceilings cache .*Read-only file system.* this process only"):
+        assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 2.0
+    assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 2.0 and handed == [2.0]
     assert not (tmp_path / "ceilings.json").exists()
 
 

@@ -344,15 +344,17 @@ def test_tune_refuses_a_machine_without_gpu(capsys, monkeypatch):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("table", ["", os.devnull, "directory", "in-proc", "under-a-file"])
+@pytest.mark.parametrize("table", ["", os.devnull, "directory", "in-proc", "under-a-file", "lock-not-a-file"])
 def test_tune_refuses_a_table_it_cannot_save_before_measuring(capsys, monkeypatch, tmp_path, table):
     """Minutes of measuring are not thrown away at the end: a local table that cannot be written
     is an error first, unless --dry-run saves nothing."""
     from cnnfast import bench, cli
 
     (tmp_path / "a-file").write_text("")
+    (tmp_path / "locked.json.lock").mkdir()  # a lock file save_local_choices could not open
     setting = {"directory": str(tmp_path), "in-proc": "/proc/cnnfast/tuning.json",
-               "under-a-file": str(tmp_path / "a-file" / "tuning.json")}.get(table, table)
+               "under-a-file": str(tmp_path / "a-file" / "tuning.json"),
+               "lock-not-a-file": str(tmp_path / "locked.json")}.get(table, table)
     monkeypatch.setenv("CNNFAST_TUNING_FILE", setting)
     monkeypatch.setattr(bench, "default_device", lambda: torch.device("cuda"))
 

@@ -30,6 +30,13 @@ def overridden_method(module, cls) -> str | None:
                  if name in vars(module) or defined_in(type(module), name) is not defined_in(cls, name)), None)
 
 
+def override_text(module, cls) -> str:
+    """What overridden_method found, in words, for a report or an error."""
+    method = overridden_method(module, cls)
+    where = "on the instance" if method in vars(module) else f"in {type(module).__name__}"
+    return f"{type(module).__name__} overrides how nn.{cls.__name__} computes ({method}, {where})"
+
+
 def computes_as(module, cls) -> bool:
     """Whether module is a cls that computes what cls computes (overridden_method finds nothing)."""
     return isinstance(module, cls) and overridden_method(module, cls) is None
@@ -46,6 +53,10 @@ def check_foldable(bn, where: str) -> None:
     """Raises NotImplementedError for a module that is not a foldable normalisation (the part is
     then left as it is), RuntimeError for a BatchNorm that cannot be folded as it stands."""
     if not is_foldable_norm(bn):
+        frozen = ops.loaded_frozen_batch_norm()
+        base = next((cls for cls in (nn.BatchNorm2d, frozen) if cls is not None and isinstance(bn, cls)), None)
+        if base is not None:
+            raise NotImplementedError(f"{where}: {override_text(bn, base)}; it is not folded")
         raise NotImplementedError(f"{where}: {type(bn).__name__} is not a BatchNorm2d; only BatchNorm2d and "
                                   "FrozenBatchNorm2d are folded")
     problem = ops.batch_norm_statistics_problem(bn)
@@ -56,6 +67,8 @@ def check_foldable(bn, where: str) -> None:
 def check_relu(relu, where: str) -> None:
     """Raises NotImplementedError (the part is left as it is) for an activation module that is not
     a ReLU: a LeakyReLU, SiLU or ReLU6 put in a ResNet's place of one is not fused as a ReLU."""
+    if isinstance(relu, nn.ReLU) and not computes_as(relu, nn.ReLU):
+        raise NotImplementedError(f"{where}: {override_text(relu, nn.ReLU)}; it is not fused")
     if isinstance(relu, nn.Module) and not computes_as(relu, nn.ReLU):
         raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
 
@@ -83,10 +96,8 @@ def unsupported_reason(conv: nn.Conv2d) -> str | None:
     """Why ConvBNReLU cannot take this convolution, or None when it can."""
     if not isinstance(conv, nn.Conv2d):
         return f"{type(conv).__name__} is not an nn.Conv2d; it is not fused"
-    method = overridden_method(conv, nn.Conv2d)
-    if method is not None:
-        where = "on the instance" if method in vars(conv) else f"in {type(conv).__name__}"
-        return f"{type(conv).__name__} overrides how nn.Conv2d computes ({method}, {where}); it is not fused"
+    if not computes_as(conv, nn.Conv2d):
+        return f"{override_text(conv, nn.Conv2d)}; it is not fused"
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "only groups=1 convolutions with numeric zero padding are fused"
     return None
