@@ -219,8 +219,9 @@ def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
 
 def _torch_convolution(x, weight, bias, stride, padding, dilation, groups):
     """F.conv2d with dilation 1 along a filter dimension of one tap, where dilation changes nothing:
-    PyTorch's CPU float16/bfloat16 channels_last convolution crashes or reads past its input on a
-    1-wide map with a 1-wide, dilated, strided and padded filter."""
+    PyTorch's CPU float16/bfloat16 channels_last convolution crashes or reads past its input with
+    a filter one tap wide that is dilated, strided and padded along that dimension (seen on maps 1
+    and 2 wide)."""
     one_tap = (weight.shape[2] == 1, weight.shape[3] == 1)
     dilation = tuple(1 if single else d for single, d in zip(one_tap, dilation))
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
