@@ -855,13 +855,14 @@ def test_groups_on_triton_not_implemented():
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("r", [1, 3])
-def test_one_wide_map_with_a_dilated_one_tap_filter(r, dtype, backend):
-    """A 1-wide channels_last map, a 1-wide filter with dilation 2 along it, stride 2 and padding 1:
-    PyTorch's CPU float16/bfloat16 convolution crashes on this layer as given; the dilation of a
-    one-tap dimension changes nothing and is dropped before it (the torch backends)."""
-    conv = Conv(2, 3, 5, 1, 8, r, 1, stride=(1, 2), padding=(1, 1), dilation=(2, 2))
+@pytest.mark.parametrize("w", [1, 2])
+def test_narrow_map_with_a_dilated_one_tap_filter(w, r, dtype, backend):
+    """A 1- or 2-wide channels_last map, a 1-wide filter with dilation 2 along it, stride 2 and
+    padding 1: PyTorch's CPU float16/bfloat16 convolution crashes on this layer as given; the
+    dilation of a one-tap dimension changes nothing and is dropped before it (the torch backends)."""
+    conv = Conv(2, 3, 5, w, 8, r, 1, stride=(1, 2), padding=(1, 1), dilation=(2, 2))
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 1).to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 5, w).to(dtype).to(memory_format=torch.channels_last)
     weight, bias = torch.randn(8, 3, r, 1).to(dtype), torch.randn(8)
     out = run_conv2d(conv, x, weight, bias, relu=True, backend=backend)
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, relu=True), "conv")
