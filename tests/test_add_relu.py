@@ -6,7 +6,9 @@ from cnnfast import ops
 from cnnfast.testing import assert_close_to_reference
 from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
 from cnnfast.triton_kernels.add_relu import add_relu_flat_configs, add_relu_strided_configs
-from tests.test_global_avg_pool import INTERPRETER_ONLY, LAYOUTS, make_input, poison_cuda_cache, triton_config_cases
+from tests.test_global_avg_pool import (
+    INTERPRETER_ONLY, LAYOUTS, forbid_triton, make_input, triton_config_cases, unwritten_reads_nan,
+)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (N, C, H, W): residual adds of ResNet blocks at batch 1-2 (stages 2-5 of ResNet-18/34 and
@@ -37,9 +39,8 @@ def reference_add_relu(x, y, relu=True):
 def run_and_check(backend, device, shape, dtype, layouts, relu=True):
     x = make_input(shape, dtype, device, layouts[0])
     y = make_input(shape, dtype, device, layouts[1])
-    if device == "cuda":
-        poison_cuda_cache()
-    out = ops.add_relu(x, y, relu, backend=backend)
+    with unwritten_reads_nan(device):
+        out = ops.add_relu(x, y, relu, backend=backend)
     assert out.dtype == dtype and out.shape == shape and out.device == x.device
     assert_close_to_reference(out, reference_add_relu(x, y, relu), "elementwise")
 
@@ -91,9 +92,8 @@ def test_integer_values_exact(backend, device, dtype):
     x = torch.randint(-100, 101, (3, 40, 5, 7), device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     y = torch.randint(-100, 101, (3, 40, 5, 7), device=device).to(dtype)  # NCHW: the strided kernel
     for a, b in ((x, x.flip(0)), (x, y)):
-        if device == "cuda":
-            poison_cuda_cache()
-        out = ops.add_relu(a, b, backend=backend)
+        with unwritten_reads_nan(device):
+            out = ops.add_relu(a, b, backend=backend)
         assert_close_to_reference(out, reference_add_relu(a, b), "elementwise", exact=True)
 
 
@@ -196,7 +196,8 @@ def test_torch_compile_fullgraph_traces_the_op(backend, device):
     assert_close_to_reference(fn(x, y), 2 * reference_add_relu(x, y), "elementwise")
 
 
-def test_default_backend_on_cpu_is_torch():
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    forbid_triton(monkeypatch)
     x, y = (make_input((2, 5, 3, 3), torch.float32, "cpu") for _ in range(2))
     assert_close_to_reference(ops.add_relu(x, y), reference_add_relu(x, y), "elementwise")
 

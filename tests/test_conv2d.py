@@ -22,6 +22,7 @@ from cnnfast.triton_kernels import conv2d as conv2d_module
 from cnnfast.triton_kernels.conv2d import (
     config_name, conv2d_bias_act, conv2d_configs, split_k_configs, use_flat_reduction,
 )
+from tests.test_global_avg_pool import forbid_triton, unwritten_reads_nan
 
 # The Triton backend runs CPU tensors only under the interpreter (conftest sets it when there is no GPU).
 pytestmark = pytest.mark.skipif(not backends.TRITON_INTERPRETED, reason="runs the Triton kernel on CPU tensors")
@@ -120,7 +121,8 @@ def check_conv2d(conv: Conv, dtype, *, bias_dtype=torch.float32, residual=True, 
     torch.manual_seed(seed)
     x, weight, bias, res = make_inputs(conv, dtype, bias_dtype=bias_dtype, residual=residual)
     target = nan_output(conv.output_shape(), dtype) if into_out else None
-    out = run_conv2d(conv, x, weight, bias, res, relu, backend, out=target)
+    with unwritten_reads_nan(x.device):
+        out = run_conv2d(conv, x, weight, bias, res, relu, backend, out=target)
     assert out.dtype == dtype and out.shape == conv.output_shape()
     assert out.is_contiguous(memory_format=CHANNELS_LAST)
     assert target is None or out is target
@@ -271,7 +273,8 @@ def test_torch_backend_propagates_nan_through_bias_and_relu(conv, dtype):
     assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
 
 
-def test_default_backend_on_cpu_is_torch():
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    forbid_triton(monkeypatch)
     conv = Conv(1, 4, 5, 5, 3, 3, 3, padding=1)
     x, weight, bias, _ = make_inputs(conv, torch.float32)
     assert_close_to_reference(ops.conv2d(x, weight, bias, padding=1), reference_conv2d(conv, x, weight, bias), "conv")

@@ -2,6 +2,7 @@
 
 Also home of the helpers the other memory-bound ops' tests share: inputs in many layouts, the
 (backend, device) pairs to run, NaN-poisoning of the CUDA cache, per-config test cases."""
+import contextlib
 import math
 
 import pytest
@@ -81,11 +82,46 @@ def poison_cuda_cache():
     torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def unwritten_reads_nan(device):
+    """For the block, an output the op allocates reads NaN where its kernel writes nothing: on a
+    GPU, NaN left in the caching allocator's free blocks (poison_cuda_cache); on the CPU, whose
+    fresh pages read zero (what a ReLU would give), torch.empty, torch.empty_like and
+    Tensor.new_empty return floating tensors filled with NaN."""
+    if torch.device(device).type == "cuda":
+        poison_cuda_cache()
+        yield
+        return
+
+    def nan_filled(allocate):
+        def allocate_nan(*args, **kwargs):
+            t = allocate(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+        return allocate_nan
+
+    with pytest.MonkeyPatch.context() as patch:
+        for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+            patch.setattr(owner, name, nan_filled(getattr(owner, name)))
+        yield
+
+
+def forbid_triton(monkeypatch):
+    """Every Triton launcher the ops call raises, so a call meant for another backend fails if it
+    reaches Triton (under the interpreter the numbers alone would not tell)."""
+    from cnnfast.triton_kernels import add_relu, conv2d, gap_linear, global_avg_pool
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched")
+
+    for module, name in ((conv2d, "conv2d_bias_act"), (add_relu, "add_relu"), (gap_linear, "gap_linear"),
+                         (global_avg_pool, "global_avg_pool")):
+        monkeypatch.setattr(module, name, launched)
+
+
 def run_and_check(backend, shape, dtype, layout, device):
     x = make_input(shape, dtype, device, layout)
-    if device == "cuda":
-        poison_cuda_cache()
-    out = ops.global_avg_pool(x, backend=backend)
+    with unwritten_reads_nan(device):
+        out = ops.global_avg_pool(x, backend=backend)
     assert out.dtype == dtype and out.shape == shape[:2] and out.device == x.device
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
 
@@ -137,7 +173,8 @@ def test_cuda_vector_path_takes_a_one_pixel_map_whatever_its_strides(dtype, vect
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise")
 
 
-def test_default_backend_on_cpu_is_torch():
+def test_default_backend_on_cpu_is_torch(monkeypatch):
+    forbid_triton(monkeypatch)
     x = make_input((2, 5, 3, 3), torch.float32, "cpu")
     assert_close_to_reference(ops.global_avg_pool(x), reference_global_avg_pool(x), "elementwise")
 
@@ -148,9 +185,8 @@ def test_integer_values_exact(backend, device, dtype):
     # Small integers and 32 pixels: every partial sum is exact and the mean is a multiple of 1/32,
     # so any indexing mistake shows as an exact mismatch.
     x = torch.randint(-8, 9, (3, 100, 4, 8), device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    if device == "cuda":
-        poison_cuda_cache()
-    out = ops.global_avg_pool(x, backend=backend)
+    with unwritten_reads_nan(device):
+        out = ops.global_avg_pool(x, backend=backend)
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise", exact=True)
 
 

@@ -13,6 +13,8 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from cnnfast import ops
+from cnnfast.backends import resolve_backend
 from cnnfast.precision import tf32_allowed
 from cnnfast.models import preact
 from cnnfast.nn import (
@@ -22,6 +24,27 @@ from cnnfast.testing import assert_close_to_reference
 from tests.test_global_avg_pool import CPU_BACKENDS, TRITON_GPU
 
 BACKENDS = CPU_BACKENDS + [TRITON_GPU]
+
+
+@pytest.fixture(autouse=True)
+def ops_run_on_the_backend_asked_for(request, monkeypatch):
+    """In a test given a backend, every op the fused modules call runs on that backend: a module
+    that dropped its backend would run the default (torch on a CPU), whose numbers pass too."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    if backend is None:
+        yield
+        return
+    resolved = []
+
+    def recording(op, x, requested, *layer):
+        chosen = resolve_backend(op, x, requested, *layer)
+        resolved.append((op, chosen))
+        return chosen
+
+    monkeypatch.setattr(ops, "resolve_backend", recording)
+    yield
+    assert resolved and all(chosen == backend for _, chosen in resolved), f"asked for {backend}, ran {resolved}"
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
