@@ -105,6 +105,9 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("optimize: a TorchScript module cannot be changed; optimize the eager model, then script "
+                        "or trace the result")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         more = f" and {len(training) - 3} more" if len(training) > 3 else ""
@@ -241,8 +244,12 @@ def _fuse_block(child: nn.Module, name: str, options: dict):
     if computes_as(child, TvBottleneck):
         return Bottleneck.from_torchvision(child, name=name, **options)
     if computes_as(child, TvInception):
-        if not all(computes_as(branch, nn.Sequential) for branch in (child.branch2, child.branch3, child.branch4)):
+        branches = (child.branch2, child.branch3, child.branch4)
+        if not all(computes_as(branch, nn.Sequential) for branch in branches):
             raise NotImplementedError(f"{name}: a branch computes otherwise than its nn.Sequential's layers in turn")
+        if [len(branch) for branch in branches] != [2, 2, 2]:
+            raise NotImplementedError(f"{name}: branches 2 to 4 must have two layers each, as torchvision's have; "
+                                      f"they have {', '.join(str(len(branch)) for branch in branches)}")
         parts = [child.branch1, *child.branch2, *child.branch3, child.branch4[1]]
         if not all(computes_as(part, TvBasicConv2d) for part in parts):
             raise NotImplementedError(f"{name}: a branch is not made of torchvision's BasicConv2d")

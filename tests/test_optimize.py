@@ -413,6 +413,22 @@ def with_forward_doubled(build_model, path: str):
     return make
 
 
+def googlenet_with_a_longer_branch(layers: int):
+    """GoogLeNet whose inception3a.branch4 (pool, 1x1 conv) has `layers` layers: a 1x1 conv added, or the conv gone."""
+    from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
+
+    def make():
+        model = build("googlenet", num_classes=10)
+        branch = model.inception3a.branch4
+        if layers == 3:
+            branch.append(randomize_bn(TvBasicConv2d(32, 32, kernel_size=1)))
+        else:
+            model.inception3a.branch4 = nn.Sequential(branch[0], randomize_bn(TvBasicConv2d(192, 32, kernel_size=1)))[1:]
+        return model.eval()
+
+    return make
+
+
 class CallingReLU(nn.ReLU):
     """A ReLU that changes how it is called (not its forward): it adds one after the ReLU."""
 
@@ -525,6 +541,15 @@ UNKNOWN_PARTS = {
                                           "in turn"),
             ("fused", "inception3b", "Inception -> fused Inception"),
         ]),
+    "inception-branch-with-a-third-layer": (googlenet_with_a_longer_branch(3), (1, 3, 64, 64), [
+        ("left_alone", "inception3a", "inception3a: branches 2 to 4 must have two layers each, as torchvision's have; "
+                                      "they have 2, 2, 3"),
+        ("fused", "inception3b", "Inception -> fused Inception"),
+    ]),
+    "inception-branch-with-one-layer": (googlenet_with_a_longer_branch(1), (1, 3, 64, 64), [
+        ("left_alone", "inception3a", "inception3a: branches 2 to 4 must have two layers each, as torchvision's have; "
+                                      "they have 2, 2, 1"),
+    ]),
     "batchnorm-forward-on-the-instance": (with_forward_doubled(resnet18_with, "layer1.0.bn1"), (1, 3, 64, 64), [
         ("left_alone", "layer1.0", "layer1.0.conv1: BatchNorm2d overrides how nn.BatchNorm2d computes (forward, on "
                                    "the instance); it is not folded"),
@@ -937,6 +962,12 @@ def test_a_known_block_given_as_the_model_is_fused(root, inplace):
     assert_matches(out, expected)
     again = cnnfast.optimize(fused).cnnfast_report  # an optimized block given again: nothing new to fuse
     assert again.already_fused == [type(fused).__name__] and not again.fused and not again.left_alone
+
+
+def test_a_torchscript_module_is_refused_with_what_to_do():
+    scripted = torch.jit.script(build("resnet18", num_classes=10))
+    with pytest.raises(TypeError, match="a TorchScript module cannot be changed; optimize the eager model"):
+        cnnfast.optimize(scripted)
 
 
 def test_a_lone_layer_given_as_the_model_is_reported():
