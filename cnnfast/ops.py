@@ -218,13 +218,20 @@ def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
 
 
 def _torch_convolution(x, weight, bias, stride, padding, dilation, groups):
-    """F.conv2d with dilation 1 along a filter dimension of one tap, where dilation changes nothing:
-    PyTorch's CPU float16/bfloat16 channels_last convolution crashes or reads past its input with
-    a filter one tap wide that is dilated, strided and padded along that dimension (seen on maps 1
-    and 2 wide)."""
+    """F.conv2d with dilation 1 along a filter dimension of one tap, and stride 1 along an output
+    dimension of one pixel (its first pixel kept), where they change nothing. PyTorch's CPU
+    float16/bfloat16 channels_last convolution crashes or reads past its input with a filter one
+    tap wide that is dilated, strided and padded along that dimension (seen on maps 1 and 2 wide),
+    and its CPU bfloat16 convolution returns garbage or NaN for an output one pixel wide at a
+    stride above 1 (any layout)."""
     one_tap = (weight.shape[2] == 1, weight.shape[3] == 1)
     dilation = tuple(1 if single else d for single, d in zip(one_tap, dilation))
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    one_pixel = [size == 1 for size in conv2d_output_size("conv2d", x.shape, weight.shape, stride, padding, dilation)]
+    if not any(one_pixel):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    stride = tuple(1 if single else s for single, s in zip(one_pixel, stride))
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return y[:, :, :1 if one_pixel[0] else None, :1 if one_pixel[1] else None]
 
 
 def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):

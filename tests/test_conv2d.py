@@ -871,6 +871,22 @@ def test_narrow_map_with_a_dilated_one_tap_filter(w, r, dtype, backend):
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, relu=True), "conv")
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("conv", [Conv(2, 8, 6, 3, 4, 1, 3, stride=(1, 2)), Conv(1, 16, 14, 2, 32, 3, 3, stride=2, padding=1),
+                                  Conv(2, 8, 3, 6, 4, 3, 1, stride=(2, 1)), Conv(1, 8, 2, 2, 4, 2, 2, stride=3)],
+                         ids=["one-column", "one-column-3x3", "one-row", "one-pixel"])
+def test_strided_output_one_pixel_wide(conv, channels_last, dtype, backend):
+    """An output one pixel wide (or high) at a stride above 1: PyTorch's CPU bfloat16 convolution
+    returns garbage or NaN for it; the stride, which changes nothing there, is dropped before it."""
+    torch.manual_seed(0)
+    x, weight, bias, res = make_inputs(conv, dtype)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = run_conv2d(conv, x, weight, bias, res, relu=True, backend=backend)
+    assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv")
+
+
 def test_triton_refuses_maps_past_its_32_bit_pixel_coordinates():
     """A padded input 2^31 wide, or an output map of 2^31 pixels, is refused by the Triton launcher
     (its coordinates within an image are 32-bit); the torch backends run the padded layer."""

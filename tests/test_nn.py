@@ -174,6 +174,31 @@ def test_linear_relu_takes_leading_dimensions_like_nn_linear():
         fused(torch.randn(3, 4))
 
 
+# name: (build with keyword arguments, whether it takes relu=)
+FROM_MODULES = {
+    "conv": (lambda **kw: ConvBNReLU.from_modules(nn.Conv2d(4, 4, 1), None, **kw), True),
+    "conv-bn": (lambda **kw: ConvBNReLU.from_modules(nn.Conv2d(4, 4, 1), randomize_bn(nn.BatchNorm2d(4)).eval(), **kw),
+                True),
+    "linear": (lambda **kw: LinearReLU.from_modules(nn.Linear(4, 3), **kw), True),
+    "gap-linear": (lambda **kw: GlobalAvgPoolLinear.from_modules(nn.Linear(4, 3), **kw), False),
+}
+
+
+@pytest.mark.parametrize("name", FROM_MODULES)
+def test_from_modules_refuses_a_dtype_or_relu_it_cannot_take(name):
+    """An int8 dtype would truncate the weights to zeros, a string is no dtype; a relu of 'no' is
+    truthy, and would add a ReLU."""
+    build, takes_relu = FROM_MODULES[name]
+    for dtype in (torch.int8, torch.complex64, torch.float64, "float16"):
+        with pytest.raises(TypeError, match="dtype must be torch.float32, torch.float16 or torch.bfloat16, got "):
+            build(dtype=dtype)
+    if takes_relu:
+        with pytest.raises(TypeError, match="relu must be an activation module, a bool or None, got 'no'"):
+            build(relu="no")
+        assert build(relu=True).relu and not build(relu=None).relu
+    assert build(dtype=torch.bfloat16).weight.dtype == torch.bfloat16
+
+
 def test_linear_relu_refuses_another_activation():
     with pytest.raises(NotImplementedError, match="the activation is SiLU, not ReLU"):
         LinearReLU.from_modules(nn.Linear(4, 3), nn.SiLU())

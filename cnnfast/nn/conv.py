@@ -66,11 +66,20 @@ def check_foldable(bn, where: str) -> None:
 
 def check_relu(relu, where: str) -> None:
     """Raises NotImplementedError (the part is left as it is) for an activation module that is not
-    a ReLU: a LeakyReLU, SiLU or ReLU6 put in a ResNet's place of one is not fused as a ReLU."""
+    a ReLU: a LeakyReLU, SiLU or ReLU6 put in a ResNet's place of one is not fused as a ReLU;
+    TypeError for a relu that is neither a module, a bool nor None (a string 'no' is truthy)."""
+    if relu is not None and not isinstance(relu, (bool, nn.Module)):
+        raise TypeError(f"{where}: relu must be an activation module, a bool or None, got {relu!r}")
     if isinstance(relu, nn.ReLU) and not computes_as(relu, nn.ReLU):
         raise NotImplementedError(f"{where}: {override_text(relu, nn.ReLU)}; it is not fused")
     if isinstance(relu, nn.Module) and not computes_as(relu, nn.ReLU):
         raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
+
+
+def check_module_dtype(dtype, where: str) -> None:
+    """Refuses a dtype the fused ops do not compute in (an int8 would truncate the weights)."""
+    if dtype is not None and dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"{where}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
 
 HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
@@ -148,6 +157,7 @@ class ConvBNReLU(nn.Conv2d):
         reason = unsupported_reason(conv)
         if reason is not None:
             raise NotImplementedError(f"{name}: {reason}")
+        check_module_dtype(dtype, name)
         check_relu(relu, name)
         check_no_hooks(name, conv, bn, relu)
         dtype = dtype or conv.weight.dtype
@@ -201,6 +211,7 @@ class LinearReLU(nn.Linear):
     def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None, name="linear"):
         """Fuses linear -> [relu]; relu: a ReLU module, or a bool. NotImplementedError for another
         activation or a part with hooks."""
+        check_module_dtype(dtype, name)
         check_relu(relu, name)
         check_no_hooks(name, linear, relu)
         fused = cls(linear.in_features, linear.out_features, relu=bool(relu), backend=backend, device="meta")
@@ -230,6 +241,7 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     @classmethod
     def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None, name="fc"):
+        check_module_dtype(dtype, name)
         check_no_hooks(name, linear)
         fused = cls(linear.in_features, linear.out_features, backend=backend, device="meta")
         return _take_linear(fused, linear, dtype)
