@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from cnnfast import ops
-from cnnfast.nn.conv import ConvBNReLU, check_foldable, check_inference, check_no_hooks, check_relu, computes_as
+from cnnfast.nn.conv import (
+    ConvBNReLU, check_foldable, check_inference, check_no_hooks, check_relu, compute_dtype, computes_as,
+)
 
 
 def _fuser(name, dtype, backend):
@@ -158,8 +160,8 @@ class Inception(nn.Module):
             raise ValueError(f"Inception expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
         n, _, h, w = x.shape
         # In the branches' dtype: under autocast x may be another, which each branch's first conv casts.
-        dtype = self.branch1.weight.dtype if x.is_floating_point() and ops.autocast_enabled(x) else x.dtype
-        out = torch.empty((n, self.out_channels, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last)
+        out = torch.empty((n, self.out_channels, h, w), dtype=compute_dtype(x, self.branch1.weight), device=x.device,
+                          memory_format=torch.channels_last)
         slices = [out[:, start:stop] for start, stop in self.channel_ranges]
         self.branch1(x, out=slices[0])
         self.branch2[1](self.branch2[0](x), out=slices[1])

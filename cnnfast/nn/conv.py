@@ -70,9 +70,9 @@ def check_relu(relu, where: str) -> None:
     TypeError for a relu that is neither a module, a bool nor None (a string 'no' is truthy)."""
     if relu is not None and not isinstance(relu, (bool, nn.Module)):
         raise TypeError(f"{where}: relu must be an activation module, a bool or None, got {relu!r}")
-    if isinstance(relu, nn.ReLU) and not computes_as(relu, nn.ReLU):
-        raise NotImplementedError(f"{where}: {override_text(relu, nn.ReLU)}; it is not fused")
     if isinstance(relu, nn.Module) and not computes_as(relu, nn.ReLU):
+        if isinstance(relu, nn.ReLU):
+            raise NotImplementedError(f"{where}: {override_text(relu, nn.ReLU)}; it is not fused")
         raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
 
 
@@ -120,13 +120,19 @@ def check_inference(module: nn.Module) -> None:
                            "(their BatchNorm is folded into constant weights): call .eval()")
 
 
+def compute_dtype(t, weight) -> torch.dtype:
+    """The dtype a fused module computes t in: weight's where autocast made t another floating
+    dtype (a layer left to PyTorch ran before this one under torch.autocast), since a fused module
+    computes in the dtype optimize() gave it, whatever autocast asks; else t's own (outside
+    autocast a mismatch stays the op's error)."""
+    if t.is_floating_point() and t.dtype != weight.dtype and ops.autocast_enabled(t):
+        return weight.dtype
+    return t.dtype
+
+
 def in_weight_dtype(t, weight):
-    """t cast to weight's dtype where autocast made it another (a layer left to PyTorch ran before
-    this one under torch.autocast): a fused module computes in the dtype optimize() gave it,
-    whatever autocast asks. Outside autocast a mismatch stays the op's error."""
-    if t is None or t.dtype == weight.dtype or not t.is_floating_point() or not ops.autocast_enabled(t):
-        return t
-    return t.to(weight.dtype)
+    """t (or None) in compute_dtype(t, weight): the same tensor where that is its own dtype."""
+    return None if t is None else t.to(compute_dtype(t, weight))
 
 
 def backend_repr(backend) -> str:
