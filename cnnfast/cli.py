@@ -4,12 +4,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import cnnfast
 from cnnfast.analysis import analyze_arch, format_table
 from cnnfast.analysis.claims import compute_claims
+from cnnfast.json_file import write_problem
 from cnnfast.models import ARCHITECTURE_NOTES, ARCHITECTURES
 from cnnfast.report import LECTURE_NOTES_INTRO, MIB, agreement_text, closed_form_value, write_report
 
@@ -48,24 +48,6 @@ def fail(args, message) -> int:
     """Prints `cnnfast COMMAND: error: message` to stderr; the exit status of a bad request."""
     print(f"cnnfast {args.command}: error: {message}", file=sys.stderr)
     return 2
-
-
-def write_problem(path: Path, directory: bool = False) -> str | None:
-    """Why path (a file, or with directory=True a directory to write in) cannot be written, found by
-    writing, since os.access says yes to root and on special filesystems (/proc): a temporary file
-    in the directory, or opening an existing regular file for appending (which changes nothing). A
-    pipe or a device is not opened (that would block, or end a reader's input): os.access decides."""
-    try:
-        if not directory and path.exists():
-            if not path.is_file():
-                return None if os.access(path, os.W_OK) else "permission denied"
-            with open(path, "a"):
-                return None
-        # A link to a file not there yet is written through: its target's directory is the one.
-        with tempfile.TemporaryFile(dir=path if directory else Path(os.path.realpath(path)).parent):
-            return None
-    except OSError as error:
-        return error.strerror or str(error)
 
 
 def output_problem(json_file=None, out_dir=None) -> str | None:

@@ -23,6 +23,26 @@ def locked(path: Path):
         yield
 
 
+def write_problem(path: Path, directory: bool = False) -> str | None:
+    """Why path (a file, or with directory=True a directory to write in) cannot be written, found by
+    writing, since os.access says yes to root and on special filesystems (/proc): a temporary file
+    in the directory, or opening an existing regular file for appending (which changes nothing). A
+    pipe or a device is not opened (that would block, or end a reader's input): os.access decides."""
+    try:
+        if not directory and path.exists():
+            if path.is_dir():
+                return "it is a directory"
+            if not path.is_file():
+                return None if os.access(path, os.W_OK) else "permission denied"
+            with open(path, "a"):
+                return None
+        # A link to a file not there yet is written through: its target's directory is the one.
+        with tempfile.TemporaryFile(dir=path if directory else Path(os.path.realpath(path)).parent):
+            return None
+    except OSError as error:
+        return error.strerror or str(error)
+
+
 def read_object(path: Path) -> dict:
     """The JSON object in path, {} where there is no file; a ValueError naming the file where it
     holds something else."""

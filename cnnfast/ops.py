@@ -201,13 +201,16 @@ def conv2d_output_size(op, x_shape, w_shape, stride, padding, dilation) -> tuple
 
 
 def _pointwise_gemm_operands(x, weight, residual, stride, padding, groups):
-    """(x, weight, residual) as matrices when a float16/bfloat16 conv is a plain matrix product: a
-    1x1 filter (whatever its dilation), stride 1, no padding, one group, x and residual dense
-    channels_last ((N*H*W, C) and (N*H*W, K) views, no copy); else None. (Float32 stays on the
-    convolution, whose TF32 setting is not the GEMM's: precision.tf32_allowed.)"""
+    """(x, weight, residual) as matrices when a conv is a plain matrix product: a 1x1 filter
+    (whatever its dilation), stride 1, no padding, one group, x and residual dense channels_last
+    ((N*H*W, C) and (N*H*W, K) views, no copy); else None. Float32 on a GPU stays on the
+    convolution, whose TF32 setting is not the GEMM's (precision.tf32_allowed); on a CPU it takes
+    the GEMM too, which PyTorch's CPU convolution is many times slower than for a fully connected
+    layer run as a 1x1 conv (25088 -> 4096: 10x)."""
     pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
     dense = [t for t in (x, residual) if t is not None]
-    if (x.dtype not in (torch.float16, torch.bfloat16) or not pointwise
+    gemm_dtype = x.dtype in (torch.float16, torch.bfloat16) or (x.dtype == torch.float32 and x.device.type == "cpu")
+    if (not gemm_dtype or not pointwise
             or not all(t.is_contiguous(memory_format=torch.channels_last) for t in dense)):
         return None
 
@@ -240,8 +243,9 @@ def _torch_convolution(x, weight, bias, stride, padding, dilation, groups):
 def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     """The layer on PyTorch's own ops, in x's dtype, each step rounding (the fused kernels round once).
 
-    A float16/bfloat16 1x1 stride-1 conv on channels_last input (the bottleneck's reduce and expand
-    layers, and the fully connected layers run as 1x1 convs) is one cuBLAS matrix product: addmm
+    A 1x1 stride-1 conv on channels_last input (float16/bfloat16; on a CPU float32 too), as the
+    bottleneck's reduce and expand layers and the fully connected layers run as 1x1 convs are, is
+    one matrix product (cuBLAS on a GPU): addmm
     with the bias (cuBLASLt adds it in the GEMM's epilogue) or with the residual as the GEMM's C.
     Any other layer runs cuDNN's convolution (with the bias when it is in x's dtype), then adds a
     float32 bias to a half-precision result and the residual in place.
@@ -273,8 +277,8 @@ def _conv2d_torch(x, weight, bias, residual, stride, padding, dilation, groups, 
 
 
 def _conv2d_torch_triton(x, weight, bias, residual, out, stride, padding, dilation, groups, relu):
-    """PyTorch's convolution without its bias (cuDNN's convolution, or for a float16/bfloat16 1x1
-    stride-1 channels_last layer one cuBLAS matrix product, as in _conv2d_torch), then bias,
+    """PyTorch's convolution without its bias (cuDNN's convolution, or for a 1x1 stride-1
+    channels_last layer one matrix product, as in _conv2d_torch), then bias,
     residual and ReLU in one Triton pass (triton_kernels.add_relu) that reads the convolution's
     result once and writes the layer's output: in place over that result, or straight into `out`
     (a channel slice too) or a channels_last tensor when the result is not one. The torch backend

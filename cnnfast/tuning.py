@@ -22,7 +22,6 @@ the "torch" backend.
 import functools
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -167,20 +166,22 @@ NO_LOCAL_TABLE = "CNNFAST_TUNING_FILE is empty or /dev/null: there is no local t
 
 def local_table_problem() -> str | None:
     """Why save_local_choices could not write the local table, or None; `cnnfast tune` asks before
-    it measures. The table's directory and lock file are created here; writing a file in the
-    directory (the table is replaced by a rename from there) and opening the lock file are the
-    test, since os.access says yes to root and on special filesystems."""
+    it measures. The table's directory is created here; the table is replaced by a rename from a
+    file written in that directory, under its lock file, so both are tried."""
     path = local_table_path()
     if str(path) == os.devnull:
         return NO_LOCAL_TABLE
+    if path.is_dir():
+        return f"the local tuning table {path} (CNNFAST_TUNING_FILE) is a directory"
     try:
-        if path.is_dir():
-            return f"the local tuning table {path} (CNNFAST_TUNING_FILE) is a directory"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent), open(path.with_name(path.name + ".lock"), "a"):
-            return None
     except OSError as error:
-        return f"cannot write the local tuning table {path} (CNNFAST_TUNING_FILE): {error.strerror or error}"
+        return f"cannot create the directory of the local tuning table {path} (CNNFAST_TUNING_FILE): {error.strerror or error}"
+    problem = (json_file.write_problem(path.parent, directory=True)
+               or json_file.write_problem(path.with_name(path.name + ".lock")))
+    if problem:
+        return f"cannot write the local tuning table {path} (CNNFAST_TUNING_FILE): {problem}"
+    return None
 
 
 def save_local_choices(choices: dict) -> Path:

@@ -240,9 +240,9 @@ POINTWISE = Conv(2, 40, 5, 7, 24, 1, 1)  # a bottleneck's 1x1 layer in miniature
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_torch_backend_runs_pointwise_convs_as_one_matrix_product(monkeypatch, epilogue, dtype):
-    """A float16/bfloat16 1x1 stride-1 conv on channels_last input is one GEMM on the torch backend
-    (addmm with the bias or the residual, or mm), float32 stays on the convolution; then bias and
-    ReLU as needed. Each epilogue and dtype against the float64 reference; NCHW input takes the
+    """A 1x1 stride-1 conv on channels_last input is one GEMM on the torch backend (addmm with the
+    bias or the residual, or mm; on a CPU float32 too, on a GPU float16/bfloat16 only); then bias
+    and ReLU as needed. Each epilogue and dtype against the float64 reference; NCHW input takes the
     convolution path."""
     products = []
     for name in ("mm", "addmm"):
@@ -251,7 +251,7 @@ def test_torch_backend_runs_pointwise_convs_as_one_matrix_product(monkeypatch, e
     bias_dtype, residual, relu = EPILOGUES[epilogue]
     check_conv2d(POINTWISE, dtype, bias_dtype=dtype if bias_dtype == "input" else bias_dtype, residual=residual,
                  relu=relu, backend="torch")
-    assert len(products) == (dtype != torch.float32)
+    assert len(products) == 1
     products.clear()
     x, weight, bias, res = make_inputs(POINTWISE, dtype, residual=residual)
     x, res = x.contiguous(), None if res is None else res.contiguous()
