@@ -88,7 +88,8 @@ def dispatcher_needed(*args) -> bool:
     it, under a dispatch mode (FlopCounterMode, FakeTensorMode, make_fx) or a function mode (a
     `with torch.device(...)` block is one), a functorch transform or the profiler (whose trace then
     names the cnnfast op), with a tensor subclass, or with meta tensors (which the dispatcher
-    sends to the op's fake implementation). Otherwise the public functions call the op's kernel
+    sends to the op's fake implementation), or with a lazily negated view (z.conj().imag: its
+    memory holds the values before the negation, which the dispatcher resolves). Otherwise the public functions call the op's kernel
     themselves: the dispatcher's boxed call of a Python kernel costs 7-20 us per call on a 2-core
     CPU, as long as a small layer's GPU kernel."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
@@ -97,7 +98,7 @@ def dispatcher_needed(*args) -> bool:
         return True
     for arg in args:
         # nn.Parameter disables __torch_function__: the fused modules' weights are plain tensors here.
-        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or arg.is_meta):
+        if isinstance(arg, torch.Tensor) and (type(arg) not in PLAIN_TENSOR_TYPES or arg.is_meta or arg.is_neg()):
             return True
     return False
 
@@ -119,6 +120,8 @@ def check_float_tensors(op: str, **tensors) -> None:
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        if t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} has layout {t.layout}; the ops take dense (torch.strided) tensors")
         if grad_enabled and t.requires_grad:
             raise_requires_grad(op, name)
         if device is None:
@@ -160,9 +163,9 @@ def as_pair(op: str, name: str, value, minimum: int) -> tuple[int, int]:
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors may share memory: a conservative test on the address ranges they span
-    (by address, not by storage: two storages over one buffer, from torch.from_numpy or DLPack,
-    share memory too)."""
+    """Whether two tensors may share memory, found by address, not by storage (two storages over
+    one buffer, from torch.from_numpy or DLPack, share memory too): where the address ranges they
+    span meet, they overlap unless they are views of one layout that keep apart (disjoint_views)."""
     if a.device.type == "meta" or a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
 
@@ -171,7 +174,44 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
         return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
 
     (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
-    return a0 < b1 and b0 < a1
+    return a0 < b1 and b0 < a1 and not disjoint_views(a, b)
+
+
+def disjoint_views(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b provably share no element: both views with the same strides (those of
+    dimensions longer than 1 in either) of one nested layout, each stride a multiple of the next
+    smaller one, such as two channel slices of one tensor (reading one, writing the other, as a
+    DenseNet block does). An address is then a mixed-radix number, one digit per dimension; each
+    view covers a box of digits (no carries), and two boxes are apart where one digit's ranges are.
+    False where this cannot be shown."""
+    if a.element_size() != b.element_size() or a.dim() != b.dim():
+        return False
+    long = [i for i in range(a.dim()) if a.shape[i] > 1 or b.shape[i] > 1]
+    if any(a.stride(i) != b.stride(i) for i in long):
+        return False
+    dims = [(a.stride(i), a.shape[i], b.shape[i]) for i in long]
+    delta, remainder = divmod(b.data_ptr() - a.data_ptr(), a.element_size())
+    if remainder:
+        return False
+    if delta < 0:  # a at the lower address: every digit of b's offset is then >= 0
+        delta, dims = -delta, [(stride, size_b, size_a) for stride, size_a, size_b in dims]
+    dims.sort()
+    strides = [stride for stride, _, _ in dims]
+    if len(set(strides)) < len(strides) or (strides and strides[0] < 1):
+        return False
+    if any(larger % smaller for smaller, larger in zip(strides, strides[1:])):
+        return False
+    if strides and delta % strides[0]:
+        return True  # b starts between a's elements, and so does each element of b
+    apart = False
+    for level in reversed(range(len(dims))):
+        stride, size_low, size_high = dims[level]
+        digit, delta = divmod(delta, stride)
+        capacity = dims[level + 1][0] // stride if level + 1 < len(dims) else None
+        if capacity is not None and (size_low > capacity or digit + size_high > capacity):
+            return False  # a view that wraps into the next digit: not a box
+        apart = apart or digit >= size_low
+    return apart
 
 
 def overlaps_itself(t: torch.Tensor) -> bool:
@@ -500,6 +540,10 @@ def check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilatio
         raise ValueError(f"{op}: weight {tuple(weight.shape)} has an empty dimension")
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: relu must be a bool, got {relu!r}")
+    # Its memory holds the values before the negation (dynamo cannot ask; a compiled graph's out is its own).
+    if out is not None and not torch.compiler.is_compiling() and out.is_neg():
+        raise ValueError(f"{op}: out is a lazily negated view (its negative bit is set, as in z.conj().imag), "
+                         "which the kernels cannot write through; pass a plain tensor")
     stride = as_pair(op, "stride", stride, 1)
     padding = as_pair(op, "padding", padding, 0)
     dilation = as_pair(op, "dilation", dilation, 1)
@@ -652,7 +696,8 @@ def fold_bn(conv_weight: torch.Tensor, conv_bias, bn, dtype=None):
     # Not check_float_tensors: a module's weight requires grad, and the fold is no op call.
     tensors = {"conv_weight": conv_weight, "conv_bias": conv_bias, "the BatchNorm's statistics": bn.running_mean}
     for name, t in tensors.items():
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES + (torch.float64,)):
+        if (t is not None or name == "conv_weight") and not (
+                isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES + (torch.float64,)):
             raise TypeError(f"fold_bn: {name} must be a floating tensor, got "
                             f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
     if len({t.device for t in tensors.values() if t is not None}) > 1:

@@ -97,6 +97,17 @@ def test_integer_values_exact(backend, device, dtype):
         assert_close_to_reference(out, reference_add_relu(a, b), "elementwise", exact=True)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_lazily_negated_inputs_are_read_as_their_values(backend, device):
+    """z.conj().imag holds -values in memory (the negative bit), which the dispatcher resolves."""
+    x = torch.view_as_complex(torch.randint(-100, 101, (2, 5, 3, 4, 2), device=device).float()).conj().imag
+    y = torch.randint(-100, 101, (2, 5, 3, 4), device=device).float()
+    assert x.is_neg()
+    for a, b in ((x, y), (y, x)):
+        out = ops.add_relu(a, b, backend=backend)
+        assert_close_to_reference(out, reference_add_relu(a.resolve_neg(), b.resolve_neg()), "elementwise", exact=True)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("y_layout", (torch.channels_last, torch.contiguous_format), ids=("flat", "strided"))
 @pytest.mark.parametrize("relu", (True, False), ids=("relu", "no-relu"))

@@ -755,6 +755,10 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
                                r"out \(1, 6, 5, 5\) with strides \(150, 1, 5, 1\) has elements that share memory"),
     "out-expanded": (dict(out=torch.empty(1, 6, 1, 5).expand(1, 6, 5, 5)), ValueError, "has elements that share memory"),
     "unknown-backend": (dict(backend="cudnn"), ValueError, "unknown backend 'cudnn'"),
+    "sparse-input": (dict(x=torch.randn(1, 4, 5, 5).to_sparse()), TypeError,
+                     "x has layout torch.sparse_coo; the ops take dense"),
+    "out-negated": (dict(out=torch.empty(1, 6, 5, 5, dtype=torch.complex64).conj().imag), ValueError,
+                    "out is a lazily negated view"),
 }
 
 
@@ -768,6 +772,21 @@ def test_bad_input(name, backend):
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_lazily_negated_inputs_are_read_as_their_values(backend):
+    """z.conj().imag is a float view whose memory holds -values (the negative bit): the op goes
+    through the dispatcher, which resolves it, so the kernels read the values themselves."""
+    torch.manual_seed(0)
+    conv = Conv(1, 4, 5, 5, 6, 3, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.complex64).conj().imag
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.complex64).conj().imag
+    residual = torch.randn(1, 6, 5, 5, dtype=torch.complex64).conj().imag
+    assert x.is_neg() and weight.is_neg() and residual.is_neg()
+    out = ops.conv2d(x, weight, residual=residual, padding=1, relu=True, backend=backend)
+    expected = reference_conv2d(conv, x.resolve_neg(), weight.resolve_neg(), None, residual.resolve_neg(), relu=True)
+    assert_close_to_reference(out, expected, "conv")
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("victim", ["x", "residual"])
 def test_out_overlapping_an_input(victim, backend):
     x = torch.randn(1, 6, 5, 5)
@@ -777,6 +796,55 @@ def test_out_overlapping_an_input(victim, backend):
         ops.conv2d(x, torch.randn(6, 6, 3, 3), padding=1, residual=residual, out=out, backend=backend)
     with pytest.raises(ValueError, match="out overlaps x"):  # a view into the input's storage
         ops.conv2d(x, torch.randn(3, 6, 3, 3), padding=1, out=x[:, 2:5], backend=backend)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_out_a_channel_slice_apart_from_the_slice_read(layout, backend):
+    """Reading channels 0-3 of a buffer and writing channels 4-7 of it (a DenseNet block's pattern):
+    their address ranges meet but no element is shared, so it runs and leaves the read slice as it
+    was; a slice sharing one channel with the input is refused."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    buffer = torch.randn(2, 8, 5, 6).contiguous(memory_format=memory_format)
+    buffer[:, 4:] = NAN
+    x, weight = buffer[:, :4], torch.randn(4, 4, 3, 3)
+    read = x.clone()
+    ops.conv2d(x, weight, padding=1, relu=True, out=buffer[:, 4:], backend=backend)
+    assert torch.equal(buffer[:, :4], read)
+    conv = Conv(2, 4, 5, 6, 4, 3, 3, padding=1)
+    assert_close_to_reference(buffer[:, 4:], reference_conv2d(conv, read, weight, relu=True), "conv")
+    with pytest.raises(ValueError, match="out overlaps x"):
+        ops.conv2d(buffer[:, :5], torch.randn(4, 5, 3, 3), padding=1, out=buffer[:, 4:], backend=backend)
+
+
+def test_overlaps_agrees_with_the_addresses_views_cover():
+    """ops.overlaps against the sets of addresses of random views (slices with steps) of small
+    tensors in three layouts: never 'apart' where an address is shared."""
+    rng = np.random.default_rng(0)
+    checked = proven_apart = 0
+    for _ in range(1500):
+        shape = tuple(int(s) for s in rng.integers(1, 5, size=4))
+        buffer = torch.empty(shape)
+        buffer = [buffer, buffer.contiguous(memory_format=torch.channels_last), buffer.transpose(2, 3)][checked % 3]
+
+        def view():
+            bounds = [sorted(rng.integers(0, size + 1, size=2)) for size in buffer.shape]
+            return buffer[tuple(slice(lo, max(hi, lo + 1), int(rng.choice([1, 1, 2]))) for lo, hi in bounds)]
+
+        a, b = view(), view()
+        if a.numel() == 0 or b.numel() == 0:
+            continue
+
+        def addresses(t):
+            return {sum(i * s for i, s in zip(index, t.stride())) * t.element_size() + t.data_ptr()
+                    for index in itertools.product(*map(range, t.shape))}
+
+        shared = bool(addresses(a) & addresses(b))
+        assert ops.overlaps(a, b) or not shared, (a.shape, a.stride(), b.shape, a.storage_offset(), b.storage_offset())
+        checked += 1
+        proven_apart += not shared and not ops.overlaps(a, b)
+    assert checked > 500 and proven_apart > checked // 4
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

@@ -169,6 +169,8 @@ def test_refuses_a_weight_it_would_broadcast_or_truncate():
         ops.fold_bn(conv.weight.detach().round().int(), None, bn)
     with pytest.raises(TypeError, match="fold_bn: conv_weight must be a floating tensor, got torch.complex64"):
         ops.fold_bn(conv.weight.detach().cfloat(), None, bn)
+    with pytest.raises(TypeError, match="fold_bn: conv_weight must be a floating tensor, got NoneType"):
+        ops.fold_bn(None, None, bn)
     with pytest.raises(TypeError, match="fold_bn: conv_bias must be a floating tensor, got torch.int64"):
         ops.fold_bn(conv.weight, torch.zeros(K, dtype=torch.int64), bn)
     with pytest.raises(TypeError, match="fold_bn: dtype must be a floating dtype"):

@@ -109,6 +109,17 @@ def test_layouts_and_biases_match_reference(backend, device, dtype, layout, bias
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_lazily_negated_inputs_are_read_as_their_values(backend, device):
+    """z.conj().imag holds -values in memory (the negative bit), which the dispatcher resolves."""
+    x = torch.view_as_complex(torch.randn(3, 37, 3, 5, 2, device=device)).conj().imag
+    weight = torch.view_as_complex(torch.randn(20, 37, 2, device=device)).conj().imag
+    bias = torch.view_as_complex(torch.randn(20, 2, device=device)).conj().imag
+    out = ops.gap_linear(x, weight, bias, backend=backend)
+    assert_close_to_reference(out, reference_gap_linear(x.resolve_neg(), weight.resolve_neg(), bias.resolve_neg()),
+                              "conv")
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 def test_strided_weight_and_bias(backend, device):
     # weight stored transposed (C, out_features) and a bias that is every other element of a vector.
     x = make_input((3, 37, 3, 5), torch.float32, device)

@@ -190,6 +190,16 @@ def test_integer_values_exact(backend, device, dtype):
     assert_close_to_reference(out, reference_global_avg_pool(x), "elementwise", exact=True)
 
 
+@pytest.mark.parametrize("backend, device", CPU_BACKENDS + GPU_BACKENDS)
+def test_lazily_negated_input_is_read_as_its_values(backend, device):
+    """z.conj().imag holds -values in memory (the negative bit), which the dispatcher resolves."""
+    x = torch.randint(-8, 9, (2, 6, 4, 4, 2), device=device).float()
+    x = torch.view_as_complex(x).conj().imag
+    assert x.is_neg()
+    out = ops.global_avg_pool(x, backend=backend)
+    assert_close_to_reference(out, reference_global_avg_pool(x.resolve_neg()), "elementwise", exact=True)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend, device", CPU_BACKENDS + GPU_BACKENDS)
