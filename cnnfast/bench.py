@@ -55,6 +55,7 @@ epilogue's tuned tile, "torch+epilogue-strided-64x64-w4"), null for the PyTorch 
 """
 import copy
 import functools
+import math
 import os
 import shutil
 import statistics
@@ -285,11 +286,13 @@ def progress_text(done: int, total: int, label: str, elapsed_s: float, bar_width
 
 
 def terminal_columns(stream) -> int:
-    """The width of the terminal that stream writes to (stderr's, when stdout is redirected)."""
+    """The width of the terminal that stream writes to (stderr's, when stdout is redirected); a
+    terminal that reports no width (0, as under `script`) gets $COLUMNS or 80."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        columns = os.get_terminal_size(stream.fileno()).columns
     except (OSError, ValueError):  # not a terminal file, or no file at all
-        return shutil.get_terminal_size().columns
+        columns = 0
+    return columns or shutil.get_terminal_size().columns or 80
 
 
 class Progress:
@@ -401,6 +404,30 @@ def bench_model(arch, batch, dtype, device, input_size) -> list[dict]:
     return rows
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of device: a GPU's own, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_feature_maps_fit(layers, batch: int, dtype, device) -> None:
+    """A ValueError naming the layer whose input, output and residual alone are more than the
+    device's memory: said before anything is drawn, where allocating them would fail after
+    minutes (or on a CPU, page the machine to a halt)."""
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    total = device_memory_bytes(device)
+    for (problem, _), names in layers.items():
+        x_shape, w_shape = conv_shapes(problem, batch)
+        p, q = ops.conv2d_output_size("conv2d", x_shape, w_shape, problem.stride, problem.padding, (1, 1))
+        needed = (math.prod(x_shape) + 2 * batch * problem.K * p * q) * element_size
+        if needed > total:
+            raise ValueError(
+                f"at batch {batch}, layer {names[0]}'s input, output and residual alone take {needed / 2**30:,.1f} GiB, "
+                f"more than the {total / 2**30:,.1f} GiB of {device_name(device)}: use a smaller --batch or --input-size"
+            )
+
+
 def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=None, max_layers=None,
               end_to_end=True, show_progress=False) -> dict:
     """Times the distinct conv layers of arch (the first max_layers of them) and the whole model."""
@@ -423,6 +450,7 @@ def run_bench(arch, batch=1, dtype=None, device=None, backends=None, input_size=
         raise ValueError("none of the backends asked for can run here: "
                          + "; ".join(f"{backend}: {reason}" for backend, reason in skipped.items()))
     layers = dict(list(conv_layers(arch, input_size).items())[:max_layers])
+    check_feature_maps_fit(layers, batch, DTYPES[dtype], device)
     progress = Progress(len(layers) + end_to_end, show_progress)
     try:
         with cudnn_autotuned():
@@ -497,7 +525,8 @@ def summary_rows(result) -> tuple[tuple, list[tuple]]:
         geomean = statistics.geometric_mean(speedups) if speedups and None not in speedups else None
         share = "" if len(layers) == len(result["layers"]) else f" ({len(layers)} of {len(result['layers'])} layers)"
         rate = f"{total_flops / (total_ms * 1e-3) / scale:,.1f}" if layers else "-"
-        rows.append((backend, f"{total_ms:.3f}{share}", rate, "-" if geomean is None else f"{geomean:.2f}"))
+        conv_ms = f"{total_ms:.3f}" if layers else "-"
+        rows.append((backend, f"{conv_ms}{share}", rate, "-" if geomean is None else f"{geomean:.2f}"))
     return headers, rows
 
 

@@ -21,6 +21,8 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value >= 2**63:  # PyTorch's sizes are int64
+        raise argparse.ArgumentTypeError(f"must be below 2^63, got {value}")
     return value
 
 
@@ -283,13 +285,15 @@ def run_tune(args):
 
 
 def run_roofline(args):
-    from cnnfast.bench import roofline_points_under_ceilings
+    from cnnfast.bench import roofline_points_under_ceilings, skipped_lines
     from cnnfast.roofline import rate_unit, ridge_intensity, roofline_json, roofline_plot, roofline_rows
 
     try:
         result = measure_layers(args, end_to_end=False, out_dir=args.out)
     except ValueError as error:
         return fail(args, error)
+    if not any(layer["results"] for layer in result["layers"]):  # no point to plot: say why, write nothing
+        return fail(args, "no layer was timed on any backend asked for; " + "; ".join(skipped_lines(result)))
     points, ceiling = roofline_points_under_ceilings(result)
     rate = rate_unit(result["device_type"])
     out = Path(args.out)

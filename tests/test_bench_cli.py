@@ -98,6 +98,25 @@ def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
     assert "skipped triton" in out and "% of bound" in out and "roofline.png" in out
 
 
+def test_roofline_with_nothing_timed_is_an_error_that_says_why(capsys, tmp_path, monkeypatch):
+    """A backend that fails on every layer (torch.compile without a C++ compiler) leaves no point
+    to plot: an error naming the reason, not an empty chart and exit 0."""
+    from cnnfast import bench
+
+    def layer_function(backend, *args):
+        def fails():
+            raise torch._dynamo.exc.BackendCompilerFailed(None, RuntimeError("InvalidCxxCompiler: no compiler"), None)
+        return fails
+
+    monkeypatch.setattr(bench, "layer_function", layer_function)
+    out_dir = tmp_path / "roofline"
+    code, _, err = run(capsys, "roofline", *SMALL, "--backends", "compile", "--out", str(out_dir))
+    assert code == 2 and "cnnfast roofline: error: no layer was timed on any backend asked for; " in err
+    assert ("skipped compile on conv1, layer1.0.conv1: torch.compile failed here: RuntimeError: InvalidCxxCompiler"
+            in err)
+    assert not (out_dir / "roofline.json").exists() and not (out_dir / "roofline.png").exists()
+
+
 def expected_epilogue(arch: str, name: str) -> str:
     """What a conv of arch does after its bias in the fused model, from its name."""
     last_conv = "conv3" if arch in ("resnet50", "resnet101", "resnet152") else "conv2"
@@ -226,6 +245,8 @@ def test_a_backend_that_cannot_run_some_layers_is_summed_over_the_rest():
     _, rows = summary_rows(result)
     assert rows[0] == ("torch", "6.000", "1.3", "1.00")
     assert rows[1] == ("cudnn_fused", "2.000 (1 of 2 layers)", "2.0", "2.00")
+    none_timed = dict(result, backends=["torch", "compile"])
+    assert summary_rows(none_timed)[1][1] == ("compile", "- (0 of 2 layers)", "-", "-")
     assert skipped_lines(result) == ["skipped cuda: not built",
                                      "skipped cudnn_fused on downsample: ends in a ReLU; this layer has none"]
     _, rows = tune_table(result)
@@ -351,6 +372,22 @@ def test_progress_redraws_one_row_on_a_terminal_and_writes_lines_elsewhere(termi
     else:
         assert text.splitlines()[0] == "[1/3] conv1 (0:00 elapsed)" and len(text.splitlines()) == 3
         assert text.splitlines()[2].startswith("[3/3] a label far too long to fit on one forty-column row (")
+
+
+def test_a_terminal_that_reports_no_width_gets_columns_or_80(monkeypatch):
+    """`script` and some CI terminals report 0 columns: the bar is not cut to -1 characters."""
+    from cnnfast.bench import terminal_columns
+
+    class ZeroWidthTerminal(Terminal):
+        def fileno(self):
+            return 2
+
+    asked = []
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: asked.append(fd) or os.terminal_size((0, 0)))
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: os.terminal_size((40, 24)))
+    assert terminal_columns(ZeroWidthTerminal()) == 40 and asked == [2]
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: os.terminal_size((0, 0)))
+    assert terminal_columns(ZeroWidthTerminal()) == 80
 
 
 def test_progress_shows_nothing_when_not_asked():

@@ -63,7 +63,7 @@ def test_too_small_input_names_the_layer(capsys):
 
 
 @pytest.mark.parametrize("option", ["--batch", "--input-size"])
-@pytest.mark.parametrize("value", ["0", "-3", "two"])
+@pytest.mark.parametrize("value", ["0", "-3", "two", str(2**63)])
 def test_non_positive_sizes_are_refused(capsys, option, value):
     code, _, err = run(capsys, "analyze", "vgg16", option, value)
     assert code == 2
@@ -206,6 +206,26 @@ def test_an_input_too_small_for_the_architecture_is_an_error_not_a_traceback(cap
                        *(("--out", str(tmp_path)) if command == "roofline" else ()))
     assert code == 2
     assert err.startswith(f"cnnfast {command}: error: alexnet at input 10x10: layer 'features.2'")
+
+
+@pytest.mark.parametrize("size", [("--input-size", "99999999999"), ("--batch", str(2**62))])
+def test_an_input_too_large_to_count_is_an_error_not_a_traceback(capsys, size):
+    code, out, err = run(capsys, "analyze", "vgg16", *size)
+    assert code == 2 and out == ""
+    assert err.startswith("cnnfast analyze: error: vgg16 at input ") and "is too large to count" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "roofline"])
+def test_feature_maps_larger_than_the_memory_are_refused_before_anything_is_drawn(capsys, tmp_path, command):
+    from cnnfast.bench import default_device, device_memory_bytes
+
+    # conv1's input alone is more than the memory in float32, and its input, output and residual in bfloat16.
+    batch = device_memory_bytes(default_device()) // (3 * 224 * 224 * 4) + 1
+    code, _, err = run(capsys, command, "alexnet", "--batch", str(batch), "--backends", "torch", "--max-layers", "1",
+                       *(("--out", str(tmp_path)) if command == "roofline" else ()))
+    assert code == 2
+    assert err.startswith(f"cnnfast {command}: error: at batch {batch}, layer features.0's input, output and residual")
+    assert "use a smaller --batch or --input-size" in err
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly():

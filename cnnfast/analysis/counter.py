@@ -282,6 +282,10 @@ def analyze(
     model.eval()
     try:
         x = torch.empty(batch, in_channels, height, width, device="meta")
+    except RuntimeError as error:  # more elements than an int64 counts
+        raise ValueError(f"{where}: an input of {batch}x{in_channels}x{height}x{width} is too large to count "
+                         f"({str(error).splitlines()[0]})") from None
+    try:
         with torch.no_grad(), flop_counter:
             functional_call(model, _meta_state(model), (x,))
     except (RuntimeError, ValueError) as error:  # a fused layer's op raises ValueError
