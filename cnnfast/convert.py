@@ -236,25 +236,14 @@ def _fuse_block(child: nn.Module, name: str, options: dict):
     """The fused form of a known block, None for any other module (a subclass of a known block that
     overrides how it computes, an SE block say, is another module); NotImplementedError, with the
     reason, for a known block with a part that has no fused form or with hooks."""
-    known = (TvBasicBlock, TvBottleneck, TvInception, TvBasicConv2d, preact.PreActBasicBlock)
-    if any(computes_as(child, block) for block in known):
-        check_no_hooks(name, child)
     if computes_as(child, TvBasicBlock):
         return BasicBlock.from_torchvision(child, name=name, **options)
     if computes_as(child, TvBottleneck):
         return Bottleneck.from_torchvision(child, name=name, **options)
     if computes_as(child, TvInception):
-        branches = (child.branch2, child.branch3, child.branch4)
-        if not all(computes_as(branch, nn.Sequential) for branch in branches):
-            raise NotImplementedError(f"{name}: a branch computes otherwise than its nn.Sequential's layers in turn")
-        if [len(branch) for branch in branches] != [2, 2, 2]:
-            raise NotImplementedError(f"{name}: branches 2 to 4 must have two layers each, as torchvision's have; "
-                                      f"they have {', '.join(str(len(branch)) for branch in branches)}")
-        parts = [child.branch1, *child.branch2, *child.branch3, child.branch4[1]]
-        if not all(computes_as(part, TvBasicConv2d) for part in parts):
-            raise NotImplementedError(f"{name}: a branch is not made of torchvision's BasicConv2d")
         return Inception.from_torchvision(child, name=name, **options)
     if computes_as(child, TvBasicConv2d):  # its forward applies F.relu itself
+        check_no_hooks(name, child)
         return ConvBNReLU.from_modules(child.conv, child.bn, True, name=name, **options)
     if computes_as(child, preact.PreActBasicBlock):
         return PreActBasicBlock.from_module(child, name=name, **options)

@@ -337,3 +337,62 @@ def test_inception_refuses_an_input_that_is_not_4d():
     fused = Inception.from_torchvision(randomize_bn(TvInception(7, 4, 3, 5, 2, 3, 6)))
     with pytest.raises(ValueError, match=r"Inception expects a 4-D \(N, C, H, W\) input, got shape \(7, 6, 5\)"):
         fused(torch.randn(7, 6, 5))
+
+
+# ---------------------------------------------------------------- the public constructors' checks
+
+
+class SqueezeExcitedBlock(TvBasicBlock):
+    """A BasicBlock whose own forward computes something else: its fused form would drop the scale."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def tv_basic_block():
+    return randomize_bn(TvBasicBlock(4, 4))
+
+
+# name: (constructor, a module it takes, a module of another type, what it expects)
+CONSTRUCTORS = {
+    "BasicBlock": (BasicBlock.from_torchvision, tv_basic_block, lambda: randomize_bn(TvBottleneck(16, 4)),
+                   "torchvision's BasicBlock"),
+    "Bottleneck": (Bottleneck.from_torchvision, lambda: randomize_bn(TvBottleneck(16, 4)), tv_basic_block,
+                   "torchvision's Bottleneck"),
+    "PreActBasicBlock": (PreActBasicBlock.from_module, lambda: randomize_bn(preact.PreActBasicBlock(4, 4)),
+                         tv_basic_block, "cnnfast.models' PreActBasicBlock"),
+    "Inception": (Inception.from_torchvision, lambda: randomize_bn(TvInception(7, 4, 3, 5, 2, 3, 6)), tv_basic_block,
+                  "torchvision's Inception"),
+    "LinearReLU": (LinearReLU.from_modules, lambda: nn.Linear(4, 3), lambda: nn.Conv2d(4, 3, 1), "an nn.Linear"),
+    "GlobalAvgPoolLinear": (GlobalAvgPoolLinear.from_modules, lambda: nn.Linear(4, 3), lambda: nn.Conv2d(4, 3, 1),
+                            "an nn.Linear"),
+}
+
+
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_a_constructor_refuses_a_module_its_fused_form_would_not_compute_as(name):
+    """A module of another type (a Bottleneck read as a BasicBlock would lose conv3), one whose own
+    forward computes otherwise, and one with a hook are refused by name, not fused into a module
+    that computes something else or drops the hook."""
+    construct, build, other, expected = CONSTRUCTORS[name]
+    construct(build())  # the module it is for is taken
+    with pytest.raises(TypeError, match=f"^where: expected {re.escape(expected)}, got {type(other()).__name__}$"):
+        construct(other(), name="where")
+
+    overridden = build()
+    overridden.forward = lambda *args: 0
+    with pytest.raises(NotImplementedError, match=rf"^where: {type(overridden).__name__} overrides how "
+                                                  rf"(nn\.)?{type(overridden).__name__} computes \(forward, on the "
+                                                  r"instance\); it is not fused$"):
+        construct(overridden, name="where")
+
+    hooked = build()
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.raises(NotImplementedError, match=f"^where: its {type(hooked).__name__} has forward hooks"):
+        construct(hooked, name="where")
+
+
+def test_a_block_subclass_with_its_own_forward_is_named_with_its_class():
+    with pytest.raises(NotImplementedError, match=r"SqueezeExcitedBlock overrides how BasicBlock computes \(forward, "
+                                                  r"in SqueezeExcitedBlock\)"):
+        BasicBlock.from_torchvision(randomize_bn(SqueezeExcitedBlock(4, 4)))

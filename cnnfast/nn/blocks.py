@@ -5,15 +5,24 @@ branch1..branch4), so a layer is found under the same name before and after fusi
 """
 import torch
 from torch import nn
+from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
+from torchvision.models.googlenet import Inception as TvInception
+from torchvision.models.resnet import BasicBlock as TvBasicBlock
+from torchvision.models.resnet import Bottleneck as TvBottleneck
 
 from cnnfast import ops
+from cnnfast.models import preact
 from cnnfast.nn.conv import (
-    ConvBNReLU, check_foldable, check_inference, check_no_hooks, check_relu, compute_dtype, computes_as,
+    ConvBNReLU, check_computes_as, check_foldable, check_inference, check_no_hooks, check_relu, compute_dtype,
+    computes_as,
 )
 
 
-def _fuser(name, dtype, backend):
-    """fuse(conv, bn, relu, part): the ConvBNReLU of block `name`'s part `part`."""
+def _fuser(name, dtype, backend, block, cls, what):
+    """fuse(conv, bn, relu, part): the ConvBNReLU of block `name`'s part `part`, once `block` is
+    known to be a cls that computes as cls does, with no hooks (which the fused block would drop)."""
+    check_computes_as(block, cls, name, what)
+    check_no_hooks(name, block)
 
     def fuse(conv, bn, relu, part):
         return ConvBNReLU.from_modules(conv, bn, relu, dtype=dtype, backend=backend, name=f"{name}.{part}")
@@ -30,7 +39,7 @@ class BasicBlock(nn.Module):
 
     @classmethod
     def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
-        fuse = _fuser(name, dtype, backend)
+        fuse = _fuser(name, dtype, backend, block, TvBasicBlock, "torchvision's BasicBlock")
         return cls(fuse(block.conv1, block.bn1, block.relu, "conv1"), fuse(block.conv2, block.bn2, block.relu, "conv2"),
                    _downsample(block.downsample, fuse, name))
 
@@ -48,7 +57,7 @@ class Bottleneck(nn.Module):
 
     @classmethod
     def from_torchvision(cls, block, *, dtype=None, backend=None, name="block"):
-        fuse = _fuser(name, dtype, backend)
+        fuse = _fuser(name, dtype, backend, block, TvBottleneck, "torchvision's Bottleneck")
         return cls(fuse(block.conv1, block.bn1, block.relu, "conv1"), fuse(block.conv2, block.bn2, block.relu, "conv2"),
                    fuse(block.conv3, block.bn3, block.relu, "conv3"), _downsample(block.downsample, fuse, name))
 
@@ -117,7 +126,7 @@ class PreActBasicBlock(nn.Module):
 
     @classmethod
     def from_module(cls, block, *, dtype=None, backend=None, name="block"):
-        fuse = _fuser(name, dtype, backend)
+        fuse = _fuser(name, dtype, backend, block, preact.PreActBasicBlock, "cnnfast.models' PreActBasicBlock")
         downsample = fuse(block.downsample, None, False, "downsample") if block.downsample is not None else None
         pre = (BatchNormReLU.from_modules(block.bn1, block.relu, name=f"{name}.bn1")
                if block.bn1 is not None else nn.Identity())
@@ -143,7 +152,18 @@ class Inception(nn.Module):
 
     @classmethod
     def from_torchvision(cls, module, *, dtype=None, backend=None, name="inception"):
-        fuse = _fuser(name, dtype, backend)
+        """NotImplementedError for a module whose branches are not torchvision's (two BasicConv2d
+        in each of branches 2 and 3; a pool, then one, in branch 4)."""
+        fuse = _fuser(name, dtype, backend, module, TvInception, "torchvision's Inception")
+        branches = (module.branch2, module.branch3, module.branch4)
+        if not all(computes_as(branch, nn.Sequential) for branch in branches):
+            raise NotImplementedError(f"{name}: a branch computes otherwise than its nn.Sequential's layers in turn")
+        if [len(branch) for branch in branches] != [2, 2, 2]:
+            raise NotImplementedError(f"{name}: branches 2 to 4 must have two layers each, as torchvision's have; "
+                                      f"they have {', '.join(str(len(branch)) for branch in branches)}")
+        parts = [module.branch1, *module.branch2, *module.branch3, module.branch4[1]]
+        if not all(computes_as(part, TvBasicConv2d) for part in parts):
+            raise NotImplementedError(f"{name}: a branch is not made of torchvision's BasicConv2d")
 
         def basic(basic_conv, part):  # torchvision's BasicConv2d: conv -> BN -> ReLU
             return fuse(basic_conv.conv, basic_conv.bn, True, part)

@@ -34,12 +34,23 @@ def override_text(module, cls) -> str:
     """What overridden_method found, in words, for a report or an error."""
     method = overridden_method(module, cls)
     where = "on the instance" if method in vars(module) else f"in {type(module).__name__}"
-    return f"{type(module).__name__} overrides how nn.{cls.__name__} computes ({method}, {where})"
+    base = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
+    return f"{type(module).__name__} overrides how {base} computes ({method}, {where})"
 
 
 def computes_as(module, cls) -> bool:
     """Whether module is a cls that computes what cls computes (overridden_method finds nothing)."""
     return isinstance(module, cls) and overridden_method(module, cls) is None
+
+
+def check_computes_as(module, cls, where: str, what: str) -> None:
+    """Refuses a module that a fused form built from it would not compute as: TypeError for one
+    that is not a cls (a Bottleneck given as a BasicBlock), NotImplementedError (optimize leaves
+    it as it is) for a cls that computes otherwise (an SE block's own forward)."""
+    if not isinstance(module, cls):
+        raise TypeError(f"{where}: expected {what}, got {type(module).__name__}")
+    if not computes_as(module, cls):
+        raise NotImplementedError(f"{where}: {override_text(module, cls)}; it is not fused")
 
 
 def is_foldable_norm(module) -> bool:
@@ -217,6 +228,7 @@ class LinearReLU(nn.Linear):
     def from_modules(cls, linear: nn.Linear, relu=None, *, dtype=None, backend=None, name="linear"):
         """Fuses linear -> [relu]; relu: a ReLU module, or a bool. NotImplementedError for another
         activation or a part with hooks."""
+        check_computes_as(linear, nn.Linear, name, "an nn.Linear")
         check_module_dtype(dtype, name)
         check_relu(relu, name)
         check_no_hooks(name, linear, relu)
@@ -247,6 +259,7 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     @classmethod
     def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None, name="fc"):
+        check_computes_as(linear, nn.Linear, name, "an nn.Linear")
         check_module_dtype(dtype, name)
         check_no_hooks(name, linear)
         fused = cls(linear.in_features, linear.out_features, backend=backend, device="meta")
