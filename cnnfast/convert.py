@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
 from torchvision.models.googlenet import GoogLeNet as TvGoogLeNet
@@ -24,7 +25,7 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsupported_reason
+from cnnfast.nn.conv import check_no_hooks, computes_as, in_weight_dtype, is_foldable_norm, unsupported_reason
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
@@ -72,7 +73,7 @@ class ModelInput:
     module (so that it follows a later model.to(dtype)), else `dtype`; None (no dtype= given to
     optimize) casts nothing."""
 
-    converts_input_only = True  # not a hook a second optimize() must keep a part unfused for
+    installed_by_optimize = True  # not a hook a second optimize() must keep a part unfused for
 
     def __init__(self, dtype, leaf=None, channels_last=False):
         self.dtype, self.leaf, self.channels_last = dtype, leaf, channels_last
@@ -90,6 +91,56 @@ class ModelInput:
         dtype = self.leaf.weight.dtype if self.dtype is not None and self.leaf is not None else self.dtype
         return (tuple(self.convert(value, dtype) for value in args),
                 {name: self.convert(value, dtype) for name, value in kwargs.items()})
+
+
+class ModelForward:
+    """The bookkeeping of a model whose stem or head optimize() fused across its attributes (conv1
+    takes bn1 and relu; avgpool takes fc), which is right inside the model's own forward only.
+    enter (its forward pre-hook) and leave (its forward hook, run when the forward raises too)
+    count the model's forwards in progress, `running`, which the fused head and the Absorbed parts
+    read: a parent's model.avgpool(x) gets the pool alone, model.fc(features) the linear layer.
+    enter refuses a model whose fused parts were replaced since: model.fc = nn.Identity() would
+    return the fused head's logits as features."""
+
+    installed_by_optimize = True
+
+    def __init__(self):
+        self.parts, self.running = {}, 0
+
+    def enter(self, model, args):
+        self.running += 1  # first: leave() runs when this raises too
+        replaced = [name for name, part in self.parts.items() if model._modules.get(name) is not part]
+        if replaced:
+            raise RuntimeError(
+                f"{type(model).__name__}: {', '.join(replaced)} {'was' if len(replaced) == 1 else 'were'} replaced "
+                "after cnnfast.optimize() fused the model's "
+                "stem (conv1 takes bn1 and relu) or head (avgpool takes fc) across these attributes, which its "
+                "forward would now run with the new parts; change the model before optimize()")
+
+    def leave(self, model, args, output):
+        self.running -= 1
+
+
+class Absorbed(nn.Module):
+    """A part of a model that optimize() fused into another (`into`): the identity inside the
+    model's own forward, where `into` computes it; called on its own (by a parent's code), what
+    the part computed: the ReLU, or the fc layer from the weights the fused head (`head`) holds."""
+
+    def __init__(self, into: str, model_forward: ModelForward, head: GlobalAvgPoolLinear | None = None):
+        super().__init__()
+        self.into, self.model_forward = into, model_forward
+        self.__dict__["head"] = head  # not a submodule: the model's avgpool, which holds the weights
+
+    def forward(self, x):
+        if self.model_forward.running:
+            return x
+        if self.head is None:
+            return torch.relu(x)
+        x = in_weight_dtype(x, self.head.weight)
+        return F.linear(x, self.head.weight, self.head.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"into={self.into!r}"
 
 
 def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbose=False) -> nn.Module:
@@ -191,7 +242,7 @@ def _fuse_tree(module: nn.Module, prefix: str, options: dict, report: FusionRepo
     # Not named_children(): it names a module used twice once, and the second place would stay unfused.
     for name, child in list(module._modules.items()):
         full = f"{prefix}{name}"
-        if child is None or full in reported or isinstance(child, nn.Identity):  # a stem or head part handled above
+        if child is None or full in reported or isinstance(child, (nn.Identity, Absorbed)):  # a stem or head part
             continue
         if id(child) in seen:
             first, replacement, entries, text = seen[id(child)]
@@ -252,22 +303,18 @@ def _fuse_block(child: nn.Module, name: str, options: dict):
 
 def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: FusionReport) -> None:
     """The parts of a model that live as separate attributes rather than in one block: stems and heads.
-    Only for the models' own forward: a subclass that overrides it may use these parts otherwise."""
+    Only for the models' own forward: a subclass that overrides it may use these parts otherwise, and
+    a part called on its own by other code computes what it did before (ModelForward)."""
     resnet = computes_as(module, TvResNet)
     preact_resnet = computes_as(module, preact.PreActResNet)
     # Already fused parts are skipped: a second optimize() of a fused model changes nothing.
     stem = (resnet or preact_resnet) and not isinstance(module.conv1, ConvBNReLU) and _fuse_part(
         report, f"{prefix}conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU",
         lambda: ConvBNReLU.from_modules(module.conv1, module.bn1, module.relu, name=f"{prefix}conv1", **options))
-    if stem:
-        module.conv1, module.bn1 = stem, nn.Identity()
     final = preact_resnet and not isinstance(module.bn_final, BatchNormReLU) and _fuse_part(
         report, f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU",
         lambda: BatchNormReLU.from_modules(module.bn_final, module.relu, name=f"{prefix}bn_final"))
-    if final:
-        module.bn_final = final
-    if stem and (final or resnet):
-        module.relu = nn.Identity()  # all its uses (the stem's, and the pre-activated head's) are fused above
+    fused_head = None
     if (resnet or preact_resnet or computes_as(module, TvGoogLeNet)) and _is_global_pool_linear(module):
         # forward() runs avgpool -> flatten -> [dropout] -> fc: pooling and fc become one op.
         def head():
@@ -275,8 +322,35 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
             return GlobalAvgPoolLinear.from_modules(module.fc, name=f"{prefix}fc", **options)
 
         fused_head = _fuse_part(report, f"{prefix}avgpool", "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear", head)
-        if fused_head:
-            module.avgpool, module.fc = fused_head, nn.Identity()
+    # relu: its uses (the stem's, and the pre-activated head's) are all fused only then.
+    relu_absorbed = stem and (final or resnet)
+    if not (stem or final or fused_head):
+        return
+    model_forward = _model_forward(module)
+    rewired = {}
+    if stem:
+        rewired.update(conv1=stem, bn1=nn.Identity())  # bn1 between conv1 and relu: the identity wherever it runs
+    if final:
+        rewired.update(bn_final=final)
+    if relu_absorbed:
+        rewired.update(relu=Absorbed("conv1 and bn_final" if preact_resnet else "conv1", model_forward))
+    if fused_head:
+        fused_head.model_forward = model_forward
+        rewired.update(avgpool=fused_head, fc=Absorbed("avgpool", model_forward, head=fused_head))
+    for name, part in rewired.items():
+        setattr(module, name, part)
+    model_forward.parts.update(rewired)
+
+
+def _model_forward(module: nn.Module) -> ModelForward:
+    """The model's ModelForward, registered as its hooks on first use."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(getattr(hook, "__self__", None), ModelForward):
+            return hook.__self__
+    model_forward = ModelForward()
+    module.register_forward_pre_hook(model_forward.enter)
+    module.register_forward_hook(model_forward.leave, always_call=True)
+    return model_forward
 
 
 def _fuse_part(report: FusionReport, name: str, what: str, build):

@@ -828,6 +828,71 @@ def test_optimizing_twice_changes_nothing():
         assert torch.equal(twice(x), once(x))
 
 
+# ---------------------------------------------------------------- a model's parts called by other code
+
+
+class TwoOutputs(nn.Module):
+    """A parent that runs a ResNet's parts itself (a retrieval model): the stem and the stages, then
+    an embedding from avgpool alone, the logits from fc, and the model's relu used on its own."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        if hasattr(m, "bn_final"):
+            x = m.relu(m.bn_final(x))
+        embedding = torch.flatten(m.avgpool(x), 1)
+        return embedding, m.fc(embedding), m.relu(embedding - embedding.mean())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
+def test_a_parent_that_calls_the_parts_by_name_gets_what_they_computed(name):
+    """optimize() fuses bn1 and relu into conv1 and fc into avgpool, which is right in the model's
+    own forward; called by other code, avgpool is the pool, fc the linear layer, relu a ReLU."""
+    original = build(name, num_classes=10)
+    parent = cnnfast.optimize(TwoOutputs(original).eval())
+    assert dict(parent.cnnfast_report.fused)["model.avgpool"] == "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"
+    x = torch.randn(2, 3, 32, 32)
+    outputs, expected = run_both(TwoOutputs(original), parent, x)
+    for output, reference in zip(outputs, expected, strict=True):
+        assert output.shape == reference.shape
+        assert_matches(output, reference)
+    logits, _ = run_both(original, parent.model, x)
+    assert_matches(logits, expected[1])  # and the model's own forward runs the fused head
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "preact_resnet18"])
+def test_a_fused_head_called_on_its_own_is_the_pool_then_the_linear_layer(name):
+    original = build(name, num_classes=10)
+    fused = cnnfast.optimize(original)
+    features = torch.randn(2, original.fc.in_features, 3, 4)
+    with torch.no_grad():
+        pooled = fused.avgpool(features)
+        assert_matches(pooled, original.double().avgpool(features.double()))
+        assert_matches(fused.fc(pooled.flatten(1)), original.fc(pooled.double().flatten(1)))
+    copied = copy.deepcopy(fused)  # the copy's fc reads the copy's head
+    assert copied.fc.head is copied.avgpool and copied.fc.model_forward is copied.avgpool.model_forward
+
+
+@pytest.mark.parametrize("part, replacement", [("fc", nn.Identity()), ("fc", nn.Linear(512, 3)), ("relu", nn.ReLU()),
+                                               ("conv1", nn.Conv2d(3, 64, 7, 2, 3))],
+                         ids=["fc-identity", "fc-linear", "relu", "conv1"])
+def test_a_fused_part_replaced_after_optimize_is_refused_by_name(part, replacement):
+    """model.fc = nn.Identity() after optimize() would return the fused head's logits as features;
+    a new conv1 would run without the BatchNorm folded into the old one."""
+    fused = cnnfast.optimize(build("resnet18", num_classes=10))
+    setattr(fused, part, replacement)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"^ResNet: {part} was replaced after cnnfast.optimize"):
+        fused(x)
+    features = torch.randn(1, 512, 2, 2)
+    with torch.no_grad():  # the failed forward is over: avgpool called on its own is the pool again
+        assert fused.avgpool(features).shape == (1, 512, 1, 1)
+
+
 # ---------------------------------------------------------------- the bad-input contract
 
 

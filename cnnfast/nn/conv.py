@@ -101,12 +101,15 @@ def check_no_hooks(where: str, *modules) -> None:
     """Raises NotImplementedError (the part is left as it is) where one of the part's modules, or
     a module inside one, has hooks: the fused module would drop them (a hook that reads a
     BatchNorm's output; the legacy spectral_norm's pre-hook, which recomputes the weight). An
-    earlier optimize()'s input conversion (a hook with converts_input_only) is not counted: the
-    fused model converts its input itself."""
+    earlier optimize()'s own hooks (the input conversion, a fused head's bookkeeping; their objects
+    have installed_by_optimize) are not counted: a second optimize() keeps what they do."""
+    def counted(hook):
+        return not getattr(getattr(hook, "__self__", hook), "installed_by_optimize", False)
+
     for module in modules:
         for sub in module.modules() if isinstance(module, nn.Module) else ():
             kinds = [kind for attribute, kind in HOOK_KINDS.items()
-                     if any(not getattr(hook, "converts_input_only", False) for hook in getattr(sub, attribute, {}).values())]
+                     if any(counted(hook) for hook in getattr(sub, attribute, {}).values())]
             if kinds:
                 raise NotImplementedError(f"{where}: its {type(sub).__name__} has {' and '.join(kinds)}, which a "
                                           "fused module would not run")
@@ -250,12 +253,17 @@ class LinearReLU(nn.Linear):
 
 
 class GlobalAvgPoolLinear(nn.Linear):
-    """Global average pooling + flatten + linear in one op (cnnfast.ops.gap_linear): (N, C, H, W) -> (N, out_features)."""
+    """Global average pooling + flatten + linear in one op (cnnfast.ops.gap_linear): (N, C, H, W) -> (N, out_features).
+
+    model_forward: set by optimize() where this is a model's avgpool with the model's fc fused in
+    (an object whose `running` says whether the model's own forward is running). Called otherwise
+    (a parent's model.avgpool(x)), it is the pool it stands in for: (N, C, 1, 1)."""
 
     def __init__(self, in_features, out_features, *, backend=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
         self.training = False  # inference only (check_inference)
         self.backend = backend
+        self.model_forward = None
 
     @classmethod
     def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None, name="fc"):
@@ -267,7 +275,10 @@ class GlobalAvgPoolLinear(nn.Linear):
 
     def forward(self, x):
         check_inference(self)
-        return ops.gap_linear(in_weight_dtype(x, self.weight), self.weight, self.bias, backend=self.backend)
+        x = in_weight_dtype(x, self.weight)
+        if self.model_forward is not None and not self.model_forward.running:
+            return ops.global_avg_pool(x, backend=self.backend)[:, :, None, None]
+        return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}{backend_repr(self.backend)}"
