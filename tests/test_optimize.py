@@ -643,6 +643,27 @@ def test_a_model_with_nothing_fused_keeps_its_layouts():
     assert_matches(out, expected)
 
 
+def test_a_parameter_shared_with_a_layer_left_alone_keeps_its_values_there():
+    """A decoder tied to an encoder conv's weight: the fused conv gets its own folded weight, the
+    decoder the original values."""
+
+    class TiedAutoencoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+            self.decoder = nn.ConvTranspose2d(6, 3, 3, padding=1, bias=False)
+            self.decoder.weight = self.encoder[0].weight
+
+        def forward(self, x):
+            return self.decoder(self.encoder(x))
+
+    original = randomize_bn(TiedAutoencoder())
+    fused = cnnfast.optimize(original)
+    assert isinstance(fused.encoder[0], ConvBNReLU) and fused.encoder[0].bn_folded
+    out, expected = run_both(original, fused, torch.randn(2, 3, 5, 6))
+    assert_matches(out, expected)
+
+
 def test_an_unbatched_image_runs_as_nn_conv2d_takes_it():
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()  # VGG's features
