@@ -79,6 +79,14 @@ class ModelInput:
         self.dtype, self.leaf, self.channels_last = dtype, leaf, channels_last
 
     def convert(self, value, dtype):
+        # Inside the lists, tuples (named too) and dicts a model may take as well.
+        if isinstance(value, dict):
+            converted = copy.copy(value)  # a dict subclass keeps what it holds besides its items
+            converted.update((key, self.convert(item, dtype)) for key, item in value.items())
+            return converted
+        if isinstance(value, (list, tuple)):
+            items = [self.convert(item, dtype) for item in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         if not isinstance(value, torch.Tensor):
             return value
         # Integer inputs are not cast: the first fused op rejects them with a TypeError.
@@ -167,6 +175,11 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
             "inference: call model.eval() first"
         )
     for name, m in model.named_modules():
+        lazy = [key for key, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                if nn.parameter.is_lazy(t)]
+        if lazy:
+            raise RuntimeError(f"optimize: {name or type(model).__name__} ({type(m).__name__}) has uninitialized "
+                               f"{', '.join(lazy)}: run the model once on a sample input first, which sizes them")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise RuntimeError(f"optimize: BatchNorm {name!r} has no running statistics (track_running_stats=False)")
     if dtype is not None and dtype not in COMPUTE_DTYPES:

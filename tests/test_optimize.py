@@ -2,10 +2,10 @@
 input size, Triton under the interpreter on small inputs, bfloat16), the fusion report, what
 cnnfast.analysis counts before and after, models with parts optimize does not know, the bad-input
 contract, torch.compile and CUDA-graph capture."""
+import collections
 import copy
 import functools
 import types
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -437,7 +437,7 @@ class CallingReLU(nn.ReLU):
 
 
 def named_sequential():
-    layers = OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
+    layers = collections.OrderedDict(conv=nn.Conv2d(3, 8, 3, padding=1), bn=nn.BatchNorm2d(8), act=nn.ReLU(), pool=nn.MaxPool2d(2))
     return randomize_bn(nn.Sequential(layers))
 
 
@@ -778,6 +778,26 @@ def test_an_input_given_by_keyword_is_converted_too():
         assert torch.equal(fused(x=x), fused(x))
 
 
+def test_inputs_inside_a_list_a_tuple_or_a_dict_are_converted_too():
+    Views = collections.namedtuple("Views", "left right")
+
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, crops, views, named):
+            assert all(t.dtype == torch.bfloat16 and t.is_contiguous(memory_format=torch.channels_last)
+                       for t in [*crops, *views, *named.values()])
+            return [self.net(t) for t in [*crops, *views, *named.values()]]
+
+    fused = cnnfast.optimize(randomize_bn(Siamese()), dtype=torch.bfloat16)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        outputs = fused([x, x], Views(x, x), collections.defaultdict(list, a=x))
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
+
+
 def test_refuses_a_float64_model_without_a_dtype():
     model = build("resnet18", num_classes=10).double()
     with pytest.raises(TypeError, match="parameters are torch.float64; .* pass dtype="):
@@ -955,6 +975,19 @@ def test_a_half_model_with_float32_batchnorm_runs_pre_activation_blocks():
         expected = copy.deepcopy(original).double()(x.double())
     assert out.dtype == torch.float16
     assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["model-dtype", "float16"])
+def test_refuses_a_lazy_module_before_its_first_forward(dtype):
+    """Its parameters have no shape yet: cast, they became empty tensors (the model failed on its
+    next call); uncast, PyTorch raised from inside the cast. Once run, it is fused like any conv."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(RuntimeError, match=r"^optimize: 0 \(LazyConv2d\) has uninitialized weight, bias: run the "
+                                           "model once on a sample input first"):
+        cnnfast.optimize(model, dtype=dtype)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 5, 5))
+    assert isinstance(cnnfast.optimize(model, dtype=dtype)[0], ConvBNReLU)
 
 
 def test_refuses_batchnorm_without_running_statistics():
