@@ -206,18 +206,32 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
             if isinstance(module, BACKEND_LEAVES):
                 module.backend = backend
     model.eval()  # the fused blocks are built in training mode, like every new nn.Module
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, ModelInput):  # an earlier optimize()'s, replaced
-            # Without a dtype now, the model keeps the one it was given: its input is still cast to it.
-            dtype = dtype if dtype is not None else hook.dtype
-            del model._forward_pre_hooks[key]
-    leaf = next((m for m in model.modules() if isinstance(m, FUSED_LEAVES) and hasattr(m, "weight")), None)
-    feature_maps = any(isinstance(m, FEATURE_MAP_LEAVES) for m in model.modules())
-    model.register_forward_pre_hook(ModelInput(dtype, leaf, feature_maps), with_kwargs=True)
+    for entry in _entry_points(model):
+        _convert_inputs(entry, dtype)
     model.cnnfast_report = report
     if verbose:
         print(report)
     return model
+
+
+def _entry_points(model: nn.Module) -> list:
+    """The modules that take the model's inputs: the model, or, for a container without a forward
+    (an nn.ModuleDict or nn.ModuleList), the modules in it, which its user calls."""
+    if type(model).forward is not nn.Module.forward:
+        return [model]
+    return [entry for child in model.children() for entry in _entry_points(child)]
+
+
+def _convert_inputs(module: nn.Module, dtype) -> None:
+    """Gives module its ModelInput hook, replacing an earlier optimize()'s."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, ModelInput):
+            # Without a dtype now, the module keeps the one it was given: its input is still cast to it.
+            dtype = dtype if dtype is not None else hook.dtype
+            del module._forward_pre_hooks[key]
+    leaf = next((m for m in module.modules() if isinstance(m, FUSED_LEAVES) and hasattr(m, "weight")), None)
+    feature_maps = any(isinstance(m, FEATURE_MAP_LEAVES) for m in module.modules())
+    module.register_forward_pre_hook(ModelInput(dtype, leaf, feature_maps), with_kwargs=True)
 
 
 def _fuse_root(model: nn.Module, options: dict, report: FusionReport) -> nn.Module:

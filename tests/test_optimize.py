@@ -798,6 +798,19 @@ def test_inputs_inside_a_list_a_tuple_or_a_dict_are_converted_too():
     assert all(torch.equal(out, outputs[0]) for out in outputs)
 
 
+def test_the_modules_of_a_container_root_convert_their_inputs():
+    """An nn.ModuleDict has no forward: its user calls the modules in it, which take the inputs."""
+    heads = nn.ModuleDict(dict(conv=nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                               nested=nn.ModuleList([nn.Linear(3, 2)])))
+    original = randomize_bn(heads)
+    fused = cnnfast.optimize(original, dtype=torch.bfloat16)
+    x, features = torch.randn(2, 3, 5, 5), torch.randn(2, 3)
+    for name, part, inputs in [("conv", lambda m: m["conv"], x), ("linear", lambda m: m["nested"][0], features)]:
+        out, expected = run_both(part(original), part(fused), inputs)
+        assert out.dtype == torch.bfloat16, name
+        assert_matches(out, expected)
+
+
 def test_refuses_a_float64_model_without_a_dtype():
     model = build("resnet18", num_classes=10).double()
     with pytest.raises(TypeError, match="parameters are torch.float64; .* pass dtype="):
