@@ -11,7 +11,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.googlenet import BasicConv2d as TvBasicConv2d
 from torchvision.models.googlenet import GoogLeNet as TvGoogLeNet
@@ -25,7 +24,8 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.conv import check_no_hooks, computes_as, in_weight_dtype, is_foldable_norm, unsupported_reason
+from cnnfast.nn.absorbed import Absorbed, ModelForward
+from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsupported_reason
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
@@ -101,56 +101,6 @@ class ModelInput:
                 {name: self.convert(value, dtype) for name, value in kwargs.items()})
 
 
-class ModelForward:
-    """The bookkeeping of a model whose stem or head optimize() fused across its attributes (conv1
-    takes bn1 and relu; avgpool takes fc), which is right inside the model's own forward only.
-    enter (its forward pre-hook) and leave (its forward hook, run when the forward raises too)
-    count the model's forwards in progress, `running`, which the fused head and the Absorbed parts
-    read: a parent's model.avgpool(x) gets the pool alone, model.fc(features) the linear layer.
-    enter refuses a model whose fused parts were replaced since: model.fc = nn.Identity() would
-    return the fused head's logits as features."""
-
-    installed_by_optimize = True
-
-    def __init__(self):
-        self.parts, self.running = {}, 0
-
-    def enter(self, model, args):
-        self.running += 1  # first: leave() runs when this raises too
-        replaced = [name for name, part in self.parts.items() if model._modules.get(name) is not part]
-        if replaced:
-            raise RuntimeError(
-                f"{type(model).__name__}: {', '.join(replaced)} {'was' if len(replaced) == 1 else 'were'} replaced "
-                "after cnnfast.optimize() fused the model's "
-                "stem (conv1 takes bn1 and relu) or head (avgpool takes fc) across these attributes, which its "
-                "forward would now run with the new parts; change the model before optimize()")
-
-    def leave(self, model, args, output):
-        self.running -= 1
-
-
-class Absorbed(nn.Module):
-    """A part of a model that optimize() fused into another (`into`): the identity inside the
-    model's own forward, where `into` computes it; called on its own (by a parent's code), what
-    the part computed: the ReLU, or the fc layer from the weights the fused head (`head`) holds."""
-
-    def __init__(self, into: str, model_forward: ModelForward, head: GlobalAvgPoolLinear | None = None):
-        super().__init__()
-        self.into, self.model_forward = into, model_forward
-        self.__dict__["head"] = head  # not a submodule: the model's avgpool, which holds the weights
-
-    def forward(self, x):
-        if self.model_forward.running:
-            return x
-        if self.head is None:
-            return torch.relu(x)
-        x = in_weight_dtype(x, self.head.weight)
-        return F.linear(x, self.head.weight, self.head.bias.to(x.dtype))
-
-    def extra_repr(self) -> str:
-        return f"into={self.into!r}"
-
-
 def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbose=False) -> nn.Module:
     """Returns `model` with its blocks fused (a copy unless inplace=True; a known block given as the
     model itself is returned as its fused form, a new module, either way).
@@ -165,8 +115,9 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: expected an nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("optimize: a TorchScript module cannot be changed; optimize the eager model, then script "
-                        "or trace the result")
+        raise TypeError("optimize: a TorchScript module cannot be changed; optimize the eager model, then "
+                        "torch.jit.trace, torch.export or torch.compile the result (torch.jit.script cannot compile "
+                        "the fused ops' Python)")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         more = f" and {len(training) - 3} more" if len(training) > 3 else ""

@@ -12,6 +12,7 @@ import torch
 import triton
 from torch import nn
 from torchvision import models as tv
+from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import ResNet as TvResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -20,7 +21,7 @@ import cnnfast
 from cnnfast import models
 from cnnfast.analysis import analyze, analyze_arch
 from cnnfast.convert import ModelInput
-from cnnfast.nn import BatchNormReLU, ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
+from cnnfast.nn import FX_LEAF_MODULES, BatchNormReLU, ConvBNReLU, GlobalAvgPoolLinear, LinearReLU
 from cnnfast.testing import tolerance
 from cnnfast.triton_kernels import conv2d as triton_conv2d
 from tests.test_global_avg_pool import INTERPRETER_ONLY
@@ -1096,10 +1097,18 @@ def test_a_known_block_given_as_the_model_is_fused(root, inplace):
     assert again.already_fused == [type(fused).__name__] and not again.fused and not again.left_alone
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the ops' shape checks hold for the traced shape
 def test_a_torchscript_module_is_refused_with_what_to_do():
-    scripted = torch.jit.script(build("resnet18", num_classes=10))
-    with pytest.raises(TypeError, match="a TorchScript module cannot be changed; optimize the eager model"):
-        cnnfast.optimize(scripted)
+    """What the error says to do works: the optimized eager model traces."""
+    original = build("resnet18", num_classes=10)
+    with pytest.raises(TypeError, match="a TorchScript module cannot be changed; optimize the eager model, then "
+                                        "torch.jit.trace, torch.export or torch.compile the result"):
+        cnnfast.optimize(torch.jit.script(original))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(cnnfast.optimize(original), x)
+    out, expected = run_both(original, traced, x)
+    assert_matches(out, expected)
 
 
 def test_a_lone_layer_given_as_the_model_is_reported():
@@ -1122,6 +1131,43 @@ def test_torch_compile_fullgraph(name):
     assert_matches(out, expected)
     with torch.no_grad():
         assert torch.equal(out, fused(x))
+
+
+FEATURE_NODES = {"resnet18": "layer4", "googlenet": "inception5b", "preact_resnet18": "layer4", "vgg16_bn": "features"}
+
+
+@pytest.mark.parametrize("name", list(FEATURE_NODES))
+def test_torch_fx_traces_a_fused_model_with_its_fused_modules_as_leaves(name):
+    """Symbolic tracing, and torchvision's create_feature_extractor (which traces the model in
+    training mode too), take FX_LEAF_MODULES as leaves; the graph, without the model's hooks, runs
+    a fused head's parts one by one (the pool, then the linear layer): the same logits."""
+    original = build(name, num_classes=10)
+    fused = cnnfast.optimize(original)
+    x = torch.randn(2, 3, 64, 64)
+
+    class FusedLeaves(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, FX_LEAF_MODULES) or super().is_leaf_module(module, name)
+
+    traced = torch.fx.GraphModule(fused, FusedLeaves().trace(fused))
+    out, expected = run_both(original, traced, x)
+    assert_matches(out, expected)
+
+    returned = {FEATURE_NODES[name]: "features"}
+    extractor = create_feature_extractor(fused, returned, tracer_kwargs={"leaf_modules": list(FX_LEAF_MODULES)})
+    assert not fused.training
+    reference = create_feature_extractor(copy.deepcopy(original).double(), returned)
+    with torch.no_grad():
+        assert_matches(extractor(x)["features"], reference(x.double())["features"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_torch_export(name):
+    original = build(name, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(cnnfast.optimize(original), (x,))
+    out, expected = run_both(original, exported.module(), x)
+    assert_matches(out, expected)
 
 
 # The models of the GPU benchmarks, on each GPU backend and on the default (the tuning table's mix).
