@@ -432,3 +432,30 @@ def test_backends_none_of_which_can_run_here_are_an_error_before_measuring(capsy
     assert code == 2 and not out
     assert err.startswith(f"cnnfast {command}: error: none of the backends asked for can run here: "
                           "triton: triton is not here; cuda: cuda is not here")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke cases give way to the GPU cases on a GPU")
+def test_the_benchmark_files_cpu_smoke_cases_run_and_save_their_figures(tmp_path):
+    """`pytest bench --benchmark-only`, as the README gives it, on a CPU: each benchmark file's
+    smoke cases check their results against float64 and are timed into the JSON."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-q", "-p", "no:cacheprovider", "-k", "cpu_smoke",
+         "--benchmark-max-time=0.01", "--benchmark-min-rounds=2", f"--benchmark-json={path}"],
+        # Without this run's pytest-xdist variables, which would turn pytest-benchmark off there.
+        cwd=repo, env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cases = json.loads(path.read_text())["benchmarks"]
+    files = {case["fullname"].split("::")[0] for case in cases}
+    assert files == {f"bench/bench_{op}.py" for op in ("add_relu", "conv2d", "gap_linear", "global_avg_pool", "models")}
+    for case in cases:
+        assert case["stats"]["rounds"] >= 2 and case["stats"]["min"] > 0, case["name"]
+        assert case["extra_info"]["device"] == "cpu", case["name"]
+    assert {case["extra_info"]["backend"] for case in cases if "conv2d" in case["name"]} == {"torch", "triton",
+                                                                                               "torch_triton"}
