@@ -3,6 +3,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -438,9 +440,6 @@ def test_backends_none_of_which_can_run_here_are_an_error_before_measuring(capsy
 def test_the_benchmark_files_cpu_smoke_cases_run_and_save_their_figures(tmp_path):
     """`pytest bench --benchmark-only`, as the README gives it, on a CPU: each benchmark file's
     smoke cases check their results against float64 and are timed into the JSON."""
-    import subprocess
-    import sys
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = tmp_path / "bench.json"
     done = subprocess.run(
