@@ -24,7 +24,7 @@ from cnnfast.models import preact
 from cnnfast.nn import (
     BasicBlock, BatchNormReLU, Bottleneck, ConvBNReLU, GlobalAvgPoolLinear, Inception, LinearReLU, PreActBasicBlock,
 )
-from cnnfast.nn.absorbed import Absorbed, ModelForward
+from cnnfast.nn.absorbed import Absorbed, installed_forward
 from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsupported_reason
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -287,10 +287,10 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
     preact_resnet = computes_as(module, preact.PreActResNet)
     # Already fused parts are skipped: a second optimize() of a fused model changes nothing.
     stem = (resnet or preact_resnet) and not isinstance(module.conv1, ConvBNReLU) and _fuse_part(
-        report, f"{prefix}conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU",
+        report, f"{prefix}conv1", f"{type(module.conv1).__name__} + {type(module.bn1).__name__} + ReLU -> ConvBNReLU",
         lambda: ConvBNReLU.from_modules(module.conv1, module.bn1, module.relu, name=f"{prefix}conv1", **options))
     final = preact_resnet and not isinstance(module.bn_final, BatchNormReLU) and _fuse_part(
-        report, f"{prefix}bn_final", "BatchNorm2d + ReLU -> BatchNormReLU",
+        report, f"{prefix}bn_final", f"{type(module.bn_final).__name__} + ReLU -> BatchNormReLU",
         lambda: BatchNormReLU.from_modules(module.bn_final, module.relu, name=f"{prefix}bn_final"))
     fused_head = None
     if (resnet or preact_resnet or computes_as(module, TvGoogLeNet)) and _is_global_pool_linear(module):
@@ -304,31 +304,23 @@ def _fuse_model_level(module: nn.Module, prefix: str, options: dict, report: Fus
     relu_absorbed = stem and (final or resnet)
     if not (stem or final or fused_head):
         return
-    model_forward = _model_forward(module)
+    model_forward = installed_forward(module)
     rewired = {}
     if stem:
         rewired.update(conv1=stem, bn1=nn.Identity())  # bn1 between conv1 and relu: the identity wherever it runs
     if final:
+        final.model_forward = model_forward
         rewired.update(bn_final=final)
     if relu_absorbed:
         rewired.update(relu=Absorbed("conv1 and bn_final" if preact_resnet else "conv1", model_forward))
     if fused_head:
         fused_head.model_forward = model_forward
         rewired.update(avgpool=fused_head, fc=Absorbed("avgpool", model_forward, head=fused_head))
+        if "dropout" in module._modules:  # GoogLeNet's, which its forward would now run on the logits
+            rewired.update(dropout=module.dropout)
     for name, part in rewired.items():
         setattr(module, name, part)
-    model_forward.parts.update(rewired)
-
-
-def _model_forward(module: nn.Module) -> ModelForward:
-    """The model's ModelForward, registered as its hooks on first use."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(getattr(hook, "__self__", None), ModelForward):
-            return hook.__self__
-    model_forward = ModelForward()
-    module.register_forward_pre_hook(model_forward.enter)
-    module.register_forward_hook(model_forward.leave, always_call=True)
-    return model_forward
+    model_forward.parts.update({name: type(part) for name, part in rewired.items()})
 
 
 def _fuse_part(report: FusionReport, name: str, what: str, build):

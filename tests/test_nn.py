@@ -5,6 +5,7 @@ Also home of `randomize_bn`, which tests/test_optimize.py and bench/bench_models
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -396,3 +397,34 @@ def test_a_block_subclass_with_its_own_forward_is_named_with_its_class():
     with pytest.raises(NotImplementedError, match=r"SqueezeExcitedBlock overrides how BasicBlock computes \(forward, "
                                                   r"in SqueezeExcitedBlock\)"):
         BasicBlock.from_torchvision(randomize_bn(SqueezeExcitedBlock(4, 4)))
+
+
+def test_a_conv_whose_geometry_is_numpy_ints_or_one_tuples_is_fused_as_pairs_of_ints():
+    """nn.Conv2d takes padding=k // 2 of a numpy config array and stride=(2,); the ops take ints."""
+    conv = nn.Conv2d(3, 4, np.int64(3), stride=(2,), padding=np.int64(3) // 2, dilation=(1,))
+    bn = randomize_bn(nn.BatchNorm2d(4))
+    fused = ConvBNReLU.from_modules(conv, bn, True)
+    assert (fused.kernel_size, fused.stride, fused.padding, fused.dilation) == ((3, 3), (2, 2), (1, 1), (1, 1))
+    assert all(type(v) is int for v in fused.padding + fused.stride)
+    x = image(2, 3, 7, 6)
+    assert_close_to_reference(fused(x), reference(nn.Sequential(conv, bn, nn.ReLU()), x), "conv")
+
+
+@pytest.mark.parametrize("build", [lambda **kw: ConvBNReLU.from_modules(nn.Conv2d(3, 4, 1).double(), **kw),
+                                   lambda **kw: LinearReLU.from_modules(nn.Linear(3, 4).double(), **kw),
+                                   lambda **kw: GlobalAvgPoolLinear.from_modules(nn.Linear(3, 4).double(), **kw)],
+                         ids=["conv", "linear", "gap-linear"])
+def test_a_float64_module_needs_a_dtype(build):
+    """Without dtype= the fused module would hold float64 weights, which no op computes in."""
+    with pytest.raises(TypeError, match=r"the weight is torch.float64, which the fused ops do not compute in: pass "
+                                        r"dtype="):
+        build()
+    assert build(dtype=torch.float32).weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("relu", [None, False])
+def test_batchnorm_relu_refuses_to_be_built_without_a_relu(relu):
+    with pytest.raises(TypeError, match=f"BatchNormReLU always applies a ReLU; relu must be an nn.ReLU or True, got "
+                                        f"{relu}"):
+        BatchNormReLU.from_modules(randomize_bn(nn.BatchNorm2d(3)), relu)
+    assert BatchNormReLU.from_modules(randomize_bn(nn.BatchNorm2d(3)), True).channels == 3

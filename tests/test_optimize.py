@@ -5,6 +5,8 @@ contract, torch.compile and CUDA-graph capture."""
 import collections
 import copy
 import functools
+import io
+import threading
 import types
 
 import pytest
@@ -493,7 +495,7 @@ UNKNOWN_PARTS = {
         ("left_alone", "0.0", "a Conv2d outside an nn.Sequential run or a known block is not fused"),
     ]),
     "frozen-batchnorm": (lambda: resnet18_with(norm_layer=FrozenBatchNorm2d), (1, 3, 64, 64), [
-        ("fused", "conv1", "Conv2d + BatchNorm2d + ReLU -> ConvBNReLU"),
+        ("fused", "conv1", "Conv2d + FrozenBatchNorm2d + ReLU -> ConvBNReLU"),
         ("fused", "layer2.0", "BasicBlock -> fused BasicBlock"),
     ]),
     "group-norm": (lambda: resnet18_with(norm_layer=functools.partial(nn.GroupNorm, 4)), (1, 3, 64, 64), [
@@ -897,16 +899,19 @@ class TwoOutputs(nn.Module):
     def forward(self, x):
         m = self.model
         x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-        if hasattr(m, "bn_final"):
-            x = m.relu(m.bn_final(x))
+        normalized = []
+        if hasattr(m, "bn_final"):  # a pre-activation ResNet's: the BatchNorm alone, its negative values kept
+            normalized.append(m.bn_final(x))
+            x = m.relu(normalized[0])
         embedding = torch.flatten(m.avgpool(x), 1)
-        return embedding, m.fc(embedding), m.relu(embedding - embedding.mean())
+        return embedding, m.fc(embedding), m.relu(embedding - embedding.mean()), *normalized
 
 
 @pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
 def test_a_parent_that_calls_the_parts_by_name_gets_what_they_computed(name):
-    """optimize() fuses bn1 and relu into conv1 and fc into avgpool, which is right in the model's
-    own forward; called by other code, avgpool is the pool, fc the linear layer, relu a ReLU."""
+    """optimize() fuses bn1 and relu into conv1, relu into bn_final and fc into avgpool, which is
+    right in the model's own forward; called by other code, avgpool is the pool, fc the linear
+    layer, relu a ReLU, bn_final the BatchNorm."""
     original = build(name, num_classes=10)
     parent = cnnfast.optimize(TwoOutputs(original).eval())
     assert dict(parent.cnnfast_report.fused)["model.avgpool"] == "AdaptiveAvgPool2d + Linear -> GlobalAvgPoolLinear"
@@ -927,25 +932,95 @@ def test_a_fused_head_called_on_its_own_is_the_pool_then_the_linear_layer(name):
     with torch.no_grad():
         pooled = fused.avgpool(features)
         assert_matches(pooled, original.double().avgpool(features.double()))
+        assert_matches(fused.avgpool(features[0]), original.avgpool(features[0].double()))  # one unbatched map
         assert_matches(fused.fc(pooled.flatten(1)), original.fc(pooled.double().flatten(1)))
+    # A class activation map reads the head's weights through fc.
+    assert torch.equal(fused.fc.weight, original.fc.weight.float()) and fused.fc.in_features == original.fc.in_features
     copied = copy.deepcopy(fused)  # the copy's fc reads the copy's head
     assert copied.fc.head is copied.avgpool and copied.fc.model_forward is copied.avgpool.model_forward
 
 
-@pytest.mark.parametrize("part, replacement", [("fc", nn.Identity()), ("fc", nn.Linear(512, 3)), ("relu", nn.ReLU()),
-                                               ("conv1", nn.Conv2d(3, 64, 7, 2, 3))],
-                         ids=["fc-identity", "fc-linear", "relu", "conv1"])
-def test_a_fused_part_replaced_after_optimize_is_refused_by_name(part, replacement):
+@pytest.mark.parametrize("name, part, replacement", [
+    ("resnet18", "fc", nn.Identity()), ("resnet18", "fc", nn.Linear(512, 3)), ("resnet18", "relu", nn.ReLU()),
+    ("resnet18", "conv1", nn.Conv2d(3, 64, 7, 2, 3)), ("googlenet", "dropout", nn.Tanh()),
+], ids=["fc-identity", "fc-linear", "relu", "conv1", "googlenet-dropout"])
+def test_a_fused_part_replaced_after_optimize_is_refused_by_name(name, part, replacement):
     """model.fc = nn.Identity() after optimize() would return the fused head's logits as features;
-    a new conv1 would run without the BatchNorm folded into the old one."""
-    fused = cnnfast.optimize(build("resnet18", num_classes=10))
+    a new conv1 would run without the BatchNorm folded into the old one, GoogLeNet's new dropout
+    on the logits."""
+    fused = cnnfast.optimize(build(name, num_classes=10))
     setattr(fused, part, replacement)
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=f"^ResNet: {part} was replaced after cnnfast.optimize"):
-        fused(x)
-    features = torch.randn(1, 512, 2, 2)
-    with torch.no_grad():  # the failed forward is over: avgpool called on its own is the pool again
-        assert fused.avgpool(features).shape == (1, 512, 1, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=f"^{type(fused).__name__}: {part} was replaced after "
+                                                            "cnnfast.optimize"):
+        fused(torch.randn(1, 3, 32, 32))
+
+
+def test_a_model_with_a_fused_stem_and_head_pickles_and_replicates():
+    """optimize() puts FusedForward before the model's class: torch.save of the whole model loads
+    it back, and a replica (nn.DataParallel's, which copies the model's attributes) runs its own
+    modules."""
+    original = build("resnet18", num_classes=10)
+    fused = cnnfast.optimize(original)
+    assert isinstance(fused, TvResNet) and type(fused).__name__ == "ResNet"
+    x = torch.randn(2, 3, 32, 32)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is type(fused) and loaded.fc.head is loaded.avgpool
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
+        assert loaded.avgpool(torch.randn(2, 512, 3, 3)).shape == (2, 512, 1, 1)
+    replica = fused._replicate_for_data_parallel()
+    replica._modules = dict(fused._modules, layer4=copy.deepcopy(fused.layer4).apply(
+        lambda m: m.weight.data.zero_() if isinstance(m, ConvBNReLU) else None))
+    with torch.no_grad():
+        assert not torch.equal(replica(x), fused(x))
+
+
+def test_a_part_called_by_name_on_another_thread_during_the_forward_is_unfused():
+    """The forward is counted on its own thread: another thread's model.avgpool(x) is the pool."""
+    fused = cnnfast.optimize(build("resnet18", num_classes=10))
+    pooled = []
+
+    def on_another_thread(module, args, output):
+        thread = threading.Thread(target=lambda: pooled.append(fused.avgpool(output)))
+        thread.start()
+        thread.join()
+
+    fused.layer4.register_forward_hook(on_another_thread)
+    with torch.no_grad():
+        assert fused(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert pooled[0].shape == (2, 512, 1, 1)
+
+
+def raise_keyboard_interrupt(*args):
+    raise KeyboardInterrupt
+
+
+def refuse_one_channel(module, args):
+    if args[0].shape[1] == 1:
+        raise ValueError("expected RGB")
+
+
+@pytest.mark.parametrize("how", ["own-pre-hook", "prepended-pre-hook", "keyboard-interrupt"])
+def test_the_parts_called_by_name_are_unfused_again_however_a_forward_ended(how):
+    """A forward that ends in an exception (one of the model's own pre-hooks, before its forward;
+    a KeyboardInterrupt inside it) leaves no forward counted as running."""
+    original = build("resnet18", num_classes=10)
+    if how == "own-pre-hook":
+        original.register_forward_pre_hook(refuse_one_channel)
+    fused = cnnfast.optimize(original)
+    if how == "prepended-pre-hook":
+        fused.register_forward_pre_hook(refuse_one_channel, prepend=True)
+    if how == "keyboard-interrupt":
+        fused.layer2.register_forward_hook(raise_keyboard_interrupt)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt if how == "keyboard-interrupt" else ValueError):
+        fused(torch.randn(1, 1 if how != "keyboard-interrupt" else 3, 32, 32))
+    features = torch.randn(2, 512)
+    with torch.no_grad():
+        assert fused.avgpool(features[:, :, None, None]).shape == (2, 512, 1, 1)
+        assert_matches(fused.fc(features), copy.deepcopy(original.fc).double()(features.double()))
 
 
 # ---------------------------------------------------------------- the bad-input contract

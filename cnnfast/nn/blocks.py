@@ -79,7 +79,11 @@ def _downsample(downsample, fuse, name):
 
 class BatchNormReLU(nn.Module):
     """relu(bn(x)) of an eval-mode BatchNorm as one multiply-add and a ReLU: the pre-activation
-    that cannot ride in a conv epilogue because the block's input is also its shortcut."""
+    that cannot ride in a conv epilogue because the block's input is also its shortcut.
+
+    model_forward: set by optimize() where this is a model's bn_final with the model's relu fused
+    in (an object whose `running` says whether the model's own forward is running). Called
+    otherwise (other code's model.bn_final(x)), it is the BatchNorm it stands in for, no ReLU."""
 
     def __init__(self, bn: nn.BatchNorm2d, *, name="bn"):
         super().__init__()
@@ -90,12 +94,16 @@ class BatchNormReLU(nn.Module):
         scale, shift = ops.batch_norm_scale_shift(bn)
         self.register_buffer("scale", scale.view(1, -1, 1, 1))
         self.register_buffer("shift", shift.view(1, -1, 1, 1))
+        self.model_forward = None
 
     @classmethod
     def from_modules(cls, bn, relu, *, name="bn"):
-        """relu(bn(x)) from the model's BatchNorm and activation module: NotImplementedError where
-        the activation is not a ReLU."""
+        """relu(bn(x)) from the model's BatchNorm and activation module (or True): NotImplementedError
+        where the activation is not a ReLU, TypeError for no ReLU (None, False), which it would add."""
         check_relu(relu, name)
+        if not relu:
+            raise TypeError(f"{name}: BatchNormReLU always applies a ReLU; relu must be an nn.ReLU or True, got "
+                            f"{relu!r}")
         check_no_hooks(name, bn, relu)
         return cls(bn, name=name)
 
@@ -108,7 +116,8 @@ class BatchNormReLU(nn.Module):
             raise TypeError(f"BatchNormReLU: input dtype {x.dtype} is not a floating dtype")
         # Like nn.BatchNorm2d, the output keeps x's dtype: float16 activations with float32 statistics
         # are computed in float32 and rounded once.
-        return torch.relu(torch.addcmul(self.shift, x, self.scale).to(x.dtype))
+        y = torch.addcmul(self.shift, x, self.scale).to(x.dtype)
+        return y if self.model_forward is not None and not self.model_forward.running else torch.relu(y)
 
     def extra_repr(self) -> str:
         return f"{self.channels}"

@@ -5,6 +5,8 @@ devices like PyTorch's own. They are for inference: built in eval mode, they ref
 training mode, and built by from_modules their weights are constants (requires_grad=False); the
 bias is the folded BatchNorm shift, kept in float32 whatever the weight's dtype.
 """
+import operator
+
 import torch
 from torch import nn
 
@@ -23,8 +25,8 @@ def overridden_method(module, cls) -> str | None:
     methods = {name for klass in cls.__mro__[:cls.__mro__.index(nn.Module)] for name, value in vars(klass).items()
                if callable(value) and name not in ("__init__", "extra_repr")}
 
-    def defined_in(klass, name):
-        return next(base for base in klass.__mro__ if name in vars(base))
+    def defined_in(klass, name):  # optimize()'s FusedForward runs the class's forward: not an override
+        return next(base for base in klass.__mro__ if name in vars(base) and "installed_by_optimize" not in vars(base))
 
     return next((name for name in sorted(methods.union(CALL_METHODS))
                  if name in vars(module) or defined_in(type(module), name) is not defined_in(cls, name)), None)
@@ -87,10 +89,22 @@ def check_relu(relu, where: str) -> None:
         raise NotImplementedError(f"{where}: the activation is {type(relu).__name__}, not ReLU; only ReLU is fused")
 
 
-def check_module_dtype(dtype, where: str) -> None:
-    """Refuses a dtype the fused ops do not compute in (an int8 would truncate the weights)."""
+def module_dtype(dtype, weight: torch.Tensor, where: str) -> torch.dtype:
+    """The dtype a fused module built from `weight` computes in: dtype, or the weight's where None.
+    Refuses one the fused ops do not compute in (an int8 would truncate the weights, a float64
+    module given no dtype= would make a module no op runs)."""
     if dtype is not None and dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"{where}: dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    if dtype is None and weight.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"{where}: the weight is {weight.dtype}, which the fused ops do not compute in: pass "
+                        "dtype=torch.float32, torch.float16 or torch.bfloat16")
+    return dtype or weight.dtype
+
+
+def conv_pair(value) -> tuple[int, int]:
+    """An nn.Conv2d's stride, padding, dilation or kernel size as two Python ints: the module
+    takes a 1-tuple and numpy ints (padding=k // 2 of a config array), which the ops refuse."""
+    return tuple(operator.index(v) for v in (tuple(value) * 2 if len(value) == 1 else value))
 
 
 HOOK_KINDS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
@@ -101,15 +115,12 @@ def check_no_hooks(where: str, *modules) -> None:
     """Raises NotImplementedError (the part is left as it is) where one of the part's modules, or
     a module inside one, has hooks: the fused module would drop them (a hook that reads a
     BatchNorm's output; the legacy spectral_norm's pre-hook, which recomputes the weight). An
-    earlier optimize()'s own hooks (the input conversion, a fused head's bookkeeping; their objects
-    have installed_by_optimize) are not counted: a second optimize() keeps what they do."""
-    def counted(hook):
-        return not getattr(getattr(hook, "__self__", hook), "installed_by_optimize", False)
-
+    earlier optimize()'s input conversion (its object has installed_by_optimize) is not counted: a
+    second optimize() keeps it."""
     for module in modules:
         for sub in module.modules() if isinstance(module, nn.Module) else ():
             kinds = [kind for attribute, kind in HOOK_KINDS.items()
-                     if any(counted(hook) for hook in getattr(sub, attribute, {}).values())]
+                     if any(not getattr(hook, "installed_by_optimize", False) for hook in getattr(sub, attribute, {}).values())]
             if kinds:
                 raise NotImplementedError(f"{where}: its {type(sub).__name__} has {' and '.join(kinds)}, which a "
                                           "fused module would not run")
@@ -177,18 +188,18 @@ class ConvBNReLU(nn.Conv2d):
         reason = unsupported_reason(conv)
         if reason is not None:
             raise NotImplementedError(f"{name}: {reason}")
-        check_module_dtype(dtype, name)
+        dtype = module_dtype(dtype, conv.weight, name)
         check_relu(relu, name)
         check_no_hooks(name, conv, bn, relu)
-        dtype = dtype or conv.weight.dtype
         if bn is not None:
             check_foldable(bn, name)
             weight, bias = ops.fold_bn(conv.weight, conv.bias, bn, dtype=dtype)
         else:
             weight = conv.weight.detach().to(dtype)
             bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    relu=bool(relu), bn_folded=bn is not None, backend=backend, device="meta")
+        geometry = [conv_pair(value) for value in (conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+        fused = cls(conv.in_channels, conv.out_channels, *geometry, relu=bool(relu), bn_folded=bn is not None,
+                    backend=backend, device="meta")
         fused.weight = _constant(weight.contiguous(memory_format=torch.channels_last))
         fused.bias = _constant(bias.float())
         return fused
@@ -212,7 +223,7 @@ def _take_linear(fused: nn.Linear, linear: nn.Linear, dtype) -> nn.Linear:
     """Gives `fused` the weight of `linear` in `dtype` and its bias (or zeros) in float32."""
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, device=weight.device)
-    fused.weight = _constant(weight.to(dtype or weight.dtype))
+    fused.weight = _constant(weight.to(dtype))
     fused.bias = _constant(bias.float())
     return fused
 
@@ -232,7 +243,7 @@ class LinearReLU(nn.Linear):
         """Fuses linear -> [relu]; relu: a ReLU module, or a bool. NotImplementedError for another
         activation or a part with hooks."""
         check_computes_as(linear, nn.Linear, name, "an nn.Linear")
-        check_module_dtype(dtype, name)
+        dtype = module_dtype(dtype, linear.weight, name)
         check_relu(relu, name)
         check_no_hooks(name, linear, relu)
         fused = cls(linear.in_features, linear.out_features, relu=bool(relu), backend=backend, device="meta")
@@ -268,7 +279,7 @@ class GlobalAvgPoolLinear(nn.Linear):
     @classmethod
     def from_modules(cls, linear: nn.Linear, *, dtype=None, backend=None, name="fc"):
         check_computes_as(linear, nn.Linear, name, "an nn.Linear")
-        check_module_dtype(dtype, name)
+        dtype = module_dtype(dtype, linear.weight, name)
         check_no_hooks(name, linear)
         fused = cls(linear.in_features, linear.out_features, backend=backend, device="meta")
         return _take_linear(fused, linear, dtype)
@@ -277,6 +288,8 @@ class GlobalAvgPoolLinear(nn.Linear):
         check_inference(self)
         x = in_weight_dtype(x, self.weight)
         if self.model_forward is not None and not self.model_forward.running:
+            if x.dim() == 3:  # one unbatched (C, H, W) map, as nn.AdaptiveAvgPool2d takes it
+                return ops.global_avg_pool(x[None], backend=self.backend)[0, :, None, None]
             return ops.global_avg_pool(x, backend=self.backend)[:, :, None, None]
         return ops.gap_linear(x, self.weight, self.bias, backend=self.backend)
 
