@@ -396,17 +396,22 @@ def _cast(model: nn.Module, dtype) -> None:
     biases and BatchNormReLU's scale and shift, which stay float32 (applied in float32); makes the fused modules' 4-D
     ones channels_last (a module left alone keeps its layout: its code may .view its weight); and
     leaves no parameter requiring grad: the result is for inference, and a fused op refuses an
-    input that requires grad, which an unfused layer's trainable weights would give it."""
+    input that requires grad, which an unfused layer's trainable weights would give it. A tensor
+    that several modules share (tied weights) becomes one new tensor that they share."""
+    done = {}
     for module in model.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if not tensor.is_floating_point():
                 continue
             keep_float32 = isinstance(module, BatchNormReLU) or (isinstance(module, FUSED_LEAVES) and name == "bias")
-            # .float(): a model.to(float16) between two optimize() calls rounded these too.
-            converted = tensor.float() if keep_float32 else tensor.to(dtype) if dtype is not None else tensor.detach()
-            if converted.dim() == 4 and isinstance(module, FUSED_LEAVES):
-                converted = converted.contiguous(memory_format=torch.channels_last)
-            if isinstance(tensor, nn.Parameter):
-                setattr(module, name, nn.Parameter(converted, requires_grad=False))
-            else:
-                setattr(module, name, converted)
+            channels_last = tensor.dim() == 4 and isinstance(module, FUSED_LEAVES)
+            key = (id(tensor), keep_float32, channels_last)
+            if key not in done:
+                # .float(): a model.to(float16) between two optimize() calls rounded these too.
+                converted = tensor.float() if keep_float32 else tensor.to(dtype) if dtype is not None else tensor.detach()
+                if channels_last:
+                    converted = converted.contiguous(memory_format=torch.channels_last)
+                if isinstance(tensor, nn.Parameter):
+                    converted = nn.Parameter(converted, requires_grad=False)
+                done[key] = (tensor, converted)  # the tensor kept alive: its id stays its own
+            setattr(module, name, done[key][1])

@@ -648,7 +648,7 @@ def test_a_model_with_nothing_fused_keeps_its_layouts():
 
 def test_a_parameter_shared_with_a_layer_left_alone_keeps_its_values_there():
     """A decoder tied to an encoder conv's weight: the fused conv gets its own folded weight, the
-    decoder the original values."""
+    decoder the original values; layers left alone that share a parameter still share it."""
 
     class TiedAutoencoder(nn.Module):
         def __init__(self):
@@ -665,6 +665,11 @@ def test_a_parameter_shared_with_a_layer_left_alone_keeps_its_values_there():
     assert isinstance(fused.encoder[0], ConvBNReLU) and fused.encoder[0].bn_folded
     out, expected = run_both(original, fused, torch.randn(2, 3, 5, 6))
     assert_matches(out, expected)
+    # Two layers left alone that share a parameter share its cast: one tensor, not two copies.
+    tied = nn.Sequential(nn.ConvTranspose2d(4, 4, 3, padding=1), nn.Tanh(), nn.ConvTranspose2d(4, 4, 3, padding=1))
+    tied[2].weight = tied[0].weight
+    cast = cnnfast.optimize(tied.eval(), dtype=torch.bfloat16)
+    assert cast[2].weight is cast[0].weight and cast[0].weight.dtype == torch.bfloat16
 
 
 def test_an_unbatched_image_runs_as_nn_conv2d_takes_it():
