@@ -58,7 +58,6 @@ import functools
 import math
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -513,20 +512,25 @@ def layer_rows(result) -> tuple[tuple, list[tuple]]:
 
 def summary_rows(result) -> tuple[tuple, list[tuple]]:
     """(headers, rows): per backend, every conv call of the model summed (each distinct layer times
-    its uses); a backend that could not run some layers' epilogue sums the others and says how many."""
+    its uses); a backend that could not run some layers' epilogue sums the others and says how many.
+    Its speedup is the torch backend's time over its own, on those calls summed alike."""
     unit, scale = rate_unit(result["device_type"])
-    headers = ("backend", "conv ms (all calls)", unit, "speedup vs torch (geomean)")
+    headers = ("backend", "conv ms (all calls)", unit, "speedup vs torch (all calls)")
     rows = []
     for backend in result["backends"]:
         layers = [layer for layer in result["layers"] if backend in layer["results"]]
-        total_ms = sum(layer["results"][backend]["ms"] * len(layer["layers"]) for layer in layers)
-        total_flops = sum(layer["flops"] * len(layer["layers"]) for layer in layers)
-        speedups = [layer["results"][backend]["speedup_vs_torch"] for layer in layers]
-        geomean = statistics.geometric_mean(speedups) if speedups and None not in speedups else None
+
+        def all_calls(figure):
+            return sum(figure(layer) * len(layer["layers"]) for layer in layers)
+
+        total_ms = all_calls(lambda layer: layer["results"][backend]["ms"])
+        total_flops = all_calls(lambda layer: layer["flops"])
+        timed_on_torch = layers and all("torch" in layer["results"] for layer in layers)
+        speedup = all_calls(lambda layer: layer["results"]["torch"]["ms"]) / total_ms if timed_on_torch else None
         share = "" if len(layers) == len(result["layers"]) else f" ({len(layers)} of {len(result['layers'])} layers)"
         rate = f"{total_flops / (total_ms * 1e-3) / scale:,.1f}" if layers else "-"
         conv_ms = f"{total_ms:.3f}" if layers else "-"
-        rows.append((backend, f"{conv_ms}{share}", rate, "-" if geomean is None else f"{geomean:.2f}"))
+        rows.append((backend, f"{conv_ms}{share}", rate, "-" if speedup is None else f"{speedup:.2f}"))
     return headers, rows
 
 

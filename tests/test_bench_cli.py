@@ -229,6 +229,21 @@ def test_a_torch_compile_that_cannot_build_here_is_skipped_with_its_reason(monke
         bench.bench_layers(problems, 1, torch.float32, torch.device("cpu"), ["torch_folded"])
 
 
+def test_the_summary_speedup_weighs_each_layer_by_its_calls_as_the_rest_of_its_row():
+    """A layer the model calls three times counts three times, as in the row's total ms: 7 ms of
+    torch over 4 ms is 1.75 (the unweighted geometric mean of the layers' 4 and 1 would say 2)."""
+    from cnnfast.bench import summary_rows
+
+    def layer(uses, torch_ms, triton_ms):
+        return {"layers": [f"l{i}" for i in range(uses)], "flops": 1e9,
+                "results": {"torch": {"ms": torch_ms, "speedup_vs_torch": 1.0},
+                            "triton": {"ms": triton_ms, "speedup_vs_torch": torch_ms / triton_ms}}}
+
+    result = {"device_type": "cuda", "backends": ["torch", "triton"], "layers": [layer(1, 4.0, 1.0), layer(3, 1.0, 1.0)]}
+    _, rows = summary_rows(result)
+    assert rows[1] == ("triton", "4.000", "1.0", "1.75") and rows[0][3] == "1.00"
+
+
 def test_a_backend_that_cannot_run_some_layers_is_summed_over_the_rest():
     from cnnfast.bench import skipped_lines, summary_rows
     from cnnfast.cli import tune_table

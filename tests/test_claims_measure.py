@@ -3,10 +3,13 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from cnnfast.analysis.claims import compute_claims
-from cnnfast.analysis.measure import SCHEMA, TIME_QUANTITIES, explain, verdict
+from cnnfast.analysis.counter import ConvProblem
+from cnnfast.analysis.measure import SCHEMA, TIME_QUANTITIES, _count, explain, verdict
 from cnnfast.cli import main
+from cnnfast.roofline import conv_bytes
 
 # Two cheap claims (a few ms a side on a CPU): one of conv stacks, one of AlexNet's pooling and conv layers.
 REDUCED = ("bottleneck_vs_basic_macs", "alexnet_pool_ops_vs_conv_macs")
@@ -171,3 +174,14 @@ def test_a_module_run_on_two_shapes_is_timed_on_each(monkeypatch):
     small, large = torch.ones(1, 4, 2, 2), torch.ones(1, 4, 64, 64)
     top, bottom, _ = measure.time_sides([(relu, small), (relu, large)], [(relu, small)], "cpu")
     assert (top, bottom) == (16 + 4 * 64 * 64, 16)
+
+
+def test_a_sides_conv_bytes_are_the_rooflines():
+    """A 1x1 stride-2 conv reads a quarter of its input: the claims' bound and the roofline count
+    its traffic alike (the whole input was counted here, twice the roofline's figure)."""
+    ceiling = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    conv = nn.Conv2d(64, 128, 1, 2, bias=False)
+    side = _count(conv, torch.randn(1, 64, 56, 56), ceiling)
+    assert side["bytes"] == conv_bytes(ConvProblem(64, 56, 56, 128, 1, 1, (2, 2), (0, 0)), 1, 4) == 634_880
+    pool = nn.MaxPool2d(2)
+    assert _count(pool, torch.randn(1, 8, 4, 4), ceiling)["bytes"] == (8 * 16 + 8 * 4) * 4  # input and output

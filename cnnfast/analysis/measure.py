@@ -35,9 +35,10 @@ ratio of two configurations or 1/2 for a fraction of a whole (the claim says "mo
 - "holds in direction" otherwise, when m and p lie strictly on the same side of the pivot;
 - "does not hold" otherwise (including p exactly at the pivot, "the same compute", with m outside 1.25x).
 
-Explanation of every verdict but "holds" (``explain``). Each side is run once, untimed, with a hook on
+Explanation of a verdict other than "holds" on the torch side (``explain``). Each side is run once, untimed, with a hook on
 every leaf module: flops (2 x MACs of conv and linear leaves, as ``cnnfast.analysis`` counts them),
-bytes (the leaf's input, output and parameters, each moved once), calls (leaves run) and the roofline
+bytes (``_traffic``: a dense conv's as the roofline counts them, any other leaf's input, output and
+parameters, each moved once), calls (leaves run) and the roofline
 bound: ``cnnfast.roofline.bound_seconds`` of each leaf under the cached ceilings, summed over the leaves.
 A side is "memory"-bound when its memory-bound leaves hold more than half of its bound time. Then:
 
@@ -71,11 +72,11 @@ from torch import nn
 
 from cnnfast.analysis import analyze_arch
 from cnnfast.analysis.claims import compute_claims
-from cnnfast.analysis.counter import _macs
+from cnnfast.analysis.counter import ConvProblem, _macs
 from cnnfast.bench import default_device, default_dtype
 from cnnfast.models import get_model
 from cnnfast.roofline import (
-    DTYPES, bound_kind, bound_seconds, ceilings, cudnn_autotuned, device_name, time_ms, timer_description,
+    DTYPES, bound_kind, bound_seconds, ceilings, conv_bytes, cudnn_autotuned, device_name, time_ms, timer_description,
 )
 
 SCHEMA = "cnnfast.claims_measure/2"
@@ -189,14 +190,28 @@ def _prepare(module: nn.Module, shape: tuple, batch: int, dtype, device):
     return module, x
 
 
+def _traffic(leaf: nn.Module, inputs: tuple, output) -> int:
+    """A leaf's compulsory bytes: for a dense conv, what cnnfast.roofline.conv_bytes counts (the
+    input pixels the filter reads, the weight, the output: a 1x1 stride-2 conv reads a quarter of
+    its input), so that a claim's sides and the roofline agree; else its inputs, output and
+    parameters, each once."""
+    x = inputs[0] if inputs else None
+    if (isinstance(leaf, nn.Conv2d) and leaf.groups == 1 and tuple(leaf.dilation) == (1, 1)
+            and not isinstance(leaf.padding, str) and isinstance(x, torch.Tensor) and x.dim() == 4):
+        n, c, h, w = x.shape
+        problem = ConvProblem(c, h, w, leaf.out_channels, *leaf.kernel_size, tuple(leaf.stride), tuple(leaf.padding))
+        return conv_bytes(problem, n, x.element_size())
+    tensors = [t for t in (*inputs, output, *leaf.parameters(recurse=False)) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _count(module: nn.Module, x: torch.Tensor, ceiling: dict) -> dict:
-    """One untimed run, leaf by leaf: flops (2 x MACs), bytes (input, output and parameters once), calls,
+    """One untimed run, leaf by leaf: flops (2 x MACs), bytes (_traffic), calls,
     and the roofline-bound time summed over the leaves (all of it and the memory-bound leaves' share)."""
     side = {"flops": 0, "bytes": 0, "calls": 0, "bound_ms": 0.0, "memory_bound_ms": 0.0}
 
     def hook(leaf, inputs, output):
-        tensors = [t for t in (*inputs, output, *leaf.parameters(recurse=False)) if isinstance(t, torch.Tensor)]
-        flops, traffic = 2 * _macs(leaf, output), sum(t.numel() * t.element_size() for t in tensors)
+        flops, traffic = 2 * _macs(leaf, output), _traffic(leaf, inputs, output)
         bound_ms = bound_seconds(flops, traffic, ceiling) * 1e3
         side["flops"] += flops
         side["bytes"] += traffic
