@@ -141,8 +141,7 @@ def conv_layers(arch: str, input_size: int | None = None) -> dict[tuple[ConvProb
     layers: dict[tuple[ConvProblem, str], list[str]] = {}
 
     def record(module, args, kwargs, name):
-        c, h, w = args[0].shape[1:]
-        problem = ConvProblem(c, h, w, module.out_channels, *module.kernel_size, module.stride, module.padding)
+        problem = ConvProblem.of(module, args[0].shape)
         residual = args[1] if len(args) > 1 else kwargs.get("residual")  # forward(x, residual=None, out=None)
         epilogue = epilogue_name(residual is not None, module.relu)
         layers.setdefault((problem, epilogue), []).append(name)

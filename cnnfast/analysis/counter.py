@@ -327,6 +327,12 @@ class ConvProblem:
     stride: tuple[int, int]
     padding: tuple[int, int]
 
+    @classmethod
+    def of(cls, conv: nn.Conv2d, input_shape) -> "ConvProblem":
+        """The problem conv computes on an input of shape (..., C, H, W)."""
+        c, h, w = input_shape[-3:]
+        return cls(c, h, w, conv.out_channels, *conv.kernel_size, tuple(conv.stride), tuple(conv.padding))
+
 
 def conv_problems(analysis: ModelAnalysis) -> dict[ConvProblem, list[str]]:
     """The distinct conv problems of an analysis, in order of first use, with the layers using each."""

@@ -198,9 +198,7 @@ def _traffic(leaf: nn.Module, inputs: tuple, output) -> int:
     x = inputs[0] if inputs else None
     if (isinstance(leaf, nn.Conv2d) and leaf.groups == 1 and tuple(leaf.dilation) == (1, 1)
             and not isinstance(leaf.padding, str) and isinstance(x, torch.Tensor) and x.dim() == 4):
-        n, c, h, w = x.shape
-        problem = ConvProblem(c, h, w, leaf.out_channels, *leaf.kernel_size, tuple(leaf.stride), tuple(leaf.padding))
-        return conv_bytes(problem, n, x.element_size())
+        return conv_bytes(ConvProblem.of(leaf, x.shape), x.shape[0], x.element_size())
     tensors = [t for t in (*inputs, output, *leaf.parameters(recurse=False)) if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnfast.nn.conv import GlobalAvgPoolLinear, in_weight_dtype
+from cnnfast.nn.conv import GlobalAvgPoolLinear, called_on_its_own, in_weight_dtype
 
 
 class ModelForward:
@@ -83,7 +83,7 @@ def fused_class(model_class: type) -> type:
                 del state.depth[key]
 
     FUSED_CLASSES[model_class] = type(model_class.__name__, (FusedForward, model_class),
-                                      {"model_class": model_class, "forward": forward, "installed_by_optimize": True})
+                                      {"model_class": model_class, "forward": forward})
     return FUSED_CLASSES[model_class]
 
 
@@ -122,7 +122,7 @@ class Absorbed(nn.Module):
     out_features = property(lambda self: self._linear("out_features"))
 
     def forward(self, x):
-        if self.model_forward.running:
+        if not called_on_its_own(self.model_forward):
             return x
         if self.head is None:
             return torch.relu(x)

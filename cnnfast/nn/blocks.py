@@ -13,8 +13,8 @@ from torchvision.models.resnet import Bottleneck as TvBottleneck
 from cnnfast import ops
 from cnnfast.models import preact
 from cnnfast.nn.conv import (
-    ConvBNReLU, check_computes_as, check_foldable, check_inference, check_no_hooks, check_relu, compute_dtype,
-    computes_as,
+    ConvBNReLU, called_on_its_own, check_computes_as, check_foldable, check_inference, check_no_hooks, check_relu,
+    compute_dtype, computes_as,
 )
 
 
@@ -117,7 +117,7 @@ class BatchNormReLU(nn.Module):
         # Like nn.BatchNorm2d, the output keeps x's dtype: float16 activations with float32 statistics
         # are computed in float32 and rounded once.
         y = torch.addcmul(self.shift, x, self.scale).to(x.dtype)
-        return y if self.model_forward is not None and not self.model_forward.running else torch.relu(y)
+        return y if called_on_its_own(self.model_forward) else torch.relu(y)
 
     def extra_repr(self) -> str:
         return f"{self.channels}"

@@ -26,7 +26,8 @@ def overridden_method(module, cls) -> str | None:
                if callable(value) and name not in ("__init__", "extra_repr")}
 
     def defined_in(klass, name):  # optimize()'s FusedForward runs the class's forward: not an override
-        return next(base for base in klass.__mro__ if name in vars(base) and "installed_by_optimize" not in vars(base))
+        return next(base for base in klass.__mro__
+                    if name in vars(base) and not getattr(base, "installed_by_optimize", False))
 
     return next((name for name in sorted(methods.union(CALL_METHODS))
                  if name in vars(module) or defined_in(type(module), name) is not defined_in(cls, name)), None)
@@ -43,6 +44,12 @@ def override_text(module, cls) -> str:
 def computes_as(module, cls) -> bool:
     """Whether module is a cls that computes what cls computes (overridden_method finds nothing)."""
     return isinstance(module, cls) and overridden_method(module, cls) is None
+
+
+def called_on_its_own(model_forward) -> bool:
+    """Whether a part optimize() fused across a model's attributes runs outside the model's own
+    forward (model_forward: the model's ModelForward; None for a module that is no such part)."""
+    return model_forward is not None and not model_forward.running
 
 
 def check_computes_as(module, cls, where: str, what: str) -> None:
@@ -287,7 +294,7 @@ class GlobalAvgPoolLinear(nn.Linear):
     def forward(self, x):
         check_inference(self)
         x = in_weight_dtype(x, self.weight)
-        if self.model_forward is not None and not self.model_forward.running:
+        if called_on_its_own(self.model_forward):
             if x.dim() == 3:  # one unbatched (C, H, W) map, as nn.AdaptiveAvgPool2d takes it
                 return ops.global_avg_pool(x[None], backend=self.backend)[0, :, None, None]
             return ops.global_avg_pool(x, backend=self.backend)[:, :, None, None]
