@@ -1,4 +1,6 @@
 """add_relu: every backend against a float64 reference, layouts, special values, bad inputs."""
+import math
+
 import pytest
 import torch
 
@@ -171,6 +173,24 @@ def test_triton_strided_every_config(device, config, layouts):
     out = torch.full(x.shape, float("nan"), device=device).contiguous(memory_format=torch.channels_last)
     add_relu_triton(x, y, out, relu=False, config=config)
     assert_close_to_reference(out, reference_add_relu(x, y, relu=False), "elementwise")
+
+
+@pytest.mark.parametrize("interpreted", [True, False], ids=["interpreter-configs", "gpu-configs"])
+def test_triton_strided_grid_fits_cuda_limits(interpreted):
+    """Millions of channels (legal, if odd) still launch: CUDA caps grid axes 1 and 2 at 65535 blocks,
+    which the interpreter does not enforce, so the strided kernel's grid is one axis."""
+    from cnnfast.triton_kernels.add_relu import add_relu_strided_kernel, launch_plan
+
+    shape = (1, 3_000_000, 2, 1)
+    x = torch.empty(shape, device="meta")  # NCHW beside channels_last: the strided kernel
+    y = torch.empty(shape, device="meta").contiguous(memory_format=torch.channels_last)
+    kernel, _, _, grid, _ = launch_plan(x, y, torch.empty_like(y), True, None)
+    assert kernel is add_relu_strided_kernel
+    for config in add_relu_strided_configs(interpreted):
+        blocks = grid(config.kwargs)
+        assert blocks[0] < 2 ** 31 and all(b <= 65535 for b in blocks[1:]), (config, blocks)
+        tiles = -(-2 // config.kwargs["BLOCK_M"]) * -(-3_000_000 // config.kwargs["BLOCK_C"])
+        assert math.prod(blocks) == tiles, (config, blocks)  # one program per (pixel, channel) tile
 
 
 @pytest.mark.parametrize("device, config", triton_config_cases(add_relu_strided_configs))

@@ -208,11 +208,14 @@ def test_an_input_too_small_for_the_architecture_is_an_error_not_a_traceback(cap
     assert err.startswith(f"cnnfast {command}: error: alexnet at input 10x10: layer 'features.2'")
 
 
-@pytest.mark.parametrize("size", [("--input-size", "99999999999"), ("--batch", str(2**62))])
+@pytest.mark.parametrize("size", [("--input-size", "99999999999"), ("--batch", str(2**62)), ("--batch", str(10**13))],
+                         ids=["input-size", "input-batch", "layer-output-batch"])
 def test_an_input_too_large_to_count_is_an_error_not_a_traceback(capsys, size):
+    # 10^13 images fit the input tensor; conv1's 64-channel output is the first that overflows.
     code, out, err = run(capsys, "analyze", "vgg16", *size)
     assert code == 2 and out == ""
     assert err.startswith("cnnfast analyze: error: vgg16 at input ") and "is too large to count" in err
+    assert "too small" not in err
 
 
 @pytest.mark.parametrize("command", ["bench", "roofline"])

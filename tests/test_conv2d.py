@@ -1086,6 +1086,22 @@ def test_cuda_kernel_refuses_a_dilation_past_int_range():
         cuda_extension().conv2d(16, 16, 0, 0, 16, 16, 1, 1, 16, 8, 8, 16, 1, 1, (0, 0), (1, 1), (2**31, 1), True, 0)
 
 
+@pytest.mark.parametrize("size, padding, stride", [(2, 0, 2), (2, 0, 3), (1, 0, 4), (3, 0, 1)],
+                         ids=["overhang-1-stride-2", "overhang-1-stride-3", "overhang-2-stride-4", "overhang-0-stride-1"])
+def test_cuda_kernel_refuses_a_filter_larger_than_the_padded_input(size, padding, stride):
+    # PyTorch's output-size formula truncates toward zero, so a 3x3 filter overhanging a 2x2 input by
+    # less than the stride gives one output pixel; the extension compares the extents themselves.
+    from cnnfast.backends import cuda_extension
+
+    if "conv2d" not in cuda_extension().build_info()["ops"]:
+        pytest.skip("cnnfast._C was built without CUTLASS")
+    kernel = 4 if size == 3 else 3
+    for h, w in ((size, 8), (8, size)):
+        with pytest.raises(ValueError, match="the dilated filter is larger than the padded input"):
+            cuda_extension().conv2d(16, 16, 0, 0, 16, 16, 1, 1, 16, h, w, 16, kernel, kernel, (padding, padding),
+                                    (stride, stride), (1, 1), True, 0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the call would launch on fake pointers")
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cutlass_accepts_every_layer_without_a_gpu(arch):
@@ -1164,6 +1180,9 @@ def test_cuda_conv_refuses_a_forced_gemm_where_it_does_not_apply(k, kernel, stri
                                        "gemm-pingpong")
     with pytest.raises(ValueError, match=f"gemm-pingpong kernel runs only 1x1.*{match}"):
         cuda_extension().conv2d(256, 256, 0, 0, 256, k, dtype, 2, 64, 8, 8, k, kernel, kernel, (padding, padding),
+                                (stride, stride), (1, 1), relu, 0, "gemm-pingpong")
+    with pytest.raises(ValueError, match=f"gemm-pingpong kernel runs only 1x1.*{match}"):  # batch 0 runs nothing
+        cuda_extension().conv2d(256, 256, 0, 0, 256, k, dtype, 0, 64, 8, 8, k, kernel, kernel, (padding, padding),
                                 (stride, stride), (1, 1), relu, 0, "gemm-pingpong")
     with pytest.raises(ValueError, match="unknown conv2d schedule 'gemm' \\(auto, fprop, gemm-pingpong\\)"):
         cuda_extension().conv2d_kernel(dtype, k, kernel, kernel, (padding, padding), (stride, stride), relu, "gemm")

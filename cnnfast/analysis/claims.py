@@ -2,7 +2,8 @@
 
 Every ``predicted`` value is a ratio computed by ``analyze`` from real layer shapes: either small
 stacks of real ``nn.Conv2d`` layers built on the meta device at real VGG/ResNet widths, or the
-real architectures. ``closed_form`` is the lecture's own formula (or figures) where it gives one.
+real architectures. ``closed_form`` is the ratio worked out in closed form from the lecture's formulas
+(or its figures) where they give one.
 
 The purpose-built convolutions have no bias, because the lecture's formulas count weights only
 (25C^2, 18C^2, ...); with biases the ratios would be off by a few parts in ten thousand.
@@ -169,8 +170,8 @@ def _pool_then_double_claims() -> list[Claim]:
 def _stem_claims(googlenet: ModelAnalysis, vgg16: ModelAnalysis) -> list[Claim]:
     stem = _summary(_rows_through(googlenet, "maxpool2"))
     vgg = _summary(_rows_until_size(vgg16, 28))
-    # The slide's VGG-16 figures are sums through conv3_2, one conv short of 28x28 (its memory
-    # figure, the conv outputs alone).
+    # The slide's VGG-16 figures are sums through conv3_2 (features.12; its ReLU, features.13, adds
+    # nothing), one conv short of 28x28 (its memory figure, the conv outputs alone).
     vgg_to_conv3_2 = _rows_through(vgg16, "features.13")
     details = {
         "googlenet_stem": stem,
@@ -315,8 +316,8 @@ def _bigger_model_claims(alexnet: ModelAnalysis, zfnet: ModelAnalysis, vgg16: Mo
     """VGG-16 and ZFNet against AlexNet (whole models), and where VGG-16's parameters are."""
     statements = {
         "vgg16": "VGG is far deeper than AlexNet, with more parameters and more compute.",
-        "zfnet": ("ZFNet's CONV3, 4, 5 with 512, 1024, 512 filters instead of 384, 384, 256 add channels and "
-                  "the model's complexity."),
+        "zfnet": ("ZFNet changes AlexNet's CONV1 to 7x7 instead of 11x11, and CONV3, 4, 5 to 512, 1024, 512 filters "
+                  "instead of 384, 384, 256, which adds channels and the model's complexity."),
     }
     titles = {"vgg16": "VGG-16 vs AlexNet", "zfnet": "ZFNet vs AlexNet"}
     claims = [
@@ -328,8 +329,10 @@ def _bigger_model_claims(alexnet: ModelAnalysis, zfnet: ModelAnalysis, vgg16: Mo
             predicted=model.totals[quantity] / alexnet.totals[quantity],
             closed_form=None,
             closed_form_text=None,
-            details={name: model.totals, "alexnet": alexnet.totals, "input_sizes": [model.input_size,
-                                                                                   alexnet.input_size]},
+            details={name: model.totals, "alexnet": alexnet.totals,
+                     "input_sizes": [model.input_size, alexnet.input_size],
+                     "note": "whole models, every change at once, at their default inputs; torchvision's AlexNet "
+                             "has 384, 256, 256 filters in CONV3, 4, 5 (the original's are 384, 384, 256)"},
         )
         for name, model in (("vgg16", vgg16), ("zfnet", zfnet))
         for quantity, noun in (("params", "parameters"), ("macs", "MACs"))

@@ -292,10 +292,12 @@ def analyze(
         if not running:  # not inside a layer: this function's own errors among them
             raise
         name, module, layer_input = running[-1]
+        # A layer's output with more elements than an int64 counts (a huge batch) is not a small input.
+        cause = ("its output is too large to count" if "overflow" in str(error).lower()
+                 else "the input is too small or does not fit the model")
         raise ValueError(
             f"{where}: layer {name!r} ({type(module).__name__}) fails on its "
-            f"{_shape_text(layer_input.shape[1:])} feature map; the input is too small or does "
-            f"not fit the model ({error})"
+            f"{_shape_text(layer_input.shape[1:])} feature map; {cause} ({error})"
         ) from error
     finally:
         for handle in handles:

@@ -12,9 +12,10 @@ kernels, chosen by the launcher:
   one add. A storage offset is part of the data pointer and costs nothing.
 - strided: any other strides (a channel slice, an expanded batch, an NCHW x beside a
   channels_last y). out is channels_last (cnnfast.ops allocates it so, unless a conv's caller passed
-  its own out=), and the kernel walks it in BLOCK_M x BLOCK_C tiles of (pixel, channel): axis 0 of
-  the 2-D grid picks the BLOCK_M output pixels m = (n, h, w), axis 1 the BLOCK_C channels. Each
-  pixel's (n, h, w) is decoded once per row, not per element, and x and y are read through their own
+  its own out=), and the kernel walks it in BLOCK_M x BLOCK_C tiles of (pixel, channel): program
+  p owns pixel block p // cdiv(C, BLOCK_C), pixels m = (n, h, w), and channel block
+  p % cdiv(C, BLOCK_C), so neighbouring programs share pixel rows. (One grid axis: a second one
+  stops at 65535 blocks, which a map with millions of channels would pass.) Each pixel's (n, h, w) is decoded once per row, not per element, and x and y are read through their own
   strides. A bias, or a missing y, also takes this kernel: a tile's channels are explicit, so
   bias[c] is one load per column.
 
@@ -90,13 +91,15 @@ def add_relu_strided_kernel(
     # meta-parameters
     RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid // c_blocks * BLOCK_M + tl.arange(0, BLOCK_M)
     pixels = tl.cast(H, tl.int64) * W  # 2^31 or more on an expanded map
     m_valid = offs_m < N * pixels
     n = offs_m // pixels
     h = (offs_m // W) % H
     w = offs_m % W
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = pid % c_blocks * BLOCK_C + tl.arange(0, BLOCK_C)
     c_valid = offs_c < C
     mask = m_valid[:, None] & c_valid[None, :]
     x = tl.load((x_ptr + n * sx_n + h * sx_h + w * sx_w)[:, None] + (offs_c * sx_c)[None, :], mask=mask)
@@ -145,7 +148,7 @@ def launch_plan(x, y, out, relu, bias):
     # An absent operand's pointer is never read: x stands in for it.
     arguments = lambda out: (x, x if y is None else y, x if bias is None else bias, out, N, C, H, W, *x.stride(),
                              *y_strides, *out.stride(), 0 if bias is None else bias.stride(0))
-    grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+    grid = lambda meta: (triton.cdiv(N * H * W, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_C"]),)
     flags = {"RELU": relu, "HAS_Y": y is not None, "HAS_BIAS": bias is not None}
     return add_relu_strided_kernel, add_relu_strided_autotuned, arguments, grid, flags
 

@@ -81,9 +81,12 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
   // The far corner, pad - (filter-1)*dilation, must stay within [-128, 127].
   CONV_CHECK(a.pad_h - (a.R - 1) * a.dilation_h >= -128 && a.pad_w - (a.S - 1) * a.dilation_w >= -128,
              "dilated filter extent minus padding is too large for TMA im2col");
+  // Compared directly: the output-extent division truncates toward zero, so a filter that overhangs
+  // by less than the stride would still give P = 1.
+  CONV_CHECK(a.H + 2 * a.pad_h >= a.dilation_h * (a.R - 1) + 1 && a.W + 2 * a.pad_w >= a.dilation_w * (a.S - 1) + 1,
+             "the dilated filter is larger than the padded input");
   const int64_t P = conv2d_cutlass_out_extent(a.H, a.pad_h, a.stride_h, a.dilation_h, a.R);
   const int64_t Q = conv2d_cutlass_out_extent(a.W, a.pad_w, a.stride_w, a.dilation_w, a.S);
-  CONV_CHECK(P > 0 && Q > 0, "the dilated filter is larger than the padded input");
   // CUTLASS's conv problem shape holds extents as int and the GEMM M = N*P*Q as int.
   const int64_t kIntMax = 2147483647;
   CONV_CHECK(a.N * P * Q <= kIntMax && a.N * a.H * a.W <= kIntMax && a.K * a.R * a.S * a.C <= kIntMax,
@@ -92,6 +95,8 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
   // Anything these checks missed, CUTLASS's own (host-side) can_implement names before a launch.
   if (a.N > 0) run_kernel(a, /*stream=*/nullptr, /*launch=*/false);
 #endif
+  // A forced schedule that does not apply is refused at batch 0 too, where nothing runs.
+  conv2d_cutlass_kernel(a);
 }
 
 Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& a) {

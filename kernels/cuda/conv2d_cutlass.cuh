@@ -53,7 +53,10 @@ struct Sm90Fprop {
   using ElementAccumulator = float;
   using ElementCompute = float;
   using Layout = cutlass::layout::TensorNHWC;  // activations NHWC, filter KRSC, output NPQK
-  // 128 bytes of reduction per stage: 64 channels of float16/bfloat16, 32 of float32 (TF32).
+  // 128 bytes of reduction per stage: 64 channels of float16/bfloat16, 32 of float32 (TF32). The K mode
+  // stays nested (Shape<Int<k>>): CUTLASS then walks one filter tap per k-tile and zero-fills channels
+  // past C, which is what makes C < k (the padded C=3 stem) correct; a flat Int<k> tiles the flattened
+  // (tap, channel) reduction instead, and for C < k a k-tile then spans several taps.
   using TileShape = Shape<_128, Int<TileN>, Shape<Int<1024 / cutlass::sizeof_bits<Element>::value>>>;
   using ClusterShape = Shape<_1, _1, _1>;
 
