@@ -61,6 +61,23 @@ def define_op(schema: str, kernel, fake, check) -> Op:
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
 
+# The registered ops' backend for backend=None: the default is chosen when the op's kernel runs,
+# from the real tensors, not when a call is traced, so that a compiled graph or an exported
+# program keeps its batch (and H, W) dynamic, and a CUDA graph keeps the choice made at capture.
+AUTO = "auto"
+
+
+def requested_backend(op: str, x: torch.Tensor, backend) -> str:
+    """The backend argument of op's registered op: AUTO for None (or AUTO itself, which the
+    registered op's checks pass on), else backend, checked against x."""
+    return AUTO if backend is None or backend == AUTO else resolve_backend(op, x, backend)
+
+
+def running_backend(op: str, x: torch.Tensor, backend: str, layer: tuple | None = None) -> str:
+    """The backend op's kernel runs: backend itself, or for AUTO the default for x (cnnfast.tuning)."""
+    return resolve_backend(op, x, None, layer) if backend == AUTO else backend
+
+
 def _without_autocast(kernel):
     """kernel, run with autocast off: an op computes in its inputs' dtypes, as a compiled kernel
     does. Inside the torch backends autocast would change the dtype PyTorch's ops compute in, and
@@ -494,6 +511,22 @@ def _empty_conv2d_output(x, weight, stride, padding, dilation):
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
+def _conv2d_running_backend(x, weight, residual, stride, padding, dilation, groups, relu, backend) -> str:
+    """running_backend for a conv layer: for AUTO, the table's choice for its geometry, epilogue
+    and batch, and torch where that choice cannot run the call."""
+    if backend != AUTO:
+        return backend
+    layer = (tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation),
+             epilogue_name(residual is not None, relu))
+    chosen = running_backend("conv2d", x, AUTO, layer)
+    if groups != 1 or conv2d_backend_refusal(x, groups, relu, chosen) is not None:
+        # The table measured groups=1 layers (its key has C/groups channels: a grouped layer would
+        # find a dense one's entry), float32 on CUTLASS as TF32, cuDNN's fused conv with a ReLU and
+        # under its default settings: the rest stays on PyTorch's own ops.
+        return "torch"
+    return chosen
+
+
 def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend) -> None:
     operands = dict(x=x, weight=weight, bias=bias, residual=residual)
     check_no_grad("conv2d", **operands)
@@ -507,6 +540,7 @@ def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation
                          "memory (an expanded or overlapping view), so several outputs would land on one")
     if out.is_inference() and not torch.is_inference_mode_enabled():  # as PyTorch's in-place ops refuse
         raise RuntimeError("conv2d: out was made under torch.inference_mode() and can be written only inside it")
+    backend = _conv2d_running_backend(x, weight, residual, stride, padding, dilation, groups, relu, backend)
     _conv2d_dispatch(x, weight, bias, residual, out, stride, padding, dilation, groups, relu, backend)
     # The Triton and CUDA kernels write through pointers: out's version moves as an in-place op's
     # would, so that autograd refuses a backward through what out held before.
@@ -515,6 +549,7 @@ def _conv2d_out_kernel(x, weight, bias, residual, out, stride, padding, dilation
 
 def _conv2d_kernel(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend):
     check_no_grad("conv2d", x=x, weight=weight, bias=bias, residual=residual)
+    backend = _conv2d_running_backend(x, weight, residual, stride, padding, dilation, groups, relu, backend)
     return _conv2d_dispatch(x, weight, bias, residual, None, stride, padding, dilation, groups, relu, backend)
 
 
@@ -598,7 +633,8 @@ def conv2d_backend_refusal(x, groups, relu, backend) -> Exception | None:
 def _check_conv2d_call(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend, out=None):
     """The dispatcher's checks of a conv2d call (and of conv2d_out's, with its out)."""
     check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilation, groups, relu)
-    resolve_backend("conv2d", x, backend)
+    if requested_backend("conv2d", x, backend) == AUTO:
+        return
     refusal = conv2d_backend_refusal(x, groups, relu, backend)
     if refusal is not None:
         raise refusal
@@ -652,19 +688,14 @@ def conv2d(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, r
     CUDA tensors and relu=True only, not while cuDNN is disabled or deterministic algorithms are
     asked for; a float32 bias is rounded to x's dtype on every call, and `out` gets a copy
     of cuDNN's result),
-    "torch", or None for the default of x's device.
+    "torch", or None for the default of x's device (cnnfast.tuning),
+    chosen when the kernel runs.
     """
     op = "conv2d"
     stride, padding, dilation = check_conv2d_inputs(x, weight, bias, residual, out, stride, padding, dilation, groups,
                                                     relu)
-    layer = (tuple(weight.shape), stride, padding, dilation, epilogue_name(residual is not None, relu))
-    requested, backend = backend, resolve_backend(op, x, backend, layer)
-    refusal = conv2d_backend_refusal(x, groups, relu, backend)
-    if requested is None and (groups != 1 or refusal is not None):
-        # The table measured groups=1 layers (its key has C/groups channels: a grouped layer would
-        # find a dense one's entry), float32 on CUTLASS as TF32, cuDNN's fused conv with a ReLU and
-        # under its default settings: the rest stays on PyTorch's own ops.
-        backend, refusal = "torch", None
+    backend = requested_backend(op, x, backend)
+    refusal = None if backend == AUTO else conv2d_backend_refusal(x, groups, relu, backend)
     if refusal is not None:
         raise refusal
     if out is not None:
@@ -757,6 +788,7 @@ def _global_avg_pool_cuda(x: torch.Tensor) -> torch.Tensor:
 
 def _global_avg_pool_kernel(x: torch.Tensor, backend: str) -> torch.Tensor:
     check_no_grad("global_avg_pool", x=x)
+    backend = running_backend("global_avg_pool", x, backend)
     if backend == "cuda":
         return _global_avg_pool_cuda(x)
     if backend == "triton":
@@ -774,7 +806,7 @@ def check_global_avg_pool_input(x) -> None:
 
 def _check_global_avg_pool_call(x, backend) -> None:
     check_global_avg_pool_input(x)
-    resolve_backend("global_avg_pool", x, backend)
+    requested_backend("global_avg_pool", x, backend)
 
 
 _global_avg_pool_op = define_op(
@@ -787,10 +819,11 @@ def global_avg_pool(x: torch.Tensor, *, backend=None) -> torch.Tensor:
     """Mean over H and W of an (N, C, H, W) tensor -> (N, C) in x's dtype, accumulated in float32.
 
     Any strides are accepted (channels_last is the fast path). NaN and Inf propagate as in
-    `torch.mean`. backend: "triton", "cuda", "torch", or None for the default of x's device.
+    `torch.mean`. backend: "triton", "cuda", "torch", or None for the
+    default of x's device (cnnfast.tuning), chosen when the kernel runs.
     """
     check_global_avg_pool_input(x)
-    return _global_avg_pool_op(x, resolve_backend("global_avg_pool", x, backend))
+    return _global_avg_pool_op(x, requested_backend("global_avg_pool", x, backend))
 
 
 def check_poolable(op: str, x: torch.Tensor) -> None:
@@ -814,6 +847,7 @@ def _empty_add_relu_output(x, y):
 
 def _add_relu_kernel(x: torch.Tensor, y: torch.Tensor, relu: bool, backend: str) -> torch.Tensor:
     check_no_grad("add_relu", x=x, y=y)
+    backend = running_backend("add_relu", x, backend)
     out = _empty_add_relu_output(x, y)
     if backend == "triton":
         from cnnfast.triton_kernels.add_relu import add_relu as add_relu_triton
@@ -845,7 +879,7 @@ def check_add_relu_inputs(x, y, relu) -> None:
 
 def _check_add_relu_call(x, y, relu, backend) -> None:
     check_add_relu_inputs(x, y, relu)
-    resolve_backend("add_relu", x, backend)
+    requested_backend("add_relu", x, backend)
 
 
 _add_relu_op = define_op(
@@ -860,10 +894,11 @@ def add_relu(x: torch.Tensor, y: torch.Tensor, relu: bool = True, *, backend=Non
     x and y: (N, C, H, W) of one shape and dtype, any strides. The sum is taken in float32 and
     rounded once to x's dtype; NaN propagates as in torch.relu. The output keeps the memory format
     x and y share when both are contiguous in one (channels_last or NCHW: the fast path), and is
-    channels_last otherwise. backend: "triton", "cuda", "torch", or None for the default of x's device.
+    channels_last otherwise. backend: "triton", "cuda", "torch", or None for the
+    default of x's device (cnnfast.tuning), chosen when the kernel runs.
     """
     check_add_relu_inputs(x, y, relu)
-    return _add_relu_op(x, y, relu, resolve_backend("add_relu", x, backend))
+    return _add_relu_op(x, y, relu, requested_backend("add_relu", x, backend))
 
 
 # ---------------------------------------------------------------- global average pooling + linear
@@ -887,6 +922,7 @@ def _gap_linear_cuda(x, weight, bias):
 
 def _gap_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     check_no_grad("gap_linear", x=x, weight=weight, bias=bias)
+    backend = running_backend("gap_linear", x, backend)
     if backend == "cuda":
         return _gap_linear_cuda(x, weight, bias)
     if backend == "triton":
@@ -920,7 +956,7 @@ def check_gap_linear_inputs(x, weight, bias) -> None:
 
 def _check_gap_linear_call(x, weight, bias, backend) -> None:
     check_gap_linear_inputs(x, weight, bias)
-    resolve_backend("gap_linear", x, backend)
+    requested_backend("gap_linear", x, backend)
 
 
 _gap_linear_op = define_op(
@@ -944,7 +980,8 @@ def gap_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, *, backend=None
     float32 or x's dtype. Returns (N, out_features) in x's dtype. The pooling accumulates in
     float32 and its result is rounded to x's dtype for the matrix product (as PyTorch's mean ->
     linear does), which accumulates in float32. FlopCounterMode counts the linear layer,
-    2 * N * C * out_features. backend: "triton", "cuda", "torch", or None for the default of x's device.
+    2 * N * C * out_features. backend: "triton", "cuda", "torch", or None for the
+    default of x's device (cnnfast.tuning), chosen when the kernel runs.
     """
     check_gap_linear_inputs(x, weight, bias)
-    return _gap_linear_op(x, weight, bias, resolve_backend("gap_linear", x, backend))
+    return _gap_linear_op(x, weight, bias, requested_backend("gap_linear", x, backend))

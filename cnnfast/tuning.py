@@ -219,11 +219,9 @@ def _layer_backend(local_path: str, gpu: str, dtype: str, key: str, batch: int) 
     return by_batch[nearest]
 
 
-@torch.compiler.assume_constant_result
 def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, batch: int) -> str:
     """The table's backend for op on GPU device_index and dtype (and, for a convolution, its layer
-    and batch); "torch" when unmeasured. Plain values in and out, so that torch.compile takes the
-    answer as a constant of the graph instead of tracing the table's file reading and caches."""
+    and batch); "torch" when unmeasured."""
     gpu = _device_name(device_index)
     if layer_key is not None:
         chosen = _layer_backend(local_table_name(), gpu, dtype, layer_key, batch)
@@ -234,7 +232,8 @@ def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, 
 
 def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str:
     """The table's backend for op on x's GPU and dtype; "torch" on a CPU or when unmeasured.
-    layer: for conv2d, (weight shape, stride, padding, dilation, epilogue name) of the call."""
+    layer: for conv2d, (weight shape, stride, padding, dilation, epilogue name) of the call.
+    The ops ask when their kernel runs, with real sizes (cnnfast.ops.AUTO), never while a call is traced."""
     if x.device.type != "cuda":
         return "torch"
     layer_key, dtype = None, dtype_key(x.dtype)
@@ -242,11 +241,4 @@ def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str
         (k, c, r, s), stride, padding, dilation, epilogue = layer
         layer_key = conv2d_layer_key(c, x.shape[2], x.shape[3], k, r, s, stride, padding, dilation, epilogue)
         dtype = conv_dtype_key(x.dtype, x.dtype == torch.float32 and tf32_allowed("conv"))
-    return table_choice(op, x.device.index or 0, dtype, layer_key, static_size(x.shape[0]))
-
-
-def static_size(size) -> int:
-    """A size as a Python int. Formatted, not int(): under torch.compile a batch that has become
-    symbolic (after a second batch size) is then specialized, as H and W are by the layer key, where
-    assume_constant_result would refuse a symbolic argument."""
-    return int(f"{size}")
+    return table_choice(op, x.device.index or 0, dtype, layer_key, x.shape[0])

@@ -38,6 +38,7 @@ def new_process(monkeypatch):
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
     monkeypatch.setattr(conv2d_module, "recalled", set())
     monkeypatch.setattr(conv2d_module, "tma_failed", set())
+    monkeypatch.setattr(conv2d_module, "launched", set())
     monkeypatch.setattr(choice_cache, "_contents", {})
 
 
@@ -90,6 +91,25 @@ def test_a_later_process_launches_the_stored_choice_without_measuring(monkeypatc
     check_run(conv)
     assert len(launches) - launched_before == int(tma_faster)  # straight to the stored kernel
     assert kernel_name(conv) == (tma_name if tma_faster else IMPLICIT_GEMM_NAME)
+
+
+@pytest.mark.parametrize("kernel", sorted(LAYERS))
+def test_a_stored_choice_is_not_first_loaded_inside_a_cuda_graph_capture(monkeypatch, cache_file, kernel):
+    """A later process whose first call of a layer comes while a CUDA graph is captured would
+    compile and load the stored choice's kernel there, which CUDA forbids (the capture breaks): the
+    call is refused with what to do, and the layer is captured once it has run (with its epilogue)."""
+    module, conv, tma_name = LAYERS[kernel]
+    check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
+    new_process(monkeypatch)
+    monkeypatch.setattr(conv2d_module, "capturing", lambda x: True)
+    with pytest.raises(RuntimeError, match=r"have not run in this process yet.*run the model \(or the op\) once"):
+        check_run(conv)
+    monkeypatch.setattr(conv2d_module, "capturing", lambda x: False)
+    check_run(conv)
+    monkeypatch.setattr(conv2d_module, "capturing", lambda x: True)
+    check_run(conv, seed=6)
+    with pytest.raises(RuntimeError, match="have not run in this process yet"):  # without ReLU: another kernel
+        check_conv2d(conv, torch.bfloat16, residual=False, relu=False)
 
 
 def test_a_config_no_longer_among_the_candidates_is_measured_again(monkeypatch, cache_file):

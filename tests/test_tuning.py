@@ -6,10 +6,14 @@ import traceback
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import cnnfast.nn
 from bench.tuning_table import build_table
 from cnnfast import ops, tuning
 from cnnfast.backends import backends_of, resolve_backend
+from cnnfast.testing import assert_close_to_reference
 
 
 @pytest.fixture
@@ -217,34 +221,65 @@ def test_epilogue_names_and_keys():
         tuning.conv2d_layer_key(64, 56, 56, 256, 1, 1, (1, 1), (0, 0), (1, 1), "gelu")
 
 
-def test_table_lookup_is_a_constant_under_torch_compile(monkeypatch):
-    """torch.compile(fullgraph=True) of a model on the default backends reaches the table lookup;
-    it must be taken as a constant, not traced (its file reading and caches cannot be)."""
-    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
-
-    @torch.compile(fullgraph=True, backend="eager")
-    def pick(x):
-        return x + 1 if tuning.table_choice("add_relu", 0, "bfloat16", None, 1) == "triton" else x - 1
-
-    expected = 1 if tuning.table_choice("add_relu", 0, "bfloat16", None, 1) == "triton" else -1
-    assert pick(torch.zeros(2)).tolist() == [expected, expected]
+def conv_default_recorder(monkeypatch, table):
+    """Makes backend=None's lookup table(batch) for every call (as a GPU's table would), and
+    returns (asked, ran): the batches the lookup was given and the backends the conv layers ran."""
+    asked, ran = [], []
+    monkeypatch.setattr("cnnfast.backends.default_backend",
+                        lambda op, x, layer=None: asked.append(x.shape[0]) or table(op, x.shape[0]))
+    dispatch = ops._conv2d_dispatch
+    monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: ran.append(args[-1]) or dispatch(*args))
+    return asked, ran
 
 
-def test_a_layers_choice_follows_the_batch_under_torch_compile(monkeypatch, fresh_tables):
-    """After a second batch size torch.compile makes the batch symbolic; the lookup specializes on
-    it (static_size) instead of failing, and each batch finds its own entry."""
-    key = tuning.conv2d_layer_key(64, 56, 56, 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
-    table = {"NVIDIA H200": {tuning.CONV_LAYERS: {"bfloat16": {key: {"8": "triton", "64": "cuda"}}}}}
-    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
-    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+def by_batch(op, batch):  # a table that measured torch_triton fastest for convs from batch 4 up
+    return "torch_triton" if op == "conv2d" and batch >= 4 else "torch"
 
-    @torch.compile(fullgraph=True, backend="eager")
-    def pick(x):
-        layer_key = tuning.conv2d_layer_key(64, x.shape[2], x.shape[3], 64, 3, 3, (1, 1), (1, 1), (1, 1), "relu")
-        chosen = tuning.table_choice("conv2d", 0, "bfloat16", layer_key, tuning.static_size(x.shape[0]))
-        return x[:, 0, 0, 0] + (1 if chosen == "cuda" else 0)
 
-    assert [pick(torch.zeros(n, 64, 56, 56))[0].item() for n in (8, 9, 64, 65)] == [0, 0, 1, 1]
+def test_the_default_backend_is_chosen_when_the_kernel_runs_under_torch_compile(monkeypatch):
+    """backend=None reaches the op as "auto", and its kernel asks the table with the real sizes when
+    it runs: a compiled graph keeps its batch dynamic (no recompile for a new batch), and each batch
+    still runs its own choice."""
+    asked, ran = conv_default_recorder(monkeypatch, by_batch)
+    weight = torch.randn(4, 3, 3, 3)
+
+    @torch.compile(fullgraph=True, backend="eager", dynamic=True)
+    def layer(x):
+        return ops.conv2d(x, weight, relu=True)
+
+    torch.compiler.reset()
+    for n in (2, 3, 5, 6):
+        x = torch.randn(n, 3, 6, 6)
+        with torch._dynamo.config.patch(error_on_recompile=n != 2):
+            y = layer(x)
+        assert_close_to_reference(y, torch.relu(F.conv2d(x.double(), weight.double())), "conv")
+    assert asked == [2, 3, 5, 6] and ran == ["torch", "torch", "torch_triton", "torch_triton"]
+
+
+def test_the_default_backend_keeps_an_exported_batch_dynamic(monkeypatch):
+    asked, ran = conv_default_recorder(monkeypatch, by_batch)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    nn.init.uniform_(plain[1].running_var, 0.5, 2.0)
+    model = cnnfast.nn.ConvBNReLU.from_modules(*plain)
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.randn(2, 3, 6, 6),), dynamic_shapes={"x": {0: batch}})
+    assert asked == []  # nothing was looked up while tracing
+    for n in (1, 5):
+        x = torch.randn(n, 3, 6, 6)
+        assert_close_to_reference(program.module()(x), plain.double()(x.double()), "conv")
+    assert asked == [1, 5] and ran == ["torch", "torch_triton"]
+
+
+def test_the_registered_ops_take_auto_as_the_default(monkeypatch):
+    asked, ran = conv_default_recorder(monkeypatch, by_batch)
+    x, w = torch.randn(5, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    expected = torch.relu(F.conv2d(x.double(), w.double()))
+    assert_close_to_reference(torch.ops.cnnfast.conv2d(x, w, None, None, [1, 1], [0, 0], [1, 1], 1, True, "auto"),
+                              expected, "conv")
+    assert asked == [5] and ran == ["torch_triton"]
+    pooled = torch.ops.cnnfast.global_avg_pool(x, "auto")
+    assert_close_to_reference(pooled, x.double().mean((2, 3)), "elementwise")
+    assert asked == [5, 5]
 
 
 def test_a_foreign_backend_in_the_table_runs_torch_with_a_warning(monkeypatch):

@@ -439,6 +439,16 @@ recalled: set[tuple] = set()
 # The problems a TMA kernel failed on in this process: not stored as measured (the failure may be
 # this process's own, as running out of memory while tuning).
 tma_failed: set[tuple] = set()
+# (problem, relu) of the layers this process has run outside a CUDA graph capture. A Triton kernel
+# is compiled and its module loaded at its first launch, which CUDA forbids while a stream is
+# captured (cuModuleLoadData invalidates the capture): a choice read back from disk (recall_choices)
+# would otherwise load its kernel for the first time inside the capture.
+launched: set[tuple] = set()
+
+
+def capturing(x) -> bool:
+    """Whether a CUDA graph is being captured on x's device's current stream."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def kernel_module_name(module) -> str:
@@ -523,7 +533,8 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     times each at its tuned config; every run writes out, which cnnfast.ops.conv2d keeps apart from
     the inputs, so each leaves the same result. Where kernels cannot be timed, the TMA kernel runs.
     While a CUDA graph is being captured the TMA kernel is not tuned or timed: a problem not yet
-    measured runs on the implicit GEMM (and is measured on a later call outside the capture). If
+    measured (one that ran before with operands no TMA kernel took: alignment is not in the key)
+    runs on the implicit GEMM, and is measured on a later call outside the capture. If
     the TMA kernel fails to tune (it raises: a compile or launch error), a warning says so and the
     implicit GEMM takes the layer."""
     # Checked on every call: alignment and strides, which the problem key leaves out, decide it.
@@ -536,7 +547,7 @@ def tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, 
     if not kernels_can_be_timed():
         tma_choices[problem] = module, module.untimed_config(x, out, residual is not None)
         return tma_choices[problem]
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing(x):
         return None
     try:
         module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu)  # tunes its tiles
@@ -566,7 +577,9 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     measured faster (tma_choice, or an earlier process: recall_choices), any other on the implicit
     GEMM. On a GPU, a TMA launch that raises (a stored choice that no longer compiles, say) leaves
     a warning and the layer to the implicit GEMM. `config` (a triton.Config of the implicit GEMM)
-    runs the implicit GEMM with that config, without autotuning. An output map of 2^31 pixels or
+    runs the implicit GEMM with that config, without autotuning. While a CUDA graph is captured, a
+    layer this process has not run yet is refused (its kernels would compile and load in the
+    capture). An output map of 2^31 pixels or
     more (one image), or a padded input 2^31 or more high or wide, is refused: the kernels' pixel
     coordinates within an image are 32-bit."""
     if out.shape[2] * out.shape[3] >= 2**31:
@@ -577,6 +590,22 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
         raise NotImplementedError(f"conv2d: backend 'triton' indexes the padded input in 32 bits; padding "
                                   f"{tuple(padding)} makes it {padded[0]} x {padded[1]}, 2^31 or more")
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
+    in_capture = capturing(x)
+    if in_capture and (problem, relu) not in launched:
+        raise RuntimeError(
+            "conv2d: the Triton kernels for this layer have not run in this process yet, and no kernel can be "
+            "compiled or loaded while a CUDA graph is captured; run the model (or the op) once with these shapes "
+            "before capturing it"
+        )
+    run_layer(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem)
+    if not in_capture:
+        launched.add((problem, relu))
+    return out
+
+
+def run_layer(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem):
+    """conv2d_bias_act's launch: the layer's TMA kernel where one takes it and was measured faster,
+    else the implicit GEMM."""
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:
             recalled.add(problem)
