@@ -40,8 +40,11 @@ STEPS="$RUN/steps.tsv"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD  # bench/ scripts import the references from tests/
-# Triton's autotuning results go to its disk cache, so the tests, the kernel benchmarks and the
-# model benchmarks (separate processes, often the same layer shapes) tune each shape once.
+# The caches below live in $HOME/.cache; a runner that starts commands without HOME gets the
+# user's home directory, not an unbound-variable stop.
+export HOME=${HOME:-$(cd ~ 2>/dev/null && pwd || echo /tmp)}
+# Triton's autotuning results go to its disk cache, so the kernel benchmarks, the model benchmarks
+# and the report (separate processes, often the same layer shapes) tune each shape once.
 export TRITON_CACHE_AUTOTUNING=1
 # backend=None's local table: the benchmarks-table step fills it from this call's conv benchmarks,
 # so the model benchmarks' default variant runs each layer on the backend just measured fastest
@@ -52,7 +55,8 @@ export CNNFAST_TUNING_FILE=${CNNFAST_TUNING_FILE:-$HOME/.cache/cnnfast/tuning.js
 # model benchmarks, the tune step and the report measure each layer's choice once between them, and
 # the file comes back with the results. The GPU tests measure their own (TESTS_ENV).
 export CNNFAST_KERNEL_CACHE=${CNNFAST_KERNEL_CACHE:-$HOME/.cache/cnnfast/triton_conv2d.json}
-TESTS_ENV=(env CNNFAST_TUNING_FILE=/dev/null CNNFAST_KERNEL_CACHE=/dev/null)
+# Their tuning, timed by several test workers sharing the GPU, is not kept for the benchmarks either.
+TESTS_ENV=(env CNNFAST_TUNING_FILE=/dev/null CNNFAST_KERNEL_CACHE=/dev/null TRITON_CACHE_AUTOTUNING=0)
 touch "$LOG"
 [ -f "$STEPS" ] || printf 'step\tstatus\tseconds\n' >"$STEPS"
 
@@ -60,7 +64,10 @@ touch "$LOG"
 # (written beside and renamed, so that a call stopped while packing leaves the last whole archive).
 pack() {
   if [ -f "$CNNFAST_KERNEL_CACHE" ]; then cp "$CNNFAST_KERNEL_CACHE" "$RUN/triton_conv2d_choices.json"; fi
-  tar -czf "$OUT/results.tar.gz.part" -C "$RUN" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+  local status=0
+  tar -czf "$OUT/results.tar.gz.part" -C "$RUN" . || status=$?
+  # GNU tar's 1: a file changed while it was read (a log still being written); the archive is whole.
+  if [ "$status" -le 1 ]; then mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"; fi
 }
 
 # Whether CNNFAST_STEPS selects step NAME: all, NAME itself, or a prefix of NAME ending at a dash.
