@@ -256,6 +256,32 @@ def test_the_default_backend_is_chosen_when_the_kernel_runs_under_torch_compile(
     assert asked == [2, 3, 5, 6] and ran == ["torch", "torch", "torch_triton", "torch_triton"]
 
 
+@pytest.mark.gpu
+def test_on_a_gpu_the_tables_choice_follows_the_batch_of_a_compiled_layer(monkeypatch, fresh_tables):
+    """The real lookup on CUDA tensors: a layer measured at batch 2 (torch) and 8 (triton) runs each
+    batch on its entry, through one dynamic graph."""
+    ran = []
+    dispatch = ops._conv2d_dispatch
+    monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: ran.append(args[-1]) or dispatch(*args))
+    key = tuning.conv2d_layer_key(16, 6, 6, 16, 3, 3, (1, 1), (0, 0), (1, 1), "relu")
+    table = {"cnnfast-test-gpu": {tuning.CONV_LAYERS: {"bfloat16": {key: {"2": "torch", "8": "triton"}}}}}
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "cnnfast-test-gpu")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: table)
+    weight = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
+
+    @torch.compile(fullgraph=True, backend="eager", dynamic=True)
+    def layer(x):
+        return ops.conv2d(x, weight, relu=True)
+
+    torch.compiler.reset()
+    for n in (2, 3, 8, 9):
+        x = torch.randn(n, 16, 6, 6, device="cuda", dtype=torch.bfloat16)
+        with torch._dynamo.config.patch(error_on_recompile=n != 2):
+            y = layer(x)
+        assert_close_to_reference(y, torch.relu(F.conv2d(x.double(), weight.double())), "conv")
+    assert ran == ["torch", "torch", "triton", "triton"]
+
+
 def test_the_default_backend_keeps_an_exported_batch_dynamic(monkeypatch):
     asked, ran = conv_default_recorder(monkeypatch, by_batch)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
