@@ -17,6 +17,9 @@ import torch
 from cnnfast.tuning import default_backend
 
 BACKENDS = ("torch", "triton", "cuda", "torch_triton", "cudnn_fused")
+# backend=None as the registered ops (torch.ops.cnnfast.*) take it, and a synonym of None everywhere:
+# the default, chosen when an op's kernel runs (cnnfast.ops.running_backend).
+AUTO = "auto"
 # The ops each backend has a kernel for, where it is not every op.
 BACKEND_OPS = {"torch_triton": ("conv2d",), "cudnn_fused": ("conv2d",)}
 
@@ -66,15 +69,16 @@ def warn_once(message: str) -> None:
 
 
 def check_backend_name(where: str, backend) -> None:
-    """Raises a ValueError naming `where` when backend is neither one of BACKENDS nor None."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    """Raises a ValueError naming `where` when backend is neither one of BACKENDS nor None (or AUTO)."""
+    if backend is not None and backend != AUTO and backend not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {BACKENDS}, or None (or {AUTO!r}) "
+                         "for the default")
 
 
 def resolve_backend(op: str, x: torch.Tensor, backend, layer: tuple | None = None):
     """Checks an explicit backend against the op and the tensor, or picks the default (for a
     convolution, layer = (weight shape, stride, padding, dilation, epilogue name) selects its per-layer entry)."""
-    if backend is None:
+    if backend is None or backend == AUTO:
         chosen = default_backend(op, x, layer)
         if chosen not in backends_of(op):  # a foreign or hand-edited table: never an unchecked kernel
             warn_once(f"cnnfast: the tuning table names backend {chosen!r} for {op}, which has no such "

@@ -1,8 +1,9 @@
 """The public functional ops. Each is a torch.library op (namespace `cnnfast`) with a fake
 implementation, so `torch.compile(fullgraph=True)` traces it; the wrapper checks its inputs and
-picks a backend, the launcher allocates the output and runs the kernel on the current stream. The
-registered op checks its arguments as the wrapper does, for calls that reach it without the
-wrapper's checks (torch.ops.cnnfast.*, a compiled graph).
+the backend asked for, the op's kernel runs that backend (for backend=None, "auto", the default
+for its real tensors), and the launcher allocates the output and runs the kernel on the current
+stream. The registered op checks its arguments as the wrapper does, for calls that reach it
+without the wrapper's checks (torch.ops.cnnfast.*, a compiled graph).
 """
 import sys
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from cnnfast.backends import cuda_extension, resolve_backend
+from cnnfast.backends import AUTO, cuda_extension, resolve_backend
 from cnnfast.layout import pixel_rows
 from cnnfast.precision import tf32_allowed
 from cnnfast.tuning import epilogue_name
@@ -61,12 +62,9 @@ def define_op(schema: str, kernel, fake, check) -> Op:
     return Op(getattr(torch.ops.cnnfast, name).default, kernel)
 
 
-# The registered ops' backend for backend=None: the default is chosen when the op's kernel runs,
+# backend=None reaches the registered ops as AUTO: the default is chosen when the op's kernel runs,
 # from the real tensors, not when a call is traced, so that a compiled graph or an exported
 # program keeps its batch (and H, W) dynamic, and a CUDA graph keeps the choice made at capture.
-AUTO = "auto"
-
-
 def requested_backend(op: str, x: torch.Tensor, backend) -> str:
     """The backend argument of op's registered op: AUTO for None (or AUTO itself, which the
     registered op's checks pass on), else backend, checked against x."""

@@ -13,7 +13,7 @@ from cnnfast import bench
 from cnnfast.analysis import ConvProblem
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
 from cnnfast.triton_kernels import conv2d as conv2d_module
-from tests.test_conv2d import Conv, check_conv2d, make_inputs
+from tests.test_conv2d import Conv, check_conv2d, make_inputs, run_conv2d
 from tests.test_conv2d_pointwise import check_measured_choice, recorded_launches
 
 # A layer of each TMA kernel, with the name of its config under the interpreter.
@@ -102,14 +102,30 @@ def test_a_stored_choice_is_not_first_loaded_inside_a_cuda_graph_capture(monkeyp
     check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
     new_process(monkeypatch)
     monkeypatch.setattr(conv2d_module, "capturing", lambda x: True)
-    with pytest.raises(RuntimeError, match=r"have not run in this process yet.*run the model \(or the op\) once"):
+    refusal = rf"\({conv2d_module.kernel_module_name(module)}\) has not run in this process with these operands"
+    with pytest.raises(RuntimeError, match=refusal + r".*run the model \(or the op\) once"):
         check_run(conv)
     monkeypatch.setattr(conv2d_module, "capturing", lambda x: False)
     check_run(conv)
     monkeypatch.setattr(conv2d_module, "capturing", lambda x: True)
     check_run(conv, seed=6)
-    with pytest.raises(RuntimeError, match="have not run in this process yet"):  # without ReLU: another kernel
+    with pytest.raises(RuntimeError, match="has not run in this process"):  # without ReLU: another kernel
         check_conv2d(conv, torch.bfloat16, residual=False, relu=False)
+
+
+def test_a_layer_run_on_the_other_kernel_is_refused_inside_a_capture(monkeypatch, cache_file):
+    """Which kernel runs depends on the operands' layout, which the layer's key leaves out: a layer
+    first run with an NCHW input (which the implicit GEMM takes) has not loaded the TMA kernel that a
+    channels_last call, its stored choice, would launch inside the capture."""
+    module, conv, tma_name = LAYERS["pointwise"]
+    check_measured_choice(monkeypatch, recorded_launches(monkeypatch, module), conv, True, tma_name)
+    new_process(monkeypatch)
+    x, weight, bias, _ = make_inputs(conv, torch.bfloat16, residual=False)
+    run_conv2d(conv, x.contiguous(), weight, bias, relu=True)
+    monkeypatch.setattr(conv2d_module, "capturing", lambda x: True)
+    with pytest.raises(RuntimeError, match=r"\(conv2d_pointwise\) has not run in this process with these operands"):
+        run_conv2d(conv, x, weight, bias, relu=True)
+    run_conv2d(conv, x.contiguous(), weight, bias, relu=True)  # the kernel that ran outside the capture
 
 
 def test_a_config_no_longer_among_the_candidates_is_measured_again(monkeypatch, cache_file):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cnnfast
 import cnnfast.nn
 from bench.tuning_table import build_table
 from cnnfast import ops, tuning
@@ -302,10 +303,15 @@ def test_the_registered_ops_take_auto_as_the_default(monkeypatch):
     expected = torch.relu(F.conv2d(x.double(), w.double()))
     assert_close_to_reference(torch.ops.cnnfast.conv2d(x, w, None, None, [1, 1], [0, 0], [1, 1], 1, True, "auto"),
                               expected, "conv")
-    assert asked == [5] and ran == ["torch_triton"]
+    assert_close_to_reference(ops.conv2d(x, w, relu=True, backend="auto"), expected, "conv")  # None's synonym
+    assert asked == [5, 5] and ran == ["torch_triton", "torch_triton"]
     pooled = torch.ops.cnnfast.global_avg_pool(x, "auto")
     assert_close_to_reference(pooled, x.double().mean((2, 3)), "elementwise")
-    assert asked == [5, 5]
+    assert asked == [5, 5, 5]
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"unknown backend 'cudnn'; expected one of .*, or None \(or 'auto'\)"):
+        cnnfast.optimize(plain, backend="cudnn")
+    assert_close_to_reference(cnnfast.optimize(plain, backend="auto")(x), plain.double()(x.double()), "conv")
 
 
 def test_a_foreign_backend_in_the_table_runs_torch_with_a_warning(monkeypatch):

@@ -439,16 +439,45 @@ recalled: set[tuple] = set()
 # The problems a TMA kernel failed on in this process: not stored as measured (the failure may be
 # this process's own, as running out of memory while tuning).
 tma_failed: set[tuple] = set()
-# (problem, relu) of the layers this process has run outside a CUDA graph capture. A Triton kernel
-# is compiled and its module loaded at its first launch, which CUDA forbids while a stream is
-# captured (cuModuleLoadData invalidates the capture): a choice read back from disk (recall_choices)
-# would otherwise load its kernel for the first time inside the capture.
+# The kernels this process has launched outside a CUDA graph capture, by launch_key. A Triton
+# kernel is compiled and its module loaded at its first launch, which CUDA forbids while a stream
+# is captured (cuModuleLoadData invalidates the capture): a choice read back from disk
+# (recall_choices), or a layer met before with operands that another kernel took, would otherwise
+# load its kernel for the first time inside the capture.
 launched: set[tuple] = set()
 
 
 def capturing(x) -> bool:
     """Whether a CUDA graph is being captured on x's device's current stream."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not x.is_cuda:
+        return False
+    with torch.cuda.device(x.device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def launch_key(kernel: str, problem, relu, *operands) -> tuple:
+    """launched's key: the kernel, the problem, the epilogue, and each operand's strides and 16-byte
+    alignment, which pick the kernel (alignment decides whether a TMA kernel takes the layer) and
+    Triton's specialization of the compiled one (a stride of 1, multiples of 16, aligned pointers)."""
+    layout = tuple(None if t is None else (t.stride(), t.data_ptr() % 16 == 0) for t in operands)
+    return kernel, problem, relu, layout
+
+
+def launch_once_loaded(kernel: str, launch, problem, relu, operands):
+    """Runs launch(), unless a CUDA graph is being captured and this process has not launched the
+    kernel for these operands yet (its first launch would compile and load it): then raises what to do."""
+    key = launch_key(kernel, problem, relu, *operands)
+    in_capture = capturing(operands[0])
+    if in_capture and key not in launched:
+        raise RuntimeError(
+            f"conv2d: the Triton kernel for this layer ({kernel}) has not run in this process with these operands, "
+            "and no kernel can be compiled or loaded while a CUDA graph is captured; run the model (or the op) once "
+            "with these inputs before capturing it"
+        )
+    result = launch()
+    if not in_capture:
+        launched.add(key)
+    return result
 
 
 def kernel_module_name(module) -> str:
@@ -590,22 +619,7 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
         raise NotImplementedError(f"conv2d: backend 'triton' indexes the padded input in 32 bits; padding "
                                   f"{tuple(padding)} makes it {padded[0]} x {padded[1]}, 2^31 or more")
     problem = problem_key(x, weight, bias, residual, out.dtype, stride, padding, dilation)
-    in_capture = capturing(x)
-    if in_capture and (problem, relu) not in launched:
-        raise RuntimeError(
-            "conv2d: the Triton kernels for this layer have not run in this process yet, and no kernel can be "
-            "compiled or loaded while a CUDA graph is captured; run the model (or the op) once with these shapes "
-            "before capturing it"
-        )
-    run_layer(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem)
-    if not in_capture:
-        launched.add((problem, relu))
-    return out
-
-
-def run_layer(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem):
-    """conv2d_bias_act's launch: the layer's TMA kernel where one takes it and was measured faster,
-    else the implicit GEMM."""
+    operands = (x, weight, bias, residual, out)
     if config is None:
         if kernels_can_be_timed() and problem not in recalled:
             recalled.add(problem)
@@ -613,13 +627,17 @@ def run_layer(x, weight, bias, residual, out, stride, padding, dilation, relu, c
         choice = tma_choice(x, weight, bias, residual, out, stride, padding, dilation, relu, problem)
         if choice is not None:
             module, tma_config = choice
+            launch = functools.partial(module.launch, x, weight, bias, residual, out, stride, padding, dilation,
+                                       relu, config=tma_config)
             try:
-                return module.launch(x, weight, bias, residual, out, stride, padding, dilation, relu, config=tma_config)
+                return launch_once_loaded(kernel_module_name(module), launch, problem, relu, operands)
             except Exception as error:  # a choice read from disk compiles and launches here for the first time
-                if not kernels_can_be_timed():  # the interpreter runs the tests: their errors must show
+                if not kernels_can_be_timed() or capturing(x):  # the interpreter's errors, and a refusal, must show
                     raise
                 tma_kernel_failed(module, x, weight, error, problem)
-    return implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config, problem)
+    launch = functools.partial(implicit_gemm, x, weight, bias, residual, out, stride, padding, dilation, relu, config,
+                               problem)
+    return launch_once_loaded("implicit_gemm", launch, problem, relu, operands)
 
 
 def implicit_gemm(x, weight, bias, residual, out, stride, padding, dilation, relu, config=None, problem=None):
