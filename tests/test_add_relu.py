@@ -175,6 +175,18 @@ def test_triton_strided_every_config(device, config, layouts):
     assert_close_to_reference(out, reference_add_relu(x, y, relu=False), "elementwise")
 
 
+@pytest.mark.parametrize("device, config", triton_config_cases(add_relu_flat_configs))
+def test_triton_flat_writes_nothing_past_the_output(device, config):
+    # An odd element count leaves the last block partly masked; the output ends inside a larger buffer.
+    shape = (2, 257, 3, 3)
+    x, y = (torch.randn(shape, device=device) for _ in range(2))
+    buffer = torch.full((math.prod(shape) + 4096,), 7.0, device=device)
+    out = buffer[:math.prod(shape)].view(shape)
+    add_relu_triton(x, y, out, relu=True, config=config)
+    assert_close_to_reference(out, reference_add_relu(x, y), "elementwise")
+    assert (buffer[math.prod(shape):] == 7.0).all()
+
+
 @pytest.mark.parametrize("interpreted", [True, False], ids=["interpreter-configs", "gpu-configs"])
 def test_triton_strided_grid_fits_cuda_limits(interpreted):
     """Millions of channels (legal, if odd) still launch: CUDA caps grid axes 1 and 2 at 65535 blocks,

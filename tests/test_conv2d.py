@@ -636,6 +636,25 @@ def test_integer_values_exact(conv, dtype, backend):
     assert_close_to_reference(out, reference_conv2d(conv, x, weight, bias, res, relu=True), "conv", exact=True)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch_triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", [Conv(1, 3, 5, 4, 8, 3, 3, padding=1), Conv(1, 16, 4, 5, 8, 3, 3, padding=1),
+                                  Conv(1, 16, 4, 5, 8, 1, 1)], ids=conv_id)
+def test_the_epilogue_rounds_once_after_bias_and_residual(conv, dtype, backend):
+    """A residual of 2048 and a float32 bias of -2048: conv + residual falls between the numbers
+    float16 (steps of 2 there) and bfloat16 (steps of 16) hold, conv + residual + bias is a small
+    integer. Summed in float32 and rounded once, the result is exact; an epilogue that rounds before
+    adding the bias is off by a unit or more (the small-integer test above cannot see that)."""
+    torch.manual_seed(0)
+    x = torch.randint(-1, 2, (conv.n, conv.c, conv.h, conv.w)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    weight = torch.randint(-1, 2, (conv.k, conv.c, conv.r, conv.s)).to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    res = torch.full(conv.output_shape(), 2048.0, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+    bias = torch.full((conv.k,), -2048.0)
+    expected = reference_conv2d(conv, x, weight, bias, res)
+    assert (expected.remainder(2) != 0).any()  # odd values, which 2048 + value cannot be in float16
+    assert_close_to_reference(run_conv2d(conv, x, weight, bias, res, backend=backend), expected, "conv", exact=True)
+
+
 # ---------------------------------------------------------------- the Triton backend really runs
 
 
@@ -720,6 +739,7 @@ BAD_INPUTS = {  # name: (replaced arguments, error, message pattern)
     "devices-differ": (dict(weight=torch.randn(6, 4, 3, 3, device="meta")), RuntimeError,
                        "one device, got x on cpu, weight on meta"),
     "bias-length": (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(6,\), got \(5,\)"),
+    "bias-too-long": (dict(bias=torch.randn(7)), ValueError, r"bias must have shape \(6,\), got \(7,\)"),
     "bias-rank": (dict(bias=torch.randn(6, 1)), ValueError, r"bias must have shape \(6,\)"),
     "bias-dtype": (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias dtype torch.float16"),
     "residual-shape": (dict(residual=torch.randn(1, 6, 4, 5)), ValueError,

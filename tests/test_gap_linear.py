@@ -268,6 +268,7 @@ def zeros(*shape, **kwargs):
         (zeros(2, 6, 4, 4), zeros(6), None, ValueError, "2-D"),
         (zeros(2, 8, 4, 4), zeros(10, 6), None, ValueError, r"input has 8 channels, but weight \(10, 6\) expects 6"),
         (zeros(2, 6, 4, 4), zeros(10, 6), zeros(9), ValueError, r"bias must have shape \(10,\)"),
+        (zeros(2, 6, 4, 4), zeros(10, 6), zeros(11), ValueError, r"bias must have shape \(10,\), got \(11,\)"),
         (zeros(2, 6, 4, 4), zeros(10, 6), zeros(1, 10), ValueError, r"bias must have shape \(10,\)"),
         (zeros(2, 6, 4, 4, dtype=torch.int64), zeros(10, 6), None, TypeError, "x has dtype torch.int64"),
         (zeros(2, 6, 4, 4), zeros(10, 6, dtype=torch.bool), None, TypeError, "weight has dtype torch.bool"),
@@ -281,7 +282,7 @@ def zeros(*shape, **kwargs):
         (zeros(2, 6, 4, 4), None, None, TypeError, "weight must be a torch.Tensor, got NoneType"),
     ],
     ids=[
-        "rank", "empty-hw", "weight-rank", "channels", "bias-length", "bias-rank", "int", "bool", "complex",
+        "rank", "empty-hw", "weight-rank", "channels", "bias-length", "bias-too-long", "bias-rank", "int", "bool", "complex",
         "weight-dtype", "bias-dtype", "weight-device", "bias-device", "not-tensor", "no-weight",
     ],
 )

@@ -148,8 +148,13 @@ def test_bfloat16(name):
         if isinstance(module, BatchNormReLU):  # applied in float32, as the biases are
             assert module.scale.dtype == module.shift.dtype == torch.float32
     # A float32 NCHW input: the model boundary converts it to bfloat16 and channels_last.
+    first_conv_inputs = []
+    next(module for module in fused.modules() if isinstance(module, ConvBNReLU)).register_forward_pre_hook(
+        lambda module, args: first_conv_inputs.append((args[0].dtype, args[0].is_contiguous(
+            memory_format=torch.channels_last))))
     out, expected = run_both(original, fused, torch.randn(1, 3, input_size(name), input_size(name)))
     assert out.dtype == torch.bfloat16
+    assert first_conv_inputs == [(torch.bfloat16, True)]
     assert_matches(out, expected)
 
 
