@@ -64,6 +64,7 @@ def test_matches_eval_batchnorm(conv_bias, affine, dtype):
 
 EXTREMES = {  # name: (running_var, gamma); gamma "huge" is as large as the dtype holds after scaling
     "var-zero": (0.0, None),
+    "var-small": (1e-4, None),  # eps (1e-5) moves the scale by 5%: dropped or doubled, it shows
     "var-tiny": (1e-30, None),
     "var-huge": (1e30, None),
     "gamma-huge": (1.0, "huge"),

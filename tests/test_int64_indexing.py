@@ -7,7 +7,9 @@ helpers of tests/test_triton_compile.py), and its TTIR is read back:
 - strided kernels: every integer value computed from a batch stride argument (sx_n, so_n, ...),
   up to the tt.addptr it offsets, is i64, and at least one such value does offset a pointer. A
   kernel that multiplied the image index by the batch stride in int32, or widened the product
-  only after the multiplication, has an i32 value on that path and fails;
+  only after the multiplication, has an i32 value on that path and fails; the conv kernels' output
+  and residual pixel strides (so_h, so_w, sr_h, sr_w) are checked the same way, since one image's
+  map can pass 2^31 elements;
 - add_relu's flat kernel (one index for all N*C*H*W elements): every tt.addptr offset is i64.
 
 conftest sets TRITON_INTERPRET=1, under which triton does not compile, so the compiles run in
@@ -122,11 +124,17 @@ def conv2d_wide_launch(flat: bool):
         x, weight, torch.empty(k), residual, out, (1, 1), (1, 1), (1, 1), True, config=config))
 
 
+# The conv epilogue's output-pixel terms, int64 in every conv kernel: one image's map can pass 2^31
+# elements (its row and column strides are not 1 in channels_last residual and output).
+CONV_PIXEL_STRIDES = ("sr_h", "sr_w", "so_h", "so_w")
+
 # name: (launch, the batch stride arguments; none for the flat kernel, whose every offset is checked)
 KERNELS = {
-    "conv2d_flat": (lambda: conv2d_launch("flat"), ("sx_n", "sr_n", "so_n")),
-    "conv2d_channel_blocked": (lambda: conv2d_launch("channel_blocked_masked"), ("sx_n", "sr_n", "so_n")),
-    "conv2d_split_k": (lambda: conv2d_launch("channel_blocked_masked", split_k=True), ("sx_n", "sr_n", "so_n")),
+    "conv2d_flat": (lambda: conv2d_launch("flat"), ("sx_n", "sr_n", "so_n", *CONV_PIXEL_STRIDES)),
+    "conv2d_channel_blocked": (lambda: conv2d_launch("channel_blocked_masked"),
+                               ("sx_n", "sr_n", "so_n", *CONV_PIXEL_STRIDES)),
+    "conv2d_split_k": (lambda: conv2d_launch("channel_blocked_masked", split_k=True),
+                       ("sx_n", "sr_n", "so_n", *CONV_PIXEL_STRIDES)),
     "add_relu_flat": (lambda: add_relu_launch(flat=True), ()),
     "add_relu_strided": (lambda: add_relu_launch(flat=False), ("sx_n", "sy_n", "so_n")),
     "conv_epilogue": (conv_epilogue_launch, ("sx_n", "so_n")),
@@ -134,8 +142,9 @@ KERNELS = {
     "gap_linear_product": (linear_bias_launch, ("sa_n", "so_n")),
     # Its other strides too (a stride times an index in int32 would wrap as well).
     "gap_linear_product_strided": (linear_bias_strided_launch, ("sa_n", "so_n", "sw_c", "sb_o")),
-    "conv2d_flat_wide": (lambda: conv2d_wide_launch(flat=True), ("sx_n", "sr_n", "so_n")),
-    "conv2d_channel_blocked_wide": (lambda: conv2d_wide_launch(flat=False), ("sx_n", "sr_n", "so_n")),
+    # NCHW residual and output: their column stride is 1, a constant.
+    "conv2d_flat_wide": (lambda: conv2d_wide_launch(flat=True), ("sx_n", "sr_n", "so_n", "sr_h", "so_h")),
+    "conv2d_channel_blocked_wide": (lambda: conv2d_wide_launch(flat=False), ("sx_n", "sr_n", "so_n", "sr_h", "so_h")),
 }
 WIDE_KERNELS = ("conv2d_flat_wide", "conv2d_channel_blocked_wide")
 
