@@ -225,12 +225,18 @@ def test_epilogue_names_and_keys():
 def conv_default_recorder(monkeypatch, table):
     """Makes backend=None's lookup table(batch) for every call (as a GPU's table would), and
     returns (asked, ran): the batches the lookup was given and the backends the conv layers ran."""
-    asked, ran = [], []
+    asked = []
     monkeypatch.setattr("cnnfast.backends.default_backend",
                         lambda op, x, layer=None: asked.append(x.shape[0]) or table(op, x.shape[0]))
+    return asked, conv_backends_run(monkeypatch)
+
+
+def conv_backends_run(monkeypatch) -> list:
+    """The backends the conv layers run, recorded as each call reaches them."""
+    ran = []
     dispatch = ops._conv2d_dispatch
     monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: ran.append(args[-1]) or dispatch(*args))
-    return asked, ran
+    return ran
 
 
 def by_batch(op, batch):  # a table that measured torch_triton fastest for convs from batch 4 up
@@ -261,9 +267,7 @@ def test_the_default_backend_is_chosen_when_the_kernel_runs_under_torch_compile(
 def test_on_a_gpu_the_tables_choice_follows_the_batch_of_a_compiled_layer(monkeypatch, fresh_tables):
     """The real lookup on CUDA tensors: a layer measured at batch 2 (torch) and 8 (triton) runs each
     batch on its entry, through one dynamic graph."""
-    ran = []
-    dispatch = ops._conv2d_dispatch
-    monkeypatch.setattr(ops, "_conv2d_dispatch", lambda *args: ran.append(args[-1]) or dispatch(*args))
+    ran = conv_backends_run(monkeypatch)
     key = tuning.conv2d_layer_key(16, 6, 6, 16, 3, 3, (1, 1), (0, 0), (1, 1), "relu")
     table = {"cnnfast-test-gpu": {tuning.CONV_LAYERS: {"bfloat16": {key: {"2": "torch", "8": "triton"}}}}}
     monkeypatch.setattr(tuning, "_device_name", lambda index: "cnnfast-test-gpu")

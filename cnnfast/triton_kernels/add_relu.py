@@ -15,7 +15,8 @@ kernels, chosen by the launcher:
   its own out=), and the kernel walks it in BLOCK_M x BLOCK_C tiles of (pixel, channel): program
   p owns pixel block p // cdiv(C, BLOCK_C), pixels m = (n, h, w), and channel block
   p % cdiv(C, BLOCK_C), so neighbouring programs share pixel rows. (One grid axis: a second one
-  stops at 65535 blocks, which a map with millions of channels would pass.) Each pixel's (n, h, w) is decoded once per row, not per element, and x and y are read through their own
+  stops at 65535 blocks, which a map with millions of channels would pass.) Each pixel's
+  (n, h, w) is decoded once per row, not per element, and x and y are read through their own
   strides. A bias, or a missing y, also takes this kernel: a tile's channels are explicit, so
   bias[c] is one load per column.
 

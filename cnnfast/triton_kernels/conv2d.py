@@ -607,8 +607,8 @@ def conv2d_bias_act(x, weight, bias, residual, out, stride, padding, dilation, r
     GEMM. On a GPU, a TMA launch that raises (a stored choice that no longer compiles, say) leaves
     a warning and the layer to the implicit GEMM. `config` (a triton.Config of the implicit GEMM)
     runs the implicit GEMM with that config, without autotuning. While a CUDA graph is captured, a
-    layer this process has not run yet is refused (its kernels would compile and load in the
-    capture). An output map of 2^31 pixels or
+    kernel this process has not yet run on the layer with these operands' strides and alignment is
+    refused (launch_once_loaded: it would compile and load in the capture). An output map of 2^31 pixels or
     more (one image), or a padded input 2^31 or more high or wide, is refused: the kernels' pixel
     coordinates within an image are 32-bit."""
     if out.shape[2] * out.shape[3] >= 2**31:
