@@ -304,7 +304,7 @@ def run_roofline(args):
     data.write_text(json.dumps(summary, indent=2))
     print_measured_on(result)
     unit, scale = rate
-    print(f"ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, copy "
+    print(f"ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit} ({ceiling['matmul_op']}), copy "
           f"{ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s, ridge {ridge_intensity(ceiling):.1f} FLOP/byte\n")
     print(text_table(*roofline_rows(points, rate)))
     print(f"\n{chart}\n{data}")

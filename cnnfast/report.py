@@ -504,8 +504,8 @@ def roofline_section(data):
     intro = (
         f"A reduced set, measured when this report was written: the first {len(result['layers'])} distinct conv "
         f"layers of {BENCH_ARCH} at batch 1, {result['dtype']}, channels_last, on {result['device']} "
-        f"({timings}; {result['timer']}). Ceilings: torch.matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit}, "
-        f"copy {ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s (bytes read + written), ridge "
+        f"({timings}; {result['timer']}). Ceilings: matmul {ceiling['matmul_flop_per_s'] / scale:,.1f} {unit} "
+        f"({ceiling['matmul_op']}), copy {ceiling['copy_bytes_per_s'] / 1e9:,.1f} GB/s (bytes read + written), ridge "
         f"{ridge_intensity(ceiling):.1f} FLOP/byte. Traffic counts input, weights, output and the residual a layer adds once each; "
         "% of bound is the roofline's time over the measured time. Full runs: cnnfast roofline ARCH."
     )

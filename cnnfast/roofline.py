@@ -3,7 +3,10 @@
 Ceilings, measured once per device and dtype (``ceilings``), cached in
 ``$CNNFAST_CACHE_DIR/ceilings.json`` (default ``~/.cache/cnnfast/ceilings.json``):
 
-- ``matmul_flop_per_s``: a large square ``torch.matmul`` in the dtype, 2*n^3 FLOPs;
+- ``matmul_flop_per_s``: a large square matrix product in the dtype, 2*n^3 FLOPs, timed both as
+  ``torch.matmul`` and as the same product written as a 1x1 convolution over n pixels, channels_last
+  (``matmul_op`` says which was faster): the convolutions may reach the machine's peak through
+  another library than the matmul (on a CPU, oneDNN against MKL: 4x faster on a 2-core AMD EPYC);
 - ``copy_bytes_per_s``: a large tensor copy, counting the bytes read and the bytes written;
 - ``method``: how each was timed (CEILING_METHOD): the fastest of several runs, since a ceiling
   is what the device can do and a run slowed by other work on the machine says nothing of that.
@@ -28,10 +31,11 @@ Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, ou
 Timing (``time_ms``): on a GPU, ``triton.testing.do_bench`` (CUDA events, median, L2 flushed);
 on a CPU, the median of ``time.perf_counter`` runs after warm-up. CPU figures are CPU figures.
 
-``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/4"::
+``roofline.json`` (``roofline_json``), schema "cnnfast.roofline/5"::
 
     {"schema", "arch", "batch", "input_size", "dtype", "device",
-     "ceilings": {"device", "dtype", "tf32", "matmul_flop_per_s", "copy_bytes_per_s", "method", "measured_at"},
+     "ceilings": {"device", "dtype", "tf32", "matmul_flop_per_s", "matmul_op", "matmul_dtype", "copy_bytes_per_s",
+                  "method", "measured_at"},
      "ridge_intensity",
      "points": [{"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound",
                  "ms", "achieved_flop_per_s", "percent_of_bound", "kernel"}]}
@@ -57,7 +61,7 @@ from cnnfast.ops import conv2d_flops, conv2d_output_size
 from cnnfast.precision import tf32_allowed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ROOFLINE_SCHEMA = "cnnfast.roofline/4"
+ROOFLINE_SCHEMA = "cnnfast.roofline/5"
 # Square matmul size and copy size of the ceiling measurements (a CPU run takes ~0.1-0.3 s).
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
@@ -133,7 +137,8 @@ def timer_description(device) -> str:
 # fastest). Stored with each cached entry; an entry timed otherwise is measured again.
 CEILING_WARMUP, CEILING_REPS = 2, 10
 CEILING_METHOD = (f"fastest of {CEILING_REPS} runs after {CEILING_WARMUP} warm-up runs (CUDA: do_bench, min); "
-                  "matmul in the convolutions' precision (CPU half dtypes: or float32's, if faster); "
+                  "matmul in the convolutions' precision, the faster of torch.matmul and a 1x1 conv2d "
+                  "(CPU half dtypes: or float32's, if faster); "
                   "raised when a layer beats its bound")
 
 
@@ -167,21 +172,24 @@ def matmul_in_convolution_precision(device, dtype):
 
 def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:
     """Peak matmul FLOP/s (in the convolutions' precision: tf32_convolutions) and copy bandwidth
-    (bytes read + written per second) of device in dtype. On a CPU a float16 or bfloat16 matmul
-    may take a slow path far below what the same machine's convolutions reach (PyTorch's float16
-    CPU matmul ran at 1/80 of the float32 one on a 2-core EPYC): there the ceiling is the faster of
-    the dtype's and float32's matmul, and matmul_dtype says which."""
+    (bytes read + written per second) of device in dtype. The product is timed as torch.matmul and
+    as a 1x1 convolution (MATMUL_OPS), the faster kept, matmul_op saying which: on a CPU, PyTorch's
+    convolutions run on oneDNN and its matmul on MKL, which ran 4x slower on a 2-core AMD EPYC, so a
+    roof from torch.matmul alone lay far under the convolutions it bounds. On a CPU a float16 or
+    bfloat16 product may also take a slow path (PyTorch's float16 CPU matmul ran at 1/80 of the
+    float32 one on that machine): there float32's is timed too, and matmul_dtype says which dtype won."""
     device = torch.device(device)
     n = MATMUL_SIZE[device.type]
     timing = dict(warmup=CEILING_WARMUP, reps=CEILING_REPS, fastest=True)
     candidates = [dtype] if device.type == "cuda" or dtype == torch.float32 else [dtype, torch.float32]
-    matmul_ms = {}
+    product_ms = {}  # (op, dtype): ms
     for matmul_dtype in candidates:
         a = torch.randn(n, n, device=device).to(matmul_dtype)
         b = torch.randn(n, n, device=device).to(matmul_dtype)
         with matmul_in_convolution_precision(device, dtype):
-            matmul_ms[matmul_dtype] = time_ms(lambda: torch.matmul(a, b), device, **timing)
-    fastest = min(matmul_ms, key=matmul_ms.get)
+            for op, product in MATMUL_OPS.items():
+                product_ms[op, matmul_dtype] = time_ms(product(a, b), device, **timing)
+    (op, fastest), ms = min(product_ms.items(), key=lambda item: item[1])
     source = torch.empty(COPY_BYTES[device.type], dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     copy_ms = time_ms(lambda: target.copy_(source), device, **timing)
@@ -189,12 +197,26 @@ def measure_ceilings(device="cpu", dtype=torch.float32) -> dict:
         "device": device_name(device),
         "dtype": dtype_name(dtype),
         "tf32": tf32_convolutions(device, dtype),
-        "matmul_flop_per_s": 2 * n**3 / (matmul_ms[fastest] * 1e-3),
+        "matmul_flop_per_s": 2 * n**3 / (ms * 1e-3),
+        "matmul_op": op,
         "matmul_dtype": dtype_name(fastest),
         "copy_bytes_per_s": 2 * source.numel() / (copy_ms * 1e-3),
         "method": CEILING_METHOD,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def matmul_as_conv2d(a, b):
+    """a @ b (n x n each) as a 1x1 convolution: a's rows are n pixels (a 32 x n/32 map) of n channels,
+    already channels_last in memory; b's columns are the n filters."""
+    n = a.shape[0]
+    x = a.view(1, 32, n // 32, n).permute(0, 3, 1, 2)
+    weight = b.t().contiguous().view(n, n, 1, 1)
+    return lambda: torch.nn.functional.conv2d(x, weight)
+
+
+# The two ways the ceiling's product is timed: name -> (a, b) -> a function to time.
+MATMUL_OPS = {"torch.matmul": lambda a, b: lambda: torch.matmul(a, b), "1x1 conv2d": matmul_as_conv2d}
 
 
 def cache_path() -> Path:
@@ -269,7 +291,8 @@ def _updated(table: dict, key: str, device, dtype, measure_again: bool) -> dict:
     fresh = measure_ceilings(device, dtype)
     if current:
         if old["matmul_flop_per_s"] > fresh["matmul_flop_per_s"]:
-            fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_dtype=old["matmul_dtype"])
+            fresh.update(matmul_flop_per_s=old["matmul_flop_per_s"], matmul_op=old["matmul_op"],
+                         matmul_dtype=old["matmul_dtype"])
         fresh["copy_bytes_per_s"] = max(fresh["copy_bytes_per_s"], old["copy_bytes_per_s"])
     table[key] = fresh
     return fresh
@@ -378,7 +401,7 @@ def roofline_rows(points: list[dict], rate=("GFLOP/s", 1e9)) -> tuple[tuple, lis
 MARKERS = ("o", "s", "^", "D", "v", "P")
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 # What a point above the roof outran, by the bound the roofline gives it.
-CEILING_NAMES = {"compute": "torch.matmul ceiling", "memory": "copy bandwidth"}
+CEILING_NAMES = {"compute": "matmul ceiling", "memory": "copy bandwidth"}
 
 
 def above_roof_note(points) -> str | None:
@@ -425,8 +448,8 @@ def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", ra
     axes.plot([ridge], [peak / scale], "o", color="black", markersize=7)
     axes.annotate(f"ridge {ridge:.1f} FLOP/byte", (ridge, peak / scale), xytext=(8, -16), textcoords="offset points",
                   fontsize=9)
-    axes.annotate(f"matmul peak {peak / scale:,.1f} {unit}", (high, peak / scale), xytext=(-4, 5),
-                  textcoords="offset points", ha="right", fontsize=9)
+    axes.annotate(f"matmul peak {peak / scale:,.1f} {unit} ({ceiling['matmul_op']})", (high, peak / scale),
+                  xytext=(-4, 5), textcoords="offset points", ha="right", fontsize=9)
     axes.annotate(f"copy bandwidth {bandwidth / 1e9:,.1f} GB/s", (low * 1.5, bandwidth * low * 1.5 / scale),
                   xytext=(10, -4), textcoords="offset points", va="top", fontsize=9)
     backends = list(dict.fromkeys(point["backend"] for point in points))

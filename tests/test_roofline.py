@@ -1,4 +1,5 @@
 """The roofline arithmetic on hand-counted layers, the ceilings cache and the CPU timing harness."""
+import functools
 import json
 
 import pytest
@@ -19,8 +20,8 @@ COMPUTE_BOUND = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}  # ridge: 
 MEMORY_BOUND = {"matmul_flop_per_s": 1e14, "copy_bytes_per_s": 1e11}  # ridge: 1000 FLOP/byte
 POINT_KEYS = {"layer", "backend", "flops", "bytes", "intensity", "bound_ms", "bound", "ms", "achieved_flop_per_s",
               "percent_of_bound", "kernel"}
-CEILING_KEYS = {"device", "dtype", "tf32", "matmul_flop_per_s", "matmul_dtype", "copy_bytes_per_s", "method",
-                "measured_at"}
+CEILING_KEYS = {"device", "dtype", "tf32", "matmul_flop_per_s", "matmul_op", "matmul_dtype", "copy_bytes_per_s",
+                "method", "measured_at"}
 
 
 def test_flops_and_bytes_of_a_3x3_layer():
@@ -59,13 +60,13 @@ def test_point_at_half_its_bound():
 
 
 def test_roofline_json_schema():
-    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12, "matmul_dtype": "bf16",
-               "copy_bytes_per_s": 1e11, "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
+    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12, "matmul_op": "torch.matmul",
+               "matmul_dtype": "bf16", "copy_bytes_per_s": 1e11, "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
     point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
     assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
                          "points"}
-    assert data["schema"] == "cnnfast.roofline/4"
+    assert data["schema"] == "cnnfast.roofline/5"
     assert (data["dtype"], data["device"], data["ridge_intensity"]) == ("bf16", "CPU test", 10)
     assert set(data["ceilings"]) == CEILING_KEYS
     assert [set(p) for p in data["points"]] == [POINT_KEYS]
@@ -120,8 +121,8 @@ def measurements(monkeypatch, *figures):
 
     def measure(device, dtype):
         handed.append(figures[len(handed)])
-        return {"matmul_flop_per_s": handed[-1], "matmul_dtype": "fp32", "copy_bytes_per_s": handed[-1],
-                "method": roofline.CEILING_METHOD}
+        return {"matmul_flop_per_s": handed[-1], "matmul_op": f"op {handed[-1]}", "matmul_dtype": "fp32",
+                "copy_bytes_per_s": handed[-1], "method": roofline.CEILING_METHOD}
 
     monkeypatch.setattr(roofline, "measure_ceilings", measure)
     return handed
@@ -137,8 +138,10 @@ def test_a_cache_that_cannot_be_made_leaves_a_warning_and_keeps_the_ceilings_in_
     with pytest.warns(UserWarning, match=f"cannot use the ceilings cache {directory}/ceilings.json"):
         assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 3.0
     assert ceilings("cpu", torch.float32)["matmul_flop_per_s"] == 3.0 and handed == [3.0]  # not measured again
-    # Measured again (a point above its roof), a lower figure does not lower the roof.
-    assert roofline.remeasured_ceilings("cpu", torch.float32)["copy_bytes_per_s"] == 3.0 and handed == [3.0, 1.0]
+    # Measured again (a point above its roof), a lower figure does not lower the roof, nor rename its op.
+    again = roofline.remeasured_ceilings("cpu", torch.float32)
+    assert (again["matmul_flop_per_s"], again["matmul_op"], again["copy_bytes_per_s"]) == (3.0, "op 3.0", 3.0)
+    assert handed == [3.0, 1.0]
 
 
 def test_a_cache_that_cannot_be_written_leaves_a_warning_and_keeps_the_ceilings_in_the_process(
@@ -246,33 +249,44 @@ def test_the_note_on_points_above_the_roof_names_the_ceiling_they_outran():
     assert (memory_bound["bound"], memory_bound["percent_of_bound"]) == ("memory", 200)
     assert roofline.above_roof_note([memory_bound, under]) == "Points above the roof outran the measured copy bandwidth."
     assert roofline.above_roof_note([compute_bound]) == (
-        "Points above the roof outran the measured torch.matmul ceiling.")
-    assert "torch.matmul ceiling or copy bandwidth" in roofline.above_roof_note([compute_bound, memory_bound])
+        "Points above the roof outran the measured matmul ceiling.")
+    assert "matmul ceiling or copy bandwidth" in roofline.above_roof_note([compute_bound, memory_bound])
     assert roofline.above_roof_note([under]) is None
 
 
-def test_a_cpu_half_ceiling_is_the_faster_of_its_own_and_float32s_matmul(monkeypatch):
-    """PyTorch's float16 CPU matmul can be a slow path: its rate alone would put every layer
-    compute-bound and under a roof far too low."""
-    monkeypatch.setitem(roofline.MATMUL_SIZE, "cpu", 8)
+def test_the_matmul_ceiling_is_the_fastest_of_each_op_and_dtype(monkeypatch):
+    """The product is timed as torch.matmul and as a 1x1 conv2d: on a CPU PyTorch's convolutions
+    (oneDNN) outran its matmul (MKL) 4x, and a roof from torch.matmul alone lay under every conv.
+    In a CPU half dtype float32 is timed too: PyTorch's float16 CPU matmul can be a slow path."""
+    monkeypatch.setitem(roofline.MATMUL_SIZE, "cpu", 64)
     monkeypatch.setitem(roofline.COPY_BYTES, "cpu", 64)
-    seen = []
-    real_matmul = torch.matmul
-    monkeypatch.setattr(torch, "matmul", lambda a, b: (seen.append(a.dtype), real_matmul(a, b))[1])
-    matmul_ms = {torch.float16: 100.0, torch.float32: 1.0}
+    # Each op's product stands for itself: time_ms looks its time up by (op, dtype).
+    monkeypatch.setattr(roofline, "MATMUL_OPS", {op: functools.partial(lambda op, a, b: (op, a.dtype), op)
+                                                 for op in roofline.MATMUL_OPS})
+    product_ms = {("torch.matmul", torch.float16): 100.0, ("torch.matmul", torch.float32): 4.0,
+                  ("1x1 conv2d", torch.float16): 50.0, ("1x1 conv2d", torch.float32): 1.0}
+    monkeypatch.setattr(roofline, "time_ms", lambda fn, device, **kwargs: product_ms.get(fn, 1.0))
 
-    def time_ms(fn, device, **kwargs):
-        seen.clear()
-        fn()
-        return matmul_ms[seen[0]] if seen else 1.0
+    def fastest(dtype):
+        ceiling = roofline.measure_ceilings("cpu", dtype)
+        assert ceiling["dtype"] == roofline.dtype_name(dtype)
+        return ceiling["matmul_op"], ceiling["matmul_dtype"], ceiling["matmul_flop_per_s"]
 
-    monkeypatch.setattr(roofline, "time_ms", time_ms)
-    half = roofline.measure_ceilings("cpu", torch.float16)
-    assert (half["dtype"], half["matmul_dtype"]) == ("fp16", "fp32")
-    assert half["matmul_flop_per_s"] == pytest.approx(2 * 8**3 / 1e-3)
-    matmul_ms[torch.float16] = 0.5
-    assert roofline.measure_ceilings("cpu", torch.float16)["matmul_dtype"] == "fp16"
-    assert roofline.measure_ceilings("cpu", torch.float32)["matmul_dtype"] == "fp32"
+    assert fastest(torch.float16) == ("1x1 conv2d", "fp32", pytest.approx(2 * 64**3 / 1e-3))
+    assert fastest(torch.float32) == ("1x1 conv2d", "fp32", pytest.approx(2 * 64**3 / 1e-3))
+    product_ms["torch.matmul", torch.float16] = 0.5
+    assert fastest(torch.float16) == ("torch.matmul", "fp16", pytest.approx(2 * 64**3 / 0.5e-3))
+    product_ms["torch.matmul", torch.float32] = 0.25
+    assert fastest(torch.float32) == ("torch.matmul", "fp32", pytest.approx(2 * 64**3 / 0.25e-3))
+
+
+@pytest.mark.parametrize("n", [64, 96])
+def test_the_ceilings_1x1_conv_is_the_matmul_over_channels_last_pixels(n):
+    a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
+    out = roofline.matmul_as_conv2d(a, b)()
+    assert out.shape == (1, n, 32, n // 32)
+    # Pixel p of the map is row p of a: the output's pixels in memory order are the product's rows.
+    torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(n, n), a @ b)
 
 
 def test_a_point_above_its_roof_has_the_ceilings_measured_again_keeping_the_higher(tmp_path, monkeypatch):
@@ -280,7 +294,7 @@ def test_a_point_above_its_roof_has_the_ceilings_measured_again_keeping_the_high
     from cnnfast import bench
 
     monkeypatch.setenv("CNNFAST_CACHE_DIR", str(tmp_path))
-    low = dict(COMPUTE_BOUND, device="CPU", dtype="fp32", tf32=False, matmul_dtype="fp32",
+    low = dict(COMPUTE_BOUND, device="CPU", dtype="fp32", tf32=False, matmul_op="torch.matmul", matmul_dtype="fp32",
                method=roofline.CEILING_METHOD, measured_at="2026-01-01T00:00:00+00:00")
     key = roofline.ceiling_key("cpu", torch.float32)
     (tmp_path / "ceilings.json").write_text(json.dumps({key: low}))
