@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cnnfast import json_file
 from cnnfast.backends import backends_of
-from cnnfast.bench import conv_precision_key, layer_times, problem_key
+from cnnfast.bench import conv_precision_key, layer_times, table_layer_key
 from cnnfast.roofline import DTYPES
 from cnnfast.tuning import CONV_LAYERS, TABLE_PATH, dtype_key, fastest_layer_backend, save_local_choices
 
@@ -113,7 +113,7 @@ def measured_layer_times(runs) -> dict:
                         or "problem" not in info):
                     continue
                 dtype = conv_precision_key(info)
-                run[(info["device"], dtype, problem_key(info["problem"]), info["batch"])][backend] = info["ms"]
+                run[(info["device"], dtype, table_layer_key(info["problem"]), info["batch"])][backend] = info["ms"]
         for key, layer_ms in run.items():
             if "torch" in layer_ms:  # what this run timed beside torch is all it still chooses from
                 times[key] = {}

@@ -209,13 +209,6 @@ def layer_residual(problem, batch, epilogue, dtype, device):
     return seeded_feature_map((batch, problem.K, p, q), 1, dtype, device)
 
 
-def layer_inputs(problem, batch, dtype, device, epilogue="relu"):
-    """Input, BN-folded weight (in dtype), float32 bias and residual (None unless the epilogue adds
-    one) of one layer."""
-    x, weight, bn = layer_parts(problem, batch, dtype, device)
-    return (x, *fold_layer(weight, bn, dtype, device), layer_residual(problem, batch, epilogue, dtype, device))
-
-
 def apply_epilogue(y, residual, relu):
     """y [+ residual] [then ReLU], in PyTorch's ops: a layer's epilogue after its convolution."""
     y = y + residual if residual is not None else y
@@ -540,7 +533,7 @@ def end_to_end_rows(result) -> tuple[tuple, list[tuple]]:
     return headers, rows
 
 
-def problem_key(problem: dict) -> str:
+def table_layer_key(problem: dict) -> str:
     """The tuning table's key of a layer problem as the results record it ({"C", "H", "W", "K", "R",
     "S", "stride", "padding", "epilogue"} and, from the conv benchmark, "dilation"; 1 when absent)."""
     p = problem
@@ -552,7 +545,7 @@ def problem_key(problem: dict) -> str:
 def layer_times(layer) -> tuple[str, dict]:
     """(the tuning table's key, {backend: ms} of the tuned backends) of one "layers" row."""
     times = {backend: figures["ms"] for backend, figures in layer["results"].items() if backend in TUNED_BACKENDS}
-    return problem_key(layer["problem"]), times
+    return table_layer_key(layer["problem"]), times
 
 
 def layer_choice(layer) -> tuple[str, str | None]:

@@ -19,6 +19,7 @@ from torchvision.models.resnet import BasicBlock as TvBasicBlock
 from torchvision.models.resnet import Bottleneck as TvBottleneck
 from torchvision.models.resnet import ResNet as TvResNet
 
+from cnnfast import ops
 from cnnfast.backends import BACKEND_OPS, check_backend_name
 from cnnfast.models import preact
 from cnnfast.nn import (
@@ -27,7 +28,6 @@ from cnnfast.nn import (
 from cnnfast.nn.absorbed import Absorbed, installed_forward
 from cnnfast.nn.conv import check_no_hooks, computes_as, is_foldable_norm, unsupported_reason
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear, BatchNormReLU)
 BACKEND_LEAVES = (ConvBNReLU, LinearReLU, GlobalAvgPoolLinear)  # those that run a cnnfast op (BatchNormReLU: PyTorch's)
 # The fused modules that take (N, C, H, W) feature maps (LinearReLU takes features).
@@ -133,10 +133,10 @@ def optimize(model: nn.Module, *, dtype=None, backend=None, inplace=False, verbo
                                f"{', '.join(lazy)}: run the model once on a sample input first, which sizes them")
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.running_mean is None or m.running_var is None):
             raise RuntimeError(f"optimize: BatchNorm {name!r} has no running statistics (track_running_stats=False)")
-    if dtype is not None and dtype not in COMPUTE_DTYPES:
+    if dtype is not None and dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"optimize: dtype must be float32, float16 or bfloat16, got {dtype}")
     if dtype is None:
-        other = {p.dtype for p in model.parameters() if p.is_floating_point()} - set(COMPUTE_DTYPES)
+        other = {p.dtype for p in model.parameters() if p.is_floating_point()} - set(ops.FLOAT_DTYPES)
         if other:
             raise TypeError(f"optimize: the model's parameters are {', '.join(map(str, sorted(other, key=str)))}; "
                             "the fused ops run float32, float16 and bfloat16: pass dtype= one of them")

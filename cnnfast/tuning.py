@@ -2,9 +2,9 @@
 convolution) layer.
 
 The table (cnnfast/tuning.json) maps a GPU name to, per op and dtype, the backend that beat
-PyTorch's own op in every case measured on that GPU, and, under "conv2d_layers", per dtype and
-conv layer, the backend measured fastest for that layer at each batch measured. `python -m
-bench.tuning_table` rebuilds it from the committed results in bench/results/.
+PyTorch's own op (for the convolution: cuDNN's bare convolution) in every case measured on that
+GPU, and, under "conv2d_layers", per dtype and conv layer, the backend measured fastest for that
+layer at each batch measured. `python -m bench.tuning_table` rebuilds it from the committed results in bench/results/.
 
 `cnnfast tune ARCH --batch B` measures the layers of an architecture on this machine's GPU and
 merges its choices into a local table, CNNFAST_TUNING_FILE (default
@@ -210,6 +210,8 @@ def _device_name(index: int) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _layer_backend(local_path: str, gpu: str, dtype: str, key: str, batch: int) -> str | None:
+    """The table's choice for the layer at the nearest measured batch, or None. local_path is the
+    cache's key only (tuning_table reads the table at that path): another table, another lookup."""
     by_batch = tuning_table().get(gpu, {}).get(CONV_LAYERS, {}).get(dtype, {}).get(key, {})
     distance = {measured: abs(math.log(max(batch, 1) / int(measured))) for measured in by_batch}
     # The nearest measured batch; of two as near, the smaller (a stable choice, whatever the file's order).
@@ -233,7 +235,7 @@ def table_choice(op: str, device_index: int, dtype: str, layer_key: str | None, 
 def default_backend(op: str, x: torch.Tensor, layer: tuple | None = None) -> str:
     """The table's backend for op on x's GPU and dtype; "torch" on a CPU or when unmeasured.
     layer: for conv2d, (weight shape, stride, padding, dilation, epilogue name) of the call.
-    The ops ask when their kernel runs, with real sizes (cnnfast.ops.AUTO), never while a call is traced."""
+    The ops ask when their kernel runs, with real sizes (cnnfast.backends.AUTO), never while a call is traced."""
     if x.device.type != "cuda":
         return "torch"
     layer_key, dtype = None, dtype_key(x.dtype)

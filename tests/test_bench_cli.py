@@ -92,7 +92,7 @@ def test_roofline_writes_the_chart_and_json(capsys, tmp_path):
     assert code == 0
     assert (out_dir / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out_dir / "roofline.json").read_text())
-    assert data["schema"] == "cnnfast.roofline/4"
+    assert data["schema"] == "cnnfast.roofline/5"
     assert [(p["layer"], p["backend"]) for p in data["points"]] == [
         ("conv1", "torch"), ("conv1", "torch_folded"), ("layer1.0.conv1", "torch"), ("layer1.0.conv1", "torch_folded"),
     ]
@@ -316,7 +316,7 @@ def test_kernel_name_says_what_ran(monkeypatch):
     run), the tile of torch_triton's epilogue (likewise), and the CUTLASS kernel the CUDA backend
     runs: the fprop 64-wide for K = 64 and 128-wide above, and a 1x1 stride-1 layer with K > 64 as a
     GEMM."""
-    from cnnfast.bench import kernel_name, layer_function, layer_inputs
+    from cnnfast.bench import fold_layer, kernel_name, layer_function, layer_parts, layer_residual
     from cnnfast.triton_kernels import add_relu as add_relu_module
     from cnnfast.triton_kernels import conv2d as conv2d_module
     from tests.test_torch_triton import tuners_that_time
@@ -324,6 +324,12 @@ def test_kernel_name_says_what_ran(monkeypatch):
     monkeypatch.setattr(conv2d_module, "chosen_configs", {})
     monkeypatch.setattr(conv2d_module, "tma_choices", {})
     problem = ConvProblem(C=16, H=6, W=5, K=64, R=3, S=3, stride=(1, 1), padding=(1, 1))
+
+    def layer_inputs(problem, batch, dtype, device, epilogue="relu"):
+        """Input, BN-folded weight and bias, and residual of the layer, as bench_layers makes them."""
+        x, weight, bn = layer_parts(problem, batch, dtype, device)
+        return (x, *fold_layer(weight, bn, dtype, device), layer_residual(problem, batch, epilogue, dtype, device))
+
     # In float32 the implicit GEMM's tile; in bfloat16 the spatial TMA kernel's (which the
     # interpreter always runs where it applies).
     x32, weight32, bias32, _ = layer_inputs(problem, 2, torch.float32, torch.device("cpu"))

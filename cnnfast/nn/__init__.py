@@ -1,4 +1,7 @@
-"""Drop-in fused modules: each runs its convolution, BatchNorm, residual add and ReLU through cnnfast.ops."""
+"""Drop-in fused modules: the convolutions (with the folded BatchNorm, the residual add and the ReLU
+in their epilogue), linear layers and pooling run through cnnfast.ops; a pre-activation block's
+BatchNorm + ReLU (BatchNormReLU) and a part called on its own after optimize() fused it (Absorbed)
+run as PyTorch's ops."""
 from cnnfast.nn.absorbed import Absorbed
 from cnnfast.nn.blocks import BasicBlock, BatchNormReLU, Bottleneck, Inception, PreActBasicBlock
 from cnnfast.nn.conv import ConvBNReLU, GlobalAvgPoolLinear, LinearReLU

@@ -1,4 +1,4 @@
-"""Fused convolution and linear layers: one cnnfast.ops.conv2d call each.
+"""Fused convolution and linear layers: one cnnfast.ops call each (conv2d; the head: gap_linear).
 
 They subclass nn.Conv2d and nn.Linear, so they print, count (cnnfast.analysis) and move between
 devices like PyTorch's own. They are for inference: built in eval mode, they refuse to run in

@@ -35,6 +35,7 @@ import triton.language as tl
 import triton.testing
 
 from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
+from cnnfast.triton_kernels.conv2d_pointwise import relu_keeping_nan
 from cnnfast.triton_kernels.parallel_compile import autotuner_choice, autotuner_has_choice, check_tuned_if_capturing
 
 
@@ -74,7 +75,7 @@ def add_relu_flat_kernel(
     mask = offs < numel
     v = tl.load(x_ptr + offs, mask=mask).to(tl.float32) + tl.load(y_ptr + offs, mask=mask).to(tl.float32)
     if RELU:
-        v = tl.where(v < 0, 0.0, v)  # NaN < 0 is false: NaN passes through like torch.relu
+        v = relu_keeping_nan(v)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -111,7 +112,7 @@ def add_relu_strided_kernel(
         y = tl.load((y_ptr + n * sy_n + h * sy_h + w * sy_w)[:, None] + (offs_c * sy_c)[None, :], mask=mask)
         v += y.to(tl.float32)
     if RELU:
-        v = tl.where(v < 0, 0.0, v)
+        v = relu_keeping_nan(v)
     out_ptrs = (out_ptr + n * so_n + h * so_h + w * so_w)[:, None] + (offs_c * so_c)[None, :]
     tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -57,7 +57,8 @@ def fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
-def device_name(device: torch.device) -> str:
+def section_name(device: torch.device) -> str:
+    """The file's section of a device: its GPU's name (or the device type off a GPU)."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
@@ -99,7 +100,7 @@ def entry(device: torch.device, problem: str) -> dict | None:
     path = cache_path()
     if path is None:
         return None
-    stored = current_section(_read(path), device_name(device))["problems"].get(problem)
+    stored = current_section(_read(path), section_name(device))["problems"].get(problem)
     return stored if well_formed_entry(stored) else None
 
 
@@ -113,7 +114,7 @@ def store(device: torch.device, problem: str, new_entry: dict) -> None:
         with json_file.locked(path):
             _contents.pop(path, None)
             contents = _read(path)
-            gpu = device_name(device)
+            gpu = section_name(device)
             section = current_section(contents, gpu)
             section["problems"][problem] = new_entry
             contents[gpu] = section

@@ -61,7 +61,7 @@ from cnnfast.backends import TRITON_INTERPRETED as INTERPRETED
 from cnnfast.ops import conv2d_output_size
 from cnnfast.precision import tf32_allowed
 from cnnfast.triton_kernels import choice_cache, conv2d_pointwise, conv2d_spatial
-from cnnfast.triton_kernels.conv2d_pointwise import relu_keeping_nan
+from cnnfast.triton_kernels.conv2d_pointwise import grouped_tile, relu_keeping_nan, shared_memory_fits
 from cnnfast.triton_kernels.parallel_compile import autotuner_has_choice, check_tuned_if_capturing, compile_in_parallel
 
 
@@ -174,11 +174,7 @@ def conv2d_bias_act_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M).to(tl.int32)  # below the grid's 2^31 limit; keeps the tile arithmetic 32-bit
     num_pid_n = tl.cdiv(K, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_n = (pid % pids_per_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     # Rows of the tile: output pixels (n, p, q).
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -299,8 +295,7 @@ def pipeline_shared_memory(config, element_size: int) -> int:
 
 def config_fits(config, dtype: torch.dtype, device) -> bool:
     """Whether a config's pipeline fits the device's shared memory (float32 tiles are twice as big)."""
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return pipeline_shared_memory(config, torch.empty((), dtype=dtype).element_size()) <= limit
+    return shared_memory_fits(pipeline_shared_memory(config, torch.empty((), dtype=dtype).element_size()), device)
 
 
 def tile_of(config) -> tuple:

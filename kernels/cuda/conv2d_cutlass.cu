@@ -20,9 +20,8 @@ namespace cnnfast {
 
 #if defined(CNNFAST_WITH_CUTLASS)
 namespace {
-// The kernel conv2d_cutlass_kernel picks: launched, or (launch = false) only asked can_implement.
-void run_kernel(const Conv2dCutlassArgs& a, cudaStream_t stream, bool launch) {
-  const Conv2dCutlassKernel kernel = conv2d_cutlass_kernel(a);
+// `kernel` (what conv2d_cutlass_kernel picked for a): launched, or (launch = false) only asked can_implement.
+void run_kernel(const Conv2dCutlassArgs& a, const Conv2dCutlassKernel& kernel, cudaStream_t stream, bool launch) {
   const bool f16 = a.dtype == DType::kFloat16;
   if (kernel.schedule == Conv2dCutlassSchedule::kGemmPingpong) {
     f16 ? conv2d_cutlass_gemm_f16_relu(a, stream, launch) : conv2d_cutlass_gemm_bf16_relu(a, stream, launch);
@@ -91,12 +90,12 @@ void conv2d_cutlass_check(const Conv2dCutlassArgs& a) {
   const int64_t kIntMax = 2147483647;
   CONV_CHECK(a.N * P * Q <= kIntMax && a.N * a.H * a.W <= kIntMax && a.K * a.R * a.S * a.C <= kIntMax,
              "problem too large for 32-bit CUTLASS extents");
+  // A forced schedule that does not apply is refused here, at batch 0 too, where nothing runs.
+  [[maybe_unused]] const Conv2dCutlassKernel kernel = conv2d_cutlass_kernel(a);
 #if defined(CNNFAST_WITH_CUTLASS)
   // Anything these checks missed, CUTLASS's own (host-side) can_implement names before a launch.
-  if (a.N > 0) run_kernel(a, /*stream=*/nullptr, /*launch=*/false);
+  if (a.N > 0) run_kernel(a, kernel, /*stream=*/nullptr, /*launch=*/false);
 #endif
-  // A forced schedule that does not apply is refused at batch 0 too, where nothing runs.
-  conv2d_cutlass_kernel(a);
 }
 
 Conv2dCutlassKernel conv2d_cutlass_kernel(const Conv2dCutlassArgs& a) {
@@ -128,7 +127,7 @@ const char* conv2d_cutlass_schedule_name(Conv2dCutlassSchedule schedule) {
 
 void conv2d_cutlass_launch(const Conv2dCutlassArgs& a, cudaStream_t stream) {
 #if defined(CNNFAST_WITH_CUTLASS)
-  if (a.N > 0) run_kernel(a, stream, /*launch=*/true);
+  if (a.N > 0) run_kernel(a, conv2d_cutlass_kernel(a), stream, /*launch=*/true);
 #else
   (void)a;
   (void)stream;
