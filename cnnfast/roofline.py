@@ -448,8 +448,9 @@ def roofline_plot(points: list[dict], ceiling: dict, path, subject: str = "", ra
     axes.plot([ridge], [peak / scale], "o", color="black", markersize=7)
     axes.annotate(f"ridge {ridge:.1f} FLOP/byte", (ridge, peak / scale), xytext=(8, -16), textcoords="offset points",
                   fontsize=9)
-    axes.annotate(f"matmul peak {peak / scale:,.1f} {unit} ({ceiling['matmul_op']})", (high, peak / scale),
-                  xytext=(-4, 5), textcoords="offset points", ha="right", fontsize=9)
+    # Above the roof just right of the ridge: compute-bound layers that reach the peak sit at its far end.
+    axes.annotate(f"matmul peak {peak / scale:,.1f} {unit} ({ceiling['matmul_op']})", (ridge, peak / scale),
+                  xytext=(8, 5), textcoords="offset points", ha="left", fontsize=9)
     axes.annotate(f"copy bandwidth {bandwidth / 1e9:,.1f} GB/s", (low * 1.5, bandwidth * low * 1.5 / scale),
                   xytext=(10, -4), textcoords="offset points", va="top", fontsize=9)
     backends = list(dict.fromkeys(point["backend"] for point in points))
