@@ -23,7 +23,7 @@ Counting, per conv layer at batch N (input C x H x W, K filters of C x R x S, ou
   architectures (about 0.6% at most, at batch 1 in bfloat16; less at larger batches);
 - ``intensity`` = flops / bytes (FLOP/byte);
 - ``bound_ms`` = max(flops / matmul_flop_per_s, bytes / copy_bytes_per_s): the fastest time the
-  ceilings allow; ``bound`` is "compute" when the flops term is the larger, else "memory"
+  ceilings allow; ``bound`` is "compute" when the flops term is at least the bytes term, else "memory"
   (a layer's intensity above the ridge point, matmul_flop_per_s / copy_bytes_per_s, is compute-bound);
 - given a measured time: ``achieved_flop_per_s`` = flops / time and ``percent_of_bound`` =
   100 * bound_ms / ms (100 means the layer runs at its roof).

@@ -119,6 +119,21 @@ def test_rectangular_input_and_channels():
     assert gray.layers[0].macs == 8 * 8 * 8 * 9
 
 
+def test_a_grouped_convolution_counts_the_channels_of_its_group(recwarn):
+    """Each output of a grouped conv reads C / groups input channels: 8 -> 8 in 4 groups, 3x3, on a
+    4x4 map is 8 * 16 outputs x 2 channels x 9 taps, as FlopCounterMode counts it (no warning)."""
+    analysis = analyze(nn.Conv2d(8, 8, 3, padding=1, groups=4), 4, in_channels=8)
+    assert (analysis.layers[0].macs, analysis.layers[0].params) == (8 * 16 * 2 * 9, 8 * 2 * 9 + 8)
+    assert not [w for w in recwarn if "flop_counter" in str(w.message)]
+
+
+def test_an_empty_batch_counts_nothing_but_keeps_the_shapes():
+    empty, one = analyze_arch("resnet18", batch=0), analyze_arch("resnet18")
+    assert empty.batch == 0 and empty.totals["macs"] == empty.totals["activation_bytes"] == 0
+    assert empty.totals["params"] == one.totals["params"]
+    assert [layer.output_shape for layer in empty.layers] == [layer.output_shape for layer in one.layers]
+
+
 def test_caller_model_is_left_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout()).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -159,6 +159,31 @@ def test_bench_layers_skip_a_backend_that_cannot_run_the_epilogue():
     assert row["problem"]["epilogue"] == "none"
 
 
+def test_a_layers_figures_are_its_flops_bytes_and_time(monkeypatch):
+    """Each backend's rate is the layer's FLOPs and bytes (a residual layer's shortcut counted) over
+    its own time, its speedup the torch backend's time over its own; the whole model's speedup is
+    eager's time over its own."""
+    from cnnfast import bench
+    from cnnfast.roofline import conv_bytes, conv_flops
+
+    times = iter([2.0, 0.5, 4.0])
+    monkeypatch.setattr(bench, "time_ms", lambda fn, device: next(times))
+    problem = ConvProblem(C=4, H=6, W=6, K=8, R=3, S=3, stride=(1, 1), padding=(1, 1))
+    (row,) = bench.bench_layers({(problem, "residual+relu"): ["layer1.0.conv2"]}, 2, torch.float32,
+                                torch.device("cpu"), ["torch", "torch_folded", "eager"])
+    flops, traffic = conv_flops(problem, 2), conv_bytes(problem, 2, 4, residual=True)
+    assert (row["flops"], row["bytes"]) == (flops, traffic) and traffic > conv_bytes(problem, 2, 4)
+    for backend, ms, speedup in (("torch", 2.0, 1.0), ("torch_folded", 0.5, 4.0), ("eager", 4.0, 0.5)):
+        result = row["results"][backend]
+        assert (result["ms"], result["speedup_vs_torch"]) == (ms, speedup)
+        assert result["flop_per_s"] == pytest.approx(flops / (ms * 1e-3))
+        assert result["bytes_per_s"] == pytest.approx(traffic / (ms * 1e-3))
+    times = iter([3.0, 1.5])
+    eager, fused = bench.bench_model("resnet18", 2, torch.float32, torch.device("cpu"), 32)
+    assert [(row["ms"], row["speedup_vs_eager"]) for row in (eager, fused)] == [(3.0, 1.0), (1.5, 2.0)]
+    assert fused["images_per_s"] == pytest.approx(2 / 1.5e-3)
+
+
 def test_which_architectures_have_batch_norm():
     from cnnfast.bench import has_batch_norm
     from cnnfast.models import ARCHITECTURES

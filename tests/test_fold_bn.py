@@ -115,8 +115,17 @@ def test_inputs_left_unchanged_and_no_grad():
     assert not folded_weight.requires_grad and not folded_bias.requires_grad
 
 
-def test_refuses_training_mode():
+class SubclassedBatchNorm2d(nn.BatchNorm2d):
+    """A model's own BatchNorm2d subclass: a BatchNorm2d for folding, training mode included."""
+
+
+@pytest.mark.parametrize("subclass", [False, True], ids=["BatchNorm2d", "subclass"])
+def test_refuses_training_mode(subclass):
     weight, bias, bn = make_conv_bn(torch.float32)
+    if subclass:
+        statistics, bn = bn.state_dict(), SubclassedBatchNorm2d(K)
+        bn.load_state_dict(statistics)
+        ops.fold_bn(weight, bias, bn.eval())  # folds as its base class does
     with pytest.raises(RuntimeError, match="training mode; call .eval"):
         ops.fold_bn(weight, bias, bn.train())
 

@@ -292,6 +292,13 @@ def resnet18_with(**kwargs) -> nn.Module:
     return randomize_bn(tv.resnet18(num_classes=10, **kwargs))
 
 
+def resnet18_with_a_2x2_pool_head():
+    """Pooled to 2x2, then an fc over the 4 x 512 features: no global pool for the fused head."""
+    model = resnet18_with()
+    model.avgpool, model.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(4 * 512, 10)
+    return model.eval()
+
+
 def resnet18_with_other_activations():
     model = resnet18_with()
     model.relu = nn.LeakyReLU(0.2)
@@ -557,6 +564,9 @@ UNKNOWN_PARTS = {
     "inception-branch-with-one-layer": (googlenet_with_a_longer_branch(1), (1, 3, 64, 64), [
         ("left_alone", "inception3a", "inception3a: branches 2 to 4 must have two layers each, as torchvision's have; "
                                       "they have 2, 2, 1"),
+    ]),
+    "pool-to-2x2-head": (resnet18_with_a_2x2_pool_head, (1, 3, 64, 64), [
+        ("left_alone", "avgpool", GLOBAL_POOL_LEFT_ALONE),
     ]),
     "batchnorm-forward-on-the-instance": (with_forward_doubled(resnet18_with, "layer1.0.bn1"), (1, 3, 64, 64), [
         ("left_alone", "layer1.0", "layer1.0.conv1: BatchNorm2d overrides how nn.BatchNorm2d computes (forward, on "

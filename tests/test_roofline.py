@@ -270,6 +270,7 @@ def test_the_matmul_ceiling_is_the_fastest_of_each_op_and_dtype(monkeypatch):
     def fastest(dtype):
         ceiling = roofline.measure_ceilings("cpu", dtype)
         assert ceiling["dtype"] == roofline.dtype_name(dtype)
+        assert ceiling["copy_bytes_per_s"] == pytest.approx(2 * 64 / 1e-3)  # 64 bytes read and 64 written in 1 ms
         return ceiling["matmul_op"], ceiling["matmul_dtype"], ceiling["matmul_flop_per_s"]
 
     assert fastest(torch.float16) == ("1x1 conv2d", "fp32", pytest.approx(2 * 64**3 / 1e-3))

@@ -159,6 +159,20 @@ def test_equally_near_batches_pick_the_smaller(monkeypatch, fresh_tables):
     assert tuning.default_backend("conv2d", FakeCudaTensor((16, 64, 56, 56)), layer) == "triton"
 
 
+def test_a_non_square_layer_is_found_by_its_height_and_width(monkeypatch, fresh_tables):
+    """A benchmark's 28x56 layer (its result's H and W) is the lookup's (N, C, 28, 56) call, not
+    the (N, C, 56, 28) one."""
+    from cnnfast.bench import layer_choices
+
+    result = bench_result("NVIDIA H200", 8, [{"torch": 1.0, "cuda": 0.5}])
+    result["layers"][0]["problem"].update(H=28, W=56)
+    monkeypatch.setattr(tuning, "_device_name", lambda index: "NVIDIA H200")
+    monkeypatch.setattr(tuning, "tuning_table", lambda: layer_choices(result))
+    layer = ((64, 64, 3, 3), (1, 1), (1, 1), (1, 1), "relu")
+    assert tuning.default_backend("conv2d", FakeCudaTensor((8, 64, 28, 56)), layer) == "cuda"
+    assert tuning.default_backend("conv2d", FakeCudaTensor((8, 64, 56, 28)), layer) == "torch"
+
+
 def test_conv_default_follows_the_epilogue_of_the_call(monkeypatch, fresh_tables):
     """One geometry, three epilogues measured apart: a call finds its own epilogue's choice, and
     one not measured (residual without ReLU) the op's entry, never another epilogue's."""
