@@ -95,21 +95,33 @@ def test_fused_builder_returns_a_fused_model(name):
     assert model.cnnfast_report.fused
 
 
+def fitted_tile(extent: int, largest: int) -> int:
+    """The power-of-two tile side, 16 to largest, that covers extent in the fewest steps."""
+    return min(largest, max(16, triton.next_power_of_2(extent)))
+
+
 @pytest.fixture
 def large_interpreter_tiles(monkeypatch):
-    """Every conv and linear layer with one 16x256x256 tile. Under the interpreter a small-input
-    model's time is set by its weights, not its input: each BLOCK_N x BLOCK_K tile of a weight is one
-    interpreted loop iteration, and with the interpreter's default 32x32x16 tile ResNet-18 takes
-    70 s and AlexNet (whose classifier holds 55M weights) 400 s; with a 16x128x128 tile VGG-16
-    (103M weights in its first FC layer) takes 80 s, with this one 35 s. The tile does not change
-    what these tests check (the wiring of fused models through the Triton kernels); test_conv2d
-    runs every autotune config, and test_nn the default one. Counts the calls."""
-    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 512, "BLOCK_K": 512, "GROUP_M": 1}, num_warps=4, num_stages=1)
+    """Every conv and linear layer with one tile fitted to it: as many rows (up to 64), output
+    channels (up to 512) and reduction elements (up to 512: channels, or all of R x S x C on the flat
+    order) as it has. Under the interpreter a small-input model's time is set by its weights: each
+    BLOCK_N x BLOCK_K tile of a weight is one interpreted loop iteration, and each numpy operation
+    of an iteration costs as the tile's size. With the interpreter's default 32x32x16 tile ResNet-18
+    takes 70 s and AlexNet (whose classifier holds 55M weights) 400 s; one 16x512x512 tile for every
+    layer took VGG-16 (103M weights in its first FC layer) 50 s, 19 of them on a 64-channel conv
+    whose tiles were mostly masked; fitted tiles, 15 s. The tile does not change what these tests
+    check (the wiring of fused models through the Triton kernels); test_conv2d runs every autotune
+    config, and test_nn the default one. Counts the calls."""
     launch, calls = triton_conv2d.conv2d_bias_act, []
 
-    def counted(*args, **kwargs):
-        calls.append(args[1].shape)
-        return launch(*args, **kwargs, config=config)
+    def counted(x, weight, bias, residual, out, *args, **kwargs):
+        calls.append(weight.shape)
+        (n, c, _, _), (k, _, r, s), (_, _, p, q) = x.shape, weight.shape, out.shape
+        reduction = c * r * s if triton_conv2d.use_flat_reduction(c) else c
+        tile = {"BLOCK_M": fitted_tile(n * p * q, 64), "BLOCK_N": fitted_tile(k, 512),
+                "BLOCK_K": fitted_tile(reduction, 512), "GROUP_M": 1}
+        config = triton.Config(tile, num_warps=4, num_stages=1)
+        return launch(x, weight, bias, residual, out, *args, **kwargs, config=config)
 
     monkeypatch.setattr(triton_conv2d, "conv2d_bias_act", counted)
     return calls
