@@ -84,6 +84,8 @@ def test_unknown_backend_is_a_usage_error(capsys):
     code, _, err = run(capsys, "bench", "resnet18", "--backends", "torch,cudnn")
     assert code == 2
     assert "cudnn" in err
+    code, _, err = run(capsys, "bench", "resnet18", "--backends", " , ")  # names no backend at all
+    assert code == 2 and "expected a comma-separated list" in err
 
 
 def test_roofline_writes_the_chart_and_json(capsys, tmp_path):

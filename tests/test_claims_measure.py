@@ -31,6 +31,8 @@ SIDE_KEYS = {"label", "ms", "flops", "bytes", "intensity", "bound_ms", "memory_b
     (1.389, 0.9, 1.0, "does not hold"),
     (0.92, 0.3, 0.5, "does not hold"),
     (1.0, 1.3, 1.0, "does not hold"),  # "the same compute", measured 30% apart
+    (1.0, 1.25, 1.0, "holds"),  # the factor's edges hold
+    (1.0, 0.8, 1.0, "holds"),
 ])
 def test_verdict_rule(predicted, measured, pivot, expected):
     assert verdict(predicted, measured, pivot) == expected
@@ -66,6 +68,41 @@ def test_explain_a_roofline_that_closes_little_of_the_gap_is_not_the_cause():
 def test_explain_neither():
     found = explain(10.0, 2.5, side("a", 10.0, 10.0), side("b", 4.0, 1.0), empty_ms=1e-4)
     assert found["cause"] == "neither"
+    # A roofline ratio at the measured one, but from compute-bound layers only: not memory-boundedness.
+    found = explain(10.0, 2.5, side("a", 10.0, 2.5), side("b", 4.0, 1.0), empty_ms=1e-4)
+    assert (found["roofline_ratio"], found["cause"]) == (pytest.approx(2.5), "neither")
+
+
+def test_a_fraction_claim_turns_at_one_half_and_a_ratio_at_one():
+    from cnnfast.analysis.measure import pivot
+
+    timed = [claim for claim in compute_claims() if claim.quantity in TIME_QUANTITIES]
+    assert {claim.key: pivot(claim) for claim in timed if pivot(claim) != 1.0} == {"alexnet_conv_macs_fraction": 0.5}
+
+
+def test_a_side_is_bound_as_most_of_its_roofline_time_is():
+    """A pooling layer moves bytes and does no MACs: memory-bound; a 3x3 conv over 64 channels does
+    some 300 FLOPs a byte, past a ridge of 10: compute-bound."""
+    from cnnfast.analysis.measure import prepare_side
+
+    ceiling = {"matmul_flop_per_s": 1e12, "copy_bytes_per_s": 1e11}
+    pool = prepare_side("pool", [(nn.MaxPool2d(2), (8, 4, 4))], 1, torch.float32, "cpu", ceiling)[0]
+    conv = prepare_side("conv", [(nn.Conv2d(64, 64, 3, padding=1), (64, 16, 16))], 1, torch.float32, "cpu", ceiling)[0]
+    assert (pool["bound"], conv["bound"]) == ("memory", "compute")
+    assert pool["memory_bound_ms"] == pool["bound_ms"] > 0 and conv["memory_bound_ms"] == 0
+
+
+def test_the_rounds_alternate_their_order(monkeypatch):
+    """A B, then B A: a machine that speeds up or slows down through a claim's timing does not
+    favour the side timed last."""
+    from cnnfast.analysis import measure
+
+    order = []
+    monkeypatch.setattr(measure, "time_ms", lambda fn, device, **kwargs: order.append(fn.__defaults__[0]) or 1.0)
+    a, b = nn.ReLU(), nn.Tanh()
+    x = torch.ones(1, 4, 2, 2)
+    measure.time_sides([(a, x)], [(b, x)], "cpu")
+    assert order == [a, b, b, a] * (measure.ROUNDS // 2) + [a, b] * (measure.ROUNDS % 2)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +117,9 @@ def test_schema_keys(measured):
     assert measured["schema"] == SCHEMA
     assert measured["device_type"] == "cpu" and measured["backends"] == ["torch", "cnnfast"]
     assert measured["skipped"] == {}
+    assert set(measured["not_measured"]) == {claim.key for claim in compute_claims()
+                                             if claim.quantity not in TIME_QUANTITIES}
+    assert len(measured["not_measured"]) == len(compute_claims()) - 11
     for row in measured["claims"]:
         assert set(row) == CLAIM_KEYS and set(row["cnnfast"]) == CNNFAST_KEYS
         low, high = row["measured_range"]
@@ -185,3 +225,5 @@ def test_a_sides_conv_bytes_are_the_rooflines():
     assert side["bytes"] == conv_bytes(ConvProblem(64, 56, 56, 128, 1, 1, (2, 2), (0, 0)), 1, 4) == 634_880
     pool = nn.MaxPool2d(2)
     assert _count(pool, torch.randn(1, 8, 4, 4), ceiling)["bytes"] == (8 * 16 + 8 * 4) * 4  # input and output
+    # Any other layer: its input, output, weight and bias, each once.
+    assert _count(nn.Linear(8, 4), torch.randn(1, 8), ceiling)["bytes"] == (8 + 4 + 4 * 8 + 4) * 4

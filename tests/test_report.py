@@ -114,17 +114,37 @@ def test_pages_hold_the_benchmark_tables_and_the_environment(report, page, escap
     assert escape("GPU results filed in bench/results") in text and "h200-2026-11-28-run1" in text
 
 
+def test_agreement_with_the_closed_form_is_relative_to_the_closed_form():
+    from types import SimpleNamespace
+
+    from cnnfast.report import agreement_text
+
+    assert agreement_text(SimpleNamespace(predicted=1.1, closed_form=1.0)) == "10.00% apart"
+    assert agreement_text(SimpleNamespace(predicted=1.0005, closed_form=1.0)) == "0.05% apart"
+    assert agreement_text(SimpleNamespace(predicted=17 / 288, closed_form=17 / 288)) == "exact"
+    assert agreement_text(SimpleNamespace(predicted=2.0, closed_form=None)) == "no closed form"
+
+
+def test_a_window_is_one_number_when_square():
+    from cnnfast.report import format_window
+
+    assert [format_window(w) for w in ([3, 3], [1, 7], [2, 1], None)] == ["3", "1x7", "2x1", ""]
+
+
 def test_committed_runs_are_listed_oldest_first(tmp_path):
     from cnnfast.report import committed_runs
 
+    # The a100 run sorts first by name but is the newest.
     for name, date in (("h200-2026-12-02-run1", "2026-12-02T10:00:00+00:00"),
-                       ("h200-2026-11-28-run1", "2026-11-28T17:25:44+00:00")):
+                       ("h200-2026-11-28-run1", "2026-11-28T17:25:44+00:00"),
+                       ("a100-2026-12-03-run1", "2026-12-03T09:00:00+00:00")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "env.json").write_text(json.dumps(
             {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "date": date, "commit": "abc1234"}))
     assert committed_runs(tmp_path) == [
         ("h200-2026-11-28-run1", "NVIDIA H200", "2.11.0", "3.6.0", "2026-11-28", "abc1234"),
         ("h200-2026-12-02-run1", "NVIDIA H200", "2.11.0", "3.6.0", "2026-12-02", "abc1234"),
+        ("a100-2026-12-03-run1", "NVIDIA H200", "2.11.0", "3.6.0", "2026-12-03", "abc1234"),
     ]
     assert committed_runs(tmp_path / "none") == []
 

@@ -82,6 +82,18 @@ def test_table_rule_every_case_faster_and_newest_run_wins(tmp_path):
     assert build_table(tmp_path) == {"NVIDIA H200": {"gap_linear": {"bfloat16": "cuda"}}}
 
 
+def test_a_backend_no_faster_than_torch_somewhere_and_torch_itself_are_no_choice(tmp_path):
+    """The rule is every case faster: a speedup of exactly 1 is not. PyTorch's own backend is the
+    baseline, never an entry, however its noisy ratio to itself came out."""
+    gap = ("test_gap_linear_gpu", "speedup_vs_torch")
+    write_run(tmp_path / "h200-2026-01-01-run1", [(*gap, "triton", 1.0), (*gap, "triton", 1.5),
+                                                  (*gap, "torch", 1.2), (*gap, "torch", 1.2)])
+    assert build_table(tmp_path) == {}
+    write_run(tmp_path / "h200-2026-01-02-run1", [(*gap, "triton", 1.1), (*gap, "triton", 1.1),
+                                                  (*gap, "torch", 1.2), (*gap, "torch", 1.2)])
+    assert build_table(tmp_path) == {"NVIDIA H200": {"gap_linear": {"bfloat16": "triton"}}}
+
+
 def test_runs_order_by_date_then_run_number(tmp_path):
     gap = ("test_gap_linear_gpu", "speedup_vs_torch")
     # Folder names alone would sort run10 before run2, and its older figures would win.

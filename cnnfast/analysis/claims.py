@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cnnfast.analysis.counter import LayerInfo, ModelAnalysis, analyze, analyze_arch
+from cnnfast.analysis.counter import MEMORY_TYPES, LayerInfo, ModelAnalysis, analyze, analyze_arch
 
 
 @dataclass
@@ -48,8 +48,8 @@ def _total(rows: list[LayerInfo], quantity: str) -> int:
 
 
 def _memory(rows: list[LayerInfo]) -> int:
-    """The lecture's memory: outputs of conv, linear and pooling rows."""
-    return _total([row for row in rows if row.type in ("conv", "linear", "maxpool", "avgpool")], "activation_bytes")
+    """The lecture's memory: outputs of conv, linear and pooling rows, as the analysis totals it."""
+    return _total([row for row in rows if row.type in MEMORY_TYPES], "activation_bytes")
 
 
 def _rows_through(analysis: ModelAnalysis, last: str) -> list[LayerInfo]:
