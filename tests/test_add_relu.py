@@ -180,8 +180,8 @@ def test_triton_flat_writes_nothing_past_the_output(device, config):
     # An odd element count leaves the last block partly masked; the output ends inside a larger buffer.
     shape = (2, 257, 3, 3)
     x, y = (torch.randn(shape, device=device) for _ in range(2))
-    buffer = torch.full((math.prod(shape) + 4096,), 7.0, device=device)
-    out = buffer[:math.prod(shape)].view(shape)
+    buffer = torch.full((math.prod(shape) + 4096,), 7.0, device=device)  # 7.0 past the output
+    out = buffer[:math.prod(shape)].view(shape).fill_(math.nan)
     add_relu_triton(x, y, out, relu=True, config=config)
     assert_close_to_reference(out, reference_add_relu(x, y), "elementwise")
     assert (buffer[math.prod(shape):] == 7.0).all()

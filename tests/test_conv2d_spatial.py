@@ -267,20 +267,21 @@ def test_applies_to_the_real_layers_and_inceptions_slices():
         assert widths[0] % 8 == 0 and (widths[0] + widths[1]) % 8 == 0, widths
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet152", "vgg16", "googlenet", "alexnet",
-                                  "zfnet"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet152", "googlenet", "alexnet", "zfnet"])
 def test_applies_to_the_strided_layers_at_their_real_size(monkeypatch, arch):
     """At the architectures' own input sizes (224, AlexNet 227), with the Hopper configs' channel
     block of 64: every strided layer with a filter larger than 1x1 takes the kernel but the C = 3
     stems, layers on odd maps and ZFNet's 96-channel conv2 (96 is no multiple of 64); ResNet's
-    stride-2 3x3 layers (three per network) all do."""
+    stride-2 3x3 layers (three per network) all do, and the other architectures' strided layers
+    are all refused (VGG has none)."""
     from cnnfast.analysis import analyze_arch, conv_problems
 
     monkeypatch.setattr(conv2d_spatial.autotuned, "configs", conv2d_spatial.conv2d_spatial_configs(interpreted=False))
-    taken = []
+    taken, checked = [], []
     for problem in conv_problems(analyze_arch(arch)):
         if problem.stride == (1, 1) or (problem.R, problem.S) == (1, 1):
             continue
+        checked.append(problem)
         conv = Conv(256, problem.C, problem.H, problem.W, problem.K, problem.R, problem.S, problem.stride,
                     problem.padding)
         shapes = ((conv.n, conv.c, conv.h, conv.w), (conv.k, conv.c, conv.r, conv.s), conv.output_shape())
@@ -289,5 +290,8 @@ def test_applies_to_the_strided_layers_at_their_real_size(monkeypatch, arch):
         expected = problem.C % 64 == 0 and problem.H % problem.stride[0] == 0 and problem.W % problem.stride[1] == 0
         assert conv2d_spatial.applies(x, weight, None, out, problem.stride, problem.padding, (1, 1)) == expected
         taken += [problem] if expected else []
+    assert checked
     if arch.startswith("resnet"):
         assert [(p.R, p.S, p.stride) for p in taken] == [(3, 3, (2, 2))] * 3
+    else:
+        assert taken == []
