@@ -148,6 +148,7 @@ def test_offsets_past_2_31(backend):
 def test_runs_on_current_stream(backend):
     x, y = (make_input((8, 256, 14, 14), torch.float16, "cuda") for _ in range(2))
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
     with torch.cuda.stream(stream):
         out = ops.add_relu(x, y, backend=backend)
     stream.synchronize()

@@ -175,6 +175,7 @@ def test_gpu_runs_on_current_stream(backend):
     x = make_input((8, 2048, 7, 7), torch.float16, "cuda")
     weight, bias = make_head((8, 2048, 7, 7, 1000), torch.float16, "cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
     with torch.cuda.stream(stream):
         out = ops.gap_linear(x, weight, bias, backend=backend)
     stream.synchronize()

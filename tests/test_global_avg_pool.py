@@ -230,6 +230,7 @@ def test_gpu_large_map_error_no_worse_than_pytorch(backend, memory_format):
 def test_gpu_runs_on_current_stream(backend):
     x = make_input((4, 2048, 7, 7), torch.float16, "cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
     with torch.cuda.stream(stream):
         out = ops.global_avg_pool(x, backend=backend)
     stream.synchronize()
