@@ -4,7 +4,8 @@ convolution) layer.
 The table (cnnfast/tuning.json) maps a GPU name to, per op and dtype, the backend that beat
 PyTorch's own op (for the convolution: cuDNN's bare convolution) in every case measured on that
 GPU, and, under "conv2d_layers", per dtype and conv layer, the backend measured fastest for that
-layer at each batch measured. `python -m bench.tuning_table` rebuilds it from the committed results in bench/results/.
+layer at each batch measured. `python -m bench.tuning_table` rebuilds it from the committed
+results in bench/results/.
 
 `cnnfast tune ARCH --batch B` measures the layers of an architecture on this machine's GPU and
 merges its choices into a local table, CNNFAST_TUNING_FILE (default

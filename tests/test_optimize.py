@@ -109,7 +109,7 @@ def large_interpreter_tiles(monkeypatch):
     of an iteration costs as the tile's size. With the interpreter's default 32x32x16 tile ResNet-18
     takes 70 s and AlexNet (whose classifier holds 55M weights) 400 s; one 16x512x512 tile for every
     layer took VGG-16 (103M weights in its first FC layer) 50 s, 19 of them on a 64-channel conv
-    whose tiles were mostly masked; fitted tiles, 15 s. The tile does not change what these tests
+    whose tiles were mostly masked; fitted tiles, about 20 s. The tile does not change what these tests
     check (the wiring of fused models through the Triton kernels); test_conv2d runs every autotune
     config, and test_nn the default one. Counts the calls."""
     launch, calls = triton_conv2d.conv2d_bias_act, []

@@ -60,8 +60,9 @@ def test_point_at_half_its_bound():
 
 
 def test_roofline_json_schema():
-    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12, "matmul_op": "torch.matmul",
-               "matmul_dtype": "bf16", "copy_bytes_per_s": 1e11, "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
+    ceiling = {"device": "CPU test", "dtype": "bf16", "tf32": False, "matmul_flop_per_s": 1e12,
+               "matmul_op": "torch.matmul", "matmul_dtype": "bf16", "copy_bytes_per_s": 1e11,
+               "method": roofline.CEILING_METHOD, "measured_at": "2026-01-01T00:00:00+00:00"}
     point = roofline_point("conv1", "torch", 100, 10, 1.0, ceiling)
     data = json.loads(json.dumps(roofline_json("resnet18", 1, 224, ceiling, [point])))
     assert set(data) == {"schema", "arch", "batch", "input_size", "dtype", "device", "ceilings", "ridge_intensity",
